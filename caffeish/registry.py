@@ -1,0 +1,145 @@
+"""Layer registry: Caffe type name -> layer class.
+
+Each family module in `caffeish.layers` decorates its classes with
+`@register("TypeName")`.  `create(layer_param, phase)` instantiates the class for
+a LayerParameter, or raises UnknownLayerTypeError naming the layer, the type and
+the closest registered type.
+"""
+import difflib
+
+from caffeish.errors import ShapeError, UnknownLayerTypeError
+
+_REGISTRY = {}
+
+# Types from well-known Caffe forks, with what BVLC Caffe offers instead.
+FORK_TYPE_HINTS = {
+    "BN": "BatchNorm followed by Scale",
+    "Upsample": "Deconvolution (bilinear) or unpooling is not in BVLC Caffe",
+    "Interp": "Deconvolution with a bilinear filler",
+    "Permute": "Reshape/Flatten (Permute is from the SSD fork)",
+    "Normalize": "MVN or Scale (Normalize is from the SSD fork)",
+    "DenseImageData": "ImageData",
+    "L1Loss": "EuclideanLoss",
+}
+
+
+def register(*type_names):
+    """Class decorator: register a Layer subclass under one or more Caffe type names."""
+
+    def deco(cls):
+        for name in type_names:
+            if name in _REGISTRY:
+                raise RuntimeError(f"layer type {name!r} registered twice")
+            _REGISTRY[name] = cls
+        if not getattr(cls, "type", None):
+            cls.type = type_names[0]
+        return cls
+
+    return deco
+
+
+def registered_types():
+    _load_families()
+    return sorted(_REGISTRY)
+
+
+def closest_type(type_name):
+    """The registered type a user most likely meant."""
+    types = registered_types()
+    lower = {t.lower(): t for t in types}
+    if type_name.lower() in lower:
+        return lower[type_name.lower()]
+    match = difflib.get_close_matches(type_name, types, n=1, cutoff=0.0)
+    return match[0] if match else None
+
+
+def lookup(type_name, layer_name="?"):
+    _load_families()
+    cls = _REGISTRY.get(type_name)
+    if cls is None:
+        hint = FORK_TYPE_HINTS.get(type_name)
+        close = closest_type(type_name)
+        msg = f"layer '{layer_name}': unknown layer type '{type_name}'"
+        if hint:
+            msg += f" (not a BVLC Caffe type; BVLC Caffe offers: {hint})"
+        if close:
+            msg += f"; closest supported type: '{close}'"
+        raise UnknownLayerTypeError(msg)
+    return cls
+
+
+def create(layer_param, phase):
+    """Instantiate the layer class for a LayerParameter."""
+    return lookup(layer_param.type, layer_param.name)(layer_param, phase)
+
+
+def _load_families():
+    # Importing the package registers every family module.
+    import caffeish.layers  # noqa: F401
+
+
+class Layer:
+    """Base class of every layer.
+
+    A layer is built from its LayerParameter and the net's phase.  Shape
+    inference calls `reshape(bottom_shapes)`, which returns the top shapes.
+    `param_shapes(bottom_shapes)` lists the shapes of the blobs the layer owns
+    (weights, biases, statistics) in Caffe's blob order, and `macs(...)` counts
+    multiply-accumulates for the summary.  The runtime adds `forward(xp, ...)`.
+
+    Class attributes constrain the number of bottoms and tops the way Caffe's
+    ExactNum/MinNum/MaxNum checks do (None means unconstrained).
+    """
+
+    type = None
+    exact_bottoms = None
+    min_bottoms = None
+    max_bottoms = None
+    exact_tops = None
+    min_tops = None
+    max_tops = None
+    # True for layers that produce net inputs (Input, Data, ...): no bottoms needed.
+    is_data = False
+    # False for layers that refuse in-place use (Reshape, Flatten, ...).
+    allows_in_place = True
+
+    def __init__(self, param, phase):
+        self.param = param
+        self.name = param.name
+        self.phase = phase
+        # Shapes given by the user for data-layer tops (--input-shape NAME=...),
+        # set by the graph before reshape() is called.
+        self.input_shapes = {}
+
+    # -- helpers for subclasses -------------------------------------------------
+    def error(self, message):
+        """A ShapeError naming this layer and its type."""
+        return ShapeError(f"layer '{self.name}' ({self.type}): {message}")
+
+    def check_counts(self, n_bottoms, n_tops):
+        def check(n, exact, lo, hi, what):
+            if exact is not None and n != exact:
+                raise self.error(f"takes exactly {exact} {what} blob(s), got {n}")
+            if lo is not None and n < lo:
+                raise self.error(f"takes at least {lo} {what} blob(s), got {n}")
+            if hi is not None and n > hi:
+                raise self.error(f"takes at most {hi} {what} blob(s), got {n}")
+
+        check(n_bottoms, self.exact_bottoms, self.min_bottoms, self.max_bottoms, "bottom")
+        check(n_tops, self.exact_tops, self.min_tops, self.max_tops, "top")
+
+    def canonical_axis(self, axis, num_axes):
+        """Caffe's CanonicalAxisIndex: a in [-A, A) -> a mod A, anything else is an error."""
+        if not -num_axes <= axis < num_axes:
+            raise self.error(f"axis {axis} out of range for a {num_axes}-axis blob")
+        return axis % num_axes
+
+    # -- the interface ------------------------------------------------------------
+    def reshape(self, bottom_shapes):
+        raise NotImplementedError
+
+    def param_shapes(self, bottom_shapes):
+        return []
+
+    def macs(self, bottom_shapes, top_shapes):
+        return 0
