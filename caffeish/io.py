@@ -1,0 +1,396 @@
+"""Reading and writing Caffe's files: prototxt, caffemodel and binaryproto.
+
+* `read_prototxt(path)` parses a text NetParameter (errors name file:line:column
+  and the offending token; fields from Caffe forks are named as such) and
+  upgrades legacy V0/V1 nets, as Caffe's ReadNetParamsFromTextFileOrDie does.
+* `read_caffemodel(path)` reads a binary NetParameter of up to 2 GB.  Weight
+  blobs never go through the protobuf library: they become numpy views over
+  the file's bytes (see caffeish.wire).  The layer definitions, stripped of
+  their blobs, are parsed by protobuf and upgraded like a prototxt.
+* `read_binaryproto(path)` reads a BlobProto (mean file) into float32.
+* `write_prototxt`, `write_caffemodel` and `write_binaryproto` write atomically
+  (temp file in the same folder, then rename) and never overwrite an input.
+"""
+import contextlib
+import os
+import re
+import tempfile
+
+import numpy as np
+from google.protobuf import text_format
+from google.protobuf.message import DecodeError
+
+from caffeish import wire
+from caffeish.errors import CaffeishError, CorruptFileError, ForkFieldError, ParseError
+from caffeish.schema import pb
+from caffeish.upgrade import upgrade_net
+
+# Caffe raises the protobuf total-bytes limit to INT_MAX.
+MAX_BINARY_BYTES = 2**31 - 1
+
+# Net-level and layer-level field numbers (proto/caffe.proto).
+NET_LAYERS_V1 = 2
+NET_LAYER = 100
+LAYER_NAME, LAYER_BLOBS = 1, 7
+V1_NAME, V1_BLOBS, V1_V0LAYER = 4, 6, 1
+V0_NAME, V0_BLOBS = 1, 50
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+# Fields that Caffe forks added to the schema, and where they come from.
+FORK_FIELDS = {
+    "bn_param": "the SegNet/ENet/PSPNet Caffe forks (their 'BN' layer)",
+    "ceil_mode": "Caffe forks with a Pooling ceil_mode switch (BVLC uses round_mode)",
+    "permute_param": "the SSD Caffe fork",
+    "dense_image_data_param": "the SegNet Caffe fork",
+    "upsample_param": "the SegNet Caffe fork",
+    "interp_param": "the DeepLab/PSPNet Caffe forks",
+    "prior_box_param": "the SSD Caffe fork",
+    "detection_output_param": "the SSD Caffe fork",
+    "norm_param": "the SSD Caffe fork",
+    "roi_pooling_param": "the Fast/Faster R-CNN Caffe forks",
+    "proposal_param": "the Faster R-CNN Caffe fork",
+    "batch_norm_param_fork": "a Caffe fork",
+    "shuffle_channel_param": "the ShuffleNet Caffe forks",
+    "upsample_param_fork": "a Caffe fork",
+}
+
+
+class Model:
+    """A net definition with its weight blobs, as read from a caffemodel.
+
+    `net` is the (upgraded) NetParameter with the blobs taken out of its layers;
+    `blobs[i]` is the list of BlobRecords of `net.layer[i]`.  `changes` lists
+    what the legacy upgrade changed (empty for a current-format file).
+    """
+
+    def __init__(self, net, blobs, changes=(), path=None):
+        self.net = net
+        self.blobs = list(blobs)
+        self.changes = list(changes)
+        self.path = path
+
+    def layer_blobs(self):
+        """{layer name: [BlobRecord, ...]} for layers that hold blobs (later duplicates win, as in Caffe)."""
+        out = {}
+        for layer, records in zip(self.net.layer, self.blobs):
+            if records:
+                out[layer.name] = records
+        return out
+
+    def arrays(self):
+        """{layer name: [float32 array in its declared shape, ...]}."""
+        return {name: [r.array() for r in recs] for name, recs in self.layer_blobs().items()}
+
+    def full_message(self):
+        """The NetParameter with the blobs put back (slow for big models: for tests and small files)."""
+        return pb.NetParameter.FromString(serialize_model(self.net, self.blobs))
+
+
+# ---------------------------------------------------------------------------- text
+
+
+def _token_at(text, line, column):
+    lines = text.splitlines()
+    if not 1 <= line <= len(lines):
+        return ""
+    src = lines[line - 1]
+    col = max(column - 1, 0)
+    m = re.match(r'\s*("[^"]*"?|[^\s{}:]+|[{}:])', src[col:])
+    if not m:
+        # Column may point just past the token: take the word that ends there.
+        m = re.search(r'([^\s{}:]+)\s*$', src[:col])
+    return m.group(1).strip() if m else ""
+
+
+def parse_text(text, message, path="<string>"):
+    """Parse protobuf text into `message` (a fresh instance), turning errors into ParseError."""
+    try:
+        text_format.Parse(text, message)
+    except text_format.ParseError as e:
+        line, column = e.GetLine(), e.GetColumn()
+        detail = str(e)
+        detail = re.sub(r"^\d+:\d+ : ", "", detail)
+        where = f"{path}:{line}:{column}" if line else path
+        fork = re.search(r'has no field named "([^"]+)"', detail)
+        if fork:
+            field = fork.group(1)
+            owner = re.search(r'Message type "caffe\.([^"]+)"', detail)
+            origin = FORK_FIELDS.get(field, "a fork of Caffe")
+            raise ForkFieldError(
+                f"{where}: field '{field}' is not a field of BVLC Caffe's "
+                f"{owner.group(1) if owner else 'schema'}; it comes from {origin}, "
+                f"so this file is not BVLC Caffe and caffeish cannot read it as is"
+            ) from None
+        token = _token_at(text, line, column) if line else ""
+        near = f" (at token '{token}')" if token else ""
+        raise ParseError(f"{where}: {detail}{near}") from None
+    return message
+
+
+def _read_text_file(path):
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise CaffeishError(f"{path}: cannot read: {e.strerror}") from None
+    if b"\0" in raw[:4096]:
+        raise ParseError(f"{path}: this is a binary file, not a prototxt (is it a caffemodel?)")
+    return raw.decode("utf-8", errors="replace")
+
+
+def read_prototxt(path, upgrade=True, message=None):
+    """Read a text NetParameter (or another message type); returns (message, changes).
+
+    Legacy nets are upgraded when `upgrade` is true, and `changes` lists what changed.
+    """
+    text = _read_text_file(path)
+    net = parse_text(text, message if message is not None else pb.NetParameter(), path=str(path))
+    if upgrade and isinstance(net, pb.NetParameter):
+        net, changes, _ = upgrade_net(net)
+        return net, changes
+    return net, []
+
+
+def read_net(path, upgrade=True):
+    """A NetParameter from a prototxt or a caffemodel, judged by content (not extension)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if _looks_binary(head):
+        return read_caffemodel(path, upgrade=upgrade).net
+    return read_prototxt(path, upgrade=upgrade)[0]
+
+
+def _looks_binary(head):
+    if not head:
+        return False
+    if b"\0" in head:
+        return True
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # A multi-byte character cut at the end of the window is still text.
+        return e.start < len(head) - 4
+    return False
+
+
+# ---------------------------------------------------------------------------- binary
+
+
+def _read_bytes(path, what):
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_BINARY_BYTES:
+            raise CorruptFileError(
+                f"{path}: {size} bytes is over the 2 GB limit Caffe has for binary protobuf files"
+            )
+        buf = bytearray(size)
+        with open(path, "rb", buffering=0) as f:
+            n = f.readinto(buf)
+    except OSError as e:
+        raise CaffeishError(f"{path}: cannot read: {e.strerror}") from None
+    if n != size:
+        raise CorruptFileError(f"{path}: expected {size} bytes, read {n}")
+    if not size:
+        raise CorruptFileError(f"{path}: empty file, not a {what}")
+    if buf[:8] == HDF5_SIGNATURE:
+        raise CorruptFileError(
+            f"{path}: this is an HDF5 file (.caffemodel.h5); caffeish reads binary protobuf {what}s only"
+        )
+    return buf
+
+
+def _name_in(buf, start, end, name_field):
+    try:
+        for field, wire_type, _, vs, ve in wire.iter_fields(buf, start, end):
+            if field == name_field and wire_type == wire.LENGTH:
+                return bytes(buf[vs:ve]).decode("utf-8", errors="replace")
+    except wire.Truncated:
+        pass
+    return None
+
+
+def _strip_blobs(buf, start, end, blob_field, nested=None):
+    """Split a layer message into (bytes without blobs, [BlobRecord]).
+
+    `nested` = (field, blob_field) strips blobs of a nested V0 layer inside a V1 layer.
+    """
+    kept = bytearray()
+    records = []
+    for field, wire_type, tag_start, vs, ve in wire.iter_fields(buf, start, end):
+        if field == blob_field and wire_type == wire.LENGTH:
+            records.append(wire.decode_blob(buf, vs, ve))
+        elif nested and field == nested[0] and wire_type == wire.LENGTH:
+            inner, inner_records = _strip_blobs(buf, vs, ve, nested[1])
+            records.extend(inner_records)
+            kept += wire.tag(field, wire.LENGTH) + wire.encode_varint(len(inner)) + inner
+        else:
+            kept += buf[tag_start:ve]
+    return bytes(kept), records
+
+
+def read_caffemodel(path, upgrade=True):
+    """Read a binary NetParameter into a Model (layer definitions + numpy blobs)."""
+    buf = _read_bytes(path, "caffemodel")
+    mv = memoryview(buf)
+    skeleton = bytearray()
+    blobs = []
+    index = 0
+    current = None
+    try:
+        for field, wire_type, tag_start, vs, ve in wire.iter_fields(mv, 0, len(buf)):
+            if field in (NET_LAYER, NET_LAYERS_V1) and wire_type == wire.LENGTH:
+                if field == NET_LAYER:
+                    current = _name_in(mv, vs, ve, LAYER_NAME)
+                    stripped, records = _strip_blobs(mv, vs, ve, LAYER_BLOBS)
+                else:
+                    current = _name_in(mv, vs, ve, V1_NAME)
+                    stripped, records = _strip_blobs(mv, vs, ve, V1_BLOBS, nested=(V1_V0LAYER, V0_BLOBS))
+                skeleton += wire.tag(field, wire.LENGTH) + wire.encode_varint(len(stripped)) + stripped
+                blobs.append(records)
+                index += 1
+            else:
+                skeleton += mv[tag_start:ve]
+    except wire.Truncated as e:
+        where = f"in layer #{index}" + (f" '{current}'" if current else "")
+        raise wire.corrupt(path, "caffemodel", f"{where}: {e}") from None
+    try:
+        net = pb.NetParameter.FromString(bytes(skeleton))
+    except DecodeError as e:
+        raise wire.corrupt(path, "caffemodel", f"the layer definitions do not parse ({e})") from None
+    if not len(net.layer) and not len(net.layers):
+        raise wire.corrupt(path, "caffemodel", "no layers found (is this really a caffemodel?)")
+    for records, name in _named(net, blobs):
+        for i, r in enumerate(records):
+            if r.data.size != r.count:
+                raise CorruptFileError(
+                    f"{path}: layer '{name}' blob {i}: declared shape {r.declared_shape} "
+                    f"holds {r.count} values but the file has {r.data.size}"
+                )
+    changes = []
+    if upgrade:
+        # Per-layer blob lists follow the layer they came from through the upgrade.
+        source = blobs
+        net, changes, origin = upgrade_net(net)
+        blobs = [source[o] if o is not None else [] for o in origin]
+    elif len(net.layers):
+        return Model(net, blobs, path=path)
+    return Model(net, blobs, changes, path=path)
+
+
+def _named(net, blobs):
+    layers = net.layer if len(net.layer) else net.layers
+    for layer, records in zip(layers, blobs):
+        name = layer.name or (layer.layer.name if hasattr(layer, "layer") else "")
+        yield records, name
+
+
+def read_binaryproto(path):
+    """Read a BlobProto file (e.g. a mean file) as a float32 array in its declared shape."""
+    buf = _read_bytes(path, "binaryproto")
+    try:
+        record = wire.decode_blob(memoryview(buf), 0, len(buf))
+    except wire.Truncated as e:
+        raise wire.corrupt(path, "binaryproto", str(e)) from None
+    if record.data.size != record.count:
+        raise CorruptFileError(
+            f"{path}: declared shape {record.declared_shape} holds {record.count} values "
+            f"but the file has {record.data.size}"
+        )
+    return record.array()
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def atomic_output(path, inputs=()):
+    """Open a temp file beside `path` for binary writing; rename it over `path` on success.
+
+    Refuses to write over any of `inputs` (inputs are never modified).
+    """
+    path = os.fspath(path)
+    for src in inputs:
+        if src is not None and os.path.exists(path) and os.path.samefile(path, src):
+            raise CaffeishError(f"{path}: refusing to overwrite an input file; choose another output path")
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def format_prototxt(net):
+    return text_format.MessageToString(net)
+
+
+def write_prototxt(path, net, inputs=()):
+    with atomic_output(path, inputs) as f:
+        f.write(format_prototxt(net).encode("utf-8"))
+
+
+def _layer_chunks(layer, records, field=NET_LAYER, blob_field=LAYER_BLOBS):
+    """A layer's bytes with its blobs spliced in at their field-number position."""
+    body = layer.SerializeToString()
+    # Find where fields numbered above blob_field start, so the output is in
+    # canonical field order, as Caffe (C++ protobuf) writes it.
+    split = len(body)
+    for f, _, tag_start, _, _ in wire.iter_fields(body, 0, len(body)):
+        if f > blob_field:
+            split = tag_start
+            break
+    chunks = [body[:split]]
+    for r in records:
+        if not isinstance(r, wire.BlobRecord):
+            r = wire.BlobRecord.from_array(r)
+        enc = wire.encode_blob(r)
+        chunks += [wire.tag(blob_field, wire.LENGTH), wire.encode_varint(wire.chunks_size(enc))] + enc
+    chunks.append(body[split:])
+    return [wire.tag(field, wire.LENGTH), wire.encode_varint(wire.chunks_size(chunks))] + chunks
+
+
+def model_chunks(net, blobs):
+    """Byte chunks of a NetParameter with blobs (arrays or BlobRecords) per layer."""
+    head = pb.NetParameter()
+    head.CopyFrom(net)
+    del head.layer[:]
+    del head.layers[:]
+    if len(net.layers):
+        raise CaffeishError("refusing to write a V1 (legacy) net: upgrade it first")
+    if len(blobs) != len(net.layer):
+        raise CaffeishError(f"{len(blobs)} blob lists for {len(net.layer)} layers")
+    chunks = [head.SerializeToString()]
+    for layer, records in zip(net.layer, blobs):
+        if len(layer.blobs):
+            raise CaffeishError(f"layer '{layer.name}': blobs must be passed separately, not inside the layer")
+        chunks += _layer_chunks(layer, records or [])
+    return chunks
+
+
+def serialize_model(net, blobs):
+    return b"".join(bytes(c) for c in model_chunks(net, blobs))
+
+
+def write_caffemodel(path, net, blobs, inputs=()):
+    """Write a binary NetParameter: `net` without blobs, `blobs[i]` the arrays/BlobRecords of layer i."""
+    chunks = model_chunks(net, blobs)
+    total = wire.chunks_size(chunks)
+    if total > MAX_BINARY_BYTES:
+        raise CaffeishError(f"{path}: the model would be {total} bytes, over Caffe's 2 GB limit")
+    with atomic_output(path, inputs) as f:
+        for c in chunks:
+            f.write(c)
+
+
+def write_binaryproto(path, array, inputs=()):
+    record = wire.BlobRecord.from_array(np.asarray(array, dtype=np.float32))
+    with atomic_output(path, inputs) as f:
+        for c in wire.encode_blob(record):
+            f.write(c)
