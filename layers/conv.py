@@ -1,0 +1,142 @@
+"""Convolution, Deconvolution and Im2col: layers configured by a ConvolutionParameter.
+
+The channel axis is `convolution_param.axis` (default 1); every axis after it is
+spatial, so N-D convolution works the same way as 2-D.  The arithmetic lives in
+caffeish.geometry.
+"""
+import math
+
+from caffeish.geometry import conv_output_shape, conv_params, deconv_output_shape, reported_by
+from caffeish.registry import Layer, register
+
+
+class _ConvGeometryLayer(Layer):
+    """Shared setup: the channel axis, the per-axis geometry and the channel count."""
+
+    def __init__(self, param, phase):
+        super().__init__(param, phase)
+        self.conv_param = param.convolution_param
+        # Set by reshape(), for the forward pass.
+        self.channel_axis = None
+        self.geometry = None
+        self.channels = None
+
+    def _setup(self, bottom_shape):
+        """Parse the geometry for this bottom; returns (channel_axis, spatial input sizes)."""
+        axis = self.canonical_axis(self.conv_param.axis, len(bottom_shape))
+        spatial = tuple(bottom_shape[axis + 1:])
+        with reported_by(self):
+            self.geometry = conv_params(self.conv_param, len(spatial))
+        self.channel_axis = axis
+        self.channels = bottom_shape[axis]
+        return axis, spatial
+
+
+@register("Convolution")
+class Convolution(_ConvGeometryLayer):
+    """Caffe's Convolution: top = bottom[:axis] + (num_output,) + out, per bottom.
+
+    Several bottoms are allowed; they must have identical shapes and each gives
+    one top, all using the same weight (num_output, C/group, k...) and bias
+    (num_output,) blobs.
+    """
+
+    min_bottoms = 1
+    min_tops = 1
+
+    def __init__(self, param, phase):
+        super().__init__(param, phase)
+        self.num_output = self.conv_param.num_output
+        self.group = self.conv_param.group
+        self.bias_term = self.conv_param.bias_term
+
+    def _spatial_out(self, spatial_in):
+        return conv_output_shape(spatial_in, self.geometry)
+
+    def reshape(self, bottom_shapes):
+        n_tops = len(self.param.top)
+        if not bottom_shapes:
+            raise self.error("needs at least one bottom")
+        if len(bottom_shapes) != n_tops:
+            raise self.error(
+                f"needs one top per bottom: {len(bottom_shapes)} bottom(s), {n_tops} top(s)"
+            )
+        first = tuple(bottom_shapes[0])
+        for i, shape in enumerate(bottom_shapes[1:], 1):
+            if tuple(shape) != first:
+                raise self.error(
+                    f"all bottoms must have the same shape: bottom 0 is {first}, bottom {i} is {tuple(shape)}"
+                )
+        axis, spatial = self._setup(first)
+        if self.num_output <= 0:
+            raise self.error("num_output must be positive (it is required)")
+        if self.group <= 0:
+            raise self.error(f"group must be positive, got {self.group}")
+        if self.channels % self.group:
+            raise self.error(
+                f"the input channel count {self.channels} (axis {axis}) is not a multiple of group {self.group}"
+            )
+        if self.num_output % self.group:
+            raise self.error(f"num_output {self.num_output} is not a multiple of group {self.group}")
+        with reported_by(self):
+            out = self._spatial_out(spatial)
+        top = first[:axis] + (self.num_output,) + out
+        return [top] * n_tops
+
+    def _weight_shape(self):
+        return (self.num_output, self.channels // self.group) + self.geometry.kernel
+
+    def param_shapes(self, bottom_shapes):
+        self.reshape(bottom_shapes)
+        shapes = [self._weight_shape()]
+        if self.bias_term:
+            shapes.append((self.num_output,))
+        return shapes
+
+    def macs(self, bottom_shapes, top_shapes):
+        """N * prod(out) * num_output * (C/group) * prod(kernel), per bottom."""
+        axis, _ = self._setup(tuple(bottom_shapes[0]))
+        top = top_shapes[0]
+        n = math.prod(top[:axis])
+        per_position = self.num_output * (self.channels // self.group) * math.prod(self.geometry.kernel)
+        return len(bottom_shapes) * n * math.prod(top[axis + 1:]) * per_position
+
+
+@register("Deconvolution")
+class Deconvolution(Convolution):
+    """Caffe's Deconvolution: the transpose of Convolution.
+
+    out = stride*(in-1) + extent - 2*pad; the weight blob is (C_in, num_output/group, k...).
+    """
+
+    def _spatial_out(self, spatial_in):
+        return deconv_output_shape(spatial_in, self.geometry)
+
+    def _weight_shape(self):
+        return (self.channels, self.num_output // self.group) + self.geometry.kernel
+
+    def macs(self, bottom_shapes, top_shapes):
+        """N * prod(in) * C_in * (num_output/group) * prod(kernel), per bottom."""
+        bottom = tuple(bottom_shapes[0])
+        axis, spatial = self._setup(bottom)
+        n = math.prod(bottom[:axis])
+        per_position = self.channels * (self.num_output // self.group) * math.prod(self.geometry.kernel)
+        return len(bottom_shapes) * n * math.prod(spatial) * per_position
+
+
+@register("Im2col")
+class Im2col(_ConvGeometryLayer):
+    """Caffe's Im2col: unfolds each convolution window into the channel axis.
+
+    top = bottom[:axis] + (C * prod(kernel),) + out, with out as for Convolution.
+    """
+
+    exact_bottoms = 1
+    exact_tops = 1
+
+    def reshape(self, bottom_shapes):
+        bottom = tuple(bottom_shapes[0])
+        axis, spatial = self._setup(bottom)
+        with reported_by(self):
+            out = conv_output_shape(spatial, self.geometry)
+        return [bottom[:axis] + (self.channels * math.prod(self.geometry.kernel),) + out]

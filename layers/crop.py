@@ -1,0 +1,28 @@
+"""Crop: cut the data bottom to the reference bottom's size from `axis` on."""
+from caffeish.geometry import crop_offsets, reported_by
+from caffeish.registry import Layer, register
+
+
+@register("Crop")
+class Crop(Layer):
+    """Caffe's Crop: bottoms (data, reference), top[idx] = data[idx + offset].
+
+    Axes before crop_param.axis (default 2) keep the data's size; later axes take
+    the reference's size.  The reference's values are never read.
+    """
+
+    exact_bottoms = 2
+    exact_tops = 1
+
+    def __init__(self, param, phase):
+        super().__init__(param, phase)
+        self.crop_param = param.crop_param
+        # Set by reshape(): the first cropped axis and the offset on every axis.
+        self.start_axis = None
+        self.offsets = None
+
+    def reshape(self, bottom_shapes):
+        data, ref = (tuple(s) for s in bottom_shapes)
+        with reported_by(self):
+            self.start_axis, self.offsets, top = crop_offsets(self.crop_param, data, ref)
+        return [top]
