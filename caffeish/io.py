@@ -152,11 +152,19 @@ def read_prototxt(path, upgrade=True, message=None):
     return net, []
 
 
+def is_binary_file(path):
+    """True when the file holds binary protobuf (a caffemodel), False for text, judged by content."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        raise CaffeishError(f"{path}: cannot read: {e.strerror}") from None
+    return _looks_binary(head)
+
+
 def read_net(path, upgrade=True):
     """A NetParameter from a prototxt or a caffemodel, judged by content (not extension)."""
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    if _looks_binary(head):
+    if is_binary_file(path):
         return read_caffemodel(path, upgrade=upgrade).net
     return read_prototxt(path, upgrade=upgrade)[0]
 

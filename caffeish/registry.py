@@ -11,15 +11,21 @@ from caffeish.errors import ShapeError, UnknownLayerTypeError
 
 _REGISTRY = {}
 
-# Types from well-known Caffe forks, with what BVLC Caffe offers instead.
-FORK_TYPE_HINTS = {
-    "BN": "BatchNorm followed by Scale",
-    "Upsample": "Deconvolution (bilinear) or unpooling is not in BVLC Caffe",
-    "Interp": "Deconvolution with a bilinear filler",
-    "Permute": "Reshape/Flatten (Permute is from the SSD fork)",
-    "Normalize": "MVN or Scale (Normalize is from the SSD fork)",
+# Types from well-known Caffe forks, and the BVLC type that comes closest.
+FORK_TYPES = {
+    "BN": "BatchNorm",
+    "Upsample": "Deconvolution",
+    "Interp": "Deconvolution",
+    "Permute": "Reshape",
+    "Normalize": "MVN",
     "DenseImageData": "ImageData",
     "L1Loss": "EuclideanLoss",
+    "PriorBox": "Input",
+    "DetectionOutput": "ArgMax",
+    "ROIPooling": "Pooling",
+    "ShuffleChannel": "Reshape",
+    "DepthwiseConvolution": "Convolution",
+    "ConvolutionDepthwise": "Convolution",
 }
 
 
@@ -45,6 +51,8 @@ def registered_types():
 
 def closest_type(type_name):
     """The registered type a user most likely meant."""
+    if type_name in FORK_TYPES:
+        return FORK_TYPES[type_name]
     types = registered_types()
     lower = {t.lower(): t for t in types}
     if type_name.lower() in lower:
@@ -57,11 +65,10 @@ def lookup(type_name, layer_name="?"):
     _load_families()
     cls = _REGISTRY.get(type_name)
     if cls is None:
-        hint = FORK_TYPE_HINTS.get(type_name)
         close = closest_type(type_name)
         msg = f"layer '{layer_name}': unknown layer type '{type_name}'"
-        if hint:
-            msg += f" (not a BVLC Caffe type; BVLC Caffe offers: {hint})"
+        if type_name in FORK_TYPES:
+            msg += " (a Caffe fork's type, not BVLC Caffe)"
         if close:
             msg += f"; closest supported type: '{close}'"
         raise UnknownLayerTypeError(msg)
@@ -102,6 +109,9 @@ class Layer:
     is_data = False
     # False for layers that refuse in-place use (Reshape, Flatten, ...).
     allows_in_place = True
+    # True when the top shapes depend on the bottoms' values (Filter): reshape()
+    # then gives Caffe's setup-time shape and the runtime settles the real one.
+    value_dependent_shape = False
 
     def __init__(self, param, phase):
         self.param = param

@@ -1,0 +1,72 @@
+"""The `caffeish` command: one entry point, one subcommand per tool.
+
+Errors a user can act on (CaffeishError) are printed as one line on stderr
+with exit status 1; no traceback.
+"""
+import argparse
+import sys
+
+from caffeish.errors import CaffeishError
+from caffeish.graph import parse_shape
+from caffeish.report import FORMATS
+from caffeish.tools import summary, upgrade
+
+TOOLS = {
+    "summary": (summary, "one row per layer: shapes, parameters, multiply-accumulates"),
+    "upgrade": (upgrade, "rewrite a legacy V0/V1 prototxt or caffemodel in the current format"),
+}
+
+
+def _input_shape(text):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME=N,C,H,W, got '{text}'")
+    name, dims = text.split("=", 1)
+    try:
+        return name.strip(), parse_shape(dims)
+    except CaffeishError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _net_options(p):
+    p.add_argument("--phase", default="TEST", type=str.upper, choices=["TRAIN", "TEST"],
+                   help="net state phase used to filter layers (default TEST)")
+    p.add_argument("--stage", action="append", default=[], help="net state stage (repeatable)")
+    p.add_argument("--level", type=int, default=0, help="net state level (default 0)")
+    p.add_argument("--input-shape", action="append", type=_input_shape, default=[], metavar="NAME=N,C,H,W",
+                   help="shape of an input blob, e.g. data=1,3,500,500 (repeatable)")
+    p.add_argument("--max-blob-bytes", type=int, default=None,
+                   help="refuse nets with a blob larger than this many bytes (default 8 GiB)")
+    p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="caffeish", description="A Caffe-compatible toolchain.")
+    sub = parser.add_subparsers(dest="tool", metavar="TOOL")
+    sub.required = True
+    for name, (module, help_text) in TOOLS.items():
+        p = sub.add_parser(name, help=help_text, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        if name == "summary":
+            _net_options(p)
+        p.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "input_shape"):
+        args.input_shape = dict(args.input_shape)
+    try:
+        return args.run(args)
+    except CaffeishError as e:
+        print(f"caffeish {args.tool}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

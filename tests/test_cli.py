@@ -1,0 +1,123 @@
+"""The `caffeish` command: summary and upgrade, output formats, one-line errors."""
+import csv
+import io as stdio
+import json
+import subprocess
+import sys
+
+import pytest
+
+from caffeish import io
+from caffeish.cli import main
+from conftest import ROOT, shared_path
+
+EXAMPLE = ROOT / "examples" / "lenet_deploy.prototxt"
+
+
+def run_cli(*args):
+    """Run the real command in a subprocess: exit code, stdout, stderr."""
+    p = subprocess.run([sys.executable, "-m", "caffeish.cli", *map(str, args)], capture_output=True, text=True)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_summary_table_on_bundled_example():
+    code, out, err = run_cli("summary", EXAMPLE)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:2] == ["layer", "type"]
+    row = next(l for l in lines if l.startswith("conv1 "))
+    # conv1: 20 x (1*5*5) + 20 = 520 params, 20*24*24*25 = 288,000 MACs
+    assert "1x20x24x24" in row and "520" in row and "288,000" in row
+    assert any(l.startswith("total") and "431,080" in l for l in lines)
+
+
+def test_summary_json_and_csv(capsys):
+    assert main(["summary", str(EXAMPLE), "--format", "json", "--input-shape", "data=4,1,28,28"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert rows["ip1"]["top_shapes"] == [[4, 500]]
+    assert rows["ip1"]["params"] == 800 * 500 + 500
+    assert doc["totals"]["params"] == 431_080
+    assert doc["outputs"] == ["prob"]
+    assert main(["summary", str(EXAMPLE), "--format", "csv"]) == 0
+    table = list(csv.DictReader(stdio.StringIO(capsys.readouterr().out)))
+    assert table[1]["name"] == "conv1" and table[1]["macs"] == "288000"
+    assert main(["summary", str(EXAMPLE), "--format", "markdown"]) == 0
+    assert capsys.readouterr().out.startswith("| layer | type |")
+
+
+def test_summary_with_weights_flags_missing_and_unused(tmp_path, capsys):
+    proto = shared_path("models", "lenet_caffe_tensorflow", "examples", "mnist", "lenet.prototxt")
+    weights = shared_path("models", "lenet_caffe_tensorflow", "examples", "mnist", "lenet_iter_10000.caffemodel")
+    assert main(["summary", str(proto), str(weights), "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["missing"] == [] and doc["unused"] == []
+    # Rename a layer in the net: it is missing from the weights, and the weights' one is unused.
+    net, _ = io.read_prototxt(proto)
+    for layer in net.layer:
+        if layer.name == "ip2":
+            layer.name = "score"
+    renamed = tmp_path / "renamed.prototxt"
+    io.write_prototxt(renamed, net)
+    assert main(["summary", str(renamed), str(weights), "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["missing"] == ["score"] and doc["unused"] == ["ip2"]
+
+
+def test_weight_shape_mismatch_names_layer_and_shapes(tmp_path):
+    proto = shared_path("models", "lenet_caffe_tensorflow", "examples", "mnist", "lenet.prototxt")
+    weights = shared_path("models", "lenet_caffe_tensorflow", "examples", "mnist", "lenet_iter_10000.caffemodel")
+    net, _ = io.read_prototxt(proto)
+    for layer in net.layer:
+        if layer.name == "conv1":
+            layer.convolution_param.num_output = 16
+    bad = tmp_path / "bad.prototxt"
+    io.write_prototxt(bad, net)
+    code, out, err = run_cli("summary", bad, weights)
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "layer 'conv1'" in err and "(20, 1, 5, 5)" in err and "(16, 1, 5, 5)" in err
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('layer { name: "a" type: "ReLU" bottom: "x" top: "y" \n', 'Expected "}"'),
+    ('layer { name: "a" type: "Upsample" }\n', "closest supported type: 'Deconvolution'"),
+])
+def test_errors_are_one_line_without_traceback(tmp_path, content, needle):
+    p = tmp_path / "n.prototxt"
+    p.write_text(content)
+    code, out, err = run_cli("summary", p)
+    assert code == 1
+    assert err.startswith("caffeish summary: error: ") and err.count("\n") == 1
+    assert needle.lower() in err.lower() and "Traceback" not in err
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    code, _, err = run_cli("summary", tmp_path / "nope.prototxt")
+    assert code == 1 and "nope.prototxt" in err and "Traceback" not in err
+
+
+def test_upgrade_command_on_v1_prototxt(tmp_path):
+    src = shared_path("models", "everpeace_caffe", "examples", "mnist", "lenet_train_test.prototxt")
+    before = src.read_bytes()
+    dst = tmp_path / "new.prototxt"
+    code, out, err = run_cli("upgrade", src, dst)
+    assert code == 0, err
+    assert "CONVOLUTION" in out and "change(s)" in out
+    net, changes = io.read_prototxt(dst)
+    assert changes == [] and not len(net.layers)
+    assert {l.type for l in net.layer} >= {"Data", "Convolution", "Pooling", "InnerProduct", "SoftmaxWithLoss"}
+    assert src.read_bytes() == before
+    code, _, err = run_cli("upgrade", dst, dst)
+    assert code == 1 and "overwrite" in err
+
+
+def test_upgrade_command_on_v1_caffemodel(tmp_path):
+    src = shared_path("models", "everpeace_caffe", "examples", "mnist", "lenet_iter_10000.caffemodel")
+    dst = tmp_path / "new.caffemodel"
+    code, out, err = run_cli("upgrade", src, dst)
+    assert code == 0, err
+    old, new = io.read_caffemodel(src), io.read_caffemodel(dst)
+    assert new.changes == [] and new.net == old.net
+    for name, arrays in old.arrays().items():
+        assert all((a == b).all() for a, b in zip(arrays, new.arrays()[name]))
