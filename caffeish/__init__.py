@@ -1,5 +1,17 @@
 """caffeish: a Caffe-compatible toolchain and runtime in Python."""
-from caffeish.errors import CaffeishError  # noqa: F401
-from caffeish.schema import TEST, TRAIN, pb  # noqa: F401
+import os as _os
+
+# setup.py maps the top-level folders proto/, layers/, kernels/ and tools/ into
+# this package.  When the package is imported straight from a source checkout
+# (e.g. `python -m pytest` puts the checkout first on sys.path), find them there.
+_here = _os.path.dirname(_os.path.abspath(__file__))
+_root = _os.path.dirname(_here)
+if not _os.path.isdir(_os.path.join(_here, "proto")) and _os.path.isfile(
+    _os.path.join(_root, "proto", "caffe_pb2.py")
+):
+    __path__.append(_root)  # noqa: F821 (package __path__)
+
+from caffeish.errors import CaffeishError  # noqa: E402,F401
+from caffeish.schema import TEST, TRAIN, pb  # noqa: E402,F401
 
 __version__ = "0.1.0"
