@@ -19,6 +19,8 @@ from caffeish.schema import TEST, TRAIN, pb
 
 # Caffe refuses blobs with more than INT_MAX elements; we also cap bytes.
 INT_MAX = 2**31 - 1
+# The name Caffe gives tops it creates itself (loss layers given no top).
+AUTOMATIC = "(automatic)"
 DEFAULT_MAX_BLOB_BYTES = int(os.environ.get("CAFFEISH_MAX_BLOB_BYTES", 8 * 2**30))
 
 
@@ -95,8 +97,11 @@ def split_blob_name(blob, layer, top_index, k):
     return f"{split_layer_name(blob, layer, top_index)}_{k}"
 
 
-def insert_splits(net):
-    """Caffe's InsertSplits: a Split layer after each top that has several consumers."""
+def insert_splits(net, explain_missing=None):
+    """Caffe's InsertSplits: a Split layer after each top that has several consumers.
+
+    explain_missing(blob) may return extra words for the unknown-bottom error.
+    """
     last_producer = {}  # blob name -> (layer index, top index)
     source_of = {}  # (layer, bottom index) -> (layer, top index)
     consumers = {}  # (layer, top index) -> count
@@ -104,9 +109,10 @@ def insert_splits(net):
     for i, layer in enumerate(net.layer):
         for j, blob in enumerate(layer.bottom):
             if blob not in last_producer:
+                extra = explain_missing(blob) if explain_missing else ""
                 raise GraphError(
                     f"layer '{layer.name}' ({layer.type}): unknown bottom blob '{blob}' "
-                    f"(bottom {j}); no earlier layer produces it"
+                    f"(bottom {j}); no earlier layer produces it{extra}"
                 )
             src = last_producer[blob]
             source_of[(i, j)] = src
@@ -164,6 +170,7 @@ class Node:
         self.bottoms = list(param.bottom)
         self.tops = list(param.top)
         self.in_place = [j < len(self.bottoms) and self.bottoms[j] == t for j, t in enumerate(self.tops)]
+        self.auto_tops = 0
         self.bottom_shapes = []
         self.top_shapes = []
         self.param_shapes = []
@@ -212,7 +219,7 @@ class Graph:
         self.max_blob_bytes = DEFAULT_MAX_BLOB_BYTES if max_blob_bytes is None else max_blob_bytes
         self.input_shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
         self.filtered = filter_net(net, self.state)
-        self.net = insert_splits(self.filtered)
+        self.net = insert_splits(self.filtered, self._explain_missing(net))
         self.nodes = []
         self.blob_shapes = {}
         self.inputs = []  # tops of Input layers (pycaffe's net.inputs)
@@ -220,6 +227,25 @@ class Graph:
         self._build()
 
     # -- building ----------------------------------------------------------------
+    def _explain_missing(self, net):
+        excluded = {}
+        for layer in net.layer:
+            if not layer_included(layer, self.state):
+                for top in layer.top:
+                    excluded.setdefault(top, []).append(layer.name)
+
+        def explain(blob):
+            if blob not in excluded:
+                return ""
+            stages = ", ".join(self.state.stage) or "none"
+            phase = "TRAIN" if self.state.phase == TRAIN else "TEST"
+            names = ", ".join(f"'{n}'" for n in excluded[blob])
+            return (f"; it is produced only by layer(s) {names}, which the net state "
+                    f"(phase {phase}, level {self.state.level}, stages {stages}) excludes: "
+                    f"choose the phase or stages with --phase/--stage/--level")
+
+        return explain
+
     def _build(self):
         available = []  # ordered set of blobs not yet consumed
         produced = set()
@@ -228,6 +254,15 @@ class Graph:
             layer = registry.create(param, self.phase)
             node = Node(param, layer)
             layer.input_shapes = self.input_shapes
+            needed = max(layer.min_tops or 0, layer.exact_tops or 0)
+            if getattr(layer, "auto_top_blobs", False) and len(node.tops) < needed:
+                # Caffe's loss layers create the tops they need but were not given:
+                # anonymous blobs that no other layer can use and that are not net outputs.
+                # (Added to our working copy of the layer, so the layer sees its top count.)
+                node.auto_tops = needed - len(node.tops)
+                param.top.extend([AUTOMATIC] * node.auto_tops)
+                node.tops += [AUTOMATIC] * node.auto_tops
+                node.in_place += [False] * node.auto_tops
             layer.check_counts(len(node.bottoms), len(node.tops))
             for j, blob in enumerate(node.bottoms):
                 if blob not in available:
@@ -242,6 +277,8 @@ class Graph:
                     )
                 available.remove(blob)
             for j, blob in enumerate(node.tops):
+                if blob == AUTOMATIC:
+                    continue
                 if node.in_place[j]:
                     if not layer.allows_in_place:
                         raise GraphError(
@@ -295,7 +332,8 @@ class Graph:
             self._check_size(node, f"parameter {i}", shape)
         node.macs = int(layer.macs(node.bottom_shapes, tops))
         for blob, shape in zip(node.tops, tops):
-            self.blob_shapes[blob] = shape
+            if blob != AUTOMATIC:
+                self.blob_shapes[blob] = shape
 
     def _check_size(self, node, what, shape):
         if any(d < 0 for d in shape):

@@ -180,3 +180,13 @@ def test_alexnet_fc6_parameters():
     assert g.blob_shapes["prob"] == (10, 1000)
     # AlexNet's well-known total: 60,965,224 parameters.
     assert g.param_count == 60_965_224
+
+
+def test_loss_layer_without_top_gets_an_automatic_one():
+    """Caffe's AutoTopBlobs: the loss is computed into an anonymous top that is not a net output."""
+    g = Graph(net("""
+      layer { name: "in" type: "Input" top: "x" top: "y" input_param { shape { dim: 2 dim: 3 } } }
+      layer { name: "loss" type: "EuclideanLoss" bottom: "x" bottom: "y" }
+    """))
+    assert g.node("loss").tops == ["(automatic)"] and g.node("loss").top_shapes == [()]
+    assert g.outputs == [] and "(automatic)" not in g.blob_shapes

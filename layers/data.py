@@ -1,0 +1,438 @@
+"""Data and input layers: the net's sources (no bottoms), plus HDF5Output.
+
+Input, DummyData and MemoryData declare their shapes in the prototxt.  Data,
+ImageData, WindowData and HDF5Data take them from files: Caffe reads the first
+record at setup.  caffeish reads what it can (an LMDB database, an image list
+and its first image) and otherwise raises InputShapeRequired, which tells the
+user which file it would need and which `--input-shape` to pass instead.
+
+Shapes the user gave (`self.input_shapes`, top name -> shape, set by the graph)
+win over what a layer would declare or read.  For the layers with a data top
+and a label top (Data, ImageData, WindowData, MemoryData), a shape for the data
+top alone gives the label top Caffe's label shape (N,).
+"""
+import io
+import os
+
+from caffeish.errors import InputShapeRequired
+from caffeish.registry import Layer, register
+from caffeish.schema import pb
+
+MAX_BLOB_AXES = 32  # Caffe's kMaxBlobAxes
+FILLER_TYPES = ("constant", "gaussian", "positive_unitball", "uniform", "xavier", "msra", "bilinear")
+
+
+def declared_shape(layer, blob_shape, what):
+    """A prototxt BlobShape as a tuple, with the checks of Caffe's Blob::Reshape."""
+    dims = tuple(int(d) for d in blob_shape.dim)
+    if len(dims) > MAX_BLOB_AXES:
+        raise layer.error(f"{what} has {len(dims)} axes; Caffe allows at most {MAX_BLOB_AXES}")
+    if any(d < 0 for d in dims):
+        raise layer.error(f"{what} {dims} has a negative dim")
+    return dims
+
+
+class SourceLayer(Layer):
+    """A layer without bottoms that produces net inputs."""
+
+    is_data = True
+    exact_bottoms = 0
+
+    def reshape(self, bottom_shapes):
+        self.check_counts(len(bottom_shapes), len(self.param.top))
+        return [tuple(int(d) for d in s) for s in self.top_shapes()]
+
+    def top_shapes(self):
+        raise NotImplementedError
+
+    # -- user-given shapes ---------------------------------------------------------
+    def given(self):
+        """The user's shapes for this layer's tops, checked to be positive integers."""
+        out = {}
+        for top in self.param.top:
+            if top not in self.input_shapes:
+                continue
+            shape = tuple(self.input_shapes[top])
+            try:
+                ok = bool(shape) and all(int(d) == d and d > 0 for d in shape)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise self.error(f"--input-shape {top}={shape}: give positive integer dims, e.g. {top}=N,C,H,W")
+            out[top] = tuple(int(d) for d in shape)
+        return out
+
+    def per_top(self, declared):
+        """One shape per top: the user's, else the declared one (None: unknown)."""
+        given = self.given()
+        shapes = [given.get(t, d) for t, d in zip(self.param.top, declared)]
+        missing = [t for t, s in zip(self.param.top, shapes) if s is None]
+        if missing:
+            raise self.need_shape(f"nothing declares the shape of top(s) {missing}", missing)
+        return shapes
+
+    def need_shape(self, reason, tops=None, dims="N,C,H,W"):
+        """InputShapeRequired naming this layer, why, and the --input-shape to pass."""
+        tops = list(tops or self.param.top[:1])
+        flags = " ".join(f"--input-shape {t}={dims}" for t in tops)
+        return InputShapeRequired(f"layer '{self.name}' ({self.type}): {reason}; pass {flags}")
+
+
+class BatchSourceLayer(SourceLayer):
+    """A source with a data top and an optional label top of shape (N,)."""
+
+    def with_label(self, data_shape):
+        shapes = [tuple(data_shape)]
+        if len(self.param.top) > 1:
+            shapes.append((data_shape[0],))
+        return shapes
+
+    def given_batch(self):
+        """Top shapes from the user's shapes, or None when the user gave none for this layer."""
+        given = self.given()
+        if not given:
+            return None
+        tops = list(self.param.top)
+        if tops[0] not in given:
+            raise self.need_shape(f"--input-shape gives the label top '{tops[1]}' but not the data top")
+        shapes = self.with_label(given[tops[0]])
+        if len(tops) > 1 and tops[1] in given and given[tops[1]] != shapes[1]:
+            raise self.error(
+                f"the label top '{tops[1]}' has shape (N,) = {shapes[1]} for the data top "
+                f"{shapes[0]}; --input-shape gave {given[tops[1]]}"
+            )
+        return shapes
+
+    def need_shape(self, reason, tops=None, dims="N,C,H,W"):
+        err = super().need_shape(reason, tops, dims)
+        if tops is None and len(self.param.top) > 1:
+            err.args = (err.args[0] + f" (the label top '{self.param.top[1]}' then gets shape (N,))",)
+        return err
+
+    def check_transform(self):
+        """DataTransformer's constructor check, shared by the prefetching data layers."""
+        t = self.param.transform_param
+        if t.HasField("mean_file") and len(t.mean_value):
+            raise self.error("transform_param: give mean_file or mean_value, not both")
+
+    def crop(self, channels, height, width, where):
+        """DataTransformer::InferBlobShape: crop_size (if set) replaces H and W."""
+        crop = self.param.transform_param.crop_size
+        if crop and (height < crop or width < crop):
+            raise self.error(
+                f"transform_param.crop_size {crop} is larger than the {height}x{width} images of {where}"
+            )
+        return (channels, crop, crop) if crop else (channels, height, width)
+
+
+# -- declared shapes ------------------------------------------------------------------
+
+
+@register("Input")
+class Input(SourceLayer):
+    """The net's inputs: input_param.shape once for all tops, once per top, or not at all.
+
+    With no shape (Caffe leaves such tops empty until the caller reshapes them)
+    the user must give each top's shape.
+    """
+
+    min_tops = 1
+
+    def top_shapes(self):
+        shapes = self.param.input_param.shape
+        n_tops = len(self.param.top)
+        if len(shapes) not in (0, 1, n_tops):
+            raise self.error(
+                f"{len(shapes)} input_param.shape entries for {n_tops} tops; give one for all tops, "
+                f"one per top, or none"
+            )
+        if shapes:
+            declared = [declared_shape(self, shapes[0 if len(shapes) == 1 else i], "input_param.shape")
+                        for i in range(n_tops)]
+        else:
+            declared = [None] * n_tops
+        return self.per_top(declared)
+
+
+@register("DummyData")
+class DummyData(SourceLayer):
+    """Filler-made tops: dummy_data_param.shape, or the legacy num/channels/height/width.
+
+    Each field is given once for all tops or once per top; so are the data_fillers
+    (or not at all: constant 0).
+    """
+
+    min_tops = 1
+
+    def top_shapes(self):
+        p = self.param.dummy_data_param
+        n_tops = len(self.param.top)
+        if len(p.data_filler) not in (0, 1, n_tops):
+            raise self.error(
+                f"{len(p.data_filler)} data_filler entries for {n_tops} tops; give none, one, or one per top"
+            )
+        for f in p.data_filler:
+            if f.type not in FILLER_TYPES:
+                raise self.error(f"unknown filler type '{f.type}' (known: {', '.join(FILLER_TYPES)})")
+        legacy = {"num": p.num, "channels": p.channels, "height": p.height, "width": p.width}
+        if any(len(v) for v in legacy.values()):
+            if len(p.shape):
+                raise self.error("give either shape or the legacy num/channels/height/width, not both")
+            for field, values in legacy.items():
+                if len(values) not in (1, n_tops):
+                    raise self.error(
+                        f"legacy field '{field}' given {len(values)} time(s); give it once, or once per "
+                        f"top ({n_tops})"
+                    )
+            declared = [
+                tuple(int(v[0 if len(v) == 1 else i]) for v in legacy.values()) for i in range(n_tops)
+            ]
+        else:
+            if len(p.shape) not in (1, n_tops):
+                raise self.error(
+                    f"{len(p.shape)} shape entries for {n_tops} tops; give one for all tops or one per top"
+                )
+            declared = [declared_shape(self, p.shape[0 if len(p.shape) == 1 else i], "dummy_data_param.shape")
+                        for i in range(n_tops)]
+        return self.per_top(declared)
+
+
+@register("MemoryData")
+class MemoryData(BatchSourceLayer):
+    """Arrays handed in by the caller: data (batch_size, channels, height, width), label (batch_size,)."""
+
+    exact_tops = 2
+
+    def top_shapes(self):
+        p = self.param.memory_data_param
+        self.check_transform()
+        dims = (p.batch_size, p.channels, p.height, p.width)
+        if not all(dims):
+            raise self.error(
+                f"memory_data_param batch_size, channels, height and width must all be positive, got "
+                f"{dims}"
+            )
+        return self.given_batch() or self.with_label(dims)
+
+
+# -- shapes that live in files --------------------------------------------------------
+
+
+@register("Data")
+class Data(BatchSourceLayer):
+    """Records from a LEVELDB or LMDB database of Datum: (batch_size, C, H, W) and label (batch_size,).
+
+    C, H, W come from the database's first record (crop_size replaces H and W).
+    caffeish reads LMDB only, read-only and without locking.
+    """
+
+    min_tops = 1
+    max_tops = 2
+
+    def top_shapes(self):
+        p = self.param.data_param
+        self.check_transform()
+        given = self.given_batch()
+        if given:
+            return given
+        if p.backend != pb.DataParameter.LMDB:
+            raise self.need_shape(
+                f"its shape comes from the first record of the LEVELDB database '{p.source}', which "
+                f"caffeish cannot read (it reads LMDB only)"
+            )
+        datum = self.first_datum(p.source)
+        if datum.encoded:
+            chw = self.decoded_size(datum, p.source)
+        else:
+            if datum.channels <= 0:
+                raise self.need_shape(
+                    f"the first record of the LMDB database '{p.source}' is a Datum with "
+                    f"{datum.channels} channels"
+                )
+            chw = (datum.channels, datum.height, datum.width)
+        return self.with_label((p.batch_size,) + self.crop(*chw, f"'{p.source}'"))
+
+    def first_datum(self, source):
+        """The first record (in key order, as Caffe's cursor) of an LMDB directory, as a Datum."""
+        if not source:
+            raise self.need_shape("its shape comes from an LMDB database, but data_param.source is not set")
+        if not os.path.isdir(source):
+            raise self.need_shape(
+                f"its shape comes from the first record of the LMDB database '{source}', which "
+                f"{'is not a directory' if os.path.exists(source) else 'does not exist'}"
+            )
+        import lmdb
+
+        try:
+            env = lmdb.open(source, readonly=True, lock=False)
+            try:
+                with env.begin() as txn:
+                    cursor = txn.cursor()
+                    value = bytes(cursor.value()) if cursor.first() else None
+            finally:
+                env.close()
+        except lmdb.Error as e:
+            raise self.need_shape(f"could not open the LMDB database '{source}' ({e})") from e
+        if value is None:
+            raise self.need_shape(f"the LMDB database '{source}' holds no records")
+        try:
+            return pb.Datum.FromString(value)
+        except Exception as e:  # protobuf's DecodeError and friends
+            raise self.need_shape(f"the first record of the LMDB database '{source}' is not a Datum ({e})") from e
+
+    def decoded_size(self, datum, source):
+        """(C, H, W) of an encoded Datum's image, decoded the way Caffe's DataTransformer does.
+
+        force_color gives 3 channels, force_gray 1; otherwise the image's own
+        colour: grey images 1, colour images 3 (an alpha channel is dropped).
+        """
+        t = self.param.transform_param
+        if t.force_color and t.force_gray:
+            raise self.error("transform_param: force_color and force_gray cannot both be set")
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(datum.data)) as img:
+                width, height = img.size
+                mode = img.mode
+        except Exception as e:  # PIL raises several types for undecodable data
+            raise self.need_shape(
+                f"could not decode the encoded image in the first record of '{source}' ({e})"
+            ) from e
+        if t.force_color or t.force_gray:
+            channels = 3 if t.force_color else 1
+        else:
+            channels = image_channels(mode)
+        return channels, height, width
+
+
+def image_channels(mode):
+    """Channels OpenCV's colour-or-grey decode gives for a PIL image mode: grey 1, else 3."""
+    return 1 if mode.startswith(("1", "L", "I", "F")) else 3
+
+
+@register("ImageData")
+class ImageData(BatchSourceLayer):
+    """Images named in a list file ("path label" lines): (batch_size, 3 or 1, H, W), label (batch_size,).
+
+    H, W are new_height/new_width when set (both or neither), else crop_size,
+    else the size of the first listed image (root_folder + path).  With
+    shuffle, Caffe's first image is a random one; caffeish reads the first line.
+    """
+
+    exact_tops = 2
+
+    def top_shapes(self):
+        p = self.param.image_data_param
+        if (p.new_height > 0) != (p.new_width > 0):
+            raise self.error(
+                f"new_height ({p.new_height}) and new_width ({p.new_width}) must be set together"
+            )
+        if p.batch_size <= 0:
+            raise self.error("image_data_param.batch_size must be positive")
+        self.check_transform()
+        given = self.given_batch()
+        if given:
+            return given
+        channels = 3 if p.is_color else 1
+        crop = self.param.transform_param.crop_size
+        if p.new_height:
+            height, width = p.new_height, p.new_width
+        elif crop:
+            height = width = crop
+        else:
+            height, width = self.first_image_size(p)
+        return self.with_label((p.batch_size,) + self.crop(channels, height, width, f"'{p.source}'"))
+
+    def first_image_size(self, p):
+        """(H, W) of the first image of the list file, read with PIL."""
+        source = p.source
+        if not os.path.isfile(source):
+            raise self.need_shape(
+                f"its shape comes from the first image listed in '{source}', which does not exist"
+            )
+        with open(source, encoding="utf-8", errors="surrogateescape") as f:
+            line = f.readline().rstrip("\r\n")
+        if not line:
+            raise self.need_shape(f"its shape comes from the first image listed in '{source}', which is empty")
+        # Caffe splits each line at its last space: "<path> <label>".
+        space = line.rfind(" ")
+        path = p.root_folder + (line if space < 0 else line[:space])
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+        except (OSError, ValueError) as e:
+            raise self.need_shape(
+                f"its shape comes from '{path}', the first image listed in '{source}', which cannot "
+                f"be read ({e})"
+            ) from e
+        return height, width
+
+
+@register("WindowData")
+class WindowData(BatchSourceLayer):
+    """Windows cut from images and warped to crop_size: (batch_size, 3, crop_size, crop_size), label (batch_size,).
+
+    crop_size lives in transform_param (the upgrade moves it there) and Caffe
+    requires it to be positive.  Caffe takes the channel count from the window
+    file's entries; they are 3 for the colour images its forward reads, and
+    caffeish does not read the window file.
+    """
+
+    exact_tops = 2
+
+    def top_shapes(self):
+        p = self.param.window_data_param
+        self.check_transform()
+        given = self.given_batch()
+        if given:
+            return given
+        crop = self.param.transform_param.crop_size
+        if crop <= 0:
+            raise self.need_shape(
+                f"it warps every window to transform_param.crop_size, which is not set (Caffe refuses "
+                f"crop_size 0; window file '{p.source}')"
+            )
+        return self.with_label((p.batch_size, 3, crop, crop))
+
+
+@register("HDF5Data")
+class HDF5Data(SourceLayer):
+    """Datasets named like the tops, from the HDF5 files listed in `source`.
+
+    Each top is (batch_size,) + the dataset's per-item shape.  caffeish does not
+    read HDF5 at shape time, so every top's shape must be given.
+    """
+
+    min_tops = 1
+
+    def top_shapes(self):
+        p = self.param.hdf5_data_param
+        given = self.given()
+        missing = [t for t in self.param.top if t not in given]
+        if missing:
+            raise self.need_shape(
+                f"the shapes of top(s) {missing} come from the HDF5 files listed in '{p.source}', "
+                f"which caffeish does not read; each is (batch_size = {p.batch_size},) + the shape "
+                f"of one item of the dataset of the same name",
+                missing,
+                dims="N,D1,D2,...",
+            )
+        return [given[t] for t in self.param.top]
+
+
+@register("HDF5Output")
+class HDF5Output(Layer):
+    """Writes its two bottoms (data, label) to hdf5_output_param.file_name; no tops.
+
+    Caffe creates the file at setup; shape inference only checks the blob counts.
+    """
+
+    exact_bottoms = 2
+    exact_tops = 0
+
+    def reshape(self, bottom_shapes):
+        self.check_counts(len(bottom_shapes), len(self.param.top))
+        return []

@@ -1,0 +1,430 @@
+"""Routing and shape layers: they copy, join, cut, select or relabel data.
+
+Concat, Slice, Split, Flatten, Reshape, Tile, Reduction, ArgMax, Eltwise,
+Softmax, Silence, Filter, BatchReindex and Parameter.  None does matrix work
+(macs 0); only Parameter owns a blob.  `reshape` repeats the checks of Caffe's
+LayerSetUp and Reshape (its fatal CHECKs become ShapeErrors naming the layer).
+"""
+from math import prod
+
+from caffeish.layers.data import declared_shape
+from caffeish.registry import Layer, register
+from caffeish.schema import pb
+
+MAX_BLOB_AXES = 32  # Caffe's kMaxBlobAxes
+
+
+class RoutingLayer(Layer):
+    """Checks the blob counts, then asks `top_shapes` for the tops."""
+
+    def reshape(self, bottom_shapes):
+        self.check_counts(len(bottom_shapes), len(self.param.top))
+        return self.top_shapes([tuple(s) for s in bottom_shapes])
+
+    def top_shapes(self, bottoms):
+        raise NotImplementedError
+
+    def legacy_axis(self, name, value, shape):
+        """A legacy uint axis field (concat_dim, slice_dim): no negatives, must exist."""
+        if value >= len(shape):
+            raise self.error(f"{name} {value} out of range for a {len(shape)}-axis bottom {shape}")
+        return value
+
+
+@register("Concat")
+class Concat(RoutingLayer):
+    """Joins its bottoms along `axis` (default 1; legacy `concat_dim`).
+
+    Every other axis must match.  With one bottom the top shares its data.
+    """
+
+    min_bottoms = 1
+    exact_tops = 1
+
+    def __init__(self, param, phase):
+        super().__init__(param, phase)
+        self.concat_param = param.concat_param
+        self.axis = None  # canonical axis, set by reshape
+
+    def top_shapes(self, bottoms):
+        p = self.concat_param
+        if p.HasField("axis") and p.HasField("concat_dim"):
+            raise self.error("give either concat_param.axis or the legacy concat_dim, not both")
+        first = bottoms[0]
+        if p.HasField("concat_dim"):
+            self.axis = self.legacy_axis("concat_dim", p.concat_dim, first)
+        else:
+            self.axis = self.canonical_axis(p.axis, len(first))
+        top = list(first)
+        for i, shape in enumerate(bottoms[1:], 1):
+            if len(shape) != len(first) or any(
+                a != b for j, (a, b) in enumerate(zip(first, shape)) if j != self.axis
+            ):
+                raise self.error(
+                    f"bottoms must have the same shape except on the concat axis {self.axis}: "
+                    f"bottom 0 is {first}, bottom {i} is {shape}"
+                )
+            top[self.axis] += shape[self.axis]
+        return [tuple(top)]
+
+
+@register("Slice")
+class Slice(RoutingLayer):
+    """Cuts its bottom along `axis` (default 1; legacy `slice_dim`) into the tops.
+
+    With `slice_point` (strictly increasing, one fewer than the tops) the pieces
+    are the gaps between the points; without, the axis is split evenly.
+    """
+
+    exact_bottoms = 1
+    min_tops = 1
+
+    def __init__(self, param, phase):
+        super().__init__(param, phase)
+        self.slice_param = param.slice_param
+        self.axis = None
+        self.sizes = None  # the size of each piece along the axis, set by reshape
+
+    def top_shapes(self, bottoms):
+        p = self.slice_param
+        shape = bottoms[0]
+        n_tops = len(self.param.top)
+        if p.HasField("axis") and p.HasField("slice_dim"):
+            raise self.error("give either slice_param.axis or the legacy slice_dim, not both")
+        if p.HasField("slice_dim"):
+            self.axis = self.legacy_axis("slice_dim", p.slice_dim, shape)
+        else:
+            self.axis = self.canonical_axis(p.axis, len(shape))
+        dim = shape[self.axis]
+        points = list(p.slice_point)
+        if points:
+            if len(points) != n_tops - 1:
+                raise self.error(
+                    f"{len(points)} slice_point value(s) for {n_tops} tops; give exactly "
+                    f"{n_tops - 1} (one fewer than the tops) or none for an even split"
+                )
+            if n_tops > dim:
+                raise self.error(f"{n_tops} tops cannot slice axis {self.axis} of size {dim}")
+            bounds = [0] + points
+            if any(b <= a for a, b in zip(bounds, points)):
+                raise self.error(f"slice_point must be strictly increasing and above 0, got {points}")
+            if points[-1] > dim:
+                raise self.error(
+                    f"slice_point {points[-1]} lies beyond axis {self.axis} of size {dim} ({shape})"
+                )
+            self.sizes = [b - a for a, b in zip(bounds, points + [dim])]
+        else:
+            if dim % n_tops:
+                raise self.error(
+                    f"{n_tops} tops do not evenly divide axis {self.axis} of size {dim}; "
+                    f"give slice_point values"
+                )
+            self.sizes = [dim // n_tops] * n_tops
+        return [shape[: self.axis] + (s,) + shape[self.axis + 1 :] for s in self.sizes]
+
+
+@register("Split")
+class Split(RoutingLayer):
+    """Gives every top the bottom's data (Caffe inserts these for shared blobs).
+
+    Caffe's SplitLayer::Reshape refuses in-place use (a top named like the bottom).
+    """
+
+    exact_bottoms = 1
+    min_tops = 1
+    allows_in_place = False
+
+    def top_shapes(self, bottoms):
+        return [bottoms[0]] * len(self.param.top)
+
+
+@register("Flatten")
+class Flatten(RoutingLayer):
+    """Merges axes axis..end_axis (defaults 1 and -1) into one; refuses in-place use."""
+
+    exact_bottoms = 1
+    exact_tops = 1
+    allows_in_place = False
+
+    def top_shapes(self, bottoms):
+        shape = bottoms[0]
+        p = self.param.flatten_param
+        start = self.canonical_axis(p.axis, len(shape))
+        end = self.canonical_axis(p.end_axis, len(shape))
+        if end + 1 < start:
+            raise self.error(
+                f"end_axis {p.end_axis} (axis {end}) comes before axis {p.axis} (axis {start}) "
+                f"of the bottom {shape}"
+            )
+        return [shape[:start] + (prod(shape[start : end + 1]),) + shape[end + 1 :]]
+
+
+@register("Reshape")
+class Reshape(RoutingLayer):
+    """Replaces bottom axes [start, end) with reshape_param.shape; refuses in-place use.
+
+    start = axis if axis >= 0 else num_axes + axis + 1 (so -1 appends);
+    end = num_axes of the bottom if num_axes == -1 else start + num_axes.
+    A dim of 0 copies the bottom's dim at the same position, at most one -1 is
+    inferred from the count, and the count must be preserved.
+    """
+
+    exact_bottoms = 1
+    exact_tops = 1
+    allows_in_place = False
+
+    def __init__(self, param, phase):
+        super().__init__(param, phase)
+        self.reshape_param = param.reshape_param
+
+    def top_shapes(self, bottoms):
+        shape = bottoms[0]
+        p = self.reshape_param
+        dims = list(p.shape.dim)
+        if any(d < -1 for d in dims):
+            raise self.error(f"reshape_param.shape {dims}: a dim must be positive, 0 (copy) or -1 (infer)")
+        if dims.count(-1) > 1:
+            raise self.error(f"reshape_param.shape {dims} has several -1 dims; at most one may be inferred")
+        n = len(shape)
+        start = p.axis if p.axis >= 0 else n + p.axis + 1
+        if not 0 <= start <= n:
+            raise self.error(f"axis {p.axis} out of range for a {n}-axis bottom {shape}")
+        if p.num_axes < -1:
+            raise self.error(f"num_axes {p.num_axes}: must be >= 0, or -1 for all remaining axes")
+        end = n if p.num_axes == -1 else start + p.num_axes
+        if end > n:
+            raise self.error(
+                f"axis {p.axis} + num_axes {p.num_axes} = {end} is beyond the {n}-axis bottom {shape}"
+            )
+        new = []
+        for i, d in enumerate(dims):
+            if d == 0:
+                if start + i >= n:
+                    raise self.error(
+                        f"reshape_param.shape {dims}: dim {i} is 0 (copy) but the bottom {shape} has "
+                        f"no axis {start + i} to copy"
+                    )
+                d = shape[start + i]
+            new.append(d)
+        top = list(shape[:start]) + new + list(shape[end:])
+        count = prod(shape)
+        if -1 in new:
+            known = prod(d for d in top if d != -1)
+            if known == 0 or count % known:
+                raise self.error(
+                    f"cannot infer the -1 dim: the bottom count {count} ({shape}) is not divisible "
+                    f"by the product {known} of the other dims {tuple(top)}"
+                )
+            top[top.index(-1)] = count // known
+        if len(top) > MAX_BLOB_AXES:
+            raise self.error(f"the top would have {len(top)} axes; Caffe allows at most {MAX_BLOB_AXES}")
+        if prod(top) != count:
+            raise self.error(
+                f"reshape_param.shape {dims} gives the top {tuple(top)} of {prod(top)} elements, "
+                f"but the bottom {shape} has {count}"
+            )
+        return [tuple(top)]
+
+
+@register("Tile")
+class Tile(RoutingLayer):
+    """Repeats the bottom `tiles` times along `axis` (default 1): top[axis] = tiles * bottom[axis]."""
+
+    exact_bottoms = 1
+    exact_tops = 1
+
+    def top_shapes(self, bottoms):
+        shape = bottoms[0]
+        p = self.param.tile_param
+        axis = self.canonical_axis(p.axis, len(shape))
+        if not p.HasField("tiles"):
+            raise self.error("tile_param.tiles (the number of copies) must be given")
+        if p.tiles <= 0:
+            raise self.error(f"tile_param.tiles must be positive, got {p.tiles}")
+        return [shape[:axis] + (shape[axis] * p.tiles,) + shape[axis + 1 :]]
+
+
+@register("Reduction")
+class Reduction(RoutingLayer):
+    """Reduces all axes from `axis` (default 0) on with SUM, ASUM, SUMSQ or MEAN, times coeff.
+
+    The top keeps the axes before `axis`: axis 0 gives a scalar, shape ().
+    """
+
+    exact_bottoms = 1
+    exact_tops = 1
+    OPERATIONS = (
+        pb.ReductionParameter.SUM,
+        pb.ReductionParameter.ASUM,
+        pb.ReductionParameter.SUMSQ,
+        pb.ReductionParameter.MEAN,
+    )
+
+    def __init__(self, param, phase):
+        super().__init__(param, phase)
+        self.reduction_param = param.reduction_param
+
+    def top_shapes(self, bottoms):
+        shape = bottoms[0]
+        p = self.reduction_param
+        if p.operation not in self.OPERATIONS:
+            raise self.error(f"unknown reduction operation {p.operation}")
+        axis = self.canonical_axis(p.axis, len(shape))
+        return [shape[:axis]]
+
+
+@register("ArgMax")
+class ArgMax(RoutingLayer):
+    """The top_k largest values per item (ties go to the larger index).
+
+    Without `axis`, each item n is flattened; the top has max(3, A) axes, all 1
+    except [0] = N, [2] = top_k and [1] = 2 with out_max_val (indices, values).
+    With `axis`, the top is the bottom with shape[axis] = top_k (values only
+    when out_max_val, indices otherwise).
+    """
+
+    exact_bottoms = 1
+    exact_tops = 1
+
+    def __init__(self, param, phase):
+        super().__init__(param, phase)
+        self.argmax_param = param.argmax_param
+
+    def top_shapes(self, bottoms):
+        shape = bottoms[0]
+        p = self.argmax_param
+        k = p.top_k
+        if k < 1:
+            raise self.error(f"top_k must be at least 1, got {k}")
+        if p.HasField("axis"):
+            axis = self.canonical_axis(p.axis, len(shape))
+            if k > shape[axis]:
+                raise self.error(f"top_k {k} exceeds the size {shape[axis]} of axis {axis} of {shape}")
+            return [shape[:axis] + (k,) + shape[axis + 1 :]]
+        if not shape:
+            raise self.error("the bottom is a scalar (0 axes); ArgMax needs an item axis 0")
+        per_item = prod(shape[1:])
+        if k > per_item:
+            raise self.error(f"top_k {k} exceeds the {per_item} values per item of the bottom {shape}")
+        top = [1] * max(3, len(shape))
+        top[0], top[2] = shape[0], k
+        if p.out_max_val:
+            top[1] = 2
+        return [tuple(top)]
+
+
+@register("Eltwise")
+class Eltwise(RoutingLayer):
+    """Elementwise PROD, SUM (default; coeff: none or one per bottom) or MAX of identical shapes."""
+
+    min_bottoms = 2
+    exact_tops = 1
+
+    def __init__(self, param, phase):
+        super().__init__(param, phase)
+        self.eltwise_param = param.eltwise_param
+
+    def top_shapes(self, bottoms):
+        p = self.eltwise_param
+        n_coeff = len(p.coeff)
+        if n_coeff not in (0, len(bottoms)):
+            raise self.error(
+                f"{n_coeff} coeff value(s) for {len(bottoms)} bottoms; give one per bottom or none"
+            )
+        if p.operation == pb.EltwiseParameter.PROD and n_coeff:
+            raise self.error("coeff is only allowed for SUM, not PROD")
+        for i, shape in enumerate(bottoms[1:], 1):
+            if shape != bottoms[0]:
+                raise self.error(
+                    f"all bottoms must have the same shape: bottom 0 is {bottoms[0]}, bottom {i} is {shape}"
+                )
+        return [bottoms[0]]
+
+
+@register("Softmax")
+class Softmax(RoutingLayer):
+    """Softmax along `axis` (default 1); the top has the bottom's shape."""
+
+    exact_bottoms = 1
+    exact_tops = 1
+
+    def __init__(self, param, phase):
+        super().__init__(param, phase)
+        self.axis = None  # canonical axis, set by reshape
+
+    def top_shapes(self, bottoms):
+        self.axis = self.canonical_axis(self.param.softmax_param.axis, len(bottoms[0]))
+        return [bottoms[0]]
+
+
+@register("Silence")
+class Silence(RoutingLayer):
+    """Consumes its bottoms so that they are not net outputs; no tops."""
+
+    min_bottoms = 1
+    exact_tops = 0
+
+    def top_shapes(self, bottoms):
+        return []
+
+
+@register("Filter")
+class Filter(RoutingLayer):
+    """Keeps the items whose selector (last bottom) is non-zero; one top per data bottom.
+
+    The number of kept items is only known from the selector's values at run
+    time.  Caffe's first Reshape (at net setup) declares the full batch N, and
+    every Forward reshapes to the selected count.  Shape inference reports the
+    setup shape, N; the real first dim is at most N.
+    """
+
+    min_bottoms = 2
+    min_tops = 1
+    value_dependent_shape = True
+
+    def top_shapes(self, bottoms):
+        *data, selector = bottoms
+        if len(self.param.top) != len(data):
+            raise self.error(
+                f"needs one top per data bottom (all bottoms but the last, the selector): "
+                f"{len(data)} data bottom(s), {len(self.param.top)} top(s)"
+            )
+        if not selector or any(d != 1 for d in selector[1:]):
+            raise self.error(f"the selector (last bottom) must have shape (N,) or (N, 1, ...), got {selector}")
+        for i, shape in enumerate(data):
+            if not shape or shape[0] != selector[0]:
+                raise self.error(
+                    f"bottom {i} {shape} must have the selector's first dim {selector[0]}"
+                )
+        return list(data)
+
+
+@register("BatchReindex")
+class BatchReindex(RoutingLayer):
+    """Gathers items of bottom 0 by the indices in bottom 1, shape (N',): top = (N',) + data[1:]."""
+
+    exact_bottoms = 2
+    exact_tops = 1
+
+    def top_shapes(self, bottoms):
+        data, index = bottoms
+        if len(index) != 1:
+            raise self.error(f"the index bottom (bottom 1) must be 1-D, got shape {index}")
+        return [index + data[1:]]
+
+
+@register("Parameter")
+class Parameter(RoutingLayer):
+    """Exposes one learned blob of parameter_param.shape as its top; no bottoms."""
+
+    exact_bottoms = 0
+    exact_tops = 1
+
+    def shape(self):
+        return declared_shape(self, self.param.parameter_param.shape, "parameter_param.shape")
+
+    def top_shapes(self, bottoms):
+        return [self.shape()]
+
+    def param_shapes(self, bottom_shapes):
+        return [self.shape()]
