@@ -41,7 +41,8 @@ setup(
     ],
     extras_require={
         "gpu": ["cupy-cuda12x>=13.0"],
-        "test": ["pytest>=8.0"],
+        # grpcio-tools compiles proto/caffe.proto in tests/test_schema.py.
+        "test": ["pytest>=8.0", "grpcio-tools>=1.85.1"],
     },
     entry_points={"console_scripts": ["caffeish = caffeish.cli:main"]},
 )
