@@ -164,18 +164,17 @@ def conv_params(conv_param, num_spatial_axes):
 
 def conv_output_shape(in_sizes, geom):
     """Convolution/Im2col output sizes for the spatial input sizes; negative is an error."""
-    out = tuple(
-        conv_out(n, k, s, p, d)
-        for n, k, s, p, d in zip(in_sizes, geom.kernel, geom.stride, geom.pad, geom.dilation)
-    )
-    _check_non_negative(out, in_sizes, geom.extents(), geom.pad)
-    return out
+    return _output_shape(conv_out, in_sizes, geom)
 
 
 def deconv_output_shape(in_sizes, geom):
     """Deconvolution output sizes for the spatial input sizes; negative is an error."""
+    return _output_shape(deconv_out, in_sizes, geom)
+
+
+def _output_shape(size_fn, in_sizes, geom):
     out = tuple(
-        deconv_out(n, k, s, p, d)
+        size_fn(n, k, s, p, d)
         for n, k, s, p, d in zip(in_sizes, geom.kernel, geom.stride, geom.pad, geom.dilation)
     )
     _check_non_negative(out, in_sizes, geom.extents(), geom.pad)
