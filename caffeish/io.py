@@ -116,6 +116,12 @@ def parse_text(text, message, path="<string>"):
         if fork:
             field = fork.group(1)
             owner = re.search(r'Message type "caffe\.([^"]+)"', detail)
+            if (isinstance(message, pb.NetParameter) and owner and owner.group(1) == "NetParameter"
+                    and field in pb.SolverParameter.DESCRIPTOR.fields_by_name):
+                raise ParseError(
+                    f"{where}: field '{field}' belongs to a solver definition: this looks like a "
+                    f"solver prototxt (SolverParameter), not a net; pass the net prototxt it names"
+                ) from None
             origin = FORK_FIELDS.get(field, "a fork of Caffe")
             raise ForkFieldError(
                 f"{where}: field '{field}' is not a field of BVLC Caffe's "

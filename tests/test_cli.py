@@ -121,3 +121,27 @@ def test_upgrade_command_on_v1_caffemodel(tmp_path):
     assert new.changes == [] and new.net == old.net
     for name, arrays in old.arrays().items():
         assert all((a == b).all() for a, b in zip(arrays, new.arrays()[name]))
+
+
+def test_upgrade_command_on_solver_with_v1_nets_inside(tmp_path):
+    """BVLC's consolidated LeNet solver holds V1 nets; the solver_type enum becomes a type string."""
+    src = shared_path("models", "bvlc_caffe", "examples", "mnist", "lenet_consolidated_solver.prototxt")
+    dst = tmp_path / "solver.prototxt"
+    code, out, err = run_cli("upgrade", src, dst)
+    assert code == 0, err
+    from caffeish.schema import pb
+    solver, _ = io.read_prototxt(dst, message=pb.SolverParameter())
+    assert len(solver.net_param.layer) and not len(solver.net_param.layers)
+    assert "net_param: " in out
+    old = tmp_path / "old_solver.prototxt"
+    old.write_text('net: "train_val.prototxt"\nbase_lr: 0.01\nsolver_type: NESTEROV\n')
+    code, out, err = run_cli("upgrade", old, tmp_path / "new_solver.prototxt")
+    assert code == 0, err
+    solver, _ = io.read_prototxt(tmp_path / "new_solver.prototxt", message=pb.SolverParameter())
+    assert solver.type == "Nesterov" and not solver.HasField("solver_type")
+
+
+def test_solver_given_as_net_is_explained(tmp_path):
+    src = shared_path("models", "bvlc_caffe", "examples", "mnist", "lenet_solver.prototxt")
+    code, _, err = run_cli("summary", src)
+    assert code == 1 and "solver prototxt" in err

@@ -1,10 +1,27 @@
 """`caffeish upgrade OLD NEW`: write a legacy (V0/V1) prototxt or caffemodel in the current format.
 
 The output has the same kind as the input (text for a prototxt, binary for a
-caffemodel, judged by content); every change is listed on stdout.
+caffemodel, judged by content); every change is listed on stdout.  A solver
+prototxt is upgraded too (solver_type -> type), with the nets written inside it.
 """
 from caffeish import io
-from caffeish.errors import CaffeishError
+from caffeish.errors import CaffeishError, ParseError
+from caffeish.schema import pb
+from caffeish.upgrade import upgrade_net, upgrade_solver
+
+SOLVER_NETS = ("net_param", "train_net_param")
+
+
+def _upgrade_solver_file(src):
+    solver, _ = io.read_prototxt(src, message=pb.SolverParameter())
+    solver, changes = upgrade_solver(solver)
+    nets = [(f, getattr(solver, f)) for f in SOLVER_NETS if solver.HasField(f)]
+    nets += [(f"test_net_param[{i}]", n) for i, n in enumerate(solver.test_net_param)]
+    for where, net in nets:
+        upgraded, net_changes, _ = upgrade_net(net)
+        net.CopyFrom(upgraded)
+        changes += [f"{where}: {c}" for c in net_changes]
+    return solver, changes
 
 
 def upgrade_file(src, dst):
@@ -13,7 +30,12 @@ def upgrade_file(src, dst):
         model = io.read_caffemodel(src)
         io.write_caffemodel(dst, model.net, model.blobs, inputs=[src])
         return model.changes
-    net, changes = io.read_prototxt(src)
+    try:
+        net, changes = io.read_prototxt(src)
+    except ParseError as e:
+        if "solver" not in str(e):
+            raise
+        net, changes = _upgrade_solver_file(src)
     io.write_prototxt(dst, net, inputs=[src])
     return changes
 
