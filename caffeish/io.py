@@ -142,7 +142,8 @@ def _read_text_file(path):
         raise CaffeishError(f"{path}: cannot read: {e.strerror}") from None
     if b"\0" in raw[:4096]:
         raise ParseError(f"{path}: this is a binary file, not a prototxt (is it a caffemodel?)")
-    return raw.decode("utf-8", errors="replace")
+    # utf-8-sig: a byte-order mark some editors add is not part of the text format.
+    return raw.decode("utf-8-sig", errors="replace")
 
 
 def read_prototxt(path, upgrade=True, message=None):
@@ -267,13 +268,13 @@ def read_caffemodel(path, upgrade=True):
                 skeleton += mv[tag_start:ve]
     except wire.Truncated as e:
         where = f"in layer #{index}" + (f" '{current}'" if current else "")
-        raise wire.corrupt(path, "caffemodel", f"{where}: {e}") from None
+        raise wire.corrupt(path, "caffemodel", f"{where}: {e}{_text_hint(buf)}") from None
     try:
         net = pb.NetParameter.FromString(bytes(skeleton))
     except DecodeError as e:
-        raise wire.corrupt(path, "caffemodel", f"the layer definitions do not parse ({e})") from None
+        raise wire.corrupt(path, "caffemodel", f"the layer definitions do not parse ({e}){_text_hint(buf)}") from None
     if not len(net.layer) and not len(net.layers):
-        raise wire.corrupt(path, "caffemodel", "no layers found (is this really a caffemodel?)")
+        raise wire.corrupt(path, "caffemodel", f"no layers found{_text_hint(buf) or ' (is this really a caffemodel?)'}")
     for records, name in _named(net, blobs):
         for i, r in enumerate(records):
             if r.data.size != r.count:
@@ -290,6 +291,10 @@ def read_caffemodel(path, upgrade=True):
     elif len(net.layers):
         return Model(net, blobs, path=path)
     return Model(net, blobs, changes, path=path)
+
+
+def _text_hint(buf):
+    return "" if _looks_binary(bytes(buf[:4096])) else " (the file is text: is it a prototxt?)"
 
 
 def _named(net, blobs):

@@ -162,7 +162,7 @@ def test_blob_count_mismatch_names_layer(tmp_path):
 
 def test_other_files_are_refused_clearly(tmp_path):
     proto = shared_path("models", "bvlc_caffe", "models", "bvlc_alexnet", "deploy.prototxt")
-    with pytest.raises(CorruptFileError):
+    with pytest.raises(CorruptFileError, match="prototxt"):
         io.read_caffemodel(proto)
     empty = tmp_path / "empty.caffemodel"
     empty.write_bytes(b"")
@@ -258,3 +258,10 @@ def test_writes_are_atomic_and_never_touch_inputs(tmp_path, monkeypatch):
         io.write_caffemodel(out, bad, [[np.zeros(3)], [np.zeros(2)]])
     assert out.read_bytes() == b"old"
     assert sorted(os.listdir(tmp_path)) == ["in.prototxt", "out.caffemodel"]
+
+
+def test_prototxt_with_byte_order_mark(tmp_path):
+    p = tmp_path / "bom.prototxt"
+    p.write_bytes(b"\xef\xbb\xbfname: \"n\"\n")
+    net, _ = io.read_prototxt(p)
+    assert net.name == "n"
