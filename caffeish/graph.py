@@ -292,7 +292,8 @@ class Graph:
                     )
                 produced.add(blob)
                 available.append(blob)
-            if not node.bottoms and getattr(layer, "is_data", False):
+            # Python layers without bottoms are user data layers (FCN's voc_layers, ...).
+            if not node.bottoms and (layer.is_data or node.type == "Python"):
                 self.sources += node.tops
                 if node.type == "Input":
                     self.inputs += node.tops
