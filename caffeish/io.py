@@ -275,7 +275,7 @@ def read_caffemodel(path, upgrade=True):
         raise wire.corrupt(path, "caffemodel", f"the layer definitions do not parse ({e}){_text_hint(buf)}") from None
     if not len(net.layer) and not len(net.layers):
         raise wire.corrupt(path, "caffemodel", f"no layers found{_text_hint(buf) or ' (is this really a caffemodel?)'}")
-    for records, name in _named(net, blobs):
+    for records, name in zip(blobs, _layer_names(net)):
         for i, r in enumerate(records):
             if r.data.size != r.count:
                 raise CorruptFileError(
@@ -288,8 +288,6 @@ def read_caffemodel(path, upgrade=True):
         source = blobs
         net, changes, origin = upgrade_net(net)
         blobs = [source[o] if o is not None else [] for o in origin]
-    elif len(net.layers):
-        return Model(net, blobs, path=path)
     return Model(net, blobs, changes, path=path)
 
 
@@ -297,11 +295,11 @@ def _text_hint(buf):
     return "" if _looks_binary(bytes(buf[:4096])) else " (the file is text: is it a prototxt?)"
 
 
-def _named(net, blobs):
-    layers = net.layer if len(net.layer) else net.layers
-    for layer, records in zip(layers, blobs):
-        name = layer.name or (layer.layer.name if hasattr(layer, "layer") else "")
-        yield records, name
+def _layer_names(net):
+    if len(net.layer):
+        return [layer.name for layer in net.layer]
+    # V1 layers; a V0 net keeps the name inside the nested V0 layer.
+    return [layer.name or layer.layer.name for layer in net.layers]
 
 
 def read_binaryproto(path):
