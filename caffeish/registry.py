@@ -7,7 +7,7 @@ the closest registered type.
 """
 import difflib
 
-from caffeish.errors import ShapeError, UnknownLayerTypeError
+from caffeish.errors import ShapeError, UnknownLayerTypeError, UnsupportedError
 
 _REGISTRY = {}
 
@@ -92,7 +92,15 @@ class Layer:
     inference calls `reshape(bottom_shapes)`, which returns the top shapes.
     `param_shapes(bottom_shapes)` lists the shapes of the blobs the layer owns
     (weights, biases, statistics) in Caffe's blob order, and `macs(...)` counts
-    multiply-accumulates for the summary.  The runtime adds `forward(xp, ...)`.
+    multiply-accumulates for the summary.
+
+    The runtime calls `reshape(bottom_shapes)` with the current shapes whenever
+    they change, then `forward(xp, bottoms, blobs)`: `xp` is the array module
+    (numpy, or cupy on the GPU), `bottoms` the bottom arrays in order, `blobs`
+    the layer's parameter arrays (in `param_shapes` order).  It returns a list
+    with one array per top (float32), never writing into its bottoms or blobs.
+    `fillers()` gives the FillerParameter (or None: zeros) of each parameter
+    blob, used when no weights are loaded for the layer.
 
     Class attributes constrain the number of bottoms and tops the way Caffe's
     ExactNum/MinNum/MaxNum checks do (None means unconstrained).
@@ -150,6 +158,20 @@ class Layer:
 
     def param_shapes(self, bottom_shapes):
         return []
+
+    def fillers(self):
+        """One FillerParameter (None: zeros) per parameter blob; missing entries are zeros."""
+        return []
+
+    # Why forward is unavailable, for layers that cannot run (data readers, Python, ...).
+    unsupported_reason = "its forward pass is not implemented"
+
+    @property
+    def can_forward(self):
+        return type(self).forward is not Layer.forward
+
+    def forward(self, xp, bottoms, blobs):
+        raise UnsupportedError(f"layer '{self.name}' ({self.type}): cannot run: {self.unsupported_reason}")
 
     def macs(self, bottom_shapes, top_shapes):
         return 0
