@@ -15,3 +15,16 @@ from caffeish.errors import CaffeishError  # noqa: E402,F401
 from caffeish.schema import TEST, TRAIN, pb  # noqa: E402,F401
 
 __version__ = "0.1.0"
+
+# The runtime and pycaffe's module-level functions, so that `import caffeish as caffe` works.
+from caffeish import io  # noqa: E402,F401  (caffe.io: formats, Transformer, load_image)
+from caffeish.backend import set_device, set_mode_cpu, set_mode_gpu  # noqa: E402,F401
+
+
+def __getattr__(name):
+    # caffeish.Net loads the runtime (layers, fillers) only when first used.
+    if name == "Net":
+        from caffeish.net import Net
+
+        return Net
+    raise AttributeError(f"module 'caffeish' has no attribute {name!r}")

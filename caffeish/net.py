@@ -1,0 +1,318 @@
+"""The Net runtime: allocate blobs, bind weights, run forward layer by layer.
+
+`Net(prototxt, weights=None, phase=TEST)` builds the graph (caffeish.graph),
+binds stored weights by layer name (caffeish.weights; layers missing from the
+weights get their fillers), and runs each layer's `forward(xp, bottoms, blobs)`
+on a backend (caffeish.backend: numpy, or cupy for the GPU).
+
+Blobs are names bound to arrays.  A layer returns fresh arrays (or views of its
+bottoms where Caffe shares data) and never writes into its inputs, so in-place
+layers simply rebind their top name, and the tops of a Split all name the same
+array, which is Caffe's semantics without copies.  By default an intermediate
+blob is dropped as soon as no later layer reads it, so peak memory is about the
+largest few live blobs, not the sum of all; `keep=True` (or a list of names)
+retains them for inspection.  Inputs and outputs are always kept.
+
+The pycaffe-compatible face (`net.blobs`, `net.params`, `net.layers`, ...) is
+in caffeish.pycaffe and is mixed into this class.
+"""
+from collections import OrderedDict
+
+import numpy as np
+
+from caffeish import backend as backends
+from caffeish import fillers, io
+from caffeish.errors import CaffeishError, GraphError, ShapeError, UnsupportedError
+from caffeish.graph import AUTOMATIC, Graph, phase_value
+from caffeish.pycaffe import PycaffeNetMixin
+from caffeish.schema import TEST, pb
+from caffeish.weights import bind
+
+
+def _load_net(network):
+    """A NetParameter from a path (prototxt or binary) or a NetParameter (copied)."""
+    if isinstance(network, pb.NetParameter):
+        if len(network.layers):
+            from caffeish.upgrade import upgrade_net
+
+            network, _, _ = upgrade_net(network)
+        copy = pb.NetParameter()
+        copy.CopyFrom(network)
+        return copy, "<NetParameter>"
+    if isinstance(network, bytes):
+        network = network.decode()
+    net = io.read_net(str(network))
+    return net, str(network)
+
+
+class Net(PycaffeNetMixin):
+    """A runnable Caffe net.
+
+    network: prototxt path (or a NetParameter).  weights: caffemodel path(s)
+    (or None: every parameter comes from its filler).  phase: TEST or TRAIN.
+    keep: False (free intermediates), True (keep every blob) or a list of names.
+    input_shapes: {input blob: shape} overriding the prototxt's shapes.
+    backend: "numpy", "cupy" or None (caffeish.set_mode_cpu/gpu decides).
+    seed: the fillers' random seed, so that an unweighted net is reproducible.
+
+    pycaffe's positional forms work too: Net(proto, TEST), Net(proto, weights,
+    TEST), Net(proto, TEST, weights=...), Net(network_file=..., phase=...).
+    """
+
+    def __init__(self, network=None, weights=None, phase=None, *, level=0, stages=(), keep=False,
+                 input_shapes=None, backend=None, seed=0, max_blob_bytes=None, network_file=None):
+        if network is None:
+            network = network_file
+        if network is None:
+            raise CaffeishError("Net needs a network: Net('deploy.prototxt', 'weights.caffemodel', caffeish.TEST)")
+        # pycaffe: Net(proto, phase) and Net(proto, phase, weights=...)
+        if isinstance(weights, int) and not isinstance(weights, bool):
+            if phase is not None and not isinstance(phase, int):
+                weights, phase = phase, weights
+            else:
+                weights, phase = None, weights
+        self.phase = phase_value(TEST if phase is None else phase)
+        net, self.source = _load_net(network)
+        self.graph = Graph(net, self.phase, level, stages, input_shapes, max_blob_bytes)
+        self.name = self.graph.name
+        self.xp = backends.get(backend)
+        self.nodes = self.graph.nodes
+        self._check_runnable()
+        self._keep_all = keep is True
+        self._keep = set() if keep in (True, False, None) else set(keep)
+        unknown = self._keep - set(self.graph.blob_shapes)
+        if unknown:
+            raise GraphError(f"keep names unknown blob(s) {sorted(unknown)}")
+        self.rng = np.random.default_rng(seed)
+        self._params = OrderedDict()  # layer name -> [array, ...]
+        self._init_params()
+        self._shapes = dict(self.graph.blob_shapes)
+        self._arrays = {}
+        self._freed = set()  # blobs dropped after their last use in the latest forward
+        self._node_index = {n.name: i for i, n in enumerate(self.nodes)}
+        self._last_use = self._compute_last_use()
+        self._alloc_inputs()
+        for path in [weights] if isinstance(weights, (str, bytes)) or hasattr(weights, "__fspath__") else (weights or []):
+            self.copy_from(path)
+
+    # -- construction ----------------------------------------------------------------
+    def _check_runnable(self):
+        for node in self.nodes:
+            if node.type != "Input" and not node.layer.can_forward:
+                raise UnsupportedError(
+                    f"layer '{node.name}' ({node.type}): cannot run: {node.layer.unsupported_reason}"
+                )
+
+    def _init_params(self):
+        """Fill every parameter blob from its filler; shared params (ParamSpec.name) alias their owner."""
+        owners = {}  # param name -> (array, layer name)
+        for node in self.nodes:
+            if not node.param_shapes:
+                continue
+            specs = node.layer.fillers()
+            arrays = []
+            for i, shape in enumerate(node.param_shapes):
+                spec_name = node.param.param[i].name if i < len(node.param.param) else ""
+                if spec_name and spec_name in owners:
+                    arrays.append(self._shared(node, i, shape, spec_name, owners[spec_name]))
+                    continue
+                filler = specs[i] if i < len(specs) else None
+                arr = fillers.fill(filler, shape, self.rng)
+                arrays.append(self.xp.asarray(arr))
+                if spec_name:
+                    owners[spec_name] = (arrays[-1], node.name)
+            self._params[node.name] = arrays
+
+    def _shared(self, node, i, shape, spec_name, owner):
+        arr, owner_layer = owner
+        mode = node.param.param[i].share_mode
+        if tuple(arr.shape) == tuple(shape):
+            return arr
+        if mode == pb.ParamSpec.PERMISSIVE and arr.size == int(np.prod(shape)):
+            return arr.reshape(shape)
+        raise ShapeError(
+            f"layer '{node.name}' ({node.type}): parameter {i} shares '{spec_name}' with layer "
+            f"'{owner_layer}', whose shape is {tuple(arr.shape)}, but this layer needs {tuple(shape)}"
+        )
+
+    def _compute_last_use(self):
+        last = {}
+        for i, node in enumerate(self.nodes):
+            for b in node.bottoms:
+                last[b] = i
+        return last
+
+    def _alloc_inputs(self):
+        for name in self.graph.inputs:
+            self._arrays[name] = self.xp.zeros(self._shapes[name], dtype=np.float32)
+
+    # -- weights -----------------------------------------------------------------------
+    def copy_from(self, path):
+        """Load a caffemodel into the matching layers (by name), as Caffe's CopyTrainedLayersFrom."""
+        model = io.read_caffemodel(str(path))
+        binding = bind(self.graph, model, source=str(path))
+        for name, arrays in binding.arrays.items():
+            targets = self._params.get(name)
+            if targets is None:
+                continue
+            for target, arr in zip(targets, arrays):
+                target[...] = self.xp.asarray(arr)
+        self.missing_weights = binding.missing
+        self.unused_weights = binding.unused
+        return binding
+
+    def param_arrays(self, layer):
+        """The parameter arrays of a layer (the live ones: writing them changes the net)."""
+        return self._params[layer]
+
+    # -- shapes --------------------------------------------------------------------------
+    def reshape(self, **shapes):
+        """Propagate new input shapes (net.reshape(data=(1,3,H,W))), or the current inputs' shapes."""
+        for name, shape in shapes.items():
+            if name not in self.graph.inputs:
+                raise GraphError(f"reshape: '{name}' is not an input of this net; inputs are {self.graph.inputs}")
+            shape = tuple(int(d) for d in shape)
+            if tuple(self._arrays[name].shape) != shape:
+                self._arrays[name] = self.xp.zeros(shape, dtype=np.float32)
+        self._propagate({name: tuple(self._arrays[name].shape) for name in self.graph.inputs})
+
+    def _propagate(self, input_shapes):
+        """Shape inference from new input shapes, keeping parameter shapes fixed (as Caffe's Reshape)."""
+        shapes = dict(input_shapes)
+        for node in self.nodes:
+            if node.type == "Input":
+                tops = [shapes[t] for t in node.tops]
+            else:
+                bottoms = [shapes[b] for b in node.bottoms]
+                tops = [tuple(int(d) for d in s) for s in node.layer.reshape(bottoms)]
+                node.bottom_shapes = bottoms
+                self._check_params(node, bottoms)
+            for t, s in zip(node.tops, tops):
+                self.graph._check_size(node, t, s)
+                if t != AUTOMATIC:
+                    shapes[t] = s
+            node.top_shapes = tops
+        self._shapes = shapes
+        # Intermediate values of the old shapes are stale now.
+        for name in list(self._arrays):
+            if name not in self.graph.inputs:
+                del self._arrays[name]
+
+    def _check_params(self, node, bottom_shapes):
+        if not node.param_shapes:
+            return
+        now = [tuple(int(d) for d in s) for s in node.layer.param_shapes(bottom_shapes)]
+        if now != node.param_shapes:
+            raise ShapeError(
+                f"layer '{node.name}' ({node.type}): the new input shape {bottom_shapes} would change "
+                f"its parameter shapes from {node.param_shapes} to {now}; Caffe refuses this "
+                f"(an InnerProduct's input size is fixed by its weights)"
+            )
+
+    def blob_shape(self, name):
+        if name in self._arrays:
+            return tuple(self._arrays[name].shape)
+        return self._shapes[name]
+
+    # -- forward -------------------------------------------------------------------------
+    def _set_inputs(self, inputs):
+        for name, value in inputs.items():
+            if name not in self.graph.inputs:
+                raise GraphError(f"forward: '{name}' is not an input of this net; inputs are {self.graph.inputs}")
+            arr = self.xp.array(value, dtype=np.float32, order="C", copy=True)
+            self._arrays[name] = arr
+        current = {name: tuple(self._arrays[name].shape) for name in self.graph.inputs}
+        if any(current[n] != self._shapes.get(n) for n in current):
+            self._propagate(current)
+
+    def _kept(self, extra=()):
+        if self._keep_all:
+            return None  # everything
+        return self._keep | set(self.graph.inputs) | set(self.graph.outputs) | set(extra)
+
+    def run(self, inputs=None, start=None, end=None, keep=()):
+        """Forward from layer `start` to layer `end` (names, inclusive); returns the blob dict."""
+        if inputs:
+            self._set_inputs(inputs)
+        first = 0 if start is None else self._layer_index(start)
+        last = len(self.nodes) - 1 if end is None else self._layer_index(end)
+        if first > last:
+            raise GraphError(f"forward: start layer '{start}' comes after end layer '{end}'")
+        kept = self._kept(keep)
+        self._freed.clear()
+        xp = self.xp
+        arrays = self._arrays
+        for i in range(first, last + 1):
+            node = self.nodes[i]
+            if node.type == "Input":
+                continue
+            try:
+                bottoms = [arrays[b] for b in node.bottoms]
+            except KeyError as e:
+                raise GraphError(
+                    f"layer '{node.name}' ({node.type}): bottom blob {e} is not available: it was freed "
+                    f"after its last use or never computed; build the Net with keep=True to run from "
+                    f"a middle layer"
+                ) from None
+            shapes = [tuple(b.shape) for b in bottoms]
+            if shapes != node.bottom_shapes:
+                node.top_shapes = [tuple(s) for s in node.layer.reshape(shapes)]
+                self._check_params(node, shapes)
+                node.bottom_shapes = shapes
+            tops = node.layer.forward(xp, bottoms, self._params.get(node.name, []))
+            if len(tops) != len(node.tops):
+                raise ShapeError(
+                    f"layer '{node.name}' ({node.type}): forward gave {len(tops)} tops for {len(node.tops)}"
+                )
+            for name, arr in zip(node.tops, tops):
+                if name != AUTOMATIC:
+                    self._freed.discard(name)
+                    arrays[name] = arr
+                    self._shapes[name] = tuple(arr.shape)
+            if kept is not None:
+                for b in node.bottoms:
+                    if self._last_use.get(b) == i and b not in kept and b not in node.tops:
+                        arrays.pop(b, None)
+                        self._freed.add(b)
+        return arrays
+
+    def forward_outputs(self, inputs=None, start=None, end=None, blobs=()):
+        """Run and return {blob: array} for the outputs (or the tops of layer `end`) and `blobs`."""
+        blobs = list(blobs or ())
+        unknown = [b for b in blobs if b not in self._shapes]
+        if unknown:
+            raise GraphError(f"forward: unknown blob(s) {unknown}")
+        arrays = self.run(inputs, start, end, keep=blobs)
+        names = self.graph.outputs if end is None else [t for t in self.nodes[self._layer_index(end)].tops
+                                                         if t != AUTOMATIC]
+        return OrderedDict((n, arrays[n]) for n in list(names) + [b for b in blobs if b not in names])
+
+    def _layer_index(self, name):
+        try:
+            return self._node_index[name]
+        except KeyError:
+            raise GraphError(f"no layer named '{name}' in net '{self.name}'") from None
+
+    # -- saving ---------------------------------------------------------------------------
+    def to_proto(self):
+        """The NetParameter Caffe's Net::ToProto writes (every layer, splits included, phase set)."""
+        net = pb.NetParameter()
+        net.name = self.graph.net.name
+        for node in self.nodes:
+            layer = net.layer.add()
+            layer.CopyFrom(node.param)
+            real_tops = [t for t in layer.top if t != AUTOMATIC]
+            del layer.top[:]
+            layer.top.extend(real_tops)
+            del layer.blobs[:]
+            if not layer.HasField("phase"):
+                layer.phase = self.phase
+        return net
+
+    def save(self, path):
+        """Write the weights as a caffemodel (atomically), as pycaffe's net.save."""
+        net = self.to_proto()
+        blobs = [[backends.to_numpy(a) for a in self._params.get(node.name, [])] for node in self.nodes]
+        inputs = [self.source] if self.source and not self.source.startswith("<") else []
+        io.write_caffemodel(str(path), net, blobs, inputs=inputs)
+

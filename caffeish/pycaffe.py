@@ -1,0 +1,214 @@
+"""pycaffe's face on caffeish.Net, so that `import caffeish as caffe` scripts run.
+
+pycaffe exposes a net as ordered dicts of blobs and parameter lists, plus
+`forward(**inputs)`.  Here they are thin views over the Net's arrays: a
+`Blob.data` is the live array (writing into it changes the net), as in pycaffe.
+Blobs that the runtime freed after their last use (the default; build the Net
+with keep=True to keep them) say so instead of returning stale data.
+"""
+from collections import OrderedDict
+
+from caffeish.errors import GraphError
+from caffeish.graph import AUTOMATIC
+
+
+class Blob:
+    """A named blob of a Net: `.data`, `.diff`, `.shape`, `.reshape(*shape)`."""
+
+    def __init__(self, net, name):
+        self._net = net
+        self.name = name
+
+    @property
+    def data(self):
+        net = self._net
+        arrays = net._arrays
+        if self.name not in arrays:
+            if self.name in net._freed:
+                raise GraphError(
+                    f"blob '{self.name}' was freed after its last use during forward (intermediate blobs "
+                    f"are not kept by default): build the Net with keep=True, keep=['{self.name}'], or "
+                    f"ask forward(blobs=['{self.name}'])"
+                )
+            arrays[self.name] = net.xp.zeros(self.shape, dtype="float32")
+        return arrays[self.name]
+
+    @property
+    def diff(self):
+        """Gradients are not computed by this runtime (inference only): zeros of the blob's shape."""
+        return self._net.xp.zeros(self.shape, dtype="float32")
+
+    @property
+    def shape(self):
+        return tuple(self._net.blob_shape(self.name))
+
+    @property
+    def count(self):
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def _legacy(self, i):
+        shape = self.shape
+        if len(shape) > 4:
+            raise GraphError(f"blob '{self.name}' has {len(shape)} axes; num/channels/height/width need at most 4")
+        return (tuple(shape) + (1,) * 4)[i] if i < len(shape) else 1
+
+    num = property(lambda self: self._legacy(0))
+    channels = property(lambda self: self._legacy(1))
+    height = property(lambda self: self._legacy(2))
+    width = property(lambda self: self._legacy(3))
+
+    def reshape(self, *shape):
+        """Give the blob a new shape (zeros); call net.reshape() to propagate an input's new shape."""
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        shape = tuple(int(d) for d in shape)
+        net = self._net
+        net._arrays[self.name] = net.xp.zeros(shape, dtype="float32")
+        net._shapes[self.name] = shape
+        net._freed.discard(self.name)
+
+    def __repr__(self):
+        return f"Blob({self.name!r}, shape={self.shape})"
+
+
+class ParamBlob:
+    """One parameter blob of a layer: `.data` is the live array, writable in place."""
+
+    def __init__(self, net, layer, index):
+        self._net = net
+        self.layer = layer
+        self.index = index
+
+    @property
+    def data(self):
+        return self._net._params[self.layer][self.index]
+
+    @property
+    def diff(self):
+        return self._net.xp.zeros(self.shape, dtype="float32")
+
+    @property
+    def shape(self):
+        return tuple(self.data.shape)
+
+    @property
+    def count(self):
+        return int(self.data.size)
+
+    num = property(lambda self: Blob._legacy(self, 0))
+    channels = property(lambda self: Blob._legacy(self, 1))
+    height = property(lambda self: Blob._legacy(self, 2))
+    width = property(lambda self: Blob._legacy(self, 3))
+
+    @property
+    def name(self):
+        return f"{self.layer}/{self.index}"
+
+    def reshape(self, *shape):
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        self._net._params[self.layer][self.index] = self._net.xp.zeros(tuple(int(d) for d in shape), "float32")
+
+    def __repr__(self):
+        return f"ParamBlob({self.layer!r}, {self.index}, shape={self.shape})"
+
+
+class LayerView:
+    """pycaffe's Layer: `.type`, `.name`, `.blobs` (its parameter blobs), `.bottom`/`.top` names."""
+
+    def __init__(self, net, node):
+        self._net = net
+        self.name = node.name
+        self.type = node.type
+        self.bottom = list(node.bottoms)
+        self.top = [t for t in node.tops if t != AUTOMATIC]
+        self.blobs = [ParamBlob(net, node.name, i) for i in range(len(net._params.get(node.name, [])))]
+        self.phase = net.phase
+
+    def __repr__(self):
+        return f"Layer({self.name!r}, {self.type!r})"
+
+
+class PycaffeNetMixin:
+    """The pycaffe attributes of a Net (mixed into caffeish.net.Net)."""
+
+    @property
+    def blobs(self):
+        """OrderedDict of blob name -> Blob, in the order the layers produce them."""
+        out = OrderedDict()
+        for node in self.nodes:
+            for t in node.tops:
+                if t != AUTOMATIC and t not in out:
+                    out[t] = Blob(self, t)
+        return out
+
+    @property
+    def params(self):
+        """OrderedDict of layer name -> [ParamBlob, ...] for the layers that own parameters."""
+        return OrderedDict(
+            (node.name, [ParamBlob(self, node.name, i) for i in range(len(self._params[node.name]))])
+            for node in self.nodes if self._params.get(node.name)
+        )
+
+    @property
+    def layers(self):
+        return [LayerView(self, node) for node in self.nodes]
+
+    @property
+    def _layer_names(self):
+        return [node.name for node in self.nodes]
+
+    @property
+    def layer_dict(self):
+        return OrderedDict((view.name, view) for view in self.layers)
+
+    @property
+    def top_names(self):
+        return OrderedDict((n.name, [t for t in n.tops if t != AUTOMATIC]) for n in self.nodes)
+
+    @property
+    def bottom_names(self):
+        return OrderedDict((n.name, list(n.bottoms)) for n in self.nodes)
+
+    @property
+    def _blob_names(self):
+        return list(self.blobs)
+
+    @property
+    def inputs(self):
+        return list(self.graph.inputs)
+
+    @property
+    def outputs(self):
+        return [b for b in self.graph.outputs if b != AUTOMATIC]
+
+    def forward(self, blobs=None, start=None, end=None, **kwargs):
+        """pycaffe's forward: inputs as keyword arrays (or already in net.blobs[...].data).
+
+        Returns an OrderedDict {output blob: array}; with `end`, the tops of
+        that layer; `blobs` adds (and keeps) more blobs.  A new input shape
+        reshapes the net, as `net.reshape()` would.
+        """
+        return self.forward_outputs(kwargs or None, start, end, blobs or ())
+
+    def forward_all(self, blobs=None, **kwargs):
+        """pycaffe's forward_all: run over inputs of any batch size, one net batch at a time."""
+        import numpy as np
+
+        if not kwargs:
+            return self.forward(blobs=blobs)
+        batch = self.blob_shape(self.inputs[0])[0]
+        total = len(next(iter(kwargs.values())))
+        results = {}
+        for lo in range(0, total, batch):
+            chunk = {k: np.asarray(v[lo:lo + batch]) for k, v in kwargs.items()}
+            n = len(next(iter(chunk.values())))
+            if n < batch:
+                chunk = {k: np.concatenate([v, np.zeros((batch - n,) + v.shape[1:], v.dtype)]) for k, v in chunk.items()}
+            outs = self.forward(blobs=blobs, **chunk)
+            for k, v in outs.items():
+                results.setdefault(k, []).append(np.array(v[:n]))
+        return OrderedDict((k, np.concatenate(v)) for k, v in results.items())
