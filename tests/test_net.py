@@ -1,0 +1,193 @@
+"""The Net runtime's mechanics: weights, fillers, freeing, in-place, splits, reshape, start/end, save."""
+import numpy as np
+import pytest
+
+import caffeish
+from caffeish.errors import CaffeishError, GraphError, ShapeError, UnsupportedError, WeightError
+from caffeish.io import parse_text
+from caffeish.schema import pb
+
+NET = """
+name: "small"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 4 kernel_size: 3 pad: 1
+          weight_filler { type: "gaussian" std: 0.1 } bias_filler { type: "constant" value: 0.5 } } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "a" type: "Power" bottom: "pool" top: "a" power_param { scale: 2 } }
+layer { name: "b" type: "Power" bottom: "pool" top: "b" power_param { shift: 1 } }
+layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "b" top: "sum" }
+layer { name: "ip" type: "InnerProduct" bottom: "sum" top: "ip"
+        inner_product_param { num_output: 5 weight_filler { type: "xavier" } } }
+layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }
+"""
+
+
+def net_param(text=NET):
+    return parse_text(text, pb.NetParameter())
+
+
+def reference(net, x):
+    """The same computation written out with numpy, from the net's own parameters."""
+    w, b = (p.data for p in net.params["conv"])
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    windows = np.lib.stride_tricks.sliding_window_view(xp, (3, 3), axis=(2, 3))  # n c h w kh kw
+    conv = np.einsum("nchwij,ocij->nohw", windows, w) + b[None, :, None, None]
+    conv = np.maximum(conv, 0)
+    pool = conv.reshape(2, 4, 4, 2, 4, 2).max(axis=(3, 5))
+    s = 2 * pool + (pool + 1)
+    wi, bi = (p.data for p in net.params["ip"])
+    ip = s.reshape(2, -1) @ wi.T + bi
+    e = np.exp(ip - ip.max(axis=1, keepdims=True))
+    return conv, e / e.sum(axis=1, keepdims=True)
+
+
+@pytest.fixture
+def x():
+    return np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32)
+
+
+def test_forward_matches_a_numpy_reference(x):
+    net = caffeish.Net(net_param(), keep=True)
+    out = net.forward(data=x)
+    conv, prob = reference(net, x)
+    assert list(out) == ["prob"]
+    np.testing.assert_allclose(out["prob"], prob, rtol=1e-5, atol=1e-6)
+    # In place: the blob 'conv' holds the ReLU's result, as in Caffe.
+    np.testing.assert_allclose(net.blobs["conv"].data, conv, rtol=1e-5, atol=1e-5)
+    # The split Caffe inserts for 'pool' (two consumers) is there and equals its source.
+    assert "pool_pool_0_split_0" in net.blobs
+    np.testing.assert_array_equal(net.blobs["pool_pool_0_split_1"].data, net.blobs["pool"].data)
+
+
+def test_fillers_are_used_and_reproducible():
+    a = caffeish.Net(net_param())
+    b = caffeish.Net(net_param())
+    c = caffeish.Net(net_param(), seed=1)
+    w = a.params["conv"][0].data
+    assert w.dtype == np.float32 and 0.05 < w.std() < 0.2
+    np.testing.assert_array_equal(a.params["conv"][1].data, np.full(4, 0.5, np.float32))
+    np.testing.assert_array_equal(w, b.params["conv"][0].data)
+    assert not np.array_equal(w, c.params["conv"][0].data)
+
+
+def test_intermediates_are_freed_unless_kept(x):
+    net = caffeish.Net(net_param())
+    net.forward(data=x)
+    assert set(net._arrays) == {"data", "prob"}
+    with pytest.raises(GraphError, match="keep=True"):
+        net.blobs["pool"].data
+    kept = caffeish.Net(net_param(), keep=["pool"])
+    kept.forward(data=x)
+    assert set(kept._arrays) == {"data", "pool", "prob"}
+    asked = net.forward(data=x, blobs=["sum"])
+    assert list(asked) == ["prob", "sum"]
+
+
+def test_params_are_live_and_writable(x):
+    net = caffeish.Net(net_param())
+    net.params["ip"][0].data[...] = 0
+    net.params["ip"][1].data[...] = 0
+    out = net.forward(data=x)
+    np.testing.assert_allclose(out["prob"], np.full((2, 5), 0.2), rtol=1e-6)
+
+
+def test_reshape_explicit_and_implicit(x):
+    net = caffeish.Net(net_param(), keep=True)
+    with pytest.raises(ShapeError, match="'ip'.*parameter shapes"):
+        net.forward(data=np.zeros((1, 3, 16, 16), np.float32))
+    net = caffeish.Net(net_param())
+    out = net.forward(data=x[:1])
+    assert out["prob"].shape == (1, 5)
+    net.blobs["data"].reshape(3, 3, 8, 8)
+    net.reshape()
+    assert net.blobs["prob"].shape == (3, 5)
+    net.reshape(data=(2, 3, 8, 8))
+    assert net.blobs["data"].data.shape == (2, 3, 8, 8)
+    assert net.forward(data=x)["prob"].shape == (2, 5)
+
+
+def test_start_and_end(x):
+    net = caffeish.Net(net_param(), keep=True)
+    full = net.forward(data=x)["prob"].copy()
+    out = net.forward(end="pool")
+    assert list(out) == ["pool"]
+    again = net.forward(start="a")
+    np.testing.assert_array_equal(again["prob"], full)
+    lean = caffeish.Net(net_param())
+    lean.forward(data=x)
+    with pytest.raises(GraphError, match="freed"):
+        lean.forward(start="ip")
+    with pytest.raises(GraphError, match="no layer named 'nope'"):
+        net.forward(end="nope")
+
+
+def test_save_and_copy_from_round_trip(tmp_path, x):
+    net = caffeish.Net(net_param(), seed=7)
+    path = tmp_path / "small.caffemodel"
+    net.save(str(path))
+    other = caffeish.Net(net_param(), seed=8)
+    other.copy_from(str(path))
+    for name in ("conv", "ip"):
+        for p, q in zip(net.params[name], other.params[name]):
+            np.testing.assert_array_equal(p.data, q.data)
+    np.testing.assert_array_equal(net.forward(data=x)["prob"], other.forward(data=x)["prob"])
+    # The weights in the pycaffe constructor.
+    third = caffeish.Net(net_param(), str(path), caffeish.TEST)
+    np.testing.assert_array_equal(third.params["ip"][0].data, net.params["ip"][0].data)
+
+
+def test_pycaffe_constructor_forms(tmp_path):
+    path = tmp_path / "n.prototxt"
+    path.write_text(NET)
+    caffeish.Net(net_param()).save(str(tmp_path / "w.caffemodel"))
+    w = str(tmp_path / "w.caffemodel")
+    for net in (caffeish.Net(str(path), caffeish.TEST), caffeish.Net(str(path), w, caffeish.TEST),
+                caffeish.Net(str(path), caffeish.TEST, weights=w),
+                caffeish.Net(network_file=str(path), phase=caffeish.TEST, weights=w)):
+        assert net.phase == caffeish.TEST
+        assert net.inputs == ["data"] and net.outputs == ["prob"]
+    assert [l.type for l in net.layers][:3] == ["Input", "Convolution", "ReLU"]
+    assert len(net.layers[1].blobs) == 2
+    assert net._layer_names[0] == "data"
+
+
+def test_wrong_weights_name_the_layer(tmp_path):
+    other = NET.replace("num_output: 4", "num_output: 6")
+    caffeish.Net(net_param(other)).save(str(tmp_path / "w.caffemodel"))
+    with pytest.raises(WeightError, match="layer 'conv'"):
+        caffeish.Net(net_param(), str(tmp_path / "w.caffemodel"))
+
+
+def test_unknown_input_and_unsupported_layers(x):
+    net = caffeish.Net(net_param())
+    with pytest.raises(GraphError, match="not an input"):
+        net.forward(label=x)
+    text = 'layer { name: "d" type: "Data" top: "data" top: "label" data_param { source: "x" batch_size: 1 } }'
+    with pytest.raises((UnsupportedError, CaffeishError)) as info:
+        caffeish.Net(net_param(text))
+    assert "'d'" in str(info.value)
+
+
+def test_shared_parameters_alias_their_owner(x):
+    text = """
+    layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 } } }
+    layer { name: "f1" type: "InnerProduct" bottom: "data" top: "f1"
+            param { name: "w" } inner_product_param { num_output: 4 bias_term: false weight_filler { type: "gaussian" } } }
+    layer { name: "f2" type: "InnerProduct" bottom: "f1" top: "f2"
+            param { name: "w" } inner_product_param { num_output: 4 bias_term: false } }
+    """
+    net = caffeish.Net(net_param(text))
+    w = net.params["f1"][0].data
+    assert net.params["f2"][0].data is w
+    v = np.ones((2, 4), np.float32)
+    np.testing.assert_allclose(net.forward(data=v)["f2"], v @ w.T @ w.T, rtol=1e-5)
+
+
+def test_inputs_are_copied_not_modified(x):
+    net = caffeish.Net(net_param())
+    before = x.copy()
+    net.forward(data=x)
+    np.testing.assert_array_equal(x, before)
+    assert net.blobs["data"].data is not x
