@@ -1,7 +1,11 @@
 """InnerProduct (fully connected) and Embed (a learned lookup table)."""
 import math
 
+import numpy as np
+
+from caffeish.errors import CaffeishError
 from caffeish.registry import Layer, register
+from caffeish.layers.neuron import copy_filler
 
 
 @register("InnerProduct")
@@ -48,6 +52,33 @@ class InnerProduct(Layer):
         _, m, k = self._split(tuple(bottom_shapes[0]))
         return m * k * self.num_output
 
+    def fillers(self):
+        # weight_filler and bias_filler both default to constant 0.
+        p = self.param.inner_product_param
+        out = [copy_filler(p.weight_filler)]
+        if self.bias_term:
+            out.append(copy_filler(p.bias_filler))
+        return out
+
+    def forward(self, xp, bottoms, blobs):
+        x = bottoms[0]
+        axis, m, k = self._split(x.shape)
+        weight = blobs[0]
+        if weight.size != k * self.num_output:
+            raise self.error(
+                f"the weight blob has {weight.size} values, but {self.num_output} outputs of "
+                f"{k} inputs (bottom shape {tuple(x.shape)}, axis {axis}) need {k * self.num_output}"
+            )
+        # One matmul: (M, K) x (K, N).  The weight is (N, K), or (K, N) with transpose.
+        if self.transpose:
+            w = xp.reshape(weight, (k, self.num_output))
+        else:
+            w = xp.reshape(weight, (self.num_output, k)).T
+        y = xp.matmul(xp.reshape(x, (m, k)), w)
+        if self.bias_term:
+            y += xp.reshape(blobs[1], (self.num_output,))
+        return [xp.reshape(y, tuple(x.shape[:axis]) + (self.num_output,))]
+
 
 @register("Embed")
 class Embed(Layer):
@@ -78,3 +109,34 @@ class Embed(Layer):
         if self.bias_term:
             shapes.append((self.num_output,))
         return shapes
+
+    def fillers(self):
+        # weight_filler and bias_filler both default to constant 0.
+        p = self.param.embed_param
+        out = [copy_filler(p.weight_filler)]
+        if self.bias_term:
+            out.append(copy_filler(p.bias_filler))
+        return out
+
+    def forward(self, xp, bottoms, blobs):
+        """top[i] = weight[int(bottom[i])] (+ bias).
+
+        Caffe (in debug builds) checks that every bottom value is an integer in
+        [0, input_dim); we always check, since anything else reads outside the table.
+        """
+        x = bottoms[0]
+        flat = xp.reshape(x, (-1,))
+        bad = (flat != xp.trunc(flat)) | (flat < 0) | (flat >= self.input_dim)
+        if bool(xp.any(bad)):
+            i = int(xp.argmax(bad))
+            value = float(flat[i])
+            where = tuple(int(d) for d in np.unravel_index(i, tuple(x.shape)))
+            raise CaffeishError(
+                f"layer '{self.name}' ({self.type}): bottom value {value!r} at index {where} is not "
+                f"an integer index in [0, {self.input_dim}) (embed_param.input_dim {self.input_dim})"
+            )
+        table = xp.reshape(blobs[0], (self.input_dim, self.num_output))
+        y = xp.take(table, flat.astype(xp.int64), axis=0)
+        if self.bias_term:
+            y += xp.reshape(blobs[1], (self.num_output,))
+        return [xp.reshape(y, tuple(x.shape) + (self.num_output,))]

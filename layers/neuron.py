@@ -5,8 +5,10 @@ Caffe's NeuronLayer reshapes its top like its bottom and allows in-place use
 its top is not its bottom.  PReLU is the only neuron layer that owns a blob
 (the negative slopes, one per channel or one shared).
 """
+import numpy as np
+
 from caffeish.registry import Layer, register
-from caffeish.schema import TRAIN
+from caffeish.schema import TRAIN, pb
 
 
 def layer_phase(param, phase):
@@ -26,6 +28,33 @@ def legacy_shape(layer, shape, what="bottom"):
             f"legacy num/channels/height/width accessors, which allow at most 4 axes"
         )
     return shape + (1,) * (4 - len(shape))
+
+
+def f32(value):
+    """A float32 scalar: Caffe computes its per-layer constants in Dtype (float)."""
+    return np.float32(value)
+
+
+def channel_view(xp, values, ndim, axis=1):
+    """`values` (one per channel) shaped to broadcast along `axis` of an ndim-axis array."""
+    return xp.reshape(values, (1,) * axis + (-1,) + (1,) * (ndim - axis - 1))
+
+
+def constant_filler(value):
+    """A FillerParameter of type constant with the given value."""
+    return pb.FillerParameter(type="constant", value=value)
+
+
+def copy_filler(filler):
+    """A copy of a FillerParameter (the layer's param stays untouched)."""
+    out = pb.FillerParameter()
+    out.CopyFrom(filler)
+    return out
+
+
+def sigmoid(xp, x):
+    """Caffe's CPU sigmoid: 0.5 * tanh(0.5 * x) + 0.5 (stable for any x, float32 in, float32 out)."""
+    return xp.tanh(x * f32(0.5)) * f32(0.5) + f32(0.5)
 
 
 class NeuronLayer(Layer):
@@ -55,6 +84,12 @@ class ReLU(NeuronLayer):
         super().__init__(param, phase)
         self.negative_slope = param.relu_param.negative_slope
 
+    def forward(self, xp, bottoms, blobs):
+        x = bottoms[0]
+        if self.negative_slope == 0:
+            return [xp.maximum(x, 0)]
+        return [xp.maximum(x, 0) + self.negative_slope * xp.minimum(x, 0)]
+
 
 @register("ELU")
 class ELU(NeuronLayer):
@@ -64,20 +99,42 @@ class ELU(NeuronLayer):
         super().__init__(param, phase)
         self.alpha = param.elu_param.alpha
 
+    def forward(self, xp, bottoms, blobs):
+        x = bottoms[0]
+        return [xp.maximum(x, 0) + self.alpha * (xp.exp(xp.minimum(x, 0)) - 1)]
+
 
 @register("Sigmoid")
 class Sigmoid(NeuronLayer):
-    """Caffe's Sigmoid layer: y = 1 / (1 + exp(-x))."""
+    """Caffe's Sigmoid layer: y = 1 / (1 + exp(-x)).
+
+    Caffe's CPU code evaluates it as 0.5 * tanh(0.5 * x) + 0.5, which never
+    overflows; we use the same form.
+    """
+
+    def forward(self, xp, bottoms, blobs):
+        return [sigmoid(xp, bottoms[0])]
 
 
 @register("TanH")
 class TanH(NeuronLayer):
     """Caffe's TanH layer: y = tanh(x)."""
 
+    def forward(self, xp, bottoms, blobs):
+        return [xp.tanh(bottoms[0])]
+
 
 @register("BNLL")
 class BNLL(NeuronLayer):
-    """Caffe's BNLL layer: y = log(1 + exp(x))."""
+    """Caffe's BNLL layer: y = log(1 + exp(x)).
+
+    Caffe evaluates x > 0 ? x + log(1 + exp(-x)) : log(1 + exp(x)) so that exp
+    never overflows; max(x, 0) + log1p(exp(-|x|)) is the same in one expression.
+    """
+
+    def forward(self, xp, bottoms, blobs):
+        x = bottoms[0]
+        return [xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))]
 
 
 @register("Threshold")
@@ -88,6 +145,9 @@ class Threshold(NeuronLayer):
         super().__init__(param, phase)
         self.threshold = param.threshold_param.threshold
 
+    def forward(self, xp, bottoms, blobs):
+        return [(bottoms[0] > f32(self.threshold)).astype(xp.float32)]
+
 
 @register("Clip")
 class Clip(NeuronLayer):
@@ -97,6 +157,10 @@ class Clip(NeuronLayer):
         super().__init__(param, phase)
         self.min, self.max = param.clip_param.min, param.clip_param.max
 
+    def forward(self, xp, bottoms, blobs):
+        # max(min, min(x, max)) as Caffe writes it: with min > max every value becomes min.
+        return [xp.maximum(f32(self.min), xp.minimum(bottoms[0], f32(self.max)))]
+
 
 @register("Swish")
 class Swish(NeuronLayer):
@@ -105,6 +169,10 @@ class Swish(NeuronLayer):
     def __init__(self, param, phase):
         super().__init__(param, phase)
         self.beta = param.swish_param.beta
+
+    def forward(self, xp, bottoms, blobs):
+        x = bottoms[0]
+        return [x * sigmoid(xp, self.beta * x)]
 
 
 @register("Power")
@@ -116,12 +184,30 @@ class Power(NeuronLayer):
         p = param.power_param
         self.power, self.scale, self.shift = p.power, p.scale, p.shift
 
+    def forward(self, xp, bottoms, blobs):
+        x = bottoms[0]
+        if self.power * self.scale == 0:
+            # Caffe fills the top with a constant: 1 if power == 0, else shift ^ power.
+            value = f32(1) if self.power == 0 else f32(self.shift) ** f32(self.power)
+            return [xp.full(x.shape, value, dtype=xp.float32)]
+        y = x
+        if self.scale != 1:
+            y = y * f32(self.scale)
+        if self.shift != 0:
+            y = y + f32(self.shift)
+        if self.power != 1:
+            y = y ** f32(self.power)
+        return [y]
+
 
 @register("AbsVal")
 class AbsVal(NeuronLayer):
     """Caffe's AbsVal layer: y = |x|.  Caffe's LayerSetUp refuses in-place use."""
 
     allows_in_place = False
+
+    def forward(self, xp, bottoms, blobs):
+        return [xp.abs(bottoms[0])]
 
     def check(self, bottom_shape):
         if self.param.top[0] == self.param.bottom[0]:
@@ -150,16 +236,52 @@ class _BaseShiftScale(NeuronLayer):
 
 @register("Exp")
 class Exp(_BaseShiftScale):
-    """Caffe's Exp layer: y = base ^ (shift + scale * x)."""
+    """Caffe's Exp layer: y = base ^ (shift + scale * x).
+
+    Caffe computes it as outer * exp(inner * x) with inner = ln(base) * scale and
+    outer = base ^ shift (e ^ shift for base -1), all in float.
+    """
 
     field = "exp_param"
+
+    def forward(self, xp, bottoms, blobs):
+        x = bottoms[0]
+        natural = self.base == -1
+        log_base = f32(1) if natural else np.log(f32(self.base))
+        inner = log_base * f32(self.scale)
+        if self.shift == 0:
+            outer = f32(1)
+        elif natural:
+            outer = np.exp(f32(self.shift))
+        else:
+            outer = f32(self.base) ** f32(self.shift)
+        y = xp.exp(x if inner == 1 else x * inner)
+        if outer != 1:
+            y = y * outer
+        return [y]
 
 
 @register("Log")
 class Log(_BaseShiftScale):
-    """Caffe's Log layer: y = log_base(shift + scale * x)."""
+    """Caffe's Log layer: y = log_base(shift + scale * x).
+
+    Caffe computes ln(shift + scale * x), then multiplies by 1 / ln(base) (base
+    -1 means e, no multiplication), all in float.
+    """
 
     field = "log_param"
+
+    def forward(self, xp, bottoms, blobs):
+        y = bottoms[0]
+        if self.scale != 1:
+            y = y * f32(self.scale)
+        if self.shift != 0:
+            y = y + f32(self.shift)
+        y = xp.log(y)
+        base_scale = f32(1) if self.base == -1 else f32(1) / np.log(f32(self.base))
+        if base_scale != 1:
+            y = y * base_scale
+        return [y]
 
 
 @register("Dropout")
@@ -169,7 +291,14 @@ class Dropout(NeuronLayer):
     Caffe only DCHECKs 0 < ratio < 1 (debug builds); release builds accept any
     value, and at TEST the ratio is never used.  We refuse values outside [0, 1],
     which are meaningless in either phase.
+
+    The phase is the layer's own `phase` field if set, else the net's.  At TRAIN
+    the mask keeps each value with probability 1 - ratio, drawn from `self.rng`
+    (a numpy Generator; set it for reproducible masks, otherwise a fresh
+    unseeded one is made, as Caffe seeds from the clock by default).
     """
+
+    rng = None
 
     def __init__(self, param, phase):
         super().__init__(param, phase)
@@ -179,6 +308,21 @@ class Dropout(NeuronLayer):
     def check(self, bottom_shape):
         if not 0.0 <= self.ratio <= 1.0:
             raise self.error(f"dropout_param.dropout_ratio must be in [0, 1], got {self.ratio}")
+
+    def forward(self, xp, bottoms, blobs):
+        x = bottoms[0]
+        if not self.train:
+            return [x]  # Caffe shares the data: no scaling at test time
+        if self.ratio >= 1:
+            raise self.error(
+                "dropout_param.dropout_ratio 1 drops everything and Caffe's scale 1/(1 - ratio) is "
+                "infinite (its output would be NaN); use a ratio below 1"
+            )
+        if self.rng is None:
+            self.rng = np.random.default_rng()
+        keep = self.rng.random(x.shape, dtype=np.float32) >= f32(self.ratio)
+        scale = f32(1.0 / (1.0 - self.ratio))
+        return [x * xp.asarray(keep, dtype=xp.float32) * scale]
 
 
 @register("PReLU")
@@ -205,3 +349,14 @@ class PReLU(NeuronLayer):
         if self.channel_shared:
             return [()]
         return [(bottom_shapes[0][1],)]
+
+    def fillers(self):
+        p = self.param.prelu_param
+        return [copy_filler(p.filler) if p.HasField("filler") else constant_filler(0.25)]
+
+    def forward(self, xp, bottoms, blobs):
+        x = bottoms[0]
+        slope = blobs[0]
+        if not self.channel_shared:
+            slope = channel_view(xp, slope, x.ndim)
+        return [xp.maximum(x, 0) + slope * xp.minimum(x, 0)]

@@ -7,7 +7,8 @@ as a second bottom.
 from caffeish.registry import Layer, register
 from caffeish.schema import TEST, pb
 
-from caffeish.layers.neuron import layer_phase, legacy_shape
+from caffeish.layers.neuron import (
+    channel_view, constant_filler, copy_filler, f32, layer_phase, legacy_shape)
 
 
 class _OneToOne(Layer):
@@ -41,6 +42,40 @@ class LRN(_OneToOne):
             )
         return [bottom]
 
+    def forward(self, xp, bottoms, blobs):
+        x = bottoms[0]
+        n, half = self.local_size, self.local_size // 2
+        sq = x * x
+        # Window sums accumulate in place into arrays this method owns (no temporaries).
+        if self.within_channel:
+            # Caffe: Power(2) -> AVE pool (kernel n, pad (n-1)/2, stride 1) -> Power(shift 1,
+            # scale alpha, power -beta) -> product.  The pool's divisor is n*n everywhere
+            # (the padded window never overhangs), so zero padding and a fixed n*n divisor.
+            h, w = x.shape[2], x.shape[3]
+            padded = xp.pad(sq, ((0, 0), (0, 0), (half, half), (0, 0)))
+            rows = padded[:, :, 0:h].copy()
+            for i in range(1, n):
+                rows += padded[:, :, i:i + h]
+            padded = xp.pad(rows, ((0, 0), (0, 0), (0, 0), (half, half)))
+            scale = padded[:, :, :, 0:w].copy()
+            for j in range(1, n):
+                scale += padded[:, :, :, j:j + w]
+            scale /= f32(n * n)
+            scale *= f32(self.alpha)
+            scale += f32(1)
+        else:
+            # Sum of squares over channels [c - half, c + half] clipped to [0, C).
+            c = x.shape[1]
+            padded = xp.pad(sq, ((0, 0), (half, half), (0, 0), (0, 0)))
+            scale = padded[:, 0:c].copy()
+            for i in range(1, n):
+                scale += padded[:, i:i + c]
+            scale *= f32(self.alpha) / f32(n)
+            scale += f32(self.k)
+        scale **= f32(-self.beta)
+        scale *= x
+        return [scale]
+
 
 @register("MVN")
 class MVN(_OneToOne):
@@ -61,6 +96,21 @@ class MVN(_OneToOne):
     def reshape(self, bottom_shapes):
         self.check_counts(len(bottom_shapes), len(self.param.top))
         return [legacy_shape(self, bottom_shapes[0])]
+
+    def forward(self, xp, bottoms, blobs):
+        """Caffe: y = x - mean; with normalize_variance, y /= (sqrt(mean(y^2)) + eps).
+
+        eps is added to the standard deviation, not to the variance.
+        """
+        x = bottoms[0]
+        shape = legacy_shape(self, x.shape)
+        rows = shape[0] if self.across_channels else shape[0] * shape[1]
+        flat = xp.reshape(x, (rows, -1))
+        y = flat - xp.mean(flat, axis=1, keepdims=True, dtype=xp.float32)
+        if self.normalize_variance:
+            std = xp.sqrt(xp.mean(y * y, axis=1, keepdims=True, dtype=xp.float32))
+            y = y / (std + f32(self.eps))
+        return [xp.reshape(y, shape)]
 
 
 @register("BatchNorm")
@@ -108,6 +158,31 @@ class BatchNorm(_OneToOne):
         c = self._channels(tuple(bottom_shapes[0]))
         return [(c,), (c,), (1,)]
 
+    def fillers(self):
+        # Caffe zero-fills all three statistics blobs.
+        return [None, None, None]
+
+    def forward(self, xp, bottoms, blobs):
+        """Normalise per channel: y = (x - mean) / sqrt(var + eps).
+
+        Global stats: mean = f * blob0, var = f * blob1 with f = 0 if blob2 == 0
+        else 1 / blob2.  Otherwise the batch mean and biased batch variance over
+        every axis but 1.  (Caffe then also updates the running statistics in its
+        blobs; forward here never writes blobs, so that update is not done.)
+        """
+        x = bottoms[0]
+        if self.use_global_stats:
+            s = f32(float(blobs[2].reshape(-1)[0]))
+            factor = f32(0) if s == 0 else f32(1) / s
+            mean = channel_view(xp, blobs[0] * factor, x.ndim)
+            var = channel_view(xp, blobs[1] * factor, x.ndim)
+            centred = x - mean
+        else:
+            axes = (0,) + tuple(range(2, x.ndim))
+            centred = x - xp.mean(x, axis=axes, keepdims=True, dtype=xp.float32)
+            var = xp.mean(centred * centred, axis=axes, keepdims=True, dtype=xp.float32)
+        return [centred / xp.sqrt(var + f32(self.eps))]
+
 
 class _Broadcast(Layer):
     """Shared logic of Scale and Bias: y = x (op) operand, broadcast over bottom 0.
@@ -148,7 +223,11 @@ class _Broadcast(Layer):
         return bottom[axis:axis + self.num_axes]
 
     def check_operand(self, bottom, operand):
-        """Reshape's check that the operand fits bottom 0 at the axis; returns the axis."""
+        """Reshape's check that the operand fits bottom 0 at the axis; returns the axis.
+
+        Also records the shape the operand takes to broadcast against bottom 0:
+        1 on the outer axes (before `axis`) and on the inner ones (after it).
+        """
         axis = 0 if len(operand) == 0 else self.canonical_axis(self.axis, len(bottom))
         if axis + len(operand) > len(bottom) or bottom[axis:axis + len(operand)] != operand:
             raise self.error(
@@ -156,7 +235,12 @@ class _Broadcast(Layer):
                 f"at axis {axis}: expected bottom0.shape[{axis}:{axis + len(operand)}] = "
                 f"{bottom[axis:axis + len(operand)]}"
             )
+        self.broadcast_shape = (1,) * axis + operand + (1,) * (len(bottom) - axis - len(operand))
         return axis
+
+    def broadcast(self, xp, operand):
+        """The operand (blob or bottom 1) shaped to broadcast against bottom 0."""
+        return xp.reshape(operand, self.broadcast_shape)
 
     def reshape(self, bottom_shapes):
         self.check_counts(len(bottom_shapes), len(self.param.top))
@@ -199,6 +283,28 @@ class Scale(_Broadcast):
         shape = self.learned_shape(bottom)
         return [shape, shape] if self.bias_term else [shape]
 
+    def fillers(self):
+        """Scale: `filler` if given (a typeless one is constant 0), else constant 1.
+        Bias: `bias_filler` (default constant 0)."""
+        p = self.param.scale_param
+        out = []
+        if len(self.param.bottom) < 2:
+            out.append(copy_filler(p.filler) if p.HasField("filler") else constant_filler(1.0))
+        if self.bias_term:
+            out.append(copy_filler(p.bias_filler))
+        return out
+
+    def forward(self, xp, bottoms, blobs):
+        x = bottoms[0]
+        if len(bottoms) == 2:
+            scale, rest = bottoms[1], blobs
+        else:
+            scale, rest = blobs[0], blobs[1:]
+        y = x * self.broadcast(xp, scale)
+        if self.bias_term:
+            y = y + self.broadcast(xp, rest[0])
+        return [y]
+
 
 @register("Bias")
 class Bias(_Broadcast):
@@ -211,3 +317,12 @@ class Bias(_Broadcast):
         if len(bottom_shapes) == 2:
             return []
         return [self.learned_shape(tuple(bottom_shapes[0]))]
+
+    def fillers(self):
+        if len(self.param.bottom) == 2:
+            return []
+        return [copy_filler(self.param.bias_param.filler)]
+
+    def forward(self, xp, bottoms, blobs):
+        bias = bottoms[1] if len(bottoms) == 2 else blobs[0]
+        return [bottoms[0] + self.broadcast(xp, bias)]
