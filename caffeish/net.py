@@ -59,18 +59,22 @@ class Net(PycaffeNetMixin):
     TEST), Net(proto, TEST, weights=...), Net(network_file=..., phase=...).
     """
 
-    def __init__(self, network=None, weights=None, phase=None, *, level=0, stages=(), keep=False,
+    def __init__(self, network=None, *args, weights=None, phase=None, level=0, stages=(), keep=False,
                  input_shapes=None, backend=None, seed=0, max_blob_bytes=None, network_file=None):
         if network is None:
             network = network_file
         if network is None:
             raise CaffeishError("Net needs a network: Net('deploy.prototxt', 'weights.caffemodel', caffeish.TEST)")
-        # pycaffe: Net(proto, phase) and Net(proto, phase, weights=...)
-        if isinstance(weights, int) and not isinstance(weights, bool):
-            if phase is not None and not isinstance(phase, int):
-                weights, phase = phase, weights
+        # pycaffe's positional forms: (weights, phase), (phase,), (weights,)
+        if len(args) > 2:
+            raise CaffeishError("Net(network, [weights], [phase]): too many positional arguments")
+        for arg in args:
+            if isinstance(arg, int) and not isinstance(arg, bool):
+                phase = arg
+            elif weights is None:
+                weights = arg
             else:
-                weights, phase = None, weights
+                raise CaffeishError(f"Net: weights given twice ({weights!r} and {arg!r})")
         self.phase = phase_value(TEST if phase is None else phase)
         net, self.source = _load_net(network)
         self.graph = Graph(net, self.phase, level, stages, input_shapes, max_blob_bytes)
