@@ -51,3 +51,11 @@ class WeightError(CaffeishError):
 
 class UnsupportedError(CaffeishError):
     """A feature that caffeish does not implement (yet), e.g. Python layers."""
+
+
+class FillerError(CaffeishError):
+    """A FillerParameter that Caffe would refuse for this blob (unknown type, bad values)."""
+
+
+class InputValueError(CaffeishError):
+    """An input value a layer cannot use (an Embed index or a label out of range, ...)."""

@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from caffeish.errors import CaffeishError
+from caffeish.errors import InputValueError
 from caffeish.registry import Layer, register
 from caffeish.layers.neuron import copy_filler
 
@@ -131,7 +131,7 @@ class Embed(Layer):
             i = int(xp.argmax(bad))
             value = float(flat[i])
             where = tuple(int(d) for d in np.unravel_index(i, tuple(x.shape)))
-            raise CaffeishError(
+            raise InputValueError(
                 f"layer '{self.name}' ({self.type}): bottom value {value!r} at index {where} is not "
                 f"an integer index in [0, {self.input_dim}) (embed_param.input_dim {self.input_dim})"
             )
