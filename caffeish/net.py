@@ -88,6 +88,9 @@ class Net(PycaffeNetMixin):
         if unknown:
             raise GraphError(f"keep names unknown blob(s) {sorted(unknown)}")
         self.rng = np.random.default_rng(seed)
+        for node in self.nodes:  # random layers (DummyData fillers, Dropout at TRAIN) draw from the Net's seed
+            if hasattr(node.layer, "rng"):
+                node.layer.rng = self.rng
         self._params = OrderedDict()  # layer name -> [array, ...]
         self._init_params()
         self._shapes = dict(self.graph.blob_shapes)

@@ -10,10 +10,17 @@ Shapes the user gave (`self.input_shapes`, top name -> shape, set by the graph)
 win over what a layer would declare or read.  For the layers with a data top
 and a label top (Data, ImageData, WindowData, MemoryData), a shape for the data
 top alone gives the label top Caffe's label shape (N,).
+
+At run time only Input (fed by the caller) and DummyData (filler-made) produce
+data; the layers that read training data from files keep the base forward and
+say why in `unsupported_reason`.
 """
 import io
 import os
 
+import numpy as np
+
+from caffeish import fillers
 from caffeish.errors import InputShapeRequired
 from caffeish.registry import Layer, register
 from caffeish.schema import pb
@@ -38,9 +45,18 @@ class SourceLayer(Layer):
     is_data = True
     exact_bottoms = 0
 
+    out_shapes = None
+
     def reshape(self, bottom_shapes):
         self.check_counts(len(bottom_shapes), len(self.param.top))
-        return [tuple(int(d) for d in s) for s in self.top_shapes()]
+        self.out_shapes = [tuple(int(d) for d in s) for s in self.top_shapes()]
+        return self.out_shapes
+
+    def current_shapes(self):
+        """The top shapes of the last reshape (reshaping now if there was none)."""
+        if self.out_shapes is None:
+            self.reshape([])
+        return self.out_shapes
 
     def top_shapes(self):
         raise NotImplementedError
@@ -76,6 +92,15 @@ class SourceLayer(Layer):
         tops = list(tops or self.param.top[:1])
         flags = " ".join(f"--input-shape {t}={dims}" for t in tops)
         return InputShapeRequired(f"layer '{self.name}' ({self.type}): {reason}; pass {flags}")
+
+
+def reads_files(what):
+    """The unsupported_reason of a layer that reads training data from `what`."""
+    return (
+        f"it reads training data from {what}, which the caffeish runtime does not do; run a "
+        f"deploy prototxt whose inputs are Input layers, or choose a phase (--phase) or stage "
+        f"that excludes this layer"
+    )
 
 
 class BatchSourceLayer(SourceLayer):
@@ -153,16 +178,40 @@ class Input(SourceLayer):
             declared = [None] * n_tops
         return self.per_top(declared)
 
+    def forward(self, xp, bottoms, blobs):
+        """Zeros of the tops' shapes: the runtime replaces them with the caller's inputs."""
+        return [xp.zeros(s, dtype=xp.float32) for s in self.current_shapes()]
+
 
 @register("DummyData")
 class DummyData(SourceLayer):
     """Filler-made tops: dummy_data_param.shape, or the legacy num/channels/height/width.
 
     Each field is given once for all tops or once per top; so are the data_fillers
-    (or not at all: constant 0).
+    (or not at all: constant 0).  Caffe fills constant tops once and refills the
+    others at every forward; here every forward fills them anew, from the layer's
+    own random generator (Caffe's random values cannot be reproduced).
     """
 
     min_tops = 1
+
+    def __init__(self, param, phase):
+        super().__init__(param, phase)
+        self.rng = np.random.default_rng()
+
+    def forward(self, xp, bottoms, blobs):
+        specs = list(self.param.dummy_data_param.data_filler)
+        tops = []
+        for i, (top, shape) in enumerate(zip(self.param.top, self.current_shapes())):
+            spec = specs[0 if len(specs) == 1 else i] if specs else None
+            what = f"layer '{self.name}' (DummyData) top '{top}'"
+            if spec is None:
+                tops.append(xp.zeros(shape, dtype=xp.float32))
+            elif spec.type == "constant" and spec.sparse == -1:
+                tops.append(xp.full(shape, spec.value, dtype=xp.float32))
+            else:
+                tops.append(xp.asarray(fillers.fill(spec, shape, self.rng, what=what)))
+        return tops
 
     def top_shapes(self):
         p = self.param.dummy_data_param
@@ -202,6 +251,10 @@ class MemoryData(BatchSourceLayer):
     """Arrays handed in by the caller: data (batch_size, channels, height, width), label (batch_size,)."""
 
     exact_tops = 2
+    unsupported_reason = (
+        "its batches are handed in through pycaffe's set_input_arrays, which the caffeish runtime "
+        "does not offer; replace it with an Input layer and pass the arrays as net inputs"
+    )
 
     def top_shapes(self):
         p = self.param.memory_data_param
@@ -228,6 +281,7 @@ class Data(BatchSourceLayer):
 
     min_tops = 1
     max_tops = 2
+    unsupported_reason = reads_files("a LEVELDB/LMDB database (data_param.source)")
 
     def top_shapes(self):
         p = self.param.data_param
@@ -321,6 +375,7 @@ class ImageData(BatchSourceLayer):
     """
 
     exact_tops = 2
+    unsupported_reason = reads_files("the image files of a list file (image_data_param.source)")
 
     def top_shapes(self):
         p = self.param.image_data_param
@@ -382,6 +437,7 @@ class WindowData(BatchSourceLayer):
     """
 
     exact_tops = 2
+    unsupported_reason = reads_files("the windows listed in a window file (window_data_param.source)")
 
     def top_shapes(self):
         p = self.param.window_data_param
@@ -407,6 +463,7 @@ class HDF5Data(SourceLayer):
     """
 
     min_tops = 1
+    unsupported_reason = reads_files("the HDF5 files listed in hdf5_data_param.source")
 
     def top_shapes(self):
         p = self.param.hdf5_data_param
@@ -432,6 +489,10 @@ class HDF5Output(Layer):
 
     exact_bottoms = 2
     exact_tops = 0
+    unsupported_reason = (
+        "it writes its bottoms to an HDF5 file (hdf5_output_param.file_name), which the caffeish "
+        "runtime does not do; remove the layer, or read the blobs from the net's outputs instead"
+    )
 
     def reshape(self, bottom_shapes):
         self.check_counts(len(bottom_shapes), len(self.param.top))

@@ -4,16 +4,93 @@ Caffe's LossLayer takes 2 bottoms (prediction, label/target), checks that they
 have the same first dimension, and produces a scalar top of shape ().  Loss
 layers default to loss_weight 1 and, like Caffe (AutoTopBlobs), would get an
 anonymous top if the prototxt gives none.  None of them owns blobs.
+
+Forward gives the loss value itself: `loss_weight` only scales the loss's
+contribution to the net's objective, never the top's data (Caffe's Layer::Forward
+keeps the data and multiplies by the weight stored in the top's diff).  Labels are
+read the way Caffe reads them, static_cast<int> (truncation toward zero); a label
+outside the class range, which Caffe does not check in release builds, is an error.
 """
 import math
 
+import numpy as np
+
 from caffeish.registry import Layer, register
+from caffeish.schema import pb
 
 from caffeish.layers.neuron import legacy_shape
+from caffeish.layers.routing import f32, softmax
+
+FLT_MIN = np.float32(np.finfo(np.float32).tiny)  # SoftmaxWithLoss's log clamp
+LOG_THRESHOLD = np.float32(1e-20)  # Caffe's kLOG_THRESHOLD
+Norm = pb.LossParameter
 
 
 def _count(shape, start=0, end=None):
     return math.prod(shape[start:end])
+
+
+def scalar(xp, value):
+    """A shape-() float32 array."""
+    return xp.reshape(xp.asarray(value, dtype=xp.float32), ())
+
+
+def normalization_mode(loss_param, default):
+    """Caffe's choice: `normalization` if set, else the legacy `normalize` (true: VALID,
+    false: BATCH_SIZE), else the layer's default."""
+    if loss_param.HasField("normalization"):
+        return loss_param.normalization
+    if loss_param.HasField("normalize"):
+        return Norm.VALID if loss_param.normalize else Norm.BATCH_SIZE
+    return default
+
+
+def normalizer(mode, outer, inner, valid):
+    """Caffe's get_normalizer: FULL outer*inner, VALID the counted labels, BATCH_SIZE outer,
+    NONE 1; never below 1 (so that a batch of ignored labels gives 0, not NaN)."""
+    if mode == Norm.FULL:
+        n = outer * inner
+    elif mode == Norm.VALID:
+        n = valid
+    elif mode == Norm.BATCH_SIZE:
+        n = outer
+    else:
+        n = 1
+    return f32(max(1.0, float(n)))
+
+
+def int_labels(xp, labels):
+    """Labels as Caffe reads them: static_cast<int>, truncating toward zero."""
+    return labels.astype(xp.int64)
+
+
+def ignored_mask(xp, labels, ignore_label):
+    """True where a label counts (is not the ignore_label)."""
+    if ignore_label is None:
+        return xp.ones(labels.shape, dtype=bool)
+    return labels != ignore_label
+
+
+def check_labels(layer, xp, labels, valid, num_classes, what="label"):
+    """Refuse counted labels outside [0, num_classes) (Caffe only DCHECKs them)."""
+    bad = valid & ((labels < 0) | (labels >= num_classes))
+    if bool(xp.any(bad)):
+        pos = int(xp.flatnonzero(xp.reshape(bad, (-1,)))[0])
+        value = int(xp.reshape(labels, (-1,))[pos])
+        raise layer.error(
+            f"{what} {value} at position {pos} of bottom 1 is outside the {num_classes} classes "
+            f"0..{num_classes - 1}"
+        )
+
+
+def split_axis(shape, axis):
+    """(outer, classes, inner) of a blob around its class axis."""
+    return _count(shape, 0, axis), shape[axis], _count(shape, axis + 1)
+
+
+def pick(xp, scores3, labels2):
+    """scores3[o, labels2[o, i], i] for every (o, i)."""
+    return xp.take_along_axis(scores3, labels2[:, None, :], axis=1)[:, 0, :]
 
 
 class LossLayer(Layer):
@@ -76,10 +153,29 @@ class SoftmaxWithLoss(LossLayer):
         self.ignore_label = loss.ignore_label if loss.HasField("ignore_label") else None
 
     def check(self, bottoms):
-        self.check_label_count(bottoms, self.axis)
+        self.canonical = self.check_label_count(bottoms, self.axis)
 
     def extra_tops(self, bottoms):
         return [bottoms[0]]
+
+    def forward(self, xp, bottoms, blobs):
+        """loss = -sum(log(max(p[label], FLT_MIN))) over counted labels / normalizer.
+
+        Normalization: loss_param.normalization (default VALID), or the legacy
+        normalize (true VALID, false BATCH_SIZE).  Top 1: the probabilities.
+        """
+        scores, labels = bottoms[0], bottoms[1]
+        outer, classes, inner = split_axis(scores.shape, self.canonical)
+        prob = softmax(xp, scores, self.canonical)
+        labels = int_labels(xp, xp.reshape(labels, (outer, inner)))
+        valid = ignored_mask(xp, labels, self.ignore_label)
+        check_labels(self, xp, labels, valid, classes)
+        picked = pick(xp, xp.reshape(prob, (outer, classes, inner)), xp.where(valid, labels, 0))
+        logs = xp.log(xp.maximum(picked, FLT_MIN))
+        loss = -xp.sum(xp.where(valid, logs, f32(0)), dtype=xp.float32)
+        mode = normalization_mode(self.param.loss_param, Norm.VALID)
+        tops = [scalar(xp, loss / normalizer(mode, outer, inner, int(xp.sum(valid))))]
+        return tops + [prob][: len(self.param.top) - 1]
 
 
 @register("InfogainLoss")
@@ -104,6 +200,10 @@ class InfogainLoss(LossLayer):
         p = param.infogain_loss_param
         self.axis, self.source = p.axis, p.source
         self.has_source = p.HasField("source")
+        loss = param.loss_param
+        self.ignore_label = loss.ignore_label if loss.HasField("ignore_label") else None
+
+    matrix = None  # H read from `source`, cached at the first forward
 
     def check(self, bottoms):
         if len(bottoms) < 3 and not self.has_source:
@@ -111,7 +211,10 @@ class InfogainLoss(LossLayer):
                 "the infogain matrix is missing: give infogain_loss_param.source "
                 "(a binaryproto) or a third bottom"
             )
+        if self.param.loss_param.HasField("normalize"):
+            raise self.error('loss_param.normalize is deprecated for InfogainLoss; use "normalization"')
         axis = self.check_label_count(bottoms, self.axis)
+        self.canonical = axis
         num_labels = bottoms[0][axis]
         if len(bottoms) == 3 and _count(bottoms[2]) != num_labels * num_labels:
             raise self.error(
@@ -122,6 +225,43 @@ class InfogainLoss(LossLayer):
 
     def extra_tops(self, bottoms):
         return [bottoms[0]]
+
+    def infogain(self, xp, bottoms, classes):
+        """H as a (classes, classes) array: bottom 2, or the `source` binaryproto."""
+        if len(bottoms) > 2:
+            return xp.reshape(bottoms[2], (classes, classes))
+        if self.matrix is None:
+            from caffeish.io import read_binaryproto
+
+            self.matrix = read_binaryproto(self.source).astype(np.float32, copy=False)
+        if self.matrix.size != classes * classes:
+            raise self.error(
+                f"the infogain matrix in '{self.source}' has shape {self.matrix.shape} "
+                f"({self.matrix.size} values); bottom 0 has {classes} labels, so it needs "
+                f"{classes}*{classes} = {classes * classes}"
+            )
+        return xp.asarray(self.matrix.reshape(classes, classes))
+
+    def forward(self, xp, bottoms, blobs):
+        """loss = -sum_l H[label, l] * log(max(p_l, 1e-20)) over counted labels / normalizer.
+
+        p is the softmax over infogain_loss_param.axis; normalization
+        (loss_param.normalization, default VALID).  Top 1: the probabilities.
+        """
+        scores, labels = bottoms[0], bottoms[1]
+        outer, classes, inner = split_axis(scores.shape, self.canonical)
+        h = self.infogain(xp, bottoms, classes)
+        prob = softmax(xp, scores, self.canonical)
+        labels = int_labels(xp, xp.reshape(labels, (outer, inner)))
+        valid = ignored_mask(xp, labels, self.ignore_label)
+        check_labels(self, xp, labels, valid, classes)
+        logp = xp.log(xp.maximum(xp.reshape(prob, (outer, classes, inner)), LOG_THRESHOLD))
+        rows = h[xp.where(valid, labels, 0)]  # (outer, inner, classes): H[label, :]
+        per_item = xp.einsum("oic,oci->oi", rows, logp)
+        loss = -xp.sum(xp.where(valid, per_item, f32(0)), dtype=xp.float32)
+        mode = self.param.loss_param.normalization
+        tops = [scalar(xp, loss / normalizer(mode, outer, inner, int(xp.sum(valid))))]
+        return tops + [prob][: len(self.param.top) - 1]
 
 
 @register("EuclideanLoss")
@@ -136,11 +276,41 @@ class EuclideanLoss(LossLayer):
                 f"{_count(bottoms[1], 1)}"
             )
 
+    def forward(self, xp, bottoms, blobs):
+        """sum((a - b)^2) / N / 2, with N = shape[0]."""
+        a, b = bottoms[0], bottoms[1]
+        diff = xp.reshape(a, (-1,)) - xp.reshape(b, (-1,))
+        return [scalar(xp, xp.dot(diff, diff) / f32(a.shape[0]) / f32(2))]
+
 
 @register("SigmoidCrossEntropyLoss")
 class SigmoidCrossEntropyLoss(LossLayer):
     """Caffe's SigmoidCrossEntropyLoss: cross-entropy of sigmoid(bottom 0) against the
-    targets in bottom 1, which must hold the same count."""
+    targets in bottom 1, which must hold the same count.
+
+    Per element: -(x * (t - [x >= 0]) - log(1 + exp(-|x|))), summed over targets
+    whose int value is not loss_param.ignore_label, divided by the normalizer:
+    loss_param.normalization, else the legacy normalize, else BATCH_SIZE (N).
+    """
+
+    def __init__(self, param, phase):
+        super().__init__(param, phase)
+        loss = param.loss_param
+        self.ignore_label = loss.ignore_label if loss.HasField("ignore_label") else None
+
+    def forward(self, xp, bottoms, blobs):
+        x = xp.reshape(bottoms[0], (-1,))
+        t = xp.reshape(bottoms[1], (-1,))
+        positive = (x >= 0).astype(xp.float32)
+        terms = x * (t - positive) - xp.log(f32(1) + xp.exp(x - f32(2) * x * positive))
+        valid = ignored_mask(xp, int_labels(xp, t), self.ignore_label)
+        if self.ignore_label is not None:
+            terms = xp.where(valid, terms, f32(0))
+        loss = -xp.sum(terms, dtype=xp.float32)
+        outer = bottoms[0].shape[0]
+        mode = normalization_mode(self.param.loss_param, Norm.BATCH_SIZE)
+        count = int(xp.sum(valid)) if self.ignore_label is not None else x.size
+        return [scalar(xp, loss / normalizer(mode, outer, x.size // max(outer, 1), count))]
 
     def check(self, bottoms):
         if _count(bottoms[0]) != _count(bottoms[1]):
@@ -154,8 +324,24 @@ class SigmoidCrossEntropyLoss(LossLayer):
 class HingeLoss(LossLayer):
     """Caffe's HingeLoss (L1 or L2): one integer label per item of bottom 0.
 
-    Caffe checks only the common first-dimension rule.
+    Caffe checks only the common first-dimension rule.  With x the (N, D) scores
+    and t = -x at the label, x elsewhere: L1 = sum(max(0, 1 + t)) / N,
+    L2 = sum(max(0, 1 + t)^2) / N (hinge_loss_param.norm, default L1).
     """
+
+    def forward(self, xp, bottoms, blobs):
+        scores = bottoms[0]
+        num = scores.shape[0]
+        rows = xp.reshape(scores, (num, -1))
+        labels = int_labels(xp, xp.reshape(bottoms[1], (-1,))[:num])
+        check_labels(self, xp, labels, xp.ones(labels.shape, dtype=bool), rows.shape[1])
+        at_label = xp.arange(rows.shape[1])[None, :] == labels[:, None]
+        margins = xp.maximum(f32(1) + xp.where(at_label, -rows, rows), f32(0))
+        if self.param.hinge_loss_param.norm == pb.HingeLossParameter.L2:
+            total = xp.dot(xp.reshape(margins, (-1,)), xp.reshape(margins, (-1,)))
+        else:
+            total = xp.sum(margins, dtype=xp.float32)
+        return [scalar(xp, total / f32(num))]
 
 
 @register("MultinomialLogisticLoss")
@@ -173,6 +359,17 @@ class MultinomialLogisticLoss(LossLayer):
                 f"bottom 1 (the labels) must have one value per item: its channels, height and "
                 f"width must be 1, got shape {bottoms[1]}"
             )
+
+    def forward(self, xp, bottoms, blobs):
+        """-sum(log(max(prob[n, label_n], 1e-20))) / N; bottom 0 holds probabilities."""
+        prob = bottoms[0]
+        num = prob.shape[0]
+        rows = xp.reshape(prob, (num, -1))
+        labels = int_labels(xp, xp.reshape(bottoms[1], (-1,))[:num])
+        check_labels(self, xp, labels, xp.ones(labels.shape, dtype=bool), rows.shape[1])
+        picked = xp.take_along_axis(rows, labels[:, None], axis=1)
+        loss = -xp.sum(xp.log(xp.maximum(picked, LOG_THRESHOLD)), dtype=xp.float32)
+        return [scalar(xp, loss / f32(num))]
 
 
 @register("ContrastiveLoss")
@@ -206,6 +403,22 @@ class ContrastiveLoss(LossLayer):
                 f"bottom 2 (the similarity labels) must have channels, height and width 1, "
                 f"got shape {bottoms[2]}"
             )
+
+    def forward(self, xp, bottoms, blobs):
+        """d2 = |a - b|^2 per item; similar pairs (int label != 0) add d2, dissimilar ones
+        max(margin - d, 0)^2 (legacy_version: max(margin - d2, 0)); the sum / N / 2."""
+        a, b, sim = bottoms
+        num = a.shape[0]
+        diff = xp.reshape(a, (num, -1)) - xp.reshape(b, (num, -1))
+        dist_sq = xp.einsum("ij,ij->i", diff, diff)
+        margin = f32(self.margin)
+        if self.legacy_version:
+            apart = xp.maximum(margin - dist_sq, f32(0))
+        else:
+            apart = xp.maximum(margin - xp.sqrt(dist_sq), f32(0)) ** 2
+        similar = int_labels(xp, xp.reshape(sim, (-1,))[:num]) != 0
+        loss = xp.sum(xp.where(similar, dist_sq, apart), dtype=xp.float32)
+        return [scalar(xp, loss / f32(num) / f32(2))]
 
 
 @register("Accuracy")
@@ -244,7 +457,32 @@ class Accuracy(Layer):
                 f"class axis {axis} has {outer}*{inner} = {outer * inner} predictions, but bottom 1 "
                 f"{label} holds {n_labels} labels"
             )
+        self.canonical = axis
         tops = [()]
         if len(self.param.top) > 1:
             tops.append((data[axis],))
+        return tops
+
+    def forward(self, xp, bottoms, blobs):
+        """A label counts as found when at most top_k scores are >= its own score
+        (Caffe's rule, so a tie with the true class counts against it).  Top 0: found /
+        counted (0 when nothing is counted); top 1: the same per true class."""
+        scores, labels = bottoms[0], bottoms[1]
+        outer, classes, inner = split_axis(scores.shape, self.canonical)
+        scores3 = xp.reshape(scores, (outer, classes, inner))
+        labels = int_labels(xp, xp.reshape(labels, (outer, inner)))
+        valid = ignored_mask(xp, labels, self.ignore_label)
+        check_labels(self, xp, labels, valid, classes)
+        safe = xp.where(valid, labels, 0)
+        true_score = pick(xp, scores3, safe)
+        at_least = xp.sum(scores3 >= true_score[:, None, :], axis=1)
+        found = valid & (at_least <= self.top_k)
+        count = int(xp.sum(valid))
+        hits = xp.sum(found, dtype=xp.float32)
+        tops = [scalar(xp, hits / f32(count) if count else f32(0))]
+        if len(self.param.top) > 1:
+            per_class = xp.bincount(safe[valid], minlength=classes).astype(xp.float32)
+            per_hit = xp.bincount(safe[found], minlength=classes).astype(xp.float32)
+            ratio = per_hit / xp.maximum(per_class, f32(1))
+            tops.append(xp.where(per_class == 0, f32(0), ratio).astype(xp.float32))
         return tops

@@ -15,6 +15,12 @@ from caffeish.registry import Layer, register
 class Python(Layer):
     """Caffe's Python layer (any number of bottoms and tops)."""
 
+    unsupported_reason = (
+        "caffeish does not run the Python code a prototxt names (python_param); replace the layer "
+        "with built-in layers (an Input layer if it feeds data), remove it, or choose a phase "
+        "(--phase) or stage that excludes it"
+    )
+
     def __init__(self, param, phase):
         super().__init__(param, phase)
         p = param.python_param

@@ -19,6 +19,12 @@ from caffeish.registry import Layer, register
 class _Recurrent(Layer):
     """Shared shape logic of Caffe's RecurrentLayer."""
 
+    unsupported_reason = (
+        "the caffeish runtime does not implement recurrent layers (Caffe runs them as an unrolled "
+        "internal net); only their shapes and parameters are inferred, so run the net in Caffe or "
+        "export it without its RNN/LSTM layers"
+    )
+
     hidden_names = ()  # recurrent state blobs: LSTM (h, c), RNN (h,)
 
     def __init__(self, param, phase):
@@ -151,6 +157,10 @@ class LSTMUnit(Layer):
 
     exact_bottoms = 3
     exact_tops = 2
+    unsupported_reason = (
+        "the caffeish runtime does not implement LSTMUnit (the LSTM step of Caffe's unrolled "
+        "LSTM); only its shapes are inferred, so run the net in Caffe or export it without it"
+    )
 
     def reshape(self, bottom_shapes):
         self.check_counts(len(bottom_shapes), len(self.param.top))

@@ -3,9 +3,15 @@
 Concat, Slice, Split, Flatten, Reshape, Tile, Reduction, ArgMax, Eltwise,
 Softmax, Silence, Filter, BatchReindex and Parameter.  None does matrix work
 (macs 0); only Parameter owns a blob.  `reshape` repeats the checks of Caffe's
-LayerSetUp and Reshape (its fatal CHECKs become ShapeErrors naming the layer).
+LayerSetUp and Reshape (its fatal CHECKs become ShapeErrors naming the layer)
+and keeps the parsed state that `forward` uses.
+
+Forward returns views of the bottom where Caffe shares the data (Split,
+Flatten, Reshape, Concat of one bottom, Slice pieces); nobody writes into them.
 """
 from math import prod
+
+import numpy as np
 
 from caffeish.layers.data import declared_shape
 from caffeish.registry import Layer, register
@@ -14,12 +20,48 @@ from caffeish.schema import pb
 MAX_BLOB_AXES = 32  # Caffe's kMaxBlobAxes
 
 
+def f32(value):
+    """A float32 scalar: Caffe keeps its per-layer constants in Dtype (float)."""
+    return np.float32(value)
+
+
+def softmax(xp, x, axis):
+    """Caffe's Softmax along `axis`: subtract the max, exponentiate, divide by the sum (float32)."""
+    out = x - xp.max(x, axis=axis, keepdims=True)
+    xp.exp(out, out=out)
+    out /= xp.sum(out, axis=axis, keepdims=True)
+    return out
+
+
+def _stable_argsort(xp, x):
+    """Ascending argsort along the last axis that keeps equal values in index order."""
+    if xp is np:
+        return np.argsort(x, axis=-1, kind="stable")
+    return xp.argsort(x, axis=-1)  # CuPy sorts with a stable radix sort
+
+
+def top_k_indices(xp, x, k):
+    """Indices of the k largest values along the last axis, largest first.
+
+    Caffe sorts (value, index) pairs in descending order, so among equal values
+    the larger index comes first.
+    """
+    n = x.shape[-1]
+    if k == 1:
+        # argmax returns the first maximum; searching the reversed axis finds the last.
+        return (n - 1 - xp.argmax(x[..., ::-1], axis=-1))[..., None]
+    return _stable_argsort(xp, x)[..., ::-1][..., :k]
+
+
 class RoutingLayer(Layer):
-    """Checks the blob counts, then asks `top_shapes` for the tops."""
+    """Checks the blob counts, then asks `top_shapes` for the tops (kept in `out_shapes`)."""
+
+    out_shapes = None
 
     def reshape(self, bottom_shapes):
         self.check_counts(len(bottom_shapes), len(self.param.top))
-        return self.top_shapes([tuple(s) for s in bottom_shapes])
+        self.out_shapes = self.top_shapes([tuple(s) for s in bottom_shapes])
+        return self.out_shapes
 
     def top_shapes(self, bottoms):
         raise NotImplementedError
@@ -66,6 +108,11 @@ class Concat(RoutingLayer):
                 )
             top[self.axis] += shape[self.axis]
         return [tuple(top)]
+
+    def forward(self, xp, bottoms, blobs):
+        if len(bottoms) == 1:
+            return [bottoms[0]]
+        return [xp.concatenate(bottoms, axis=self.axis)]
 
 
 @register("Slice")
@@ -122,6 +169,15 @@ class Slice(RoutingLayer):
             self.sizes = [dim // n_tops] * n_tops
         return [shape[: self.axis] + (s,) + shape[self.axis + 1 :] for s in self.sizes]
 
+    def forward(self, xp, bottoms, blobs):
+        x = bottoms[0]
+        lead = (slice(None),) * self.axis
+        tops, start = [], 0
+        for size in self.sizes:
+            tops.append(x[lead + (slice(start, start + size),)])
+            start += size
+        return tops
+
 
 @register("Split")
 class Split(RoutingLayer):
@@ -135,6 +191,9 @@ class Split(RoutingLayer):
     allows_in_place = False
 
     def top_shapes(self, bottoms):
+        return [bottoms[0]] * len(self.param.top)
+
+    def forward(self, xp, bottoms, blobs):
         return [bottoms[0]] * len(self.param.top)
 
 
@@ -157,6 +216,9 @@ class Flatten(RoutingLayer):
                 f"of the bottom {shape}"
             )
         return [shape[:start] + (prod(shape[start : end + 1]),) + shape[end + 1 :]]
+
+    def forward(self, xp, bottoms, blobs):
+        return [xp.reshape(bottoms[0], self.out_shapes[0])]
 
 
 @register("Reshape")
@@ -225,6 +287,9 @@ class Reshape(RoutingLayer):
             )
         return [tuple(top)]
 
+    def forward(self, xp, bottoms, blobs):
+        return [xp.reshape(bottoms[0], self.out_shapes[0])]
+
 
 @register("Tile")
 class Tile(RoutingLayer):
@@ -241,7 +306,14 @@ class Tile(RoutingLayer):
             raise self.error("tile_param.tiles (the number of copies) must be given")
         if p.tiles <= 0:
             raise self.error(f"tile_param.tiles must be positive, got {p.tiles}")
+        self.axis, self.tiles = axis, p.tiles
         return [shape[:axis] + (shape[axis] * p.tiles,) + shape[axis + 1 :]]
+
+    def forward(self, xp, bottoms, blobs):
+        x = bottoms[0]
+        reps = [1] * x.ndim
+        reps[self.axis] = self.tiles
+        return [xp.tile(x, reps)]
 
 
 @register("Reduction")
@@ -270,7 +342,32 @@ class Reduction(RoutingLayer):
         if p.operation not in self.OPERATIONS:
             raise self.error(f"unknown reduction operation {p.operation}")
         axis = self.canonical_axis(p.axis, len(shape))
+        self.axis = axis
         return [shape[:axis]]
+
+    def forward(self, xp, bottoms, blobs):
+        """Per leading position: SUM, ASUM (sum of |x|), SUMSQ or MEAN of the rest, times coeff.
+
+        Caffe folds MEAN into the coefficient: coeff / dim, in float.
+        """
+        x = bottoms[0]
+        p = self.reduction_param
+        outer = prod(x.shape[: self.axis])
+        rows = xp.reshape(x, (outer, -1))
+        dim = rows.shape[1]
+        op = p.operation
+        if op == pb.ReductionParameter.ASUM:
+            out = xp.sum(xp.abs(rows), axis=1, dtype=xp.float32)
+        elif op == pb.ReductionParameter.SUMSQ:
+            out = xp.einsum("ij,ij->i", rows, rows)
+        else:
+            out = xp.sum(rows, axis=1, dtype=xp.float32)
+        coeff = f32(p.coeff)
+        if op == pb.ReductionParameter.MEAN and dim:
+            coeff = coeff / f32(dim)
+        if coeff != 1:
+            out = out * coeff
+        return [xp.reshape(out.astype(xp.float32, copy=False), self.out_shapes[0])]
 
 
 @register("ArgMax")
@@ -296,8 +393,10 @@ class ArgMax(RoutingLayer):
         k = p.top_k
         if k < 1:
             raise self.error(f"top_k must be at least 1, got {k}")
+        self.axis = None
         if p.HasField("axis"):
             axis = self.canonical_axis(p.axis, len(shape))
+            self.axis = axis
             if k > shape[axis]:
                 raise self.error(f"top_k {k} exceeds the size {shape[axis]} of axis {axis} of {shape}")
             return [shape[:axis] + (k,) + shape[axis + 1 :]]
@@ -311,6 +410,27 @@ class ArgMax(RoutingLayer):
         if p.out_max_val:
             top[1] = 2
         return [tuple(top)]
+
+    def forward(self, xp, bottoms, blobs):
+        """Indices (as float32) and/or values of the top_k largest entries; ties to the larger index."""
+        x = bottoms[0]
+        p = self.argmax_param
+        k = p.top_k
+        if self.axis is None:
+            rows = xp.reshape(x, (x.shape[0], -1))
+            idx = top_k_indices(xp, rows, k)
+            out = idx.astype(xp.float32)
+            if p.out_max_val:
+                values = xp.take_along_axis(rows, idx, axis=-1)
+                out = xp.stack([out, values], axis=1)
+            return [xp.reshape(out, self.out_shapes[0])]
+        last = xp.moveaxis(x, self.axis, -1)
+        idx = top_k_indices(xp, last, k)
+        if p.out_max_val:
+            out = xp.take_along_axis(last, idx, axis=-1)
+        else:
+            out = idx.astype(xp.float32)
+        return [xp.ascontiguousarray(xp.moveaxis(out, -1, self.axis))]
 
 
 @register("Eltwise")
@@ -340,6 +460,29 @@ class Eltwise(RoutingLayer):
                 )
         return [bottoms[0]]
 
+    def forward(self, xp, bottoms, blobs):
+        """PROD: product; MAX: elementwise max; SUM: sum of coeff_i * bottom_i (float32 coeffs)."""
+        p = self.eltwise_param
+        first, rest = bottoms[0], bottoms[1:]
+        if p.operation == pb.EltwiseParameter.PROD:
+            out = first * rest[0]
+            for b in rest[1:]:
+                out *= b
+            return [out]
+        if p.operation == pb.EltwiseParameter.MAX:
+            out = xp.maximum(first, rest[0])
+            for b in rest[1:]:
+                xp.maximum(out, b, out=out)
+            return [out]
+        coeffs = [f32(c) for c in p.coeff] or [f32(1)] * len(bottoms)
+        out = first * coeffs[0] if coeffs[0] != 1 else first.copy()
+        for c, b in zip(coeffs[1:], rest):
+            if c == 1:
+                out += b
+            else:
+                out += c * b
+        return [out]
+
 
 @register("Softmax")
 class Softmax(RoutingLayer):
@@ -356,6 +499,9 @@ class Softmax(RoutingLayer):
         self.axis = self.canonical_axis(self.param.softmax_param.axis, len(bottoms[0]))
         return [bottoms[0]]
 
+    def forward(self, xp, bottoms, blobs):
+        return [softmax(xp, bottoms[0], self.axis)]
+
 
 @register("Silence")
 class Silence(RoutingLayer):
@@ -365,6 +511,9 @@ class Silence(RoutingLayer):
     exact_tops = 0
 
     def top_shapes(self, bottoms):
+        return []
+
+    def forward(self, xp, bottoms, blobs):
         return []
 
 
@@ -398,6 +547,12 @@ class Filter(RoutingLayer):
                 )
         return list(data)
 
+    def forward(self, xp, bottoms, blobs):
+        """Each data bottom's items where the selector is non-zero, in order (possibly none)."""
+        *data, selector = bottoms
+        keep = xp.flatnonzero(xp.reshape(selector, (-1,)) != 0)
+        return [xp.take(b, keep, axis=0) for b in data]
+
 
 @register("BatchReindex")
 class BatchReindex(RoutingLayer):
@@ -411,6 +566,23 @@ class BatchReindex(RoutingLayer):
         if len(index) != 1:
             raise self.error(f"the index bottom (bottom 1) must be 1-D, got shape {index}")
         return [index + data[1:]]
+
+    def forward(self, xp, bottoms, blobs):
+        """top[i] = data[index[i]].  The indices must be whole numbers in [0, N).
+
+        (Caffe checks 0 <= index < N and truncates the float; a fractional
+        index is refused here as a certain mistake.)
+        """
+        data, index = bottoms
+        n = data.shape[0]
+        bad = (index < 0) | (index >= n) | (index != xp.trunc(index))
+        if bool(xp.any(bad)):
+            pos = int(xp.flatnonzero(bad)[0])
+            raise self.error(
+                f"index {float(index[pos])!r} at position {pos} of bottom 1 is not a whole number in "
+                f"[0, {n}) (bottom 0 has {n} items)"
+            )
+        return [xp.take(data, index.astype(xp.int64), axis=0)]
 
 
 @register("Parameter")
@@ -428,3 +600,10 @@ class Parameter(RoutingLayer):
 
     def param_shapes(self, bottom_shapes):
         return [self.shape()]
+
+    def fillers(self):
+        # Caffe allocates the blob without filling it: zeros.
+        return [None]
+
+    def forward(self, xp, bottoms, blobs):
+        return [blobs[0]]
