@@ -411,3 +411,20 @@ def write_binaryproto(path, array, inputs=()):
     with atomic_output(path, inputs) as f:
         for c in wire.encode_blob(record):
             f.write(c)
+
+
+# pycaffe's caffe.io surface (Transformer, load_image, blobproto/datum helpers), so that
+# `import caffeish as caffe; caffe.io.Transformer(...)` works as in pycaffe.
+from caffeish.transformer import (  # noqa: E402,F401
+    Transformer,
+    array_to_blobproto,
+    array_to_datum,
+    arraylist_to_blobprotovector_str,
+    blobproto_to_array,
+    blobprotovector_str_to_arraylist,
+    caffe_pb2,
+    datum_to_array,
+    load_image,
+    oversample,
+    resize_image,
+)
