@@ -92,14 +92,17 @@ class Net(PycaffeNetMixin):
             if hasattr(node.layer, "rng"):
                 node.layer.rng = self.rng
         self._params = OrderedDict()  # layer name -> [array, ...]
-        self._init_params()
+        paths = [weights] if isinstance(weights, (str, bytes)) or hasattr(weights, "__fspath__") else list(weights or [])
+        self.missing_weights, self.unused_weights = [], []
+        binding = self._bind(paths[0]) if paths else None
+        self._init_params(binding.arrays if binding else None)
         self._shapes = dict(self.graph.blob_shapes)
         self._arrays = {}
         self._freed = set()  # blobs dropped after their last use in the latest forward
         self._node_index = {n.name: i for i, n in enumerate(self.nodes)}
         self._last_use = self._compute_last_use()
         self._alloc_inputs()
-        for path in [weights] if isinstance(weights, (str, bytes)) or hasattr(weights, "__fspath__") else (weights or []):
+        for path in paths[1:]:
             self.copy_from(path)
 
     # -- construction ----------------------------------------------------------------
@@ -110,25 +113,41 @@ class Net(PycaffeNetMixin):
                     f"layer '{node.name}' ({node.type}): cannot run: {node.layer.unsupported_reason}"
                 )
 
-    def _init_params(self):
-        """Fill every parameter blob from its filler; shared params (ParamSpec.name) alias their owner."""
+    def _init_params(self, loaded=None):
+        """Give every parameter blob its value: the loaded weights where there are some
+        (used in place, without a copy), else its filler.  Shared params (ParamSpec.name)
+        alias their owner's array; a sharer's loaded weights overwrite it, as in Caffe."""
+        loaded = loaded or {}
         owners = {}  # param name -> (array, layer name)
         for node in self.nodes:
             if not node.param_shapes:
                 continue
             specs = node.layer.fillers()
+            stored = loaded.get(node.name)
             arrays = []
             for i, shape in enumerate(node.param_shapes):
                 spec_name = node.param.param[i].name if i < len(node.param.param) else ""
                 if spec_name and spec_name in owners:
-                    arrays.append(self._shared(node, i, shape, spec_name, owners[spec_name]))
+                    arr = self._shared(node, i, shape, spec_name, owners[spec_name])
+                    if stored is not None:
+                        arr[...] = self.xp.asarray(stored[i]).reshape(arr.shape)
+                    arrays.append(arr)
                     continue
-                filler = specs[i] if i < len(specs) else None
-                arr = fillers.fill(filler, shape, self.rng)
-                arrays.append(self.xp.asarray(arr))
+                if stored is not None:
+                    arr = self._own(stored[i])
+                else:
+                    filler = specs[i] if i < len(specs) else None
+                    arr = self.xp.asarray(fillers.fill(filler, shape, self.rng, what=f"layer '{node.name}' blob {i}"))
+                arrays.append(arr)
                 if spec_name:
-                    owners[spec_name] = (arrays[-1], node.name)
+                    owners[spec_name] = (arr, node.name)
             self._params[node.name] = arrays
+
+    def _own(self, array):
+        """A loaded weight as a writable float32 array of this backend (a view of the file's bytes if it can be)."""
+        if self.xp is np and array.dtype == np.float32 and array.flags.writeable and array.flags.c_contiguous:
+            return array
+        return self.xp.array(array, dtype=np.float32, order="C")
 
     def _shared(self, node, i, shape, spec_name, owner):
         arr, owner_layer = owner
@@ -154,18 +173,24 @@ class Net(PycaffeNetMixin):
             self._arrays[name] = self.xp.zeros(self._shapes[name], dtype=np.float32)
 
     # -- weights -----------------------------------------------------------------------
-    def copy_from(self, path):
-        """Load a caffemodel into the matching layers (by name), as Caffe's CopyTrainedLayersFrom."""
+    def _bind(self, path):
+        if isinstance(path, bytes):
+            path = path.decode()
         model = io.read_caffemodel(str(path))
         binding = bind(self.graph, model, source=str(path))
+        self.missing_weights = binding.missing
+        self.unused_weights = binding.unused
+        return binding
+
+    def copy_from(self, path):
+        """Load a caffemodel into the matching layers (by name), as Caffe's CopyTrainedLayersFrom."""
+        binding = self._bind(path)
         for name, arrays in binding.arrays.items():
             targets = self._params.get(name)
             if targets is None:
                 continue
             for target, arr in zip(targets, arrays):
                 target[...] = self.xp.asarray(arr)
-        self.missing_weights = binding.missing
-        self.unused_weights = binding.unused
         return binding
 
     def param_arrays(self, layer):
