@@ -9,10 +9,11 @@ import sys
 from caffeish.errors import CaffeishError
 from caffeish.graph import parse_shape
 from caffeish.report import FORMATS
-from caffeish.tools import summary, upgrade
+from caffeish.tools import offsets, summary, upgrade
 
 TOOLS = {
     "summary": (summary, "one row per layer: shapes, parameters, multiply-accumulates"),
+    "offsets": (offsets, "per-layer coordinate offsets (Table 2 of DIGITS' FCN post); check or fix Crop offsets"),
     "upgrade": (upgrade, "rewrite a legacy V0/V1 prototxt or caffemodel in the current format"),
 }
 

@@ -14,7 +14,12 @@ Caffe's rules, in short (see semantics.md sections 3, 7 and 8):
   default; FLOOR uses floor).  When any pad is non-zero, an output whose last
   window would start at or beyond in + pad is dropped (the clip rule).
 * Crop: top[i] = data[i + offset_i] for the axes from `axis` on.
+
+Coordinate maps (pycaffe's coord_map.py, exact with Fractions): an input
+coordinate x lands at a*x + b in the output.  `layer_map` gives a layer's map
+per blob axis; `receptive_field_step` the receptive field and effective stride.
 """
+import math
 from contextlib import contextmanager
 from fractions import Fraction
 from typing import NamedTuple, Tuple
@@ -204,19 +209,22 @@ class PoolGeometry(NamedTuple):
     out: Tuple[int, int]
 
 
-def pool_params(pool_param, in_h, in_w):
-    """Parse a PoolingParameter for an in_h x in_w input, with Caffe's checks.
+def pool_window(pool_param, in_h=None, in_w=None):
+    """The (kernel, stride, pad) (h, w) pairs of a PoolingParameter, with Caffe's checks.
 
     kernel: kernel_size or kernel_h and kernel_w; global_pooling takes the input
-    size instead and refuses any kernel, pad or stride other than 0/1.  pad: pad or
-    pad_h and pad_w; stride: stride (default 1) or stride_h and stride_w.  Non-zero
-    padding requires pad < kernel and MAX or AVE pooling.
+    size instead (so in_h and in_w are needed then) and refuses any kernel, pad or
+    stride other than 0/1.  pad: pad or pad_h and pad_w; stride: stride (default
+    1) or stride_h and stride_w.  Non-zero padding requires pad < kernel and MAX
+    or AVE pooling.  The window does not depend on the input size otherwise.
     """
     pp = pool_param
     has = pp.HasField
     if pp.global_pooling:
         if has("kernel_size") or has("kernel_h") or has("kernel_w"):
             raise ShapeError("global_pooling takes the kernel from the bottom; do not give a kernel size")
+        if in_h is None or in_w is None:
+            raise ShapeError("global_pooling's window is the whole input, whose size is not known here")
         kernel = (in_h, in_w)
     else:
         if has("kernel_size") and has("kernel_h") and has("kernel_w"):
@@ -247,15 +255,25 @@ def pool_params(pool_param, in_h, in_w):
 
     if pp.global_pooling and (pad != (0, 0) or stride != (1, 1)):
         raise ShapeError(f"global_pooling needs pad 0 and stride 1, got pad {pad} and stride {stride}")
-    padded = pad != (0, 0)
-    if padded:
+    if pad != (0, 0):
         if pp.pool not in (pb.PoolingParameter.MAX, pb.PoolingParameter.AVE):
             method = pb.PoolingParameter.PoolMethod.Name(pp.pool)
             raise ShapeError(f"padding is implemented only for MAX and AVE pooling, not {method}")
         for axis, p, k in (("h", pad[0], kernel[0]), ("w", pad[1], kernel[1])):
             if p >= k:
                 raise ShapeError(f"pad_{axis} {p} must be smaller than kernel_{axis} {k}")
+    return kernel, stride, pad
 
+
+def pool_params(pool_param, in_h, in_w):
+    """Parse a PoolingParameter for an in_h x in_w input, with Caffe's checks.
+
+    The window comes from `pool_window`; the output size follows round_mode (CEIL
+    by default) and Caffe's clip rule, which applies when any pad is non-zero.
+    """
+    pp = pool_param
+    kernel, stride, pad = pool_window(pp, in_h, in_w)
+    padded = pad != (0, 0)
     ceil = pp.round_mode == pb.PoolingParameter.CEIL
     out = tuple(
         pool_out(n, k, s, p, ceil=ceil, clip=padded)
@@ -387,3 +405,203 @@ def crop_offset_from_map(m):
     if m.b.denominator != 1:
         raise ShapeError(f"the crop offset {-m.b} is not an integer")
     return int(-m.b)
+
+
+# -- per-layer coordinate maps (the offsets tool, `caffeish offsets`) -------------------------
+#
+# A layer moves the coordinates of some bottoms to some tops.  `layer_map` says
+# how, per absolute blob axis: the axes it does not name are left unchanged.
+
+# Layers that keep every spatial coordinate where it is (pycaffe's pass-through
+# list, plus the other BVLC layers that act per position or per channel).
+POINTWISE_TYPES = frozenset({
+    "AbsVal", "BatchNorm", "Bias", "BNLL", "Clip", "Dropout", "Eltwise", "ELU", "Exp", "Log",
+    "LRN", "MVN", "Power", "PReLU", "ReLU", "Scale", "Sigmoid", "Softmax", "Split", "Swish",
+    "TanH", "Threshold", "BatchReindex", "Filter", "Concat", "Slice", "Tile", "ArgMax",
+})
+
+# Why some layer types have no coordinate map (anything else unknown gets a generic line).
+NO_MAP_REASONS = {
+    "InnerProduct": "InnerProduct flattens the axes from its axis on into one vector",
+    "Reshape": "Reshape rearranges the axes",
+    "Flatten": "Flatten merges the axes into one",
+    "Python": "a Python layer's effect on coordinates is unknown",
+    "SPP": "SPP pools to a fixed grid whatever the input size",
+    "Reduction": "Reduction collapses the axes from its axis on",
+    "Embed": "Embed replaces values by vectors",
+}
+
+
+class LayerMap(NamedTuple):
+    """How a layer moves coordinates, per absolute blob axis.
+
+    kind: "window" (Convolution, Pooling, Im2col), "deconv", "crop", "identity",
+    "source" (no bottoms: Input, Data, bottomless Python, ...) or "none" (no
+    defined map; `reason` says why).  links: (bottom index, top index) pairs the
+    map connects.  axes: the blob axes that `maps` (one CoordMap each) act on;
+    kernel/stride/pad/dilation are per axis, for windows and deconvolutions.
+    """
+
+    kind: str
+    links: Tuple[Tuple[int, int], ...] = ()
+    axes: Tuple[int, ...] = ()
+    maps: Tuple[CoordMap, ...] = ()
+    kernel: Tuple[int, ...] = ()
+    stride: Tuple[int, ...] = ()
+    pad: Tuple[int, ...] = ()
+    dilation: Tuple[int, ...] = ()
+    reason: str = ""
+
+
+def _canonical(axis, ndim):
+    if not -ndim <= axis < ndim:
+        raise ShapeError(f"axis {axis} out of range for a {ndim}-axis blob")
+    return axis % ndim
+
+
+def conv_spatial_axes(conv_param):
+    """The number of spatial axes a ConvolutionParameter implies when no shape is known.
+
+    kernel_h/w (or stride_h/w, pad_h/w) mean 2; a repeated field given n > 1 times
+    means n; otherwise 2 (a 4-D blob).
+    """
+    cp = conv_param
+    if any(cp.HasField(f) for f in ("kernel_h", "kernel_w", "stride_h", "stride_w", "pad_h", "pad_w")):
+        return 2
+    counts = [len(cp.kernel_size), len(cp.stride), len(cp.pad), len(cp.dilation)]
+    return max([c for c in counts if c > 1], default=2)
+
+
+def _window_layer_map(layer, bottom_shape, deconv):
+    cp = layer.convolution_param
+    if bottom_shape is not None:
+        axis = _canonical(cp.axis, len(bottom_shape))
+        n = len(bottom_shape) - axis - 1
+    else:
+        n = conv_spatial_axes(cp)
+        axis = cp.axis if cp.axis >= 0 else cp.axis % (n + 2)
+    geom = conv_params(cp, n)
+    make = deconv_map if deconv else conv_map
+    maps = tuple(make(k, s, p, d) for k, s, p, d in zip(geom.kernel, geom.stride, geom.pad, geom.dilation))
+    links = tuple((j, j) for j in range(min(len(layer.bottom), len(layer.top))))
+    return LayerMap("deconv" if deconv else "window", links, tuple(range(axis + 1, axis + 1 + n)), maps,
+                    geom.kernel, geom.stride, geom.pad, geom.dilation)
+
+
+def crop_axes(crop_param, ndim):
+    """(first cropped axis, {axis: written offset}) of a Crop on an ndim-axis data blob."""
+    start = _canonical(crop_param.axis, ndim)
+    given = list(crop_param.offset)
+    n = ndim - start
+    if len(given) > 1 and len(given) != n:
+        raise ShapeError(
+            f"{len(given)} offsets given for {n} cropped axes (axis {start} on); "
+            "give one offset, or one per cropped axis"
+        )
+    if not given:
+        given = [0]
+    if len(given) == 1:
+        given = given * n
+    return start, {start + i: off for i, off in enumerate(given)}
+
+
+def crop_layer_map(crop_param, ndim, offsets=None):
+    """The Crop's map on the spatial axes (2 on) it crops: (1, -offset) each.
+
+    offsets: {axis: offset} to use instead of the written ones (the tool passes the
+    offsets it computed).  Axes 0 and 1 (batch, channels) have no coordinate map.
+    """
+    start, written = crop_axes(crop_param, ndim)
+    offsets = written if offsets is None else {**written, **offsets}
+    axes = tuple(a for a in sorted(offsets) if a >= 2)
+    return LayerMap("crop", ((0, 0),), axes, tuple(crop_map(offsets[a]) for a in axes))
+
+
+def _channel_like(axis, ndim):
+    """True when an axis parameter names the batch or channel axis (a spatial identity)."""
+    return _canonical(axis, ndim) < 2
+
+
+def layer_map(layer, bottom_shapes=None):
+    """The LayerMap of a LayerParameter; bottom_shapes (optional) make axes exact.
+
+    Without shapes, blobs are taken to be 4-D unless a ConvolutionParameter or a
+    Crop's per-axis offsets say otherwise.  Raises ShapeError for bad parameters.
+    """
+    t = layer.type
+    nb, nt = len(layer.bottom), len(layer.top)
+    shapes = list(bottom_shapes) if bottom_shapes else []
+    first = shapes[0] if shapes else None
+    ndim = len(first) if first is not None else 4
+    ident = LayerMap("identity", tuple((j, j) for j in range(min(nb, nt))))
+    if nb == 0:
+        return LayerMap("source")
+    if t in ("Convolution", "Im2col"):
+        return _window_layer_map(layer, first, deconv=False)
+    if t == "Deconvolution":
+        return _window_layer_map(layer, first, deconv=True)
+    if t == "Pooling":
+        hw = tuple(first[2:4]) if first is not None and len(first) == 4 else (None, None)
+        if layer.pooling_param.global_pooling and hw[0] is None:
+            return LayerMap("none", reason="global pooling's window is the whole input, whose size is "
+                                           "unknown here (give the input shapes)")
+        kernel, stride, pad = pool_window(layer.pooling_param, *hw)
+        maps = tuple(conv_map(k, s, p) for k, s, p in zip(kernel, stride, pad))
+        return LayerMap("window", ((0, 0),), (2, 3), maps, kernel, stride, pad, (1, 1))
+    if t == "Crop":
+        cp = layer.crop_param
+        if first is None and len(cp.offset) > 1:
+            ndim = _canonical(cp.axis, 4) + len(cp.offset) if cp.axis >= 0 else 4
+        return crop_layer_map(cp, ndim)
+    if t == "Eltwise":
+        return LayerMap("identity", tuple((j, 0) for j in range(nb)))
+    if t == "Concat":
+        p = layer.concat_param
+        axis = p.concat_dim if p.HasField("concat_dim") else p.axis
+        if _channel_like(axis, ndim):
+            return LayerMap("identity", tuple((j, 0) for j in range(nb)))
+        return LayerMap("none", reason=f"Concat along axis {axis} joins blobs side by side in space")
+    if t == "Slice":
+        p = layer.slice_param
+        axis = p.slice_dim if p.HasField("slice_dim") else p.axis
+        if _channel_like(axis, ndim):
+            return LayerMap("identity", tuple((0, j) for j in range(nt)))
+        return LayerMap("none", reason=f"Slice along axis {axis} cuts space into pieces")
+    if t == "Split":
+        return LayerMap("identity", tuple((0, j) for j in range(nt)))
+    if t == "Tile":
+        if _channel_like(layer.tile_param.axis, ndim):
+            return ident
+        return LayerMap("none", reason=f"Tile along axis {layer.tile_param.axis} repeats space")
+    if t == "ArgMax":
+        p = layer.argmax_param
+        if p.HasField("axis") and _channel_like(p.axis, ndim):
+            return ident
+        return LayerMap("none", reason="ArgMax without an axis (or along a spatial axis) flattens space")
+    if t in ("Scale", "Bias", "BatchReindex"):
+        return LayerMap("identity", ((0, 0),))
+    if t == "Filter":
+        return LayerMap("identity", tuple((j, j) for j in range(nb - 1)))
+    if t in POINTWISE_TYPES:
+        return ident
+    reason = NO_MAP_REASONS.get(t) or f"{t} layers have no coordinate map"
+    return LayerMap("none", reason=reason)
+
+
+def receptive_field_step(rf, jump, kind, kernel=1, stride=1, dilation=1):
+    """(receptive field, jump) after one layer along one axis, in start-blob pixels.
+
+    `jump` is the distance between neighbouring outputs (the effective stride).
+    A window adds (extent-1) neighbours: rf + (extent-1)*jump, jump*stride.  A
+    deconvolution output gathers at most ceil(kernel*g/stride) inputs (g =
+    gcd(dilation, stride)), spaced dilation/g apart: rf + (that-1)*(dilation/g)*jump,
+    jump/stride.  Other layers leave both unchanged.
+    """
+    rf, jump = Fraction(rf), Fraction(jump)
+    if kind == "window":
+        return rf + (effective_kernel(kernel, dilation) - 1) * jump, jump * stride
+    if kind == "deconv":
+        g = math.gcd(dilation, stride)
+        taps = -(-kernel * g // stride)
+        return rf + (taps - 1) * Fraction(dilation, g) * jump, jump / stride
+    return rf, jump
