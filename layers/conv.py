@@ -7,6 +7,7 @@ caffeish.geometry.
 import math
 
 from caffeish.geometry import conv_output_shape, conv_params, deconv_output_shape, reported_by
+from caffeish.im2col import conv_forward, deconv_forward, im2col
 from caffeish.registry import Layer, register
 
 
@@ -30,6 +31,15 @@ class _ConvGeometryLayer(Layer):
         self.channel_axis = axis
         self.channels = bottom_shape[axis]
         return axis, spatial
+
+    def _as_ncs(self, xp, x):
+        """View x as (N, C, *spatial): the axes before the channel axis fold into N."""
+        axis = self.channel_axis
+        return xp.reshape(x, (math.prod(x.shape[:axis]),) + tuple(x.shape[axis:]))
+
+    def _restore(self, xp, y, bottom_shape):
+        """(N, C', *out) back to bottom_shape[:axis] + (C', *out)."""
+        return y.reshape(tuple(bottom_shape[:self.channel_axis]) + tuple(y.shape[1:]))
 
 
 @register("Convolution")
@@ -93,6 +103,27 @@ class Convolution(_ConvGeometryLayer):
             shapes.append((self.num_output,))
         return shapes
 
+    def fillers(self):
+        """weight_filler, then bias_filler when bias_term (both default to constant 0)."""
+        fillers = [self.conv_param.weight_filler]
+        if self.bias_term:
+            fillers.append(self.conv_param.bias_filler)
+        return fillers
+
+    _kernel = staticmethod(conv_forward)
+
+    def forward(self, xp, bottoms, blobs):
+        """Each bottom with the shared weight (and bias) blobs; see caffeish.im2col."""
+        weight = blobs[0]
+        bias = blobs[1] if self.bias_term else None
+        tops = []
+        for x in bottoms:
+            spatial = tuple(x.shape[self.channel_axis + 1:])
+            out = self._spatial_out(spatial)
+            y = self._kernel(xp, self._as_ncs(xp, x), weight, bias, self.geometry, self.group, out)
+            tops.append(self._restore(xp, y, x.shape))
+        return tops
+
     def macs(self, bottom_shapes, top_shapes):
         """N * prod(out) * num_output * (C/group) * prod(kernel), per bottom."""
         axis, _ = self._setup(tuple(bottom_shapes[0]))
@@ -114,6 +145,8 @@ class Deconvolution(Convolution):
 
     def _weight_shape(self):
         return (self.channels, self.num_output // self.group) + self.geometry.kernel
+
+    _kernel = staticmethod(deconv_forward)
 
     def macs(self, bottom_shapes, top_shapes):
         """N * prod(in) * C_in * (num_output/group) * prod(kernel), per bottom."""
@@ -140,3 +173,10 @@ class Im2col(_ConvGeometryLayer):
         with reported_by(self):
             out = conv_output_shape(spatial, self.geometry)
         return [bottom[:axis] + (self.channels * math.prod(self.geometry.kernel),) + out]
+
+    def forward(self, xp, bottoms, blobs):
+        """Caffe's column layout: channel index c*prod(kernel) + q, q the row-major tap index."""
+        x = bottoms[0]
+        out = conv_output_shape(tuple(x.shape[self.channel_axis + 1:]), self.geometry)
+        y = im2col(xp, self._as_ncs(xp, x), self.geometry, out)
+        return [self._restore(xp, y, x.shape)]

@@ -20,9 +20,16 @@ class Crop(Layer):
         # Set by reshape(): the first cropped axis and the offset on every axis.
         self.start_axis = None
         self.offsets = None
+        self.top_shape = None
 
     def reshape(self, bottom_shapes):
         data, ref = (tuple(s) for s in bottom_shapes)
         with reported_by(self):
             self.start_axis, self.offsets, top = crop_offsets(self.crop_param, data, ref)
+        self.top_shape = top
         return [top]
+
+    def forward(self, xp, bottoms, blobs):
+        """A view of the data bottom (nobody writes into tops or bottoms)."""
+        index = tuple(slice(o, o + n) for o, n in zip(self.offsets, self.top_shape))
+        return [bottoms[0][index]]

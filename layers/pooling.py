@@ -1,8 +1,196 @@
-"""Pooling and SPP (spatial pyramid pooling): 4-D bottoms, windows sized by caffeish.geometry."""
-from caffeish.errors import ShapeError
+"""Pooling and SPP (spatial pyramid pooling): 4-D bottoms, windows sized by caffeish.geometry.
+
+The forward pass loops over the kernel taps (kh*kw strided slices of a padded
+copy of the input), never over pixels, and visits the taps in Caffe's row-major
+window order so that results match Caffe's sequential float32 arithmetic:
+
+* MAX: start from -FLT_MAX and take a cell only when strictly greater, so the
+  first maximum in row-major order wins and NaN never does; padding cells hold
+  -FLT_MAX and so never take part.  The mask is h*W + w within the plane
+  (float32), -1 for a window that saw nothing greater than -FLT_MAX.
+* AVE: the window's sum over the image, divided by its size clipped to
+  [-pad, H + pad) (padding counts, the ceil-mode overhang does not).
+* STOCHASTIC (TEST): sum(x*x) / sum(x) over the window clipped to the image,
+  0 when sum(x) <= 0, as Caffe's GPU test-time kernel does.
+"""
+import numpy as np
+
+from caffeish.errors import ShapeError, UnsupportedError
 from caffeish.geometry import pool_params, reported_by, spp_pool_param
 from caffeish.registry import Layer, register
-from caffeish.schema import pb
+from caffeish.schema import TRAIN, pb
+
+FLT_MAX = float(np.finfo(np.float32).max)
+MAX, AVE, STOCHASTIC = pb.PoolingParameter.MAX, pb.PoolingParameter.AVE, pb.PoolingParameter.STOCHASTIC
+
+
+def _padded_plane(xp, x, geom, fill):
+    """x (N, C, H, W) inside a (Hp, Wp) canvas filled with `fill`: cell (h, w) at (h + pad_h, w + pad_w).
+
+    The canvas covers every window, including the ceil-mode overhang past H + pad.
+    """
+    n, c, h, w = x.shape
+    sizes = tuple(
+        max(size + p, (o - 1) * s + k)
+        for size, p, o, s, k in zip((h, w), geom.pad, geom.out, geom.stride, geom.kernel)
+    )
+    if geom.pad == (0, 0) and sizes == (h, w):
+        return x
+    out = xp.full((n, c) + sizes, fill, dtype=np.float32)
+    out[:, :, geom.pad[0]:geom.pad[0] + h, geom.pad[1]:geom.pad[1] + w] = x
+    return out
+
+
+def _taps(xpad, geom):
+    """(i, j, view) for every kernel tap in row-major order: xpad[..., o*s + i, o*s + j]."""
+    (kh, kw), (sh, sw), (oh, ow) = geom.kernel, geom.stride, geom.out
+    for i in range(kh):
+        for j in range(kw):
+            yield i, j, xpad[:, :, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw]
+
+
+def _covers_plane(geom, h, w):
+    """One window holding the whole plane, no padding: a plain reduction does it."""
+    return geom.out == (1, 1) and geom.pad == (0, 0) and geom.kernel[0] >= h and geom.kernel[1] >= w
+
+
+def _max_pool(xp, x, geom, want_mask):
+    """Caffe's MAX: the first maximum in row-major order, NaN never winning, floor -FLT_MAX.
+
+    The maximum is an fmax chain over the taps (NaN-ignoring), which equals
+    Caffe's strict-> scan from -FLT_MAX.  The mask is the first tap holding
+    that maximum, found with branch-free arithmetic (masked copies are slow on
+    random data): scanning the taps backwards, which = which + eq*(offset - which).
+    """
+    n, c, h, w = x.shape
+    if _covers_plane(geom, h, w):
+        return _max_whole_plane(xp, x, want_mask)
+    xpad = _padded_plane(xp, x, geom, -FLT_MAX)
+    if not want_mask:
+        return _separable_max(xp, xpad, geom), None
+    taps = list(_taps(xpad, geom))
+    top = _fmax_chain(xp, [tap for _, _, tap in taps])
+    xp.fmax(top, np.float32(-FLT_MAX), out=top)
+    which = xp.zeros(top.shape, dtype=np.int32)  # the winner's offset i*W + j inside its window
+    step = xp.empty(top.shape, dtype=np.int32)
+    for i, j, tap in reversed(taps):
+        eq = tap == top
+        xp.subtract(np.int32(i * w + j), which, out=step)
+        step *= eq
+        which += step
+    # Window top-left corners in the plane (negative inside the padding).
+    hs = np.arange(geom.out[0]) * geom.stride[0] - geom.pad[0]
+    ws = np.arange(geom.out[1]) * geom.stride[1] - geom.pad[1]
+    which += xp.asarray((hs[:, None] * w + ws[None, :] + 1).astype(np.int32))
+    # -1 where no cell beat -FLT_MAX (Caffe's initial value): (index + 1) * seen - 1.
+    which *= top > np.float32(-FLT_MAX)
+    which -= 1
+    return top, which.astype(np.float32)
+
+
+def _fmax_chain(xp, views):
+    """fmax over the views (NaN-ignoring), floored at -FLT_MAX, in a new array."""
+    if len(views) == 1:
+        out = xp.fmax(views[0], np.float32(-FLT_MAX))
+        return out
+    out = xp.fmax(views[0], views[1])
+    for v in views[2:]:
+        xp.fmax(out, v, out=out)
+    return out
+
+
+def _separable_max(xp, xpad, geom):
+    """The fmax over each window as a max over columns, then over rows: kh + kw passes, not kh*kw."""
+    (kh, kw), (sh, sw), (oh, ow) = geom.kernel, geom.stride, geom.out
+    part = xpad[:, :, :(oh - 1) * sh + kh]
+    cols = _fmax_chain(xp, [part[:, :, :, j:j + (ow - 1) * sw + 1:sw] for j in range(kw)])
+    top = _fmax_chain(xp, [cols[:, :, i:i + (oh - 1) * sh + 1:sh] for i in range(kh)])
+    xp.fmax(top, np.float32(-FLT_MAX), out=top)
+    return top
+
+
+def _max_whole_plane(xp, x, want_mask):
+    n, c, h, w = x.shape
+    flat = xp.reshape(x, (n, c, h * w))
+    if bool(xp.isnan(flat).any()):
+        flat = xp.where(xp.isnan(flat), np.float32(-np.inf), flat)
+    idx = xp.argmax(flat, axis=2)[:, :, None]  # first maximum
+    best = xp.take_along_axis(flat, idx, axis=2)
+    seen = best > np.float32(-FLT_MAX)
+    top = xp.where(seen, best, np.float32(-FLT_MAX)).astype(np.float32).reshape(n, c, 1, 1)
+    if not want_mask:
+        return top, None
+    mask = xp.where(seen, idx, -1).astype(np.float32).reshape(n, c, 1, 1)
+    return top, mask
+
+
+def _ave_divisor(geom, h, w):
+    """Caffe's AVE pool size per output: the window clipped to [-pad, size + pad), as float32."""
+
+    def sizes(o, s, p, k, size):
+        start = np.arange(o) * s - p
+        return np.minimum(start + k, size + p) - start
+
+    dh = sizes(geom.out[0], geom.stride[0], geom.pad[0], geom.kernel[0], h)
+    dw = sizes(geom.out[1], geom.stride[1], geom.pad[1], geom.kernel[1], w)
+    return (dh[:, None] * dw[None, :]).astype(np.float32)
+
+
+def _sequential_sum(xp, x, geom):
+    """Window sums, accumulated tap by tap in row-major order (Caffe's float32 order)."""
+    n, c, h, w = x.shape
+    if _covers_plane(geom, h, w):
+        # cumsum adds strictly left to right, like Caffe's loop.
+        return xp.cumsum(xp.reshape(x, (n, c, h * w)), axis=2, dtype=np.float32)[:, :, -1:].reshape(n, c, 1, 1)
+    total = None
+    for _, _, tap in _taps(_padded_plane(xp, x, geom, 0.0), geom):
+        if total is None:
+            total = tap.astype(np.float32, copy=True)
+        else:
+            total += tap
+    return total
+
+
+def _ave_pool(xp, x, geom):
+    n, c, h, w = x.shape
+    total = _sequential_sum(xp, x, geom)
+    divisor = _ave_divisor(geom, h, w)
+    if (divisor <= 0).any():  # a window wholly past the input (stride > kernel, no pad): as Caffe, 0/0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (total / xp.asarray(divisor)).astype(np.float32)
+    total /= xp.asarray(divisor)
+    return total
+
+
+def _stochastic_test(xp, x, geom):
+    """sum(x^2)/sum(x) over each window clipped to the image; 0 where sum(x) <= 0."""
+    total = _sequential_sum(xp, x, geom)
+    squares = _sequential_sum(xp, x * x, geom)
+    positive = total > 0
+    return xp.where(positive, squares / xp.where(positive, total, np.float32(1)), np.float32(0)).astype(np.float32)
+
+
+def pool_forward(xp, x, geom, method, want_mask=False):
+    """Pool x (N, C, H, W) with a PoolGeometry; returns (top, mask or None)."""
+    n, c = x.shape[:2]
+    if n * c * geom.out[0] * geom.out[1] == 0:
+        empty = xp.zeros((n, c) + geom.out, dtype=np.float32)
+        return empty, (empty.copy() if want_mask else None)
+    if method == MAX:
+        return _max_pool(xp, x, geom, want_mask)
+    if method == AVE:
+        return _ave_pool(xp, x, geom), None
+    if method == STOCHASTIC:
+        return _stochastic_test(xp, x, geom), None
+    raise UnsupportedError(f"unknown pooling method {method}")
+
+
+def _check_runnable(layer, method):
+    if method == STOCHASTIC and layer.phase == TRAIN:
+        raise UnsupportedError(
+            f"layer '{layer.name}' ({layer.type}): STOCHASTIC pooling samples at random in the TRAIN "
+            "phase (and Caffe's CPU build does not implement it); only TEST is supported"
+        )
 
 
 def _check_4d(layer, shape):
@@ -44,6 +232,12 @@ class Pooling(Layer):
             self.geometry = pool_params(self.pool_param, h, w)
         top = (n, c) + self.geometry.out
         return [top] * n_tops
+
+    def forward(self, xp, bottoms, blobs):
+        _check_runnable(self, self.method)
+        want_mask = len(self.param.top) > 1
+        top, mask = pool_forward(xp, bottoms[0], self.geometry, self.method, want_mask)
+        return [top, mask] if want_mask else [top]
 
 
 @register("SPP")
@@ -90,3 +284,13 @@ class SPP(Layer):
         if self.pyramid_height == 1:
             return [(n, c) + levels[0].out]
         return [(n, c * sum(g.out[0] * g.out[1] for g in levels))]
+
+    def forward(self, xp, bottoms, blobs):
+        """Each level pooled, flattened to (N, C*bins) and concatenated in level order."""
+        _check_runnable(self, self.method)
+        x = bottoms[0]
+        n = x.shape[0]
+        pooled = [pool_forward(xp, x, g, self.method)[0] for g in self.levels]
+        if self.pyramid_height == 1:
+            return [pooled[0]]
+        return [xp.concatenate([p.reshape(n, -1) for p in pooled], axis=1)]
