@@ -26,6 +26,8 @@ import numpy as np
 # cache measured faster than bigger ones (VGG's 64->64 3x3 conv on 224x224: 41 ms
 # with 4 MiB chunks, 58 ms with 32 MiB, 2 cores).
 COL_BUDGET = 1 << 20
+# Largest weight (elements) whose bias is folded into the matmul as an extra column.
+FOLD_BIAS_MAX = 1 << 22
 # Fewest output positions per chunk, so that the matmul stays efficient.
 MIN_COLUMNS = 256
 # Deconvolution: fewest input positions per chunk (its matmul is wide: Og*stride^2 columns).
@@ -255,6 +257,11 @@ def _conv_im2col(xp, x, weight, bias, geom, g, out, y, budget):
     cg, og = c // g, o // g
     kernel = tuple(geom.kernel)
     k = math.prod(kernel)
+    # Fold the bias into the matmul when the weight copy that costs is small; a big
+    # weight (FCN's fc6 as a 7x7 convolution: 411 MB) adds the bias afterwards instead.
+    late_bias = None
+    if bias is not None and weight.size > FOLD_BIAS_MAX:
+        bias, late_bias = None, bias
     rows_k = cg * k + (bias is not None)
     w = weight.reshape(g, og, cg * k)
     if bias is not None:
@@ -277,6 +284,8 @@ def _conv_im2col(xp, x, weight, bias, geom, g, out, y, budget):
         if bias is not None:
             col[:, :, -1] = 1
         xp.matmul(w, col, out=reshape_view(xp, y[n0:n1, :, r0:r1], (m, g, og, positions)))
+    if late_bias is not None:
+        y += late_bias.reshape((1, o) + (1,) * (y.ndim - 2))
 
 
 def im2col(xp, x, geom, out):

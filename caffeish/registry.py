@@ -163,6 +163,11 @@ class Layer:
         """One FillerParameter (None: zeros) per parameter blob; missing entries are zeros."""
         return []
 
+    # Optional `forward_in_place(xp, x, blobs) -> [x]`: the forward of a one-bottom,
+    # one-top layer written into its bottom.  The runtime uses it for an in-place
+    # layer (top name == bottom name) only when no other blob shares that array.
+    forward_in_place = None
+
     # Why forward is unavailable, for layers that cannot run (data readers, Python, ...).
     unsupported_reason = "its forward pass is not implemented"
 

@@ -90,6 +90,13 @@ class ReLU(NeuronLayer):
             return [xp.maximum(x, 0)]
         return [xp.maximum(x, 0) + self.negative_slope * xp.minimum(x, 0)]
 
+    def forward_in_place(self, xp, x, blobs):
+        """The same values written into x (the runtime calls this only when x is its own)."""
+        if self.negative_slope == 0:
+            return [xp.maximum(x, 0, out=x)]
+        xp.multiply(x, xp.float32(self.negative_slope), out=x, where=x < 0)
+        return [x]
+
 
 @register("ELU")
 class ELU(NeuronLayer):

@@ -191,3 +191,53 @@ def test_inputs_are_copied_not_modified(x):
     net.forward(data=x)
     np.testing.assert_array_equal(x, before)
     assert net.blobs["data"].data is not x
+
+
+def test_in_place_relu_never_overwrites_shared_memory():
+    """ReLU writes into its bottom only when no other blob, parameter or input uses that memory."""
+    text = """
+    layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 6 } } }
+    layer { name: "p" type: "Parameter" top: "p" parameter_param { shape { dim: 2 dim: 6 } } }
+    layer { name: "prelu" type: "ReLU" bottom: "p" top: "p" }
+    layer { name: "drelu" type: "ReLU" bottom: "data" top: "data" }
+    layer { name: "f" type: "Flatten" bottom: "data" top: "f" }
+    layer { name: "r" type: "Reshape" bottom: "f" top: "r" reshape_param { shape { dim: 3 dim: 4 } } }
+    layer { name: "rrelu" type: "ReLU" bottom: "r" top: "r" }
+    """
+    net = caffeish.Net(net_param(text), keep=True)
+    weight = np.linspace(-1, 1, 12, dtype=np.float32).reshape(2, 6)
+    net.params["p"][0].data[...] = weight
+    x = np.linspace(-2, 2, 12, dtype=np.float32).reshape(2, 6)
+    net.forward(data=x)
+    np.testing.assert_array_equal(net.params["p"][0].data, weight)  # the parameter is untouched
+    np.testing.assert_array_equal(net.blobs["p"].data, np.maximum(weight, 0))
+    np.testing.assert_array_equal(net.blobs["data"].data, np.maximum(x, 0))
+    np.testing.assert_array_equal(x, np.linspace(-2, 2, 12, dtype=np.float32).reshape(2, 6))
+    # 'f' is kept (keep=True) and 'r' is a view of it: ReLU on 'r' must not change 'f'.
+    assert net.blobs["f"].data.min() == 0  # the data ReLU ran before Flatten
+    np.testing.assert_array_equal(net.blobs["r"].data, np.maximum(x, 0).reshape(3, 4))
+
+
+def test_in_place_relu_writes_an_unshared_blob():
+    text = """
+    layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 1 dim: 4 dim: 4 } } }
+    layer { name: "c" type: "Convolution" bottom: "data" top: "c"
+            convolution_param { num_output: 2 kernel_size: 1 weight_filler { type: "constant" value: -1 } } }
+    layer { name: "relu" type: "ReLU" bottom: "c" top: "c" relu_param { negative_slope: 0.5 } }
+    layer { name: "s" type: "Power" bottom: "c" top: "s" }
+    """
+    net = caffeish.Net(net_param(text))
+    seen = {}
+    forward = net.nodes[1].layer.forward
+
+    def spy(xp, bottoms, blobs):
+        tops = forward(xp, bottoms, blobs)
+        seen["conv"] = tops[0]
+        return tops
+
+    net.nodes[1].layer.forward = spy
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4) - 8
+    out = net.forward(data=x)["s"]
+    want = np.where(-x > 0, -x, 0.5 * -x)
+    np.testing.assert_array_equal(out[0, 0], want[0, 0])
+    np.testing.assert_array_equal(seen["conv"][0, 0], want[0, 0])  # written in place
