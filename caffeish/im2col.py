@@ -22,10 +22,11 @@ import math
 
 import numpy as np
 
-# Upper bound on a column buffer, in float32 elements (4 MiB): chunks that stay in
-# cache measured faster than bigger ones (VGG's 64->64 3x3 conv on 224x224: 41 ms
-# with 4 MiB chunks, 58 ms with 32 MiB, 2 cores).
-COL_BUDGET = 1 << 20
+# Upper bound on a column buffer, in float32 elements (16 MiB).  Measured on 2
+# cores (median ms, 1 / 2 / 4 Mi elements): VGG 3x3 64->64 at 698x698 387/355/339,
+# 128->128 at 349x349 366/300/305, 256->256 at 175x175 266/234/180, 512->512 at
+# 88x88 218/223/186; AlexNet's layers at batch 10 are within noise of each other.
+COL_BUDGET = 1 << 22
 # Largest weight (elements) whose bias is folded into the matmul as an extra column.
 FOLD_BIAS_MAX = 1 << 22
 # Fewest output positions per chunk, so that the matmul stays efficient.

@@ -12,6 +12,7 @@
   (temp file in the same folder, then rename) and never overwrite an input.
 """
 import contextlib
+import mmap
 import os
 import re
 import tempfile
@@ -244,10 +245,84 @@ def _strip_blobs(buf, start, end, blob_field, nested=None):
     return bytes(kept), records
 
 
+def _map_file(path, what):
+    """The file mapped read-only (pages come in as they are scanned), with _read_bytes' checks."""
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_BINARY_BYTES:
+            raise CorruptFileError(
+                f"{path}: {size} bytes is over the 2 GB limit Caffe has for binary protobuf files"
+            )
+        if not size:
+            raise CorruptFileError(f"{path}: empty file, not a {what}")
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise CaffeishError(f"{path}: cannot read: {e.strerror}") from None
+    if mapped[:8] == HDF5_SIGNATURE:
+        mapped.close()
+        raise CorruptFileError(
+            f"{path}: this is an HDF5 file (.caffemodel.h5); caffeish reads binary protobuf {what}s only"
+        )
+    return mapped
+
+
+# Blobs are copied out of the mapping in pieces of this many bytes, each piece's
+# pages dropped once copied, so even fc6's 411 MB never sits in memory twice.
+COPY_PIECE = 64 << 20
+
+
+def _drop_pages(mapped, start, end):
+    if end <= start or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    lo = start - start % mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+
+
+def _copy_out(array, mapped, base):
+    """An aligned, writable copy of `array`, a view into `mapped` starting at address base."""
+    out = np.empty_like(array)
+    flat_in, flat_out = array.reshape(-1), out.reshape(-1)
+    step = max(1, COPY_PIECE // max(array.itemsize, 1))
+    for i in range(0, flat_in.size, step):
+        piece = flat_in[i:i + step]
+        flat_out[i:i + step] = piece
+        start = piece.ctypes.data - base
+        _drop_pages(mapped, start, start + piece.nbytes)
+    return out
+
+
+def _own_records(records, mapped, base):
+    """Copy each blob out of the mapping into its own aligned array, dropping the pages copied.
+
+    The copies are writable and aligned (a float field sits at any byte offset in
+    the file, and unaligned arrays halve BLAS speed), and dropping the mapped
+    pages as we go keeps the resident memory near one copy of the weights.
+    """
+    for r in records:
+        r.data = _copy_out(r.data, mapped, base) if r.data.base is not None else r.data
+        if r.diff is not None and r.diff.base is not None:
+            r.diff = _copy_out(r.diff, mapped, base)
+
+
 def read_caffemodel(path, upgrade=True):
-    """Read a binary NetParameter into a Model (layer definitions + numpy blobs)."""
-    buf = _read_bytes(path, "caffemodel")
+    """Read a binary NetParameter into a Model (layer definitions + numpy blobs).
+
+    Every blob becomes its own float32/float64 array (aligned, writable); the
+    file is mapped, scanned and copied layer by layer, so the peak memory is
+    about one copy of the weights.
+    """
+    mapped = _map_file(path, "caffemodel")
+    try:
+        return _read_caffemodel(path, mapped, upgrade)
+    finally:
+        with contextlib.suppress(BufferError):
+            mapped.close()  # refused only while something still views it; then the GC closes it
+
+
+def _read_caffemodel(path, buf, upgrade):
     mv = memoryview(buf)
+    base = np.frombuffer(mv, dtype=np.uint8, count=1).ctypes.data  # the mapping's address
     skeleton = bytearray()
     blobs = []
     index = 0
@@ -261,6 +336,7 @@ def read_caffemodel(path, upgrade=True):
                 else:
                     current = _name_in(mv, vs, ve, V1_NAME)
                     stripped, records = _strip_blobs(mv, vs, ve, V1_BLOBS, nested=(V1_V0LAYER, V0_BLOBS))
+                _own_records(records, buf, base)
                 skeleton += wire.tag(field, wire.LENGTH) + wire.encode_varint(len(stripped)) + stripped
                 blobs.append(records)
                 index += 1
