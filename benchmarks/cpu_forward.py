@@ -1,6 +1,6 @@
 """Benchmark: caffeish's CPU forward pass against OpenCV DNN on the same nets and weights.
 
-    python benchmarks/cpu_forward.py [--repeat 5] [--nets fcn_alexnet,fcn8s,alexnet]
+    python benchmarks/cpu_forward.py [--repeat 5] [--rounds 3] [--nets fcn_alexnet,fcn8s,alexnet]
                                      [--threads N] [--input-size S]
 
 Nets (prototxts from ../shared/models, beside the repository):
@@ -15,7 +15,8 @@ each net a first subprocess builds the caffeish Net, gives every parameter
 random values (He-scaled gaussians, std sqrt(2 / fan_in), so that activations
 keep their magnitude through 16 layers and the comparison means something;
 biases gaussian with std 0.01), and saves them with net.save() to a temporary
-caffemodel.  Then, each in its own fresh subprocess:
+caffemodel.  Then, --rounds times, alternating, each in its own fresh subprocess
+(so that the slow spells of a shared machine hit both sides alike):
   * caffeish: Net(prototxt, caffemodel), one warm-up forward, then --repeat timed ones;
   * OpenCV:   cv2.dnn.readNetFromCaffe(prototxt, caffemodel), setInput, forward,
               the same way, with cv2.setNumThreads(--threads).
@@ -224,13 +225,25 @@ def bench_net(key, args, tmp):
     common = dict(spec, input=input_name, input_file=input_file, repeat=args.repeat,
                   threads=args.threads, compare=[output, *extra])
     row = {"net": key, "shape": shape, "compare": common["compare"]}
-    res, err = run_worker("caffeish", dict(common, output_file=str(folder / "caffeish.npz")), args.threads)
-    row["caffeish"], row["caffeish_error"] = res, err
+    sides = [("caffeish", dict(common, output_file=str(folder / "caffeish.npz")))]
     if args.opencv:
-        spec_cv = dict(common, output_file=str(folder / "opencv.npz"),
-                       compare_layers=[output_layer(str(prototxt), b) for b in common["compare"]])
-        res, err = run_worker("opencv", spec_cv, args.threads)
-        row["opencv"], row["opencv_error"] = res, err
+        sides.append(("opencv", dict(common, output_file=str(folder / "opencv.npz"),
+                                     compare_layers=[output_layer(str(prototxt), b) for b in common["compare"]])))
+    # Rounds alternate the two sides, so slow spells of a shared machine hit both alike.
+    for _ in range(args.rounds):
+        for side, side_spec in sides:
+            res, err = run_worker(side, side_spec, args.threads)
+            row[f"{side}_error"] = row.get(f"{side}_error") or err
+            if res is None:
+                continue
+            merged = row.get(side)
+            if merged is None:
+                row[side] = res
+            else:
+                merged["times"] += res["times"]
+                for k in ("peak_kb", "after_load_kb", "load_peak_kb"):
+                    if k in res and res[k] is not None:
+                        merged[k] = max(merged.get(k) or 0, res[k])
     if row.get("caffeish") and row.get("opencv"):
         with np.load(folder / "caffeish.npz") as a, np.load(folder / "opencv.npz") as b:
             pairs = [(a[f"arr_{i}"], b[f"arr_{i}"]) for i in range(len(common["compare"]))]
@@ -244,7 +257,8 @@ def bench_net(key, args, tmp):
 def report(rows, args, cv_version):
     import numpy as np
 
-    print(f"caffeish CPU forward vs OpenCV DNN: median of {args.repeat} forward(s) after 1 warm-up, "
+    print(f"caffeish CPU forward vs OpenCV DNN: median of {args.rounds} x {args.repeat} forward(s) "
+          f"(rounds alternate caffeish and OpenCV, each in a fresh process after 1 warm-up), "
           f"{args.threads} thread(s)")
     print(f"python {platform.python_version()}, numpy {np.__version__}, "
           f"OpenCV {cv_version or ('not installed' if args.opencv_wanted else 'not used')}, {os.cpu_count()} CPU(s), {platform.machine()}")
@@ -302,6 +316,8 @@ def report(rows, args, cv_version):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=5, help="timed forwards per net (after one warm-up)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternating caffeish/OpenCV rounds per net, each a fresh process (default 3)")
     ap.add_argument("--nets", default=",".join(NETS), help=f"comma-separated subset of {','.join(NETS)}")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for numpy's BLAS and OpenCV")
     ap.add_argument("--input-size", type=int, default=None,
@@ -320,8 +336,8 @@ def main(argv=None):
     unknown = [n for n in nets if n not in NETS]
     if unknown:
         ap.error(f"unknown net(s) {unknown}; choose from {list(NETS)}")
-    if args.repeat < 1 or args.threads < 1:
-        ap.error("--repeat and --threads must be at least 1")
+    if args.repeat < 1 or args.threads < 1 or args.rounds < 1:
+        ap.error("--repeat, --rounds and --threads must be at least 1")
     args.opencv_wanted = args.opencv
     cv_version = opencv_version() if args.opencv else None
     args.opencv = cv_version is not None
