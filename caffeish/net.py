@@ -86,6 +86,16 @@ class Net(PycaffeNetMixin):
         self.name = self.graph.name
         self.xp = backends.get(backend)
         self.nodes = self.graph.nodes
+        # Input layers, and bottomless layers that read data the runtime does not (Data,
+        # ImageData, HDF5Data, MemoryData, Python data layers, ...): their tops are fed by
+        # the caller, so a train/val net can be evaluated on arrays.
+        self._fed_nodes = {n.name for n in self.nodes
+                           if n.type == "Input" or (not n.bottoms and not n.layer.can_forward and n.tops)}
+        self.input_names = [t for n in self.nodes if n.name in self._fed_nodes for t in n.tops
+                            if t != AUTOMATIC]
+        self._data_inputs = [t for n in self.nodes if n.name in self._fed_nodes and n.type != "Input"
+                             for t in n.tops]
+        self._provided = set()  # data-layer tops the caller has given values (or touched .data)
         self._check_runnable()
         self._keep_all = keep is True
         self._keep = set() if keep in (True, False, None) else set(keep)
@@ -113,7 +123,7 @@ class Net(PycaffeNetMixin):
     # -- construction ----------------------------------------------------------------
     def _check_runnable(self):
         for node in self.nodes:
-            if node.type != "Input" and not node.layer.can_forward:
+            if node.name not in self._fed_nodes and not node.layer.can_forward:
                 raise UnsupportedError(
                     f"layer '{node.name}' ({node.type}): cannot run: {node.layer.unsupported_reason}"
                 )
@@ -178,7 +188,7 @@ class Net(PycaffeNetMixin):
         return last
 
     def _alloc_inputs(self):
-        for name in self.graph.inputs:
+        for name in self.input_names:
             self._arrays[name] = self.xp.zeros(self._shapes[name], dtype=np.float32)
 
     # -- weights -----------------------------------------------------------------------
@@ -210,18 +220,18 @@ class Net(PycaffeNetMixin):
     def reshape(self, **shapes):
         """Propagate new input shapes (net.reshape(data=(1,3,H,W))), or the current inputs' shapes."""
         for name, shape in shapes.items():
-            if name not in self.graph.inputs:
-                raise GraphError(f"reshape: '{name}' is not an input of this net; inputs are {self.graph.inputs}")
+            if name not in self.input_names:
+                raise GraphError(f"reshape: '{name}' is not an input of this net; inputs are {self.input_names}")
             shape = tuple(int(d) for d in shape)
             if tuple(self._arrays[name].shape) != shape:
                 self._arrays[name] = self.xp.zeros(shape, dtype=np.float32)
-        self._propagate({name: tuple(self._arrays[name].shape) for name in self.graph.inputs})
+        self._propagate({name: tuple(self._arrays[name].shape) for name in self.input_names})
 
     def _propagate(self, input_shapes):
         """Shape inference from new input shapes, keeping parameter shapes fixed (as Caffe's Reshape)."""
         shapes = dict(input_shapes)
         for node in self.nodes:
-            if node.type == "Input":
+            if node.name in self._fed_nodes:
                 tops = [shapes[t] for t in node.tops]
             else:
                 bottoms = [shapes[b] for b in node.bottoms]
@@ -236,7 +246,7 @@ class Net(PycaffeNetMixin):
         self._shapes = shapes
         # Intermediate values of the old shapes are stale now.
         for name in list(self._arrays):
-            if name not in self.graph.inputs:
+            if name not in self.input_names:
                 del self._arrays[name]
 
     def _check_params(self, node, bottom_shapes):
@@ -258,18 +268,19 @@ class Net(PycaffeNetMixin):
     # -- forward -------------------------------------------------------------------------
     def _set_inputs(self, inputs):
         for name, value in inputs.items():
-            if name not in self.graph.inputs:
-                raise GraphError(f"forward: '{name}' is not an input of this net; inputs are {self.graph.inputs}")
+            if name not in self.input_names:
+                raise GraphError(f"forward: '{name}' is not an input of this net; inputs are {self.input_names}")
             arr = self.xp.array(value, dtype=np.float32, order="C", copy=True)
             self._arrays[name] = arr
-        current = {name: tuple(self._arrays[name].shape) for name in self.graph.inputs}
+            self._provided.add(name)
+        current = {name: tuple(self._arrays[name].shape) for name in self.input_names}
         if any(current[n] != self._shapes.get(n) for n in current):
             self._propagate(current)
 
     def _kept(self, extra=()):
         if self._keep_all:
             return None  # everything
-        return self._keep | set(self.graph.inputs) | set(self.graph.outputs) | set(extra)
+        return self._keep | set(self.input_names) | set(self.graph.outputs) | set(extra)
 
     def run(self, inputs=None, start=None, end=None, keep=()):
         """Forward from layer `start` to layer `end` (names, inclusive); returns the blob dict."""
@@ -279,13 +290,19 @@ class Net(PycaffeNetMixin):
         last = len(self.nodes) - 1 if end is None else self._layer_index(end)
         if first > last:
             raise GraphError(f"forward: start layer '{start}' comes after end layer '{end}'")
+        missing = [t for t in self._data_inputs if t not in self._provided]
+        if missing and first == 0:
+            raise GraphError(
+                f"forward: give the data-layer input(s) {missing} (e.g. net.forward({missing[0]}=array)); "
+                f"this runtime does not read the files their layers name"
+            )
         kept = self._kept(keep)
         self._freed.clear()
         xp = self.xp
         arrays = self._arrays
         for i in range(first, last + 1):
             node = self.nodes[i]
-            if node.type == "Input":
+            if node.name in self._fed_nodes:
                 continue
             try:
                 bottoms = [arrays[b] for b in node.bottoms]
@@ -324,7 +341,7 @@ class Net(PycaffeNetMixin):
     def _exclusive(self, name, array):
         """True when `array` (the blob `name`) may be overwritten: its memory belongs to
         no other live blob, no parameter and no net input (inputs stay as given)."""
-        if name in self.graph.inputs or not array.flags.writeable:
+        if name in self.input_names or not array.flags.writeable:
             return False
         root = _root(array)
         if not hasattr(root, "flags"):  # a view of raw bytes (a file buffer), not an array

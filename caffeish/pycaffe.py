@@ -23,6 +23,7 @@ class Blob:
     def data(self):
         net = self._net
         arrays = net._arrays
+        net._provided.add(self.name)  # pycaffe fills inputs through .data[...]
         if self.name not in arrays:
             if self.name in net._freed:
                 raise GraphError(
@@ -179,7 +180,7 @@ class PycaffeNetMixin:
 
     @property
     def inputs(self):
-        return list(self.graph.inputs)
+        return list(self.input_names)
 
     @property
     def outputs(self):

@@ -241,3 +241,30 @@ def test_in_place_relu_writes_an_unshared_blob():
     want = np.where(-x > 0, -x, 0.5 * -x)
     np.testing.assert_array_equal(out[0, 0], want[0, 0])
     np.testing.assert_array_equal(seen["conv"][0, 0], want[0, 0])  # written in place
+
+
+TRAIN_VAL = """
+layer { name: "mnist" type: "Data" top: "data" top: "label" include { phase: TEST }
+        data_param { source: "mnist_test_lmdb" batch_size: 4 backend: LMDB } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+        inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "accuracy" type: "Accuracy" bottom: "ip" bottom: "label" top: "accuracy" include { phase: TEST } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+"""
+
+
+def test_train_val_net_runs_on_given_arrays():
+    """A Data layer's tops become inputs the caller feeds; losses and accuracy come out."""
+    net = caffeish.Net(net_param(TRAIN_VAL), input_shapes={"data": (4, 1, 2, 3), "label": (4,)})
+    assert net.inputs == ["data", "label"]
+    x = np.random.default_rng(5).standard_normal((4, 1, 2, 3)).astype(np.float32)
+    label = np.array([0, 2, 1, 2], np.float32)
+    with pytest.raises(GraphError, match=r"give the data-layer input\(s\) \['data', 'label'\]"):
+        net.forward()
+    out = net.forward(data=x, label=label)
+    w, b = (p.data for p in net.params["ip"])
+    scores = x.reshape(4, -1) @ w.T + b
+    p = np.exp(scores - scores.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(out["loss"], -np.log(p[np.arange(4), label.astype(int)]).mean(), rtol=1e-5)
+    np.testing.assert_allclose(out["accuracy"], np.mean(scores.argmax(axis=1) == label), rtol=1e-6)
