@@ -193,13 +193,17 @@ def _looks_binary(head):
 # ---------------------------------------------------------------------------- binary
 
 
+def _binary_size(path):
+    """The file's size, refused over Caffe's 2 GB protobuf limit (OSError passes through)."""
+    size = os.path.getsize(path)
+    if size > MAX_BINARY_BYTES:
+        raise CorruptFileError(f"{path}: {size} bytes is over the 2 GB limit Caffe has for binary protobuf files")
+    return size
+
+
 def _read_bytes(path, what):
     try:
-        size = os.path.getsize(path)
-        if size > MAX_BINARY_BYTES:
-            raise CorruptFileError(
-                f"{path}: {size} bytes is over the 2 GB limit Caffe has for binary protobuf files"
-            )
+        size = _binary_size(path)
         buf = bytearray(size)
         with open(path, "rb", buffering=0) as f:
             n = f.readinto(buf)
@@ -248,11 +252,7 @@ def _strip_blobs(buf, start, end, blob_field, nested=None):
 def _map_file(path, what):
     """The file mapped read-only (pages come in as they are scanned), with _read_bytes' checks."""
     try:
-        size = os.path.getsize(path)
-        if size > MAX_BINARY_BYTES:
-            raise CorruptFileError(
-                f"{path}: {size} bytes is over the 2 GB limit Caffe has for binary protobuf files"
-            )
+        size = _binary_size(path)
         if not size:
             raise CorruptFileError(f"{path}: empty file, not a {what}")
         with open(path, "rb") as f:
