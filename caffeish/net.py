@@ -85,6 +85,7 @@ class Net(PycaffeNetMixin):
         self.graph = Graph(net, self.phase, level, stages, input_shapes, max_blob_bytes)
         self.name = self.graph.name
         self.xp = backends.get(backend)
+        backends.tune_allocator()
         self.nodes = self.graph.nodes
         # Input layers, and bottomless layers that read data the runtime does not (Data,
         # ImageData, HDF5Data, MemoryData, Python data layers, ...): their tops are fed by

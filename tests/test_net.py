@@ -268,3 +268,22 @@ def test_train_val_net_runs_on_given_arrays():
     p /= p.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(out["loss"], -np.log(p[np.arange(4), label.astype(int)]).mean(), rtol=1e-5)
     np.testing.assert_allclose(out["accuracy"], np.mean(scores.argmax(axis=1) == label), rtol=1e-6)
+
+
+def test_allocator_tuning_runs_once_and_can_be_turned_off():
+    import subprocess
+    import sys
+
+    code = ("import caffeish.backend as b; first = b.tune_allocator(); "
+            "print(first, b.tune_allocator())")
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    first, second = on.stdout.split()
+    assert second == "False"  # once per process
+    if sys.platform.startswith("linux"):
+        import platform
+
+        if platform.libc_ver()[0] == "glibc":
+            assert first == "True"
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "CAFFEISH_MALLOC_TUNING": "0"})
+    assert off.stdout.split() == ["False", "False"]
