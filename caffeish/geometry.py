@@ -314,17 +314,9 @@ def crop_offsets(crop_param, data_shape, ref_shape):
     than one must give exactly one per cropped axis.
     """
     ndim = len(data_shape)
-    axis = crop_param.axis
-    if not -ndim <= axis < ndim:
-        raise ShapeError(f"crop axis {axis} out of range for a {ndim}-axis data bottom")
-    start = axis % ndim
-    given = list(crop_param.offset)
-    n_cropped = ndim - start
-    if len(given) > 1 and len(given) != n_cropped:
-        raise ShapeError(
-            f"{len(given)} offsets given for {n_cropped} cropped axes (axis {start} on); "
-            "give one offset, or one per cropped axis"
-        )
+    if not -ndim <= crop_param.axis < ndim:
+        raise ShapeError(f"crop axis {crop_param.axis} out of range for a {ndim}-axis data bottom")
+    start, written = crop_axes(crop_param, ndim)
     if len(ref_shape) < ndim:
         raise ShapeError(
             f"the reference bottom has {len(ref_shape)} axes, fewer than the data's {ndim}"
@@ -332,7 +324,7 @@ def crop_offsets(crop_param, data_shape, ref_shape):
     offsets = [0] * ndim
     top = list(data_shape)
     for i in range(start, ndim):
-        off = given[0] if len(given) == 1 else (given[i - start] if given else 0)
+        off = written[i]
         if data_shape[i] - off < ref_shape[i]:
             raise ShapeError(
                 f"crop on axis {i} is out of bounds: data size {data_shape[i]}, offset {off}, "

@@ -160,10 +160,10 @@ CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape,params", CONV_CASES)
-def test_convolution_matches_reference(shape, params):
-    rng = np.random.default_rng(0)
-    lay = make(f'name: "c" type: "Convolution" bottom: "x" top: "y" convolution_param {{ {params} }}')
+def check_against_reference(kind, shape, params, reference, seed):
+    """Run a Convolution/Deconvolution layer on random data and compare with the loop reference."""
+    rng = np.random.default_rng(seed)
+    lay = make(f'name: "c" type: "{kind}" bottom: "x" top: "y" convolution_param {{ {params} }}')
     x = rand(rng, *shape)
     top_shape = lay.reshape([shape])[0]
     blobs = [rand(rng, *s) for s in lay.param_shapes([shape])]
@@ -172,8 +172,13 @@ def test_convolution_matches_reference(shape, params):
     axis = lay.channel_axis
     x4 = x.reshape((math.prod(shape[:axis]),) + shape[axis:])
     g = lay.geometry
-    ref = ref_conv(x4, blobs[0], blobs[1] if lay.bias_term else None, g.stride, g.pad, g.dilation, lay.group)
+    ref = reference(x4, blobs[0], blobs[1] if lay.bias_term else None, g.stride, g.pad, g.dilation, lay.group)
     assert rel_err(y, ref.reshape(top_shape)) < 1e-5
+
+
+@pytest.mark.parametrize("shape,params", CONV_CASES)
+def test_convolution_matches_reference(shape, params):
+    check_against_reference("Convolution", shape, params, ref_conv, seed=0)
 
 
 def test_convolution_chunked_columns_match_unchunked():
@@ -244,18 +249,7 @@ DECONV_CASES = [
 
 @pytest.mark.parametrize("shape,params", DECONV_CASES)
 def test_deconvolution_matches_reference(shape, params):
-    rng = np.random.default_rng(4)
-    lay = make(f'name: "d" type: "Deconvolution" bottom: "x" top: "y" convolution_param {{ {params} }}')
-    x = rand(rng, *shape)
-    top_shape = lay.reshape([shape])[0]
-    blobs = [rand(rng, *s) for s in lay.param_shapes([shape])]
-    (y,) = run(lay, [x], blobs)
-    assert y.shape == top_shape
-    axis = lay.channel_axis
-    x4 = x.reshape((math.prod(shape[:axis]),) + shape[axis:])
-    g = lay.geometry
-    ref = ref_deconv(x4, blobs[0], blobs[1] if lay.bias_term else None, g.stride, g.pad, g.dilation, lay.group)
-    assert rel_err(y, ref.reshape(top_shape)) < 1e-5
+    check_against_reference("Deconvolution", shape, params, ref_deconv, seed=4)
 
 
 @pytest.mark.parametrize("dilation", [1, 2])
