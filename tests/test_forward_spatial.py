@@ -22,7 +22,7 @@ from caffeish.im2col import conv_forward, deconv_forward
 from caffeish.io import read_prototxt
 from caffeish.registry import create
 from caffeish.schema import TEST, TRAIN, pb
-from conftest import shared_path
+from conftest import SHARED, shared_path
 
 FLT_MAX = float(np.finfo(np.float32).max)
 
@@ -492,8 +492,12 @@ def test_golden_layer_by_layer(case):
 
 
 def vectors(layer_type):
-    entries = json.loads(shared_path("caffe", "test_vectors.json").read_text())
-    return [e for e in entries if e["layer"] == layer_type]
+    """The entries for one layer type (read at collection: none when ../shared is absent,
+    and pytest then skips the parametrized test for its empty parameter set)."""
+    path = SHARED / "caffe" / "test_vectors.json"
+    if not path.is_file():
+        return []
+    return [e for e in json.loads(path.read_text()) if e["layer"] == layer_type]
 
 
 def vector_ids(entries):
