@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from caffeish.errors import CaffeishError
-from caffeish.graph import parse_shape
+from caffeish.options import add_net_state_options
 from caffeish.report import FORMATS
 from caffeish.tools import offsets, summary, upgrade
 
@@ -18,23 +18,8 @@ TOOLS = {
 }
 
 
-def _input_shape(text):
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected NAME=N,C,H,W, got '{text}'")
-    name, dims = text.split("=", 1)
-    try:
-        return name.strip(), parse_shape(dims)
-    except CaffeishError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _net_options(p):
-    p.add_argument("--phase", default="TEST", type=str.upper, choices=["TRAIN", "TEST"],
-                   help="net state phase used to filter layers (default TEST)")
-    p.add_argument("--stage", action="append", default=[], help="net state stage (repeatable)")
-    p.add_argument("--level", type=int, default=0, help="net state level (default 0)")
-    p.add_argument("--input-shape", action="append", type=_input_shape, default=[], metavar="NAME=N,C,H,W",
-                   help="shape of an input blob, e.g. data=1,3,500,500 (repeatable)")
+def _summary_options(p):
+    add_net_state_options(p)
     p.add_argument("--max-blob-bytes", type=int, default=None,
                    help="refuse nets with a blob larger than this many bytes (default 8 GiB)")
     p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
@@ -49,7 +34,7 @@ def build_parser():
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
         if name == "summary":
-            _net_options(p)
+            _summary_options(p)
         p.set_defaults(run=module.run)
     return parser
 

@@ -27,7 +27,6 @@ for FCN-AlexNet the first row's cumulative offset, 18.
 mismatch); --fix OUT writes the net with the computed offsets, editing only those
 values in the text (comments and formatting are kept).
 """
-import argparse
 import ast
 import os
 import re
@@ -35,7 +34,8 @@ from fractions import Fraction
 
 from caffeish import geometry, io, report
 from caffeish.errors import CaffeishError, GraphError, ShapeError
-from caffeish.graph import Graph, layer_included, make_state, parse_shape
+from caffeish.options import add_net_state_options
+from caffeish.graph import Graph, layer_included, make_state
 from caffeish.schema import TEST, pb
 from caffeish.upgrade import upgrade_net
 
@@ -971,13 +971,6 @@ def fix_file(net_path, out_path, phase=TEST, level=0, stages=(), input_shapes=No
 # -- the command ------------------------------------------------------------------------------------------------
 
 
-def _input_shape(text):
-    if "=" not in text:
-        raise CaffeishError(f"expected NAME=N,C,H,W, got '{text}'")
-    name, dims = text.split("=", 1)
-    return name.strip(), parse_shape(dims)
-
-
 def add_arguments(p):
     p.add_argument("net", help="net definition (.prototxt; a .caffemodel also works for the table)")
     p.add_argument("--from", dest="start", metavar="BLOB", help="start the paths at this blob")
@@ -988,19 +981,7 @@ def add_arguments(p):
     mode.add_argument("--check", action="store_true",
                       help="compare every Crop's offset with the computed one; exit 1 on any mismatch")
     mode.add_argument("--fix", metavar="OUT", help="write the net with computed Crop offsets to OUT")
-    p.add_argument("--phase", default="TEST", type=str.upper, choices=["TRAIN", "TEST"],
-                   help="net state phase used to filter layers (default TEST)")
-    p.add_argument("--stage", action="append", default=[], help="net state stage (repeatable)")
-    p.add_argument("--level", type=int, default=0, help="net state level (default 0)")
-    p.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME=N,C,H,W",
-                   help="shape of an input blob, for the Pooling rounding notes (repeatable)")
-
-
-def _shape_arg(text):
-    try:
-        return _input_shape(text)
-    except CaffeishError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    add_net_state_options(p, input_help="shape of an input blob, for the Pooling rounding notes (repeatable)")
 
 
 def run(args):

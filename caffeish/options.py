@@ -1,0 +1,26 @@
+"""Command-line options shared by the tools that build a net's graph (summary, offsets)."""
+import argparse
+
+from caffeish.errors import CaffeishError
+from caffeish.graph import parse_shape
+
+
+def input_shape_arg(text):
+    """argparse type for NAME=N,C,H,W -> (name, shape)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME=N,C,H,W, got '{text}'")
+    name, dims = text.split("=", 1)
+    try:
+        return name.strip(), parse_shape(dims)
+    except CaffeishError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_net_state_options(p, input_help="shape of an input blob, e.g. data=1,3,500,500 (repeatable)"):
+    """--phase, --stage, --level and --input-shape: the NetState and input shapes of the graph."""
+    p.add_argument("--phase", default="TEST", type=str.upper, choices=["TRAIN", "TEST"],
+                   help="net state phase used to filter layers (default TEST)")
+    p.add_argument("--stage", action="append", default=[], help="net state stage (repeatable)")
+    p.add_argument("--level", type=int, default=0, help="net state level (default 0)")
+    p.add_argument("--input-shape", action="append", type=input_shape_arg, default=[], metavar="NAME=N,C,H,W",
+                   help=input_help)
