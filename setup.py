@@ -38,6 +38,8 @@ setup(
         "numpy>=2.0",
         "pillow>=10.0",
         "lmdb>=1.4",
+        # Progress bars for folders, datasets and downloads (caffeish/progress.py).
+        "tqdm>=4.66",
     ],
     extras_require={
         "gpu": ["cupy-cuda12x>=13.0"],

@@ -65,6 +65,19 @@ def set_device(device_id):
     _state["device"] = int(device_id)
 
 
+def for_device(device):
+    """The backend name for a device string: "cpu" -> numpy; "cuda" or "cuda:N" -> cupy on GPU N."""
+    text = str(device).strip().lower()
+    if text == "cpu":
+        return "numpy"
+    kind, _, index = text.partition(":")
+    if kind in ("cuda", "gpu") and (index == "" or index.isdigit()):
+        if index:
+            set_device(int(index))
+        return "cupy"
+    raise UnsupportedError(f"unknown device '{device}': use 'cpu', 'cuda' or 'cuda:N'")
+
+
 def mode():
     return _state["mode"]
 

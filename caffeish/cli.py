@@ -4,17 +4,24 @@ Errors a user can act on (CaffeishError) are printed as one line on stderr
 with exit status 1; no traceback.
 """
 import argparse
+import importlib
 import sys
 
 from caffeish.errors import CaffeishError
 from caffeish.options import add_net_state_options
 from caffeish.report import FORMATS
-from caffeish.tools import offsets, summary, upgrade
 
+# name -> (module in caffeish.tools, help).  Each module has add_arguments(parser) and run(args).
 TOOLS = {
-    "summary": (summary, "one row per layer: shapes, parameters, multiply-accumulates"),
-    "offsets": (offsets, "per-layer coordinate offsets (Table 2 of DIGITS' FCN post); check or fix Crop offsets"),
-    "upgrade": (upgrade, "rewrite a legacy V0/V1 prototxt or caffemodel in the current format"),
+    "summary": ("summary", "one row per layer: shapes, parameters, multiply-accumulates"),
+    "offsets": ("offsets", "per-layer coordinate offsets (Table 2 of DIGITS' FCN post); check or fix Crop offsets"),
+    "upgrade": ("upgrade", "rewrite a legacy V0/V1 prototxt or caffemodel in the current format"),
+    "surgery": ("surgery", "net surgery: convolutionalize, transplant weights, bilinear upsampling, build an FCN"),
+    "classify": ("classify", "classify images (a file or folders) with a trained net"),
+    "segment": ("segment", "segment images with a fully convolutional net; palette and overlay PNGs"),
+    "dataset": ("dataset", "build and inspect DIGITS-style LMDB datasets (segmentation, classification)"),
+    "evaluate": ("evaluate", "run a TEST-phase net like `caffe test`; segmentation metrics (mean IU, ...)"),
+    "store": ("store", "model store: build, serve, list, pull and verify pretrained nets"),
 }
 
 
@@ -29,7 +36,8 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="caffeish", description="A Caffe-compatible toolchain.")
     sub = parser.add_subparsers(dest="tool", metavar="TOOL")
     sub.required = True
-    for name, (module, help_text) in TOOLS.items():
+    for name, (module_name, help_text) in TOOLS.items():
+        module = importlib.import_module(f"caffeish.tools.{module_name}")
         p = sub.add_parser(name, help=help_text, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)

@@ -58,6 +58,7 @@ class Net(PycaffeNetMixin):
     keep: False (free intermediates), True (keep every blob) or a list of names.
     input_shapes: {input blob: shape} overriding the prototxt's shapes.
     backend: "numpy", "cupy" or None (caffeish.set_mode_cpu/gpu decides).
+    device: "cpu", "cuda" or "cuda:N" (overrides backend; N selects the GPU).
     seed: the fillers' random seed, so that an unweighted net is reproducible.
 
     pycaffe's positional forms work too: Net(proto, TEST), Net(proto, weights,
@@ -65,7 +66,8 @@ class Net(PycaffeNetMixin):
     """
 
     def __init__(self, network=None, *args, weights=None, phase=None, level=0, stages=(), keep=False,
-                 input_shapes=None, backend=None, seed=0, max_blob_bytes=None, network_file=None):
+                 input_shapes=None, backend=None, seed=0, max_blob_bytes=None, network_file=None,
+                 device=None):
         if network is None:
             network = network_file
         if network is None:
@@ -84,6 +86,8 @@ class Net(PycaffeNetMixin):
         net, self.source = _load_net(network)
         self.graph = Graph(net, self.phase, level, stages, input_shapes, max_blob_bytes)
         self.name = self.graph.name
+        if device is not None:
+            backend = backends.for_device(device)
         self.xp = backends.get(backend)
         backends.tune_allocator()
         self.nodes = self.graph.nodes

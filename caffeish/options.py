@@ -24,3 +24,15 @@ def add_net_state_options(p, input_help="shape of an input blob, e.g. data=1,3,5
     p.add_argument("--level", type=int, default=0, help="net state level (default 0)")
     p.add_argument("--input-shape", action="append", type=input_shape_arg, default=[], metavar="NAME=N,C,H,W",
                    help=input_help)
+
+
+def add_gpu_option(p):
+    """--gpu [ID]: run on a GPU (the CuPy kernels); without it, the CPU (numpy)."""
+    p.add_argument("--gpu", nargs="?", const=0, default=None, type=int, metavar="ID",
+                   help="run on GPU ID (default 0) with caffeish's CUDA kernels; needs CuPy and a GPU")
+
+
+def device_from_args(args):
+    """The Net(device=...) value that --gpu asks for: None (CPU) or "cuda:ID"."""
+    gpu = getattr(args, "gpu", None)
+    return None if gpu is None else f"cuda:{gpu}"

@@ -1,0 +1,10 @@
+"""caffeish classify (being written)."""
+from caffeish.errors import UnsupportedError
+
+
+def add_arguments(p):
+    pass
+
+
+def run(args):
+    raise UnsupportedError("caffeish classify is not finished yet")

@@ -1,0 +1,10 @@
+"""caffeish segment (being written)."""
+from caffeish.errors import UnsupportedError
+
+
+def add_arguments(p):
+    pass
+
+
+def run(args):
+    raise UnsupportedError("caffeish segment is not finished yet")

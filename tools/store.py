@@ -1,0 +1,10 @@
+"""caffeish store (being written)."""
+from caffeish.errors import UnsupportedError
+
+
+def add_arguments(p):
+    pass
+
+
+def run(args):
+    raise UnsupportedError("caffeish store is not finished yet")
