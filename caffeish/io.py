@@ -305,22 +305,24 @@ def _own_records(records, mapped, base):
             r.diff = _copy_out(r.diff, mapped, base)
 
 
-def read_caffemodel(path, upgrade=True):
+def read_caffemodel(path, upgrade=True, copy=True):
     """Read a binary NetParameter into a Model (layer definitions + numpy blobs).
 
     Every blob becomes its own float32/float64 array (aligned, writable); the
     file is mapped, scanned and copied layer by layer, so the peak memory is
-    about one copy of the weights.
+    about one copy of the weights.  `copy=False` leaves every blob a read-only
+    view over the mapped file, read from disk only when used: checking shapes
+    (e.g. weights.bind) then costs a few pages, whatever the file's size.
     """
     mapped = _map_file(path, "caffemodel")
     try:
-        return _read_caffemodel(path, mapped, upgrade)
+        return _read_caffemodel(path, mapped, upgrade, copy)
     finally:
         with contextlib.suppress(BufferError):
             mapped.close()  # refused only while something still views it; then the GC closes it
 
 
-def _read_caffemodel(path, buf, upgrade):
+def _read_caffemodel(path, buf, upgrade, copy=True):
     mv = memoryview(buf)
     base = np.frombuffer(mv, dtype=np.uint8, count=1).ctypes.data  # the mapping's address
     skeleton = bytearray()
@@ -336,7 +338,8 @@ def _read_caffemodel(path, buf, upgrade):
                 else:
                     current = _name_in(mv, vs, ve, V1_NAME)
                     stripped, records = _strip_blobs(mv, vs, ve, V1_BLOBS, nested=(V1_V0LAYER, V0_BLOBS))
-                _own_records(records, buf, base)
+                if copy:
+                    _own_records(records, buf, base)
                 skeleton += wire.tag(field, wire.LENGTH) + wire.encode_varint(len(stripped)) + stripped
                 blobs.append(records)
                 index += 1
@@ -396,6 +399,12 @@ def read_binaryproto(path):
 # ---------------------------------------------------------------------------- writing
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output(path, inputs=()):
     """Open a temp file beside `path` for binary writing; rename it over `path` on success.
@@ -409,6 +418,8 @@ def atomic_output(path, inputs=()):
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        # mkstemp makes the file owner-only (0600); give it the mode a plain open() would.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

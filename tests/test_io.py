@@ -260,6 +260,16 @@ def test_writes_are_atomic_and_never_touch_inputs(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["in.prototxt", "out.caffemodel"]
 
 
+def test_written_files_get_the_umask_mode_not_the_temp_files_private_one(tmp_path):
+    out = tmp_path / "mean.binaryproto"
+    old = os.umask(0o022)
+    try:
+        io.write_binaryproto(out, np.zeros((1, 2, 2), np.float32))
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o644
+
+
 def test_prototxt_with_byte_order_mark(tmp_path):
     p = tmp_path / "bom.prototxt"
     p.write_bytes(b"\xef\xbb\xbfname: \"n\"\n")
