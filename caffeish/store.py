@@ -1,0 +1,430 @@
+"""The model store format: model folders, their readme front matter, and index.json.
+
+A store is a directory (served as is over HTTP by caffeish.store_server) with
+one folder per model and an index.json that `build_index` writes:
+
+    STORE/index.json
+    STORE/fcn_alexnet/deploy.prototxt       required
+    STORE/fcn_alexnet/weights.caffemodel    required (or the file the readme's `caffemodel:` names)
+    STORE/fcn_alexnet/train_val.prototxt    optional
+    STORE/fcn_alexnet/mean.binaryproto      optional
+    STORE/fcn_alexnet/labels.txt            optional, one class name per line
+    STORE/fcn_alexnet/readme.md             Caffe Model Zoo front matter + free text
+
+The readme front matter is the Caffe Model Zoo's: a block between two `---`
+lines with `key: value` lines (name, caffemodel, caffemodel_url, sha1, license,
+gist_id, caffe_commit, ...).  Caffe's scripts/download_model_binary.py read it
+to fetch `caffemodel_url` and check the file's sha1; `verify_folder` does that
+check here.  Our own keys (description, task, classes, input_shape) override
+what `describe_model` infers from the net.
+
+index.json lists every model that validated (the net parses, its shapes
+infer, its weights bind): name, title, description, task, input shape,
+classes, license, the Model Zoo keys, and every file with its size and sha256
+(and sha1 where the readme gives one).  Hashes are computed in chunks: a
+caffemodel is never held in memory to be hashed.
+"""
+import hashlib
+import json
+import os
+import posixpath
+import re
+
+from caffeish import io, weights
+from caffeish.errors import CaffeishError, CorruptFileError
+from caffeish.graph import Graph, parse_shape
+
+INDEX = "index.json"
+FORMAT = "caffeish-store"
+VERSION = 1
+DEPLOY = "deploy.prototxt"
+WEIGHTS = "weights.caffemodel"
+TRAIN_VAL = "train_val.prototxt"
+MEAN = "mean.binaryproto"
+LABELS = "labels.txt"
+README = "readme.md"
+HASH_CHUNK = 1 << 20
+SEGMENTATION_TYPES = ("Deconvolution", "Crop")
+
+
+class ChecksumError(CorruptFileError):
+    """A file whose size, sha256 or sha1 is not the one its store or readme records."""
+
+
+# ---------------------------------------------------------------------------- hashing
+
+
+def hash_file(path, algorithms=("sha256",), start_hashes=None, chunk=HASH_CHUNK):
+    """{algorithm: hexdigest} of a file, read in chunks into one reused buffer."""
+    hashes = start_hashes or {a: hashlib.new(a) for a in algorithms}
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while True:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                for h in hashes.values():
+                    h.update(view[:n])
+    except OSError as e:
+        raise CaffeishError(f"{path}: cannot read: {e.strerror}") from None
+    return {a: h.hexdigest() for a, h in hashes.items()}
+
+
+# ---------------------------------------------------------------------------- readme
+
+
+def parse_front_matter(text):
+    """The Caffe Model Zoo front matter of a readme.md: ({key: value}, body text).
+
+    Only the simple `key: value` lines are read (quotes stripped); nested YAML
+    and lists are skipped, as no key we use needs them.  No front matter gives ({}, text).
+    """
+    lines = text.lstrip("\ufeff").splitlines()
+    if not lines or lines[0].strip() != "---":
+        return {}, text
+    meta = {}
+    for i, line in enumerate(lines[1:], start=1):
+        if line.strip() == "---":
+            return meta, "\n".join(lines[i + 1:])
+        m = re.match(r"^([A-Za-z_][\w-]*)\s*:\s*(.*?)\s*$", line)
+        if m:
+            value = m.group(2)
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            meta[m.group(1)] = value
+    return {}, text  # no closing '---': not front matter
+
+
+def read_readme(folder):
+    """({front matter}, body) of folder/readme.md, or ({}, "") when there is none."""
+    path = os.path.join(folder, README)
+    if not os.path.isfile(path):
+        return {}, ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return parse_front_matter(f.read())
+
+
+def first_paragraph(body, limit=300):
+    """The first paragraph of a markdown body that is not a heading, on one line."""
+    for block in re.split(r"\n\s*\n", body):
+        text = " ".join(line.strip() for line in block.splitlines() if not line.lstrip().startswith("#"))
+        text = " ".join(text.split())
+        if text:
+            return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
+    return ""
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def safe_name(name):
+    """True for a plain file or folder name: no separators, not hidden, not '.' or '..'."""
+    return (isinstance(name, str) and name and not name.startswith(".") and "/" not in name
+            and "\\" not in name and "\0" not in name)
+
+
+def input_shapes_from(meta, graph_sources=None):
+    """{blob: shape} from the front matter's input_shape (`1,3,227,227` or `data=1,3,227,227;...`)."""
+    text = meta.get("input_shape", "").strip()
+    if not text:
+        return None
+    shapes = {}
+    for part in re.split(r"[;\s]+", text):
+        if not part:
+            continue
+        if "=" in part:
+            name, dims = part.split("=", 1)
+            shapes[name.strip()] = parse_shape(dims)
+        else:
+            shapes["data"] = parse_shape(part)
+    return shapes
+
+
+def check_net(deploy, weights_path, input_shapes=None):
+    """Caffe's own checks on a model: the net parses, its shapes infer, its weights bind.
+
+    The weights are checked without copying them (views over the mapped file),
+    so a 500 MB caffemodel costs a few pages.  Returns the Graph.
+    """
+    net = io.read_net(deploy)
+    graph = Graph(net, phase="TEST", input_shapes=input_shapes)
+    model = io.read_caffemodel(weights_path, copy=False)
+    binding = weights.bind(graph, model, source=str(weights_path))
+    if not binding.arrays:
+        raise CaffeishError(
+            f"{weights_path}: no layer of the weights matches a layer of {deploy} "
+            f"(net layers with parameters: {', '.join(binding.missing) or 'none'})")
+    if binding.missing:
+        raise CaffeishError(
+            f"{weights_path}: layers {', '.join(binding.missing)} of {deploy} have no weights "
+            f"(a pretrained model must hold them all)")
+    return graph
+
+
+def describe_graph(graph):
+    """(task, {input: shape}, classes) inferred from a deploy net's graph.
+
+    A net whose output keeps spatial dimensions, or that upsamples
+    (Deconvolution, Crop), is a segmentation net; otherwise a classifier.
+    The classes are the channels of the last output.
+    """
+    inputs = {b: list(graph.blob_shapes[b]) for b in graph.sources}
+    out = graph.outputs[-1] if graph.outputs else None
+    shape = graph.blob_shapes.get(out, ()) if out else ()
+    spatial = len(shape) >= 4 and any(d > 1 for d in shape[2:])
+    upsamples = any(n.type in SEGMENTATION_TYPES for n in graph.nodes)
+    task = "segmentation" if spatial or upsamples else "classification"
+    classes = int(shape[1]) if len(shape) >= 2 else (int(shape[0]) if shape else None)
+    return task, inputs, classes
+
+
+def weights_file(folder, meta):
+    """The caffemodel of a model folder: the readme's `caffemodel:`, else weights.caffemodel, else the only one."""
+    named = meta.get("caffemodel")
+    if named and safe_name(named) and os.path.isfile(os.path.join(folder, named)):
+        return named
+    if os.path.isfile(os.path.join(folder, WEIGHTS)):
+        return WEIGHTS
+    found = sorted(n for n in os.listdir(folder) if n.endswith(".caffemodel") and not n.startswith("."))
+    if len(found) == 1:
+        return found[0]
+    if named:
+        raise CaffeishError(f"{folder}: the readme names caffemodel '{named}', which is not in the folder")
+    if found:
+        raise CaffeishError(f"{folder}: several caffemodels ({', '.join(found)}) and none is {WEIGHTS}")
+    raise CaffeishError(f"{folder}: no {WEIGHTS} (every store model needs its pretrained weights)")
+
+
+def _labels_count(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def describe_model(folder, name=None, path=None):
+    """Validate one model folder and return its index entry (raises CaffeishError when it fails).
+
+    `name` defaults to the folder's name; `path` is the folder relative to the
+    index (default: the name).
+    """
+    folder = os.fspath(folder)
+    name = name or os.path.basename(os.path.normpath(folder))
+    meta, body = read_readme(folder)
+    deploy = os.path.join(folder, DEPLOY)
+    if not os.path.isfile(deploy):
+        raise CaffeishError(f"{folder}: no {DEPLOY}")
+    caffemodel = weights_file(folder, meta)
+    graph = check_net(deploy, os.path.join(folder, caffemodel), input_shapes_from(meta))
+    if os.path.isfile(os.path.join(folder, TRAIN_VAL)):
+        io.read_net(os.path.join(folder, TRAIN_VAL))
+    if os.path.isfile(os.path.join(folder, MEAN)):
+        io.read_binaryproto(os.path.join(folder, MEAN))
+    task, inputs, classes = describe_graph(graph)
+    if os.path.isfile(os.path.join(folder, LABELS)):
+        classes = _labels_count(os.path.join(folder, LABELS))
+    if meta.get("classes", "").strip():
+        try:
+            classes = int(meta["classes"])
+        except ValueError:
+            raise CaffeishError(f"{folder}/{README}: classes must be a number, not '{meta['classes']}'") from None
+    task = meta.get("task", "").strip() or task
+    files = []
+    for fname in sorted(os.listdir(folder)):
+        full = os.path.join(folder, fname)
+        if not safe_name(fname) or fname == INDEX or not os.path.isfile(full):
+            continue
+        algorithms = ("sha256", "sha1") if fname == caffemodel and meta.get("sha1") else ("sha256",)
+        digests = hash_file(full, algorithms)
+        entry = {"name": fname, "size": os.path.getsize(full), "sha256": digests["sha256"]}
+        if "sha1" in digests:
+            if digests["sha1"] != meta["sha1"].strip().lower():
+                raise ChecksumError(
+                    f"{full}: sha1 is {digests['sha1']}, but {README} says {meta['sha1']} "
+                    f"(the weights are not the ones the readme describes)")
+            entry["sha1"] = digests["sha1"]
+        files.append(entry)
+    first = next(iter(inputs.values()), None)
+    return {
+        "name": name,
+        "title": meta.get("name", name),
+        "description": meta.get("description") or first_paragraph(body),
+        "task": task,
+        "input_shape": first,
+        "inputs": inputs,
+        "classes": classes,
+        "license": meta.get("license", ""),
+        "path": path if path is not None else name,
+        "deploy": DEPLOY,
+        "weights": caffemodel,
+        "zoo": {k: v for k, v in meta.items() if k not in ("description", "task", "classes", "input_shape")},
+        "files": files,
+    }
+
+
+# ---------------------------------------------------------------------------- index
+
+
+def make_index(models):
+    return {"format": FORMAT, "version": VERSION, "models": list(models)}
+
+
+def write_index(path, index):
+    with io.atomic_output(path) as f:
+        f.write((json.dumps(index, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def human_size(n):
+    """Bytes as '3.2 MB' / '3.6 kB' / '12 B' (powers of 1000, as download sizes are usually given)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def build_index(root, write=True, on_model=None):
+    """Scan the model folders of a store, validate each, write index.json.
+
+    Returns (index, failures): failures is [(folder name, message)] for the
+    models left out; they are never listed.  `on_model(name, entry_or_None,
+    error_or_None)` is called as each folder is done.
+    """
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise CaffeishError(f"{root}: not a directory")
+    models, failures = [], []
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if not safe_name(name) or not os.path.isdir(folder):
+            continue
+        try:
+            entry = describe_model(folder, name)
+        except CaffeishError as e:
+            failures.append((name, str(e)))
+            if on_model:
+                on_model(name, None, str(e))
+            continue
+        models.append(entry)
+        if on_model:
+            on_model(name, entry, None)
+    index = make_index(models)
+    if write:
+        write_index(os.path.join(root, INDEX), index)
+    return index, failures
+
+
+def check_index(index, where):
+    """Check an index document's structure and names (a store is untrusted input); returns it."""
+    if not isinstance(index, dict) or not isinstance(index.get("models"), list):
+        raise CaffeishError(f"{where}: not a model store index (no 'models' list)")
+    for m in index["models"]:
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str) or not isinstance(m.get("files"), list):
+            raise CaffeishError(f"{where}: a model entry lacks its name or files")
+        path = m.get("path", m["name"])
+        if path != "." and not all(safe_name(p) for p in str(path).split("/")):
+            raise CaffeishError(f"{where}: model '{m['name']}' has an unsafe path '{path}'")
+        for f in m["files"]:
+            if not isinstance(f, dict) or not safe_name(f.get("name")):
+                raise CaffeishError(f"{where}: model '{m['name']}' lists an unsafe file name {f.get('name')!r}")
+            if not isinstance(f.get("size"), int) or not isinstance(f.get("sha256"), str):
+                raise CaffeishError(f"{where}: model '{m['name']}' file '{f['name']}' lacks its size or sha256")
+    return index
+
+
+def parse_index(data, where):
+    try:
+        index = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CaffeishError(f"{where}: not a model store index ({e})") from None
+    return check_index(index, where)
+
+
+def read_index(root):
+    path = os.path.join(root, INDEX)
+    if not os.path.isfile(path):
+        raise CaffeishError(f"{root}: no {INDEX} (run `caffeish store build {root}` first)")
+    with open(path, "rb") as f:
+        return parse_index(f.read(), path)
+
+
+def find_model(index, name, where):
+    """The entry named `name` (exact, else case-insensitive on name or title)."""
+    models = index["models"]
+    for m in models:
+        if m["name"] == name:
+            return m
+    low = name.lower()
+    hits = [m for m in models if m["name"].lower() == low or str(m.get("title", "")).lower() == low]
+    if len(hits) == 1:
+        return hits[0]
+    names = ", ".join(m["name"] for m in models) or "none"
+    raise CaffeishError(f"{where}: no model named '{name}' (models: {names})")
+
+
+def model_dir(root, entry):
+    return os.path.normpath(os.path.join(root, *posixpath.normpath(entry.get("path", entry["name"])).split("/")))
+
+
+# ---------------------------------------------------------------------------- verify
+
+
+def check_file(path, expected):
+    """'ok' or what is wrong with a file against an index file entry {size, sha256[, sha1]}."""
+    if not os.path.isfile(path):
+        return "missing"
+    size = os.path.getsize(path)
+    if size != expected["size"]:
+        return f"size {size}, expected {expected['size']}"
+    algorithms = ("sha256", "sha1") if expected.get("sha1") else ("sha256",)
+    digests = hash_file(path, algorithms)
+    for a in algorithms:
+        if digests[a] != str(expected[a]).lower():
+            return f"{a} {digests[a]}, expected {expected[a]}"
+    return "ok"
+
+
+def verify_folder(folder):
+    """Check a store, a pulled model or a Model Zoo folder: [{model, file, check, status}].
+
+    With an index.json, every file it lists (size, sha256, sha1); otherwise the
+    readme.md front matter's sha1 of its caffemodel, as Caffe's
+    download_model_binary.py did (and each subfolder's readme for a store
+    without an index).
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise CaffeishError(f"{folder}: not a directory")
+    rows = []
+    if os.path.isfile(os.path.join(folder, INDEX)):
+        index = read_index(folder)
+        for entry in index["models"]:
+            base = model_dir(folder, entry)
+            for f in entry["files"]:
+                rows.append({"model": entry["name"], "file": f["name"],
+                             "check": "sha256+sha1" if f.get("sha1") else "sha256",
+                             "status": check_file(os.path.join(base, f["name"]), f)})
+        return rows
+    folders = [folder] if os.path.isfile(os.path.join(folder, README)) else [
+        os.path.join(folder, n) for n in sorted(os.listdir(folder))
+        if safe_name(n) and os.path.isfile(os.path.join(folder, n, README))]
+    if not folders:
+        raise CaffeishError(f"{folder}: nothing to verify against (no {INDEX} and no {README})")
+    for sub in folders:
+        meta, _ = read_readme(sub)
+        name = meta.get("name") or os.path.basename(os.path.normpath(sub))
+        if not meta.get("sha1"):
+            rows.append({"model": name, "file": README, "check": "sha1", "status": "no sha1 in the front matter"})
+            continue
+        try:
+            caffemodel = weights_file(sub, meta)
+        except CaffeishError:
+            caffemodel = meta.get("caffemodel") or WEIGHTS
+        path = os.path.join(sub, caffemodel)
+        if not os.path.isfile(path):
+            status = "missing"
+        else:
+            got = hash_file(path, ("sha1",))["sha1"]
+            want = meta["sha1"].strip().lower()
+            status = "ok" if got == want else f"sha1 {got}, expected {want}"
+        rows.append({"model": name, "file": caffemodel, "check": "sha1", "status": status})
+    return rows
