@@ -1,0 +1,492 @@
+"""Build a segmentation FCN from a classifier: the DIGITS 5 post's FCN-Alexnet recipe, and FCN-16s/8s.
+
+`build_fcn(classifier, model, classes=K)`:
+
+1. Convolutionalize (caffeish.surgery.convolutionalize, equivalence checked).
+2. Keep the layers that compute the classifier's last layer (its input blobs'
+   ancestors), with the net's data layers turned into Input layers; drop what
+   follows (Softmax "prob", losses, accuracy).
+3. Pad the first Convolution (100 by default, as DIGITS and FCN do), so that
+   any input size gives a score map that covers the image.
+4. Replace the last classifier layer by `score_fr`, a K-way Convolution of the
+   same geometry: its weights are kept when K equals the classifier's class
+   count, else msra-initialised; with keep_classes the first classes keep the
+   classifier's weights (fcn.berkeleyvision.org's expand_score).
+5. `upscore`: a Deconvolution with stride S = the net's total stride at
+   score_fr, kernel 2S or 2S-1 (the first that makes the Crop offset a whole
+   number: 63 for AlexNet, 64 for VGG-16), group K, no bias, lr_mult 0 and
+   bilinear weights; then the Crop `score` to the data blob, its offset
+   computed by caffeish.tools.offsets (18 for AlexNet).
+6. skips (e.g. ("pool4", "pool3")): FCN-16s/8s.  Per pool, coarse to fine: a x2
+   (or xF) Deconvolution of the current scores, a zero-initialised 1x1 `score_<pool>`
+   Convolution on the pool, a Crop `score_<pool>c` of it to the upsampled
+   scores (offset computed) and an Eltwise SUM `fuse_<pool>`; the last fuse is
+   upsampled to the input (`upscore8` for FCN-8s).  Names follow voc-fcn8s.
+
+Both a deploy net and a train/val net are built.  The train/val net reads the
+dataset layout of `caffeish dataset` (DATASET/train_db/features and labels,
+val_db/..., mean.binaryproto) with Data layers and ends with SoftmaxWithLoss
+(normalize: false) and Accuracy (TEST phase).
+"""
+import os
+from fractions import Fraction
+
+import numpy as np
+
+from caffeish import fillers
+from caffeish.errors import CaffeishError, GraphError, ShapeError
+from caffeish.graph import Graph
+from caffeish.schema import TEST, TRAIN, pb
+from caffeish.surgery import (Report, bilinear_weights, blob_lists, convolutionalize, graph_nodes, load_model,
+                              load_net)
+
+
+class FCN:
+    """The result of build_fcn: deploy and train/val NetParameters, weights, and what was done."""
+
+    def __init__(self, deploy, train_val, blobs, report, conv_report, data_blob, stride, offsets):
+        self.deploy = deploy
+        self.train_val = train_val
+        self.blobs = blobs  # aligned with deploy.layer (None without classifier weights)
+        self.report = report
+        self.conv_report = conv_report
+        self.data_blob = data_blob
+        self.stride = stride
+        self.offsets = offsets  # {Crop name: offset}
+
+    def arrays(self):
+        """{layer name: [array, ...]} of the weights."""
+        if self.blobs is None:
+            return {}
+        return {l.name: b for l, b in zip(self.deploy.layer, self.blobs) if b}
+
+
+# -- layer builders ---------------------------------------------------------------------------------
+
+
+def _score_conv(name, bottom, classes, filler="constant"):
+    """A 1x1 K-way Convolution with FCN's param specs (lr 1/2, decay 1/0)."""
+    layer = pb.LayerParameter(name=name, type="Convolution")
+    layer.bottom.append(bottom)
+    layer.top.append(name)
+    for lr, decay in ((1, 1), (2, 0)):
+        spec = layer.param.add()
+        spec.lr_mult, spec.decay_mult = lr, decay
+    cp = layer.convolution_param
+    cp.num_output = classes
+    cp.kernel_size.append(1)
+    cp.weight_filler.type = filler
+    cp.bias_filler.type = "constant"
+    return layer
+
+
+def _deconv(name, bottom, classes, kernel, stride):
+    """A per-class bilinear upsampling: group = num_output = K, no bias, lr_mult 0."""
+    layer = pb.LayerParameter(name=name, type="Deconvolution")
+    layer.bottom.append(bottom)
+    layer.top.append(name)
+    layer.param.add().lr_mult = 0
+    cp = layer.convolution_param
+    cp.num_output = classes
+    cp.group = classes
+    cp.bias_term = False
+    cp.kernel_size.append(kernel)
+    cp.stride.append(stride)
+    cp.weight_filler.type = "bilinear"
+    return layer
+
+
+def _crop(name, data, reference, offset=0):
+    layer = pb.LayerParameter(name=name, type="Crop")
+    layer.bottom.extend([data, reference])
+    layer.top.append(name)
+    layer.crop_param.axis = 2
+    layer.crop_param.offset.append(offset)
+    return layer
+
+
+def _fuse(name, a, b):
+    layer = pb.LayerParameter(name=name, type="Eltwise")
+    layer.bottom.extend([a, b])
+    layer.top.append(name)
+    layer.eltwise_param.operation = pb.EltwiseParameter.SUM
+    return layer
+
+
+def _net(name, layers):
+    net = pb.NetParameter(name=name)
+    for layer in layers:
+        net.layer.add().CopyFrom(layer)
+    return net
+
+
+# -- geometry through the offsets tool --------------------------------------------------------------------
+
+
+def _stride(net, blob):
+    """The total stride S of `blob` relative to the net input (the offsets tool's cumulative scaling 1/S)."""
+    from caffeish.tools import offsets
+
+    rows = offsets.offset_table(net, to=blob)
+    if not rows:
+        return 1
+    scales = set(rows[-1]["cum_scale"])
+    if len(scales) != 1:
+        raise ShapeError(f"blob '{blob}' has different strides along its spatial axes "
+                         f"({', '.join(str(1 / s) for s in rows[-1]['cum_scale'])}); an FCN needs one stride")
+    stride = 1 / Fraction(scales.pop())
+    if stride.denominator != 1 or stride < 1:
+        raise ShapeError(f"blob '{blob}' is at scale {1 / stride} of the input, not a whole stride")
+    return int(stride)
+
+
+def _crop_result(net, crop_name):
+    """(computed offset or None, error or None) of one Crop, from the offsets tool."""
+    from caffeish.tools import offsets
+
+    analysis = offsets.analyze(net)
+    for crop in analysis.crops:
+        if crop.name == crop_name:
+            if crop.error is not None:
+                return None, crop.error
+            values = set(crop.computed)
+            if len(values) != 1:
+                return None, f"the offsets differ per axis ({', '.join(str(v) for v in crop.computed)})"
+            return values.pop(), None
+    raise GraphError(f"internal: Crop '{crop_name}' not found")
+
+
+def _choose_kernel(layers, make_deconv, crop, factor, fixed=None):
+    """Add the deconvolution whose kernel (2F, then 2F-1, or `fixed`) gives `crop` a whole offset.
+
+    layers: the net so far; make_deconv(kernel) -> the Deconvolution; crop: the
+    Crop layer that follows it (offset filled in).  Returns (deconv, crop, kernel, offset).
+    """
+    candidates = [fixed] if fixed else [2 * factor, 2 * factor - 1]
+    errors = []
+    for k in candidates:
+        deconv = make_deconv(k)
+        trial = _net("trial", layers + [deconv, crop])
+        offset, error = _crop_result(trial, crop.name)
+        if error is None:
+            done = pb.LayerParameter()
+            done.CopyFrom(crop)
+            done.crop_param.offset[:] = [offset]
+            return deconv, done, k, offset
+        errors.append(f"kernel {k}: {error}")
+    raise ShapeError(f"Crop '{crop.name}' after Deconvolution '{make_deconv(candidates[0]).name}' (stride {factor}): "
+                     f"no kernel gives a whole crop offset: " + "; ".join(errors)
+                     + ("" if fixed else " (choose one with --upscore-kernel)"))
+
+
+# -- the builder ------------------------------------------------------------------------------------------------
+
+
+def _ancestors(layers, blobs):
+    """The layers (in order) needed to compute `blobs` (in-place layers included)."""
+    needed, keep = set(blobs), []
+    for layer in reversed(layers):
+        if any(t in needed for t in layer.top):
+            keep.append(layer)
+            needed.update(layer.bottom)
+    return keep[::-1]
+
+
+def _input_layer(layer, tops, shapes):
+    """An Input layer for a data layer's used tops, with the graph's shapes."""
+    if layer.type == "Input" and list(layer.top) == list(tops):
+        out = pb.LayerParameter()
+        out.CopyFrom(layer)
+        del out.include[:]
+        del out.exclude[:]
+        return out
+    out = pb.LayerParameter(name=layer.name, type="Input")
+    out.top.extend(tops)
+    for t in tops:
+        out.input_param.shape.add().dim.extend(shapes[t])
+    return out
+
+
+def _classifier_layer(graph):
+    nodes = graph_nodes(graph)
+    last = None
+    for layer in graph.filtered.layer:
+        node = nodes.get(layer.name)
+        if node is not None and node.type == "Convolution" and node.param_shapes:
+            last = layer
+    if last is None:
+        raise GraphError("the classifier has no Convolution or InnerProduct layer to turn into the score layer")
+    return last, nodes[last.name]
+
+
+def _pad_first_conv(body, pad, report):
+    for layer in body:
+        if layer.type == "Convolution":
+            cp = layer.convolution_param
+            old = list(cp.pad) or ([cp.pad_h, cp.pad_w] if cp.HasField("pad_h") or cp.HasField("pad_w") else [0])
+            del cp.pad[:]
+            cp.ClearField("pad_h")
+            cp.ClearField("pad_w")
+            cp.pad.append(pad)
+            report.rows.append({"step": "pad", "layer": layer.name,
+                                "detail": f"pad {','.join(str(p) for p in old)} -> {pad}"})
+            return layer.name
+    raise GraphError("the classifier has no Convolution layer to pad")
+
+
+def _score_weights(cls_arrays, shapes, classes, old_classes, keep_classes, rng):
+    """score_fr's blobs: the classifier's (K equal), msra (else), or expanded (keep_classes)."""
+    w_shape = shapes[0]
+    if classes == old_classes and cls_arrays is not None:
+        return [np.asarray(a) for a in cls_arrays], "kept the classifier's weights"
+    msra = pb.FillerParameter(type="msra")
+    weights = [fillers.fill(msra, w_shape, rng, what="score_fr weights")]
+    weights += [np.zeros(s, np.float32) for s in shapes[1:]]
+    if keep_classes and cls_arrays is not None:
+        if classes < old_classes:
+            raise CaffeishError(f"--keep-classes: {classes} classes are fewer than the classifier's {old_classes}; "
+                                f"keeping classes only adds new ones after the old ones")
+        for new, old in zip(weights, cls_arrays):
+            new[:old_classes] = np.asarray(old).reshape((old_classes,) + new.shape[1:])
+        return weights, f"classes 0-{old_classes - 1} from the classifier, {classes - old_classes} new (msra)"
+    return weights, "msra weights, zero bias"
+
+
+def build_fcn(classifier, model=None, classes=None, skips=(), pad=100, upscore_kernel=None, keep_classes=False,
+              input_shapes=None, verify=True, dataset=None, mean_file="auto", batch_size=1, ignore_label=255,
+              seed=0):
+    """A segmentation FCN from a classifier (see the module docstring); returns an FCN.
+
+    classifier: prototxt path or NetParameter; model: caffemodel path/Model or
+    None (then only the nets are built, no weights).  classes: K (default: the
+    classifier's class count).  skips: pool blobs for FCN-16s/8s.  pad: the first
+    Convolution's pad (None leaves it).  upscore_kernel: the final
+    Deconvolution's kernel instead of 2S / 2S-1.  dataset: the folder the
+    train/val net's Data layers read (None: paths relative to where Caffe runs).
+    mean_file: "auto" (DATASET/mean.binaryproto), a path, or None (no mean).
+    ignore_label: for the loss and accuracy (None: none).
+    """
+    src = load_net(classifier)
+    model = load_model(model)
+    rng = np.random.default_rng(seed)
+    report = Report([("step", "step"), ("layer", "layer"), ("detail", "detail")])
+    has_ip = any(n.type == "InnerProduct" for n in Graph(src, TEST, input_shapes=input_shapes).nodes)
+    if has_ip:
+        net, blobs, conv_report = convolutionalize(src, model, input_shapes=input_shapes, verify=verify, seed=seed)
+        for r in conv_report.rows:
+            report.rows.append({"step": "convolutionalize", "layer": r["layer"],
+                                "detail": f"{r['kernel']} kernel, {r['old'][0]} -> {r['new'][0]}"})
+    else:
+        net, conv_report = src, None
+        blobs = None if model is None else blob_lists(net, model.layer_blobs())
+    arrays = {} if blobs is None else {l.name: list(b) for l, b in zip(net.layer, blobs) if b}
+    graph = Graph(net, TEST, input_shapes=input_shapes)
+    cls, cls_node = _classifier_layer(graph)
+    old_classes = cls.convolution_param.num_output
+    classes = old_classes if classes is None else int(classes)
+    if classes < 1:
+        raise CaffeishError(f"--classes must be at least 1, got {classes}")
+    layers = list(graph.filtered.layer)
+    index = [i for i, l in enumerate(layers) if l.name == cls.name][0]
+    body_src = _ancestors(layers[:index], cls.bottom)
+    names = {l.name for l in body_src} | {t for l in body_src for t in l.top}
+    taken = [n for n in ("score_fr", "upscore", "score") if n in names]
+    if taken:
+        raise GraphError(f"the classifier already has layers or blobs named {', '.join(taken)}: is it an FCN already?")
+
+    # Inputs: data layers become Input layers with the graph's shapes; the body is copied.
+    body, inputs = [], []
+    needed = {b for l in body_src for b in l.bottom}
+    for layer in body_src:
+        copy = pb.LayerParameter()
+        copy.CopyFrom(layer)
+        if not layer.bottom:
+            tops = [t for t in layer.top if t in needed]
+            copy = _input_layer(layer, tops, graph.blob_shapes)
+            inputs += tops
+        body.append(copy)
+    first_conv = _pad_first_conv(body, pad, report) if pad is not None else None
+
+    # score_fr: the classifier layer with K outputs.
+    score = pb.LayerParameter()
+    score.CopyFrom(cls)
+    score.name = "score_fr"
+    del score.top[:]
+    score.top.append("score_fr")
+    score.convolution_param.num_output = classes
+    if classes != old_classes:
+        score.convolution_param.weight_filler.CopyFrom(pb.FillerParameter(type="msra"))
+        score.convolution_param.bias_filler.CopyFrom(pb.FillerParameter(type="constant"))
+    score_shapes = [(classes,) + tuple(cls_node.param_shapes[0][1:])] + [(classes,)] * (len(cls_node.param_shapes) - 1)
+    cls_arrays = arrays.get(cls.name)
+    if model is not None:
+        arrays["score_fr"], how = _score_weights(cls_arrays, score_shapes, classes, old_classes, keep_classes, rng)
+    else:
+        how = "weights from its fillers when loaded" if classes != old_classes else "classifier layer renamed"
+    report.rows.append({"step": "score", "layer": "score_fr",
+                        "detail": f"{classes}-way Convolution replacing '{cls.name}' ({old_classes} classes): {how}"})
+    arrays.pop(cls.name, None)
+    layers_out = body + [score]
+
+    probe = _net("probe", layers_out)
+    data_blob = _data_blob(probe, inputs)
+    stride = _stride(probe, "score_fr")
+    current, current_stride = "score_fr", stride
+    offsets = {}
+    skip_blobs = _skip_blobs(skips, body, probe)
+    for i, pool in enumerate(skip_blobs):
+        pool_stride = _stride(probe, pool)
+        factor = Fraction(current_stride, pool_stride)
+        if factor.denominator != 1 or factor <= 1:
+            raise ShapeError(f"--skip {pool}: its stride {pool_stride} does not divide the current stride "
+                             f"{current_stride} of '{current}' into a whole factor above 1")
+        factor = int(factor)
+        tag = pool.replace("/", "_")
+        up_name = f"upscore{factor}" if i == 0 else f"upscore_{_tag(skip_blobs[i - 1])}"
+        score_pool = _score_conv(f"score_{tag}", pool, classes)
+        crop = _crop(f"score_{tag}c", score_pool.name, up_name)
+        deconv, crop, k, off = _choose_kernel(layers_out + [score_pool],
+                                              lambda k, c=current, n=up_name, f=factor: _deconv(n, c, classes, k, f),
+                                              crop, factor)
+        layers_out += [deconv, score_pool, crop, _fuse(f"fuse_{tag}", up_name, crop.name)]
+        offsets[crop.name] = off
+        c_in = graph.blob_shapes[pool][1]
+        if model is not None:
+            arrays[up_name] = [bilinear_weights((classes, 1, k, k), "caffe")]
+            arrays[score_pool.name] = [np.zeros((classes, c_in, 1, 1), np.float32), np.zeros(classes, np.float32)]
+        report.rows.append({"step": "skip", "layer": up_name,
+                            "detail": f"x{factor} Deconvolution, kernel {k}, stride {factor}, group {classes}, bilinear"})
+        report.rows.append({"step": "skip", "layer": score_pool.name,
+                            "detail": f"{classes}-way 1x1 Convolution on '{pool}' ({c_in} channels), zero-initialised"})
+        report.rows.append({"step": "skip", "layer": crop.name, "detail": f"Crop to '{up_name}', offset {off}"})
+        report.rows.append({"step": "skip", "layer": f"fuse_{tag}", "detail": f"Eltwise SUM of '{up_name}' and '{crop.name}'"})
+        current, current_stride = f"fuse_{tag}", pool_stride
+    final_name = "upscore" if not skip_blobs else f"upscore{current_stride}"
+    crop = _crop("score", final_name, data_blob)
+    deconv, crop, k, off = _choose_kernel(layers_out, lambda k: _deconv(final_name, current, classes, k, current_stride),
+                                          crop, current_stride, fixed=upscore_kernel)
+    layers_out += [deconv, crop]
+    offsets["score"] = off
+    if model is not None:
+        arrays[final_name] = [bilinear_weights((classes, 1, k, k), "caffe")]
+    report.rows.append({"step": "upsample", "layer": final_name,
+                        "detail": f"x{current_stride} Deconvolution, kernel {k}, stride {current_stride}, "
+                                  f"group {classes}, no bias, lr_mult 0, bilinear"})
+    report.rows.append({"step": "crop", "layer": "score", "detail": f"Crop to '{data_blob}', offset {off}"})
+
+    name = f"FCN-{src.name}" if src.name else "FCN"
+    deploy = _net(name, layers_out)
+    _check(deploy, data_blob, classes, input_shapes)
+    train_val = _train_val(name, layers_out, inputs, data_blob, graph.blob_shapes, dataset, mean_file, batch_size,
+                           ignore_label)
+    out_blobs = blob_lists(deploy, arrays) if model is not None else None
+    if first_conv is not None:
+        report.notes.append(f"first Convolution '{first_conv}' padded by {pad}")
+    report.notes.append(f"total stride {stride} at score_fr; crop offsets: "
+                        + ", ".join(f"{n} {o}" for n, o in offsets.items()))
+    return FCN(deploy, train_val, out_blobs, report, conv_report, data_blob, stride, offsets)
+
+
+def _tag(blob):
+    return blob.replace("/", "_")
+
+
+def _data_blob(net, inputs):
+    """The net input that score_fr's coordinates come from (the Crop's reference)."""
+    from caffeish.tools import offsets
+
+    a = offsets.analyze(net)
+    target = a.blob_id("score_fr")
+    root = a.name(a.preferred_root(target))
+    if root not in inputs:
+        raise ShapeError(f"the scores' coordinates trace back to '{root}', not to a net input: "
+                         f"{a.root_reason.get(a.preferred_root(target))}")
+    return root
+
+
+def _skip_blobs(skips, body, probe):
+    """The --skip blobs (layer names accepted), coarse to fine, each computed by the body."""
+    blobs = []
+    tops = {t for l in body for t in l.top}
+    by_layer = {l.name: l.top[0] for l in body if l.top}
+    for s in skips or ():
+        s = s.strip()
+        if not s:
+            continue
+        blob = s if s in tops else by_layer.get(s)
+        if blob is None:
+            raise GraphError(f"--skip {s}: no blob or layer of that name before the classifier layer")
+        if blob in blobs:
+            raise GraphError(f"--skip names '{blob}' twice")
+        blobs.append(blob)
+    strides = {b: _stride(probe, b) for b in blobs}
+    return sorted(blobs, key=lambda b: -strides[b])
+
+
+def _check(deploy, data_blob, classes, input_shapes):
+    """The deploy net builds, its Crop offsets agree with the offsets tool, and `score` is N x K x H x W."""
+    from caffeish.tools import offsets
+
+    problems = offsets.check(deploy)
+    if problems:
+        raise ShapeError("internal: the built FCN's crop offsets disagree: " + "; ".join(problems))
+    graph = Graph(deploy, TEST, input_shapes=input_shapes)
+    data, score = graph.blob_shapes[data_blob], graph.blob_shapes["score"]
+    if tuple(score) != (data[0], classes) + tuple(data[2:]):
+        raise ShapeError(f"internal: the score is {score} for data {data}")
+
+
+def _data_layer(name, top, phase, source, batch_size, mean_file=None):
+    layer = pb.LayerParameter(name=name, type="Data")
+    layer.top.append(top)
+    layer.include.add().phase = phase
+    if mean_file:
+        layer.transform_param.mean_file = mean_file
+    dp = layer.data_param
+    dp.source = source
+    dp.batch_size = batch_size
+    dp.backend = pb.DataParameter.LMDB
+    return layer
+
+
+def _train_val(name, layers, inputs, data_blob, shapes, dataset, mean_file, batch_size, ignore_label):
+    """The train/val net: LMDB Data layers (dataset layout), the FCN, SoftmaxWithLoss and Accuracy."""
+    if [t for t in inputs if t != data_blob]:
+        raise GraphError(f"the classifier has several inputs ({', '.join(inputs)}); the train/val net reads one image")
+    root = dataset or ""
+    if mean_file == "auto":
+        mean_file = os.path.join(root, "mean.binaryproto")
+    out = []
+    for phase, db in ((TRAIN, "train_db"), (TEST, "val_db")):
+        out.append(_data_layer(data_blob, data_blob, phase, os.path.join(root, db, "features"), batch_size, mean_file))
+        out.append(_data_layer("label", "label", phase, os.path.join(root, db, "labels"), batch_size))
+    out += [l for l in layers if l.bottom]
+    loss = pb.LayerParameter(name="loss", type="SoftmaxWithLoss")
+    loss.bottom.extend(["score", "label"])
+    loss.top.append("loss")
+    loss.loss_param.normalize = False
+    acc = pb.LayerParameter(name="accuracy", type="Accuracy")
+    acc.bottom.extend(["score", "label"])
+    acc.top.append("accuracy")
+    acc.include.add().phase = TEST
+    if ignore_label is not None:
+        loss.loss_param.ignore_label = ignore_label
+        acc.accuracy_param.ignore_label = ignore_label
+    out += [loss, acc]
+    net = _net(name, out)
+    n, c, h, w = shapes[data_blob]
+    sizes = {data_blob: (batch_size, c, h, w), "label": (batch_size, 1, h, w)}
+    for phase in (TRAIN, TEST):
+        Graph(net, phase, input_shapes=sizes)
+    return net
+
+
+def default_train_val_path(deploy_path):
+    """fcn.deploy.prototxt -> fcn.train_val.prototxt; fcn.prototxt -> fcn_train_val.prototxt."""
+    folder, base = os.path.split(os.fspath(deploy_path))
+    stem = base[:-len(".prototxt")] if base.endswith(".prototxt") else base
+    if stem.endswith("deploy"):
+        stem = stem[:-len("deploy")] + "train_val"
+    else:
+        stem += "_train_val"
+    return os.path.join(folder, stem + ".prototxt")

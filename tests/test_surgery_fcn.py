@@ -1,0 +1,235 @@
+"""Building segmentation FCNs from classifiers: DIGITS' FCN-Alexnet and fcn.berkeleyvision.org's FCN-8s."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from caffeish import io, surgery
+from caffeish.cli import main
+from caffeish.errors import CaffeishError, ShapeError
+from caffeish.graph import Graph
+from caffeish.net import Net
+from caffeish.schema import TEST, TRAIN, pb
+from caffeish.surgery_fcn import build_fcn, default_train_val_path
+from conftest import ROOT, shared_path
+from test_surgery import golden, shrunk, write_v1
+
+SCRIPT = os.path.join(ROOT, "tests", "scripts", "digits_net_surgery.py")
+POINTWISE = {"ReLU", "Dropout", "LRN", "Power", "Input", "Softmax"}
+
+
+def model_path(*parts):
+    return shared_path("models", *parts)
+
+
+def geometry(net):
+    """(type, kernel, stride, pad, group, num_output, bias) per spatial layer; Crop (axis, offsets)."""
+    rows = []
+    for layer in net.layer:
+        if layer.type in ("Convolution", "Deconvolution"):
+            cp = layer.convolution_param
+            rows.append((layer.type, list(cp.kernel_size), list(cp.stride) or [1], list(cp.pad) or [0], cp.group,
+                         cp.num_output, cp.bias_term))
+        elif layer.type == "Pooling":
+            pp = layer.pooling_param
+            rows.append((layer.type, pp.pool, pp.kernel_size, pp.stride, pp.pad))
+        elif layer.type == "Crop":
+            rows.append((layer.type, layer.crop_param.axis, list(layer.crop_param.offset)))
+    return rows
+
+
+def caffenet_tiny(tmp_path):
+    """CaffeNet (the DIGITS post's layer order: pool before norm) with channels / 16 and alexnet_tiny's
+    random weights (same names and shapes), the weights saved as a V1 caffemodel."""
+    net = shrunk(model_path("bvlc_caffe", "models", "bvlc_reference_caffenet", "deploy.prototxt"))
+    arrays = io.read_caffemodel(golden("alexnet_tiny", "weights.caffemodel")).arrays()
+    proto = tmp_path / "caffenet_tiny.prototxt"
+    io.write_prototxt(proto, net)
+    return net, proto, write_v1(tmp_path / "caffenet_tiny_v1.caffemodel", net, arrays)
+
+
+def arrays_of(net, blobs):
+    return {l.name: [surgery.as_array(x) for x in b] for l, b in zip(net.layer, blobs) if b}
+
+
+# -- reference geometry on the full-size nets (shapes only) -------------------------------------------------
+
+
+def test_alexnet_becomes_digits_fcn_alexnet():
+    fcn = build_fcn(model_path("bvlc_caffe", "models", "bvlc_alexnet", "deploy.prototxt"), classes=21, verify=False)
+    digits = io.read_net(model_path("digits", "examples", "semantic-segmentation", "fcn_alexnet.deploy.prototxt"))
+    assert geometry(fcn.deploy) == geometry(digits)
+    assert fcn.offsets == {"score": 18} and fcn.stride == 32
+    up = [l for l in fcn.deploy.layer if l.name == "upscore"][0]
+    assert list(up.convolution_param.kernel_size) == [63] and [p.lr_mult for p in up.param] == [0]
+    assert up.convolution_param.weight_filler.type == "bilinear"
+    assert list([l for l in fcn.deploy.layer if l.name == "score"][0].bottom) == ["upscore", "data"]
+    # The train/val net has DIGITS' fcn_alexnet.prototxt layer names (it adds a Power 'shift' layer).
+    theirs = io.read_net(model_path("digits", "examples", "semantic-segmentation", "fcn_alexnet.prototxt"))
+    assert sorted(l.name for l in fcn.train_val.layer) == sorted(l.name for l in theirs.layer if l.name != "shift")
+    assert geometry(fcn.train_val) == geometry(theirs)
+    # CaffeNet has the post's exact layer order: every layer type matches, one by one.
+    caffenet = build_fcn(model_path("bvlc_caffe", "models", "bvlc_reference_caffenet", "deploy.prototxt"),
+                         classes=21, verify=False)
+    assert [l.type for l in caffenet.deploy.layer] == [l.type for l in digits.layer if l.type != "Power"]
+
+
+def test_vgg16_with_skips_becomes_voc_fcn8s():
+    fcn = build_fcn(model_path("vgg16", "models", "VGG_ILSVRC_16_layers_deploy.prototxt"), classes=21,
+                    skips=["pool4", "pool3"], verify=False)
+    assert fcn.offsets == {"score_pool4c": 5, "score_pool3c": 9, "score": 31}
+    voc = io.read_net(model_path("fcn", "voc-fcn8s", "deploy.prototxt"))
+    assert [l.name for l in fcn.deploy.layer if l.type not in POINTWISE] == \
+        [l.name for l in voc.layer if l.type not in POINTWISE]
+    ours, theirs = geometry(fcn.deploy), geometry(voc)
+    # voc-fcn8s' deconvolutions are dense (group 1, FCN's diagonal interp weights); ours are per class
+    # (group 21, Caffe's bilinear filler): the same upsampling.
+    strip = [r[:4] + r[5:] if r[0] == "Deconvolution" else r for r in ours]
+    assert strip == [r[:4] + r[5:] if r[0] == "Deconvolution" else r for r in theirs]
+    assert [r[4] for r in ours if r[0] == "Deconvolution"] == [21, 21, 21]
+    # FCN-32s takes kernel 64 for VGG-16 (2S gives a whole offset), FCN-16s kernel 32.
+    fcn32 = build_fcn(model_path("vgg16", "models", "VGG_ILSVRC_16_layers_deploy.prototxt"), classes=21, verify=False)
+    assert [r[1] for r in geometry(fcn32.deploy) if r[0] == "Deconvolution"] == [[64]]
+    voc32 = io.read_net(model_path("fcn", "voc-fcn32s", "val.prototxt"))
+    assert geometry(fcn32.deploy)[-1] == geometry(voc32)[-1] == ("Crop", 2, [19])
+    fcn16 = build_fcn(model_path("vgg16", "models", "VGG_ILSVRC_16_layers_deploy.prototxt"), classes=21,
+                      skips=["pool4"], verify=False)
+    assert fcn16.offsets == {"score_pool4c": 5, "score": 27}
+    assert [l.name for l in fcn16.deploy.layer][-6:] == ["upscore2", "score_pool4", "score_pool4c", "fuse_pool4",
+                                                         "upscore16", "score"]
+
+
+def test_upscore_kernel_override_and_errors():
+    alexnet = model_path("bvlc_caffe", "models", "bvlc_alexnet", "deploy.prototxt")
+    with pytest.raises(ShapeError, match="kernel 64: .*not a whole number"):
+        build_fcn(alexnet, classes=21, upscore_kernel=64, verify=False)
+    assert geometry(build_fcn(alexnet, classes=21, upscore_kernel=63, verify=False).deploy) == \
+        geometry(build_fcn(alexnet, classes=21, verify=False).deploy)
+    with pytest.raises(CaffeishError, match="--skip pool9: no blob or layer"):
+        build_fcn(alexnet, classes=21, skips=["pool9"], verify=False)
+
+
+# -- weights and equivalence on the tiny variants ----------------------------------------------------------------
+
+
+def test_transplant_into_digits_deploy_equals_our_fcn(tmp_path):
+    net, proto, v1 = caffenet_tiny(tmp_path)
+    fcn = build_fcn(proto, v1, classes=21)
+    assert all(c["ok"] for c in fcn.conv_report.checks) and fcn.offsets == {"score": 18}
+    ours = arrays_of(fcn.deploy, fcn.blobs)
+    assert ours["score_fr"][0].shape == (21, 256, 1, 1) and ours["upscore"][0].shape == (21, 1, 63, 63)
+    # DIGITS' flow: the classifier's weights transplanted into the hand-written FCN-Alexnet.
+    digits_proto = golden("fcn_alexnet_tiny", "net.prototxt")
+    dnet, dblobs, report = surgery.transplant(proto, v1, digits_proto)
+    assert {r["layer"] for r in report.rows if r["action"] == "reshaped"} == {"fc6", "fc7"}
+    theirs = arrays_of(dnet, dblobs)
+    for name in ("conv1", "conv5", "fc6", "fc7"):
+        assert all(np.array_equal(a, b) for a, b in zip(ours[name], theirs[name])), name
+    assert np.array_equal(ours["upscore"][0], theirs["upscore_21classes"][0])
+    # Same score layer in both, then the same input: DIGITS' net subtracts 116 in a Power layer first.
+    theirs["score_fr_21classes"] = ours["score_fr"]
+    digits = Net(digits_proto, keep=["fc7"])
+    surgery.set_params(digits, theirs)
+    built = Net(fcn.deploy, keep=["fc7"])
+    surgery.set_params(built, ours)
+    x = np.load(golden("fcn_alexnet_tiny", "inputs.npz"))["data"]
+    out_d = digits.forward(data=x, blobs=["fc7"])
+    out_b = built.forward(data=x - np.float32(116), blobs=["fc7"])
+    assert out_b["score"].shape == x.shape[:1] + (21,) + x.shape[2:]
+    assert np.array_equal(out_b["fc7"], out_d["fc7"])
+    assert np.array_equal(out_b["score"], out_d["score"])
+
+
+def test_digits_net_surgery_script_runs_on_caffeish(tmp_path):
+    net, proto, v1 = caffenet_tiny(tmp_path)
+    digits_proto = golden("fcn_alexnet_tiny", "net.prototxt")
+    out = tmp_path / "fcn_alexnet.caffemodel"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, SCRIPT, str(proto), str(v1), str(digits_proto), str(out)],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    log = json.loads(result.stdout)["log"]
+    assert ["coercing", "fc6", 0, [256, 576], [256, 16, 6, 6]] in log and ["dropping", "fc8"] in log
+    assert ["copying", "conv2", 0, [16, 3, 5, 5], [16, 3, 5, 5]] in log
+    # The same weights as our transplant command.
+    _, blobs, _ = surgery.transplant(proto, v1, digits_proto)
+    ours = arrays_of(io.read_net(digits_proto), blobs)
+    saved = io.read_caffemodel(out).arrays()
+    for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "upscore_21classes"):
+        assert all(np.array_equal(a, b) for a, b in zip(ours[name], saved[name])), name
+
+
+def test_score_layer_kept_or_expanded():
+    src, weights = golden("alexnet_tiny", "net.prototxt"), golden("alexnet_tiny", "weights.caffemodel")
+    fc8 = io.read_caffemodel(weights).arrays()["fc8"]
+    same = arrays_of(*_deploy_blobs(build_fcn(src, weights, classes=62, verify=False)))
+    assert np.array_equal(same["score_fr"][0].reshape(62, 256), fc8[0]) and np.array_equal(same["score_fr"][1], fc8[1])
+    grown = build_fcn(src, weights, classes=70, keep_classes=True, verify=False)
+    w = arrays_of(*_deploy_blobs(grown))["score_fr"]
+    assert np.array_equal(w[0][:62].reshape(62, 256), fc8[0]) and np.array_equal(w[1][:62], fc8[1])
+    assert w[0][62:].std() > 0 and not w[1][62:].any()
+    fresh = arrays_of(*_deploy_blobs(build_fcn(src, weights, classes=5, verify=False)))["score_fr"]
+    assert fresh[0].shape == (5, 256, 1, 1) and abs(fresh[0].std() - np.sqrt(2 / 256)) < 0.03  # msra
+    with pytest.raises(CaffeishError, match="fewer than the classifier's 62"):
+        build_fcn(src, weights, classes=40, keep_classes=True, verify=False)
+
+
+def _deploy_blobs(fcn):
+    return fcn.deploy, fcn.blobs
+
+
+def test_fcn8s_from_reduced_vgg_runs_and_skips_start_at_zero():
+    vgg = shrunk(model_path("vgg16", "models", "VGG_ILSVRC_16_layers_deploy.prototxt"))
+    rng = np.random.default_rng(0)
+    arrays = surgery.random_params(Graph(vgg), rng)
+    model = io.Model(vgg, [[io.wire.BlobRecord.from_array(a) for a in arrays.get(l.name, [])] for l in vgg.layer])
+    fcn = build_fcn(vgg, model, classes=5, skips=["pool3", "pool4"], seed=1)  # any order: coarse to fine
+    assert fcn.offsets == {"score_pool4c": 5, "score_pool3c": 9, "score": 31}
+    net = Net(fcn.deploy, input_shapes={"data": (1, 3, 40, 56)}, keep=True)
+    surgery.set_params(net, arrays_of(fcn.deploy, fcn.blobs))
+    out = net.forward(data=rng.standard_normal((1, 3, 40, 56), dtype=np.float32))
+    assert out["score"].shape == (1, 5, 40, 56)
+    # score_pool4/3 are zero-initialised, so each fuse equals the upsampled coarser scores.
+    assert np.array_equal(net.blobs["fuse_pool4"].data, net.blobs["upscore2"].data)
+    assert not net.blobs["score_pool3c"].data.any()
+
+
+def test_train_val_net_reads_the_dataset_layout(tmp_path):
+    fcn = build_fcn(golden("alexnet_tiny", "net.prototxt"), golden("alexnet_tiny", "weights.caffemodel"),
+                    classes=3, dataset="/data/ds", batch_size=2, verify=False)
+    data = [l for l in fcn.train_val.layer if l.type == "Data"]
+    assert [(l.top[0], l.include[0].phase, l.data_param.source) for l in data] == [
+        ("data", TRAIN, "/data/ds/train_db/features"), ("label", TRAIN, "/data/ds/train_db/labels"),
+        ("data", TEST, "/data/ds/val_db/features"), ("label", TEST, "/data/ds/val_db/labels")]
+    assert data[0].transform_param.mean_file == "/data/ds/mean.binaryproto" and not data[1].HasField("transform_param")
+    assert all(l.data_param.backend == pb.DataParameter.LMDB and l.data_param.batch_size == 2 for l in data)
+    loss = [l for l in fcn.train_val.layer if l.type == "SoftmaxWithLoss"][0]
+    assert loss.loss_param.HasField("normalize") and loss.loss_param.normalize is False
+    acc = [l for l in fcn.train_val.layer if l.type == "Accuracy"][0]
+    assert acc.include[0].phase == TEST and acc.accuracy_param.ignore_label == 255
+    # It evaluates on arrays with the built weights.
+    path = tmp_path / "fcn.caffemodel"
+    io.write_caffemodel(path, fcn.deploy, fcn.blobs)
+    net = Net(fcn.train_val, str(path), TEST, input_shapes={"data": (2, 3, 48, 40), "label": (2, 1, 48, 40)})
+    label = np.random.default_rng(0).integers(0, 3, (2, 1, 48, 40)).astype(np.float32)
+    out = net.forward(data=np.zeros((2, 3, 48, 40), np.float32), label=label)
+    assert set(out) == {"loss", "accuracy"} and np.isfinite(out["loss"])
+
+
+def test_cli_fcn_writes_three_files(tmp_path, capsys):
+    src, weights = golden("alexnet_tiny", "net.prototxt"), golden("alexnet_tiny", "weights.caffemodel")
+    deploy = tmp_path / "fcn.deploy.prototxt"
+    rc = main(["surgery", "fcn", str(src), str(weights), "--classes", "21", "-o", str(deploy),
+               str(tmp_path / "fcn.caffemodel"), "--dataset", str(tmp_path / "ds"), "--skip", "pool2"])
+    assert rc == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "score_pool2c" in text and "1e-05" in text
+    assert sorted(os.listdir(tmp_path)) == ["fcn.caffemodel", "fcn.deploy.prototxt", "fcn.train_val.prototxt"]
+    assert default_train_val_path("a/b.prototxt") == os.path.join("a", "b_train_val.prototxt")
+    net = Net(str(deploy), str(tmp_path / "fcn.caffemodel"), input_shapes={"data": (1, 3, 50, 70)})
+    assert net.forward(data=np.ones((1, 3, 50, 70), np.float32))["score"].shape == (1, 21, 50, 70)
+    tv = io.read_net(tmp_path / "fcn.train_val.prototxt")
+    assert tv.layer[0].data_param.source == str(tmp_path / "ds" / "train_db" / "features")
