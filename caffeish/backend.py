@@ -1,8 +1,11 @@
-"""Array backends: numpy on the CPU; cupy on the GPU (the GPU runtime issue).
+"""Array backends: numpy on the CPU; cupy on the GPU with our CUDA kernels (caffeish.kernels).
 
 Layers compute with the array module they are given (`xp`), so the same
 forward code runs on either.  pycaffe's `set_mode_cpu()`, `set_mode_gpu()` and
 `set_device()` choose the default backend of the Nets built afterwards.
+Convolution, Deconvolution, Pooling and Crop ask `kernels_for(xp)` for our CUDA
+kernels and use them when there are some (cupy, and the CPU "harness" backend
+that tests them); every other layer is written with `xp` array operations.
 """
 import ctypes
 import os
@@ -52,7 +55,11 @@ def set_mode_cpu():
 
 
 def set_mode_gpu():
-    """Ask for the GPU.  Without a usable GPU backend, warn and stay on the CPU."""
+    """pycaffe's set_mode_gpu(): later Nets run on the GPU (CuPy and our CUDA kernels).
+
+    pycaffe scripts call it unconditionally, so without a usable GPU it warns
+    and stays on the CPU; `Net(device="cuda")` and `--gpu` are errors instead.
+    """
     reason = gpu_unavailable_reason()
     if reason:
         warnings.warn(f"caffeish: set_mode_gpu(): {reason}; running on the CPU (numpy)", stacklevel=2)
@@ -62,6 +69,7 @@ def set_mode_gpu():
 
 
 def set_device(device_id):
+    """pycaffe's set_device(i): the GPU that later GPU Nets use."""
     _state["device"] = int(device_id)
 
 
@@ -82,13 +90,41 @@ def mode():
     return _state["mode"]
 
 
+def _import_cupy():
+    """cupy, or (None, why not).  Only called when a GPU is asked for: `import caffeish` never imports it."""
+    try:
+        import cupy
+    except ImportError as exc:
+        return None, f"CuPy is not installed ({exc}); install the GPU extra: pip install 'caffeish[gpu]'"
+    except Exception as exc:  # a broken CUDA installation can fail at import
+        return None, f"CuPy could not be imported: {type(exc).__name__}: {exc}"
+    return cupy, None
+
+
 def gpu_unavailable_reason():
     """None when the GPU backend can run, else why not (in words)."""
-    return "the GPU backend (CuPy kernels) is not part of this version of caffeish"
+    cupy, reason = _import_cupy()
+    if cupy is None:
+        return reason
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDARuntimeError: no driver, no device
+        return f"no usable CUDA GPU ({type(exc).__name__}: {exc})"
+    if count == 0:
+        return "no CUDA GPU is present"
+    if not 0 <= _state["device"] < count:
+        return f"GPU {_state['device']} does not exist: this machine has {count} (0 to {count - 1})"
+    return None
 
 
 def get(name=None):
-    """The array module for a backend name ("numpy", "cupy") or, given None, the current mode."""
+    """The array module for a backend name ("numpy", "cupy", "harness") or, given None, the current mode.
+
+    "cupy" selects the GPU set by set_device() (or Net(device="cuda:N")) and
+    binds our CUDA kernels to it.  "harness" is numpy with the GPU code path:
+    the layers call our CUDA kernels compiled for the CPU (caffeish.kernels.harness;
+    needs a C++ compiler, slow, for testing the GPU runtime without a GPU).
+    """
     if name is None:
         name = "cupy" if _state["mode"] == "gpu" else "numpy"
     if name in ("numpy", "cpu"):
@@ -96,8 +132,36 @@ def get(name=None):
     if name in ("cupy", "gpu"):
         reason = gpu_unavailable_reason()
         if reason:
-            raise UnsupportedError(f"backend '{name}': {reason}")
+            raise UnsupportedError(f"cannot run on the GPU: {reason}")
+        import cupy
+
+        cupy.cuda.Device(_state["device"]).use()
+        from caffeish.kernels import gpu_kernels
+
+        _kernel_sets[id(cupy)] = gpu_kernels()
+        return cupy
+    if name == "harness":
+        from caffeish.kernels import harness
+
+        _kernel_sets[id(harness.XP)] = harness.kernels()
+        return harness.XP
     raise UnsupportedError(f"unknown backend '{name}': use 'numpy' or 'cupy'")
+
+
+# id(array module) -> caffeish.kernels.launch.Kernels, for the modules whose layers use our kernels.
+_kernel_sets = {}
+
+
+def kernels_for(xp):
+    """Our CUDA kernels bound to the array module `xp`, or None (numpy: the layers' own code)."""
+    if xp is np:
+        return None
+    return _kernel_sets.get(id(xp))
+
+
+def is_device_array(array):
+    """True for an array that lives on the GPU (anything but a numpy array with a host buffer)."""
+    return not isinstance(array, np.ndarray) and hasattr(array, "get")
 
 
 def to_numpy(array):

@@ -94,6 +94,7 @@ class Net(PycaffeNetMixin):
         # Input layers, and bottomless layers that read data the runtime does not (Data,
         # ImageData, HDF5Data, MemoryData, Python data layers, ...): their tops are fed by
         # the caller, so a train/val net can be evaluated on arrays.
+        self._host = {}  # GPU nets: host copies handed out by host_data()/host_param(), see there
         self._fed_nodes = {n.name for n in self.nodes
                            if n.type == "Input" or (not n.bottoms and not n.layer.can_forward and n.tops)}
         self.input_names = [t for n in self.nodes if n.name in self._fed_nodes for t in n.tops
@@ -208,6 +209,7 @@ class Net(PycaffeNetMixin):
 
     def copy_from(self, path):
         """Load a caffemodel into the matching layers (by name), as Caffe's CopyTrainedLayersFrom."""
+        self._sync_host()
         binding = self._bind(path)
         for name, arrays in binding.arrays.items():
             targets = self._params.get(name)
@@ -224,6 +226,7 @@ class Net(PycaffeNetMixin):
     # -- shapes --------------------------------------------------------------------------
     def reshape(self, **shapes):
         """Propagate new input shapes (net.reshape(data=(1,3,H,W))), or the current inputs' shapes."""
+        self._sync_host()
         for name, shape in shapes.items():
             if name not in self.input_names:
                 raise GraphError(f"reshape: '{name}' is not an input of this net; inputs are {self.input_names}")
@@ -288,11 +291,16 @@ class Net(PycaffeNetMixin):
         return self._keep | set(self.input_names) | set(self.graph.outputs) | set(extra)
 
     def run(self, inputs=None, start=None, end=None, keep=()):
-        """Forward from layer `start` to layer `end` (names, inclusive); returns the blob dict."""
-        if inputs:
-            self._set_inputs(inputs)
+        """Forward from layer `start` to layer `end` (names, inclusive); returns the blob dict.
+
+        On the GPU the blobs stay device arrays; nothing comes back to the host here."""
         first = 0 if start is None else self._layer_index(start)
         last = len(self.nodes) - 1 if end is None else self._layer_index(end)
+        if self._host:
+            self._sync_host(skip={t for n in self.nodes[first:last + 1] if n.name not in self._fed_nodes
+                                  for t in n.tops})
+        if inputs:
+            self._set_inputs(inputs)
         if first > last:
             raise GraphError(f"forward: start layer '{start}' comes after end layer '{end}'")
         missing = [t for t in self._data_inputs if t not in self._provided]
@@ -356,8 +364,11 @@ class Net(PycaffeNetMixin):
                 return False
         return not any(_root(p) is root for params in self._params.values() for p in params)
 
-    def forward_outputs(self, inputs=None, start=None, end=None, blobs=()):
-        """Run and return {blob: array} for the outputs (or the tops of layer `end`) and `blobs`."""
+    def forward_outputs(self, inputs=None, start=None, end=None, blobs=(), host=True):
+        """Run and return {blob: array} for the outputs (or the tops of layer `end`) and `blobs`.
+
+        host: on a GPU net, copy those arrays to the host (numpy), as pycaffe's forward
+        returns them; host=False leaves them on the device."""
         blobs = list(blobs or ())
         unknown = [b for b in blobs if b not in self._shapes]
         if unknown:
@@ -365,7 +376,10 @@ class Net(PycaffeNetMixin):
         arrays = self.run(inputs, start, end, keep=blobs)
         names = self.graph.outputs if end is None else [t for t in self.nodes[self._layer_index(end)].tops
                                                          if t != AUTOMATIC]
-        return OrderedDict((n, arrays[n]) for n in list(names) + [b for b in blobs if b not in names])
+        wanted = list(names) + [b for b in blobs if b not in names]
+        if host and self.xp is not np:
+            return OrderedDict((n, backends.to_numpy(arrays[n])) for n in wanted)
+        return OrderedDict((n, arrays[n]) for n in wanted)
 
     def _layer_index(self, name):
         try:
@@ -391,8 +405,57 @@ class Net(PycaffeNetMixin):
 
     def save(self, path):
         """Write the weights as a caffemodel (atomically), as pycaffe's net.save."""
+        self._sync_host()
         net = self.to_proto()
         blobs = [[backends.to_numpy(a) for a in self._params.get(node.name, [])] for node in self.nodes]
         inputs = [self.source] if self.source and not self.source.startswith("<") else []
         io.write_caffemodel(str(path), net, blobs, inputs=inputs)
 
+    # -- host copies (GPU nets) ----------------------------------------------------------
+    def host_data(self, name):
+        """Blob `name` as a numpy array.
+
+        On the CPU the live array.  On the GPU a host copy, made on first read
+        and kept until the net next runs (or reshapes, loads or saves), which
+        first copies it back to the device, so writing into it (pycaffe's
+        `net.blobs["data"].data[...] = image`) reaches the net, as Caffe's
+        SyncedMemory does for pycaffe.  A blob the next forward recomputes is
+        not copied back.
+        """
+        if self.xp is np:
+            return self._arrays[name]
+        key = ("blob", name)
+        if key not in self._host:
+            self._host[key] = np.array(backends.to_numpy(self._arrays[name]), dtype=np.float32, copy=True)
+        return self._host[key]
+
+    def host_param(self, layer, index):
+        """Parameter blob `index` of `layer` as a numpy array (a host copy on the GPU, as host_data)."""
+        arr = self._params[layer][index]
+        if self.xp is np:
+            return arr
+        key = ("param", layer, index)
+        if key not in self._host:
+            self._host[key] = np.array(backends.to_numpy(arr), dtype=np.float32, copy=True)
+        return self._host[key]
+
+    def _sync_host(self, skip=()):
+        """Copy the host copies handed out back to the device (except the blobs in `skip`,
+        which are about to be recomputed), then forget them."""
+        if not self._host:
+            return
+        xp = self.xp
+        for key, host in self._host.items():
+            if key[0] == "param":
+                target = self._params[key[1]][key[2]]
+            else:
+                if key[1] in skip and key[1] not in self.input_names:
+                    continue
+                target = self._arrays.get(key[1])
+            if target is None or tuple(target.shape) != host.shape:
+                continue  # freed or reshaped since the copy was made: the copy is stale
+            if key[0] == "param" or getattr(target.flags, "writeable", True):
+                target[...] = xp.asarray(host)
+            else:
+                self._arrays[key[1]] = xp.array(host, dtype=np.float32, copy=True)
+        self._host.clear()

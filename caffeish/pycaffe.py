@@ -32,7 +32,7 @@ class Blob:
                     f"ask forward(blobs=['{self.name}'])"
                 )
             arrays[self.name] = net.xp.zeros(self.shape, dtype="float32")
-        return arrays[self.name]
+        return net.host_data(self.name)  # the live array on the CPU; a synced host copy on the GPU
 
     @property
     def diff(self):
@@ -85,7 +85,7 @@ class ParamBlob:
 
     @property
     def data(self):
-        return self._net._params[self.layer][self.index]
+        return self._net.host_param(self.layer, self.index)
 
     @property
     def diff(self):

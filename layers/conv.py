@@ -6,6 +6,7 @@ caffeish.geometry.
 """
 import math
 
+from caffeish.backend import kernels_for
 from caffeish.geometry import conv_output_shape, conv_params, deconv_output_shape, reported_by
 from caffeish.im2col import conv_forward, deconv_forward, im2col
 from caffeish.registry import Layer, register
@@ -111,16 +112,25 @@ class Convolution(_ConvGeometryLayer):
         return fillers
 
     _kernel = staticmethod(conv_forward)
+    _gpu_kernel = "conv2d"  # caffeish.kernels.launch.Kernels method for 2-D on the GPU
 
     def forward(self, xp, bottoms, blobs):
-        """Each bottom with the shared weight (and bias) blobs; see caffeish.im2col."""
+        """Each bottom with the shared weight (and bias) blobs; see caffeish.im2col.
+
+        On the GPU, 2-D convolutions run our CUDA kernels (kernels/conv.cu); other
+        spatial ranks use the array code of caffeish.im2col with the GPU's `xp`.
+        """
         weight = blobs[0]
         bias = blobs[1] if self.bias_term else None
+        gpu = kernels_for(xp) if len(self.geometry.kernel) == 2 else None
         tops = []
         for x in bottoms:
-            spatial = tuple(x.shape[self.channel_axis + 1:])
-            out = self._spatial_out(spatial)
-            y = self._kernel(xp, self._as_ncs(xp, x), weight, bias, self.geometry, self.group, out)
+            if gpu is not None:
+                y = getattr(gpu, self._gpu_kernel)(self._as_ncs(xp, x), weight, bias, self.geometry, self.group)
+            else:
+                spatial = tuple(x.shape[self.channel_axis + 1:])
+                out = self._spatial_out(spatial)
+                y = self._kernel(xp, self._as_ncs(xp, x), weight, bias, self.geometry, self.group, out)
             tops.append(self._restore(xp, y, x.shape))
         return tops
 
@@ -147,6 +157,7 @@ class Deconvolution(Convolution):
         return (self.channels, self.num_output // self.group) + self.geometry.kernel
 
     _kernel = staticmethod(deconv_forward)
+    _gpu_kernel = "deconv2d"
 
     def macs(self, bottom_shapes, top_shapes):
         """N * prod(in) * C_in * (num_output/group) * prod(kernel), per bottom."""
@@ -177,6 +188,9 @@ class Im2col(_ConvGeometryLayer):
     def forward(self, xp, bottoms, blobs):
         """Caffe's column layout: channel index c*prod(kernel) + q, q the row-major tap index."""
         x = bottoms[0]
+        gpu = kernels_for(xp) if len(self.geometry.kernel) == 2 else None
+        if gpu is not None:
+            return [self._restore(xp, gpu.im2col(self._as_ncs(xp, x), self.geometry), x.shape)]
         out = conv_output_shape(tuple(x.shape[self.channel_axis + 1:]), self.geometry)
         y = im2col(xp, self._as_ncs(xp, x), self.geometry, out)
         return [self._restore(xp, y, x.shape)]

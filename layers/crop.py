@@ -1,4 +1,5 @@
 """Crop: cut the data bottom to the reference bottom's size from `axis` on."""
+from caffeish.backend import kernels_for
 from caffeish.geometry import crop_offsets, reported_by
 from caffeish.registry import Layer, register
 
@@ -30,6 +31,12 @@ class Crop(Layer):
         return [top]
 
     def forward(self, xp, bottoms, blobs):
-        """A view of the data bottom (nobody writes into tops or bottoms)."""
+        """A view of the data bottom (nobody writes into tops or bottoms).
+
+        On the GPU, a contiguous copy made by our kernel (kernels/crop.cu), so that
+        the next layers read contiguous memory."""
+        gpu = kernels_for(xp)
+        if gpu is not None:
+            return [gpu.crop(bottoms[0], self.offsets, self.top_shape)]
         index = tuple(slice(o, o + n) for o, n in zip(self.offsets, self.top_shape))
         return [bottoms[0][index]]

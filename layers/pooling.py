@@ -15,6 +15,7 @@ window order so that results match Caffe's sequential float32 arithmetic:
 """
 import numpy as np
 
+from caffeish.backend import kernels_for
 from caffeish.errors import ShapeError, UnsupportedError
 from caffeish.geometry import pool_params, reported_by, spp_pool_param
 from caffeish.registry import Layer, register
@@ -171,7 +172,12 @@ def _stochastic_test(xp, x, geom):
 
 
 def pool_forward(xp, x, geom, method, want_mask=False):
-    """Pool x (N, C, H, W) with a PoolGeometry; returns (top, mask or None)."""
+    """Pool x (N, C, H, W) with a PoolGeometry; returns (top, mask or None).
+
+    On the GPU this is one launch of our kernel (kernels/pooling.cu)."""
+    gpu = kernels_for(xp)
+    if gpu is not None:
+        return gpu.pool(x, geom, method, want_mask)
     n, c = x.shape[:2]
     if n * c * geom.out[0] * geom.out[1] == 0:
         empty = xp.zeros((n, c) + geom.out, dtype=np.float32)
