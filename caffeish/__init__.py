@@ -27,4 +27,8 @@ def __getattr__(name):
         from caffeish.net import Net
 
         return Net
+    if name in ("classify", "segment"):  # inference on images (caffeish.inference), loaded when used
+        from caffeish import inference
+
+        return getattr(inference, name)
     raise AttributeError(f"module 'caffeish' has no attribute {name!r}")

@@ -1,10 +1,130 @@
-"""caffeish classify (being written)."""
-from caffeish.errors import UnsupportedError
+"""`caffeish classify`: the top classes of images with a trained net, as Caffe's classify.py.
+
+    caffeish classify deploy.prototxt weights.caffemodel cat.jpg photos/ [--labels synset_words.txt]
+                      [--top-k 5] [--batch-size 16] [--format table|json|csv] [--blob prob]
+                      [--mean mean.binaryproto | --mean-value 104,117,123] [--scale S] [--oversample] [--gpu]
+
+Folders are searched recursively for images (files without an image extension
+are skipped with a note).  Images are preprocessed as Caffe's Data layer
+would (BGR, 0..255, minus the mean, times --scale; see caffeish/preprocess.py),
+resized to the net input and batched.  The probabilities come from the last
+Softmax (or --blob).  `--format json` writes JSON Lines, one object per image,
+as each batch finishes.  An unreadable image is named on stderr; the others
+go on, and the exit status is 1 with a count at the end.
+"""
+import csv
+import json
+import sys
+
+from caffeish import palette, preprocess, progress, report
+from caffeish.errors import CaffeishError
+from caffeish.inference import Classifier, find_images, open_net, top_classes
+from caffeish.options import add_gpu_option, device_from_args
+
+FORMATS = ("table", "json", "csv")
 
 
 def add_arguments(p):
-    pass
+    p.add_argument("net", metavar="NET.prototxt", help="deploy prototxt (an Input layer or input fields)")
+    p.add_argument("weights", metavar="WEIGHTS", help="caffemodel, or 'none' for the layers' fillers (--seed)")
+    p.add_argument("images", metavar="IMAGE|DIR", nargs="+", help="image files and folders of images")
+    p.add_argument("--labels", metavar="FILE", help="class names, one per line (synset_words.txt, labels.txt)")
+    p.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--format", choices=FORMATS, default="table",
+                   help="table, json (JSON Lines: one object per image) or csv (default table)")
+    p.add_argument("--blob", help="output blob to read (default: the last Softmax's top)")
+    p.add_argument("--oversample", action="store_true",
+                   help="average the 10 crops (corners, centre, mirrored) as Caffe's classify.py")
+    p.add_argument("--seed", type=int, default=0, help="filler seed when WEIGHTS is 'none'")
+    preprocess.add_arguments(p)
+    add_gpu_option(p)
+
+
+def _rows(path, top, values, labels, value_key):
+    rows = []
+    for rank, (c, v) in enumerate(zip(top, values), 1):
+        row = {"image": path, "rank": rank, "class": int(c), value_key: float(v)}
+        if labels is not None:
+            row["label"] = labels[c] if c < len(labels) else ""
+        rows.append(row)
+    return rows
+
+
+class _Writer:
+    """Streams json/csv as results arrive; collects the table for the end."""
+
+    def __init__(self, fmt, labels, value_key, out=None):
+        out = sys.stdout if out is None else out
+        self.fmt, self.labels, self.value_key, self.out = fmt, labels, value_key, out
+        self.columns = [("image", "image"), ("rank", "rank"), ("class", "class")]
+        if labels is not None:
+            self.columns.append(("label", "label"))
+        self.columns.append((value_key, value_key))
+        self.table = []
+        self.csv = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
+        if self.csv is not None:
+            self.csv.writerow([k for k, _ in self.columns])
+
+    def write(self, path, top, values):
+        rows = _rows(path, top, values, self.labels, self.value_key)
+        if self.fmt == "json":
+            top_list = [{k: v for k, v in r.items() if k != "image"} for r in rows]
+            self.out.write(json.dumps({"image": path, "top": top_list}) + "\n")
+            self.out.flush()
+        elif self.fmt == "csv":
+            for r in rows:
+                self.csv.writerow([r.get(k, "") for k, _ in self.columns])
+            self.out.flush()
+        else:
+            for r in rows:
+                v = r[self.value_key]
+                shown = dict(r, **{self.value_key: f"{v:.4f}" if abs(v) >= 1e-4 or v == 0 else f"{v:.1e}"})
+                if r["rank"] > 1:
+                    shown["image"] = ""
+                self.table.append(shown)
+
+    def close(self):
+        if self.fmt == "table" and self.table:
+            self.out.write(report.render(self.columns, self.table, "table"))
 
 
 def run(args):
-    raise UnsupportedError("caffeish classify is not finished yet")
+    images, notes = find_images(args.images)
+    for note in notes:
+        print(f"caffeish classify: note: {note}", file=sys.stderr)
+    if not images:
+        raise CaffeishError("no images to classify in " + ", ".join(args.images))
+    if args.top_k < 1 or args.batch_size < 1:
+        raise CaffeishError("--top-k and --batch-size must be at least 1")
+    labels = palette.read_labels(args.labels) if args.labels else None
+    spec = preprocess.from_args(args)
+    weights = None if args.weights.lower() == "none" else args.weights
+    net = open_net(args.net, weights, device_from_args(args), seed=args.seed)
+    clf = Classifier(net, spec, args.blob, args.oversample)
+    softmax = any(n.type == "Softmax" and clf.blob in n.tops for n in net.nodes)
+    writer = _Writer(args.format, labels, "probability" if softmax else "score")
+    failed = 0
+    with progress.bar(total=len(images), desc="classify", unit="img") as bar:
+        for start in range(0, len(images), args.batch_size):
+            batch, prepared = [], []
+            for path, _ in images[start:start + args.batch_size]:
+                try:
+                    pixels = clf.load(path)
+                except CaffeishError as e:
+                    failed += 1
+                    bar.clear()
+                    print(f"caffeish classify: error: {e}", file=sys.stderr)
+                    continue
+                prepared.append(clf.prepare(path, pixels))
+                batch.append(path)
+            if prepared:
+                top, values = top_classes(clf.predict(prepared), args.top_k)
+                for path, t, v in zip(batch, top, values):
+                    writer.write(path, t, v)
+            bar.update(len(images[start:start + args.batch_size]))
+    writer.close()
+    if failed:
+        print(f"caffeish classify: {failed} of {len(images)} images could not be read", file=sys.stderr)
+        return 1
+    return 0

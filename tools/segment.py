@@ -1,10 +1,230 @@
-"""caffeish segment (being written)."""
-from caffeish.errors import UnsupportedError
+"""`caffeish segment`: per-pixel classes of images with a fully convolutional net, as pictures.
+
+    caffeish segment fcn.prototxt fcn.caffemodel photo.jpg photos/ -o OUTDIR
+                     [--palette pascal|COLORMAP.txt|DATASET] [--labels labels.txt]
+                     [--overlay 0.6] [--legend] [--npy] [--tile HxW | --max-memory 4G] [--gpu]
+
+For each image the net is reshaped to the image's size, run forward, and the
+argmax over the score blob's channels (the last Softmax, else 'score', else
+the output of the input's size; or --blob) gives each pixel's class.  Written
+to OUTDIR, mirroring the folders given:
+  NAME.png          mode P PNG of class indices, colored by the palette
+  NAME_overlay.png  the image blended with the class colors (--legend adds the
+                    classes present, with their names and shares)
+  NAME.npy          the raw scores, C x H x W float32 (--npy)
+Palettes: PASCAL VOC's, a DIGITS color-map file (one 'R G B' line per class) or
+a dataset folder's palette.txt (and labels.txt).  Images whose blobs would
+pass --max-memory are run in tiles that give exactly the untiled classes.
+Everything is written to a temporary folder first and moved into OUTDIR at the
+end, so OUTDIR never holds a half-written run; input files are never replaced.
+An unreadable image is named on stderr, the others go on, and the exit status
+is 1 with a count at the end.
+"""
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from caffeish import palette as palettes
+from caffeish import preprocess, progress, report
+from caffeish.errors import CaffeishError
+from caffeish.inference import DEFAULT_MAX_MEMORY, Segmenter, class_map, find_images, open_net
+from caffeish.options import add_gpu_option, device_from_args
+from caffeish.report import FORMATS
+
+STAGES = ("decode", "preprocess", "forward", "argmax", "write")
 
 
 def add_arguments(p):
-    pass
+    p.add_argument("net", metavar="NET.prototxt", help="fully convolutional deploy prototxt")
+    p.add_argument("weights", metavar="WEIGHTS", help="caffemodel, or 'none' for the layers' fillers (--seed)")
+    p.add_argument("images", metavar="IMAGE|DIR", nargs="+", help="image files and folders of images")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the pictures")
+    p.add_argument("--palette", default="pascal", metavar="pascal|FILE|DATASET",
+                   help="class colors: 'pascal' (default), a DIGITS color-map file, or a dataset folder")
+    p.add_argument("--labels", metavar="FILE", help="class names, one per line (default: the dataset's)")
+    p.add_argument("--overlay", type=float, default=0.6, metavar="ALPHA",
+                   help="opacity of the class colors in NAME_overlay.png (default 0.6; 0: no overlay)")
+    p.add_argument("--legend", action="store_true", help="add a legend of the classes present to the overlay")
+    p.add_argument("--npy", action="store_true", help="also write the raw scores as NAME.npy (C x H x W)")
+    p.add_argument("--blob", help="score blob (default: last Softmax, else 'score', else the output "
+                                  "of the input's size)")
+    p.add_argument("--tile", metavar="HxW", help="run in tiles of HxW input pixels (same result as untiled)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help=f"tile images whose blobs would pass SIZE (default {DEFAULT_MAX_MEMORY >> 30}G)")
+    p.add_argument("--seed", type=int, default=0, help="filler seed when WEIGHTS is 'none'")
+    p.add_argument("--timings", action="store_true",
+                   help="print the time spent in decode, preprocess, forward, argmax and write on stderr")
+    p.add_argument("--format", choices=FORMATS, default="table", help="summary format (default table)")
+    preprocess.add_arguments(p, keep_size=True)
+    add_gpu_option(p)
+
+
+def output_names(images, npy, overlay):
+    """{image path: [relative output paths]} (NAME.png, NAME_overlay.png, NAME.npy); names kept unique."""
+    used, plan = set(), {}
+    for path, rel in images:
+        stem, ext = os.path.splitext(rel)
+        if stem in used:  # a.jpg and a.png in the same folder
+            stem = f"{stem}_{ext.lstrip('.')}"
+        used.add(stem)
+        names = [stem + ".png"]
+        if overlay:
+            names.append(stem + "_overlay.png")
+        if npy:
+            names.append(stem + ".npy")
+        plan[path] = names
+    return plan
+
+
+def _check_inputs(plan, outdir):
+    """Refuse to run when an output would replace one of the input images."""
+    inputs = {os.path.realpath(p) for p in plan}
+    for names in plan.values():
+        for n in names:
+            target = os.path.realpath(os.path.join(outdir, n))
+            if target in inputs:
+                raise CaffeishError(f"{os.path.join(outdir, n)} would replace an input image; "
+                                    "choose another output folder")
+
+
+def _save_png(img, path):
+    img.save(path, format="PNG", compress_level=1)
+
+
+@contextlib.contextmanager
+def staging(outdir):
+    """A temporary folder beside OUTDIR; on success its files move into OUTDIR (created if needed)."""
+    outdir = os.path.abspath(outdir)
+    parent = os.path.dirname(outdir)
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(outdir)}.", suffix=".tmp", dir=parent)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if not os.path.exists(outdir):
+        os.replace(stage, outdir)
+        return
+    if not os.path.isdir(outdir):
+        shutil.rmtree(stage, ignore_errors=True)
+        raise CaffeishError(f"{outdir} exists and is not a folder")
+    for root, _, files in os.walk(stage):
+        dest = os.path.join(outdir, os.path.relpath(root, stage))
+        os.makedirs(dest, exist_ok=True)
+        for f in files:
+            os.replace(os.path.join(root, f), os.path.join(dest, f))
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+class _Clock:
+    def __init__(self):
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self._t = time.perf_counter()
+
+    def lap(self, stage):
+        now = time.perf_counter()
+        self.seconds[stage] += now - self._t
+        self._t = now
+
+
+def segment_images(seg, images, outdir, colors_spec="pascal", labels=None, overlay=0.6, legend=False,
+                   npy=False, warn=None):
+    """Segment `images` ([(path, relative name)]) into outdir; returns (rows, failed, seconds per stage)."""
+    plan = output_names(images, npy, overlay > 0)
+    _check_inputs(plan, outdir)
+    base_colors, dataset_labels = palettes.load_palette(colors_spec)
+    labels = labels if labels is not None else dataset_labels
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    rows, failed, colors = [], 0, None
+    clock = _Clock()
+    with staging(outdir) as stage, progress.bar(total=len(images), desc="segment", unit="img") as bar:
+        for path, _ in images:
+            clock.lap("write")  # the bar and bookkeeping count with writing
+            try:
+                pixels = seg.load(path)
+            except CaffeishError as e:
+                failed += 1
+                bar.clear()
+                warn(f"caffeish segment: error: {e}")
+                bar.update(1)
+                continue
+            clock.lap("decode")
+            shown, x = seg.prepare(path, pixels)
+            clock.lap("preprocess")
+            if seg.tile_size(x.shape[1:]) is None:
+                scores = seg.scores(x)
+                clock.lap("forward")
+                classes = class_map(scores)
+            else:  # tiles: classes per tile, the scores only for --npy
+                classes, scores = seg.run(x, keep_scores=npy)
+                clock.lap("forward")
+            clock.lap("argmax")
+            n_classes = seg.n_classes
+            if colors is None:
+                colors = palettes.colors_for(base_colors, n_classes,
+                                             "the PASCAL palette" if colors_spec == "pascal" else colors_spec)
+            names = plan[path]
+            for n in names:
+                os.makedirs(os.path.dirname(os.path.join(stage, n)), exist_ok=True)
+            if classes.dtype == np.uint8:
+                _save_png(palettes.label_image(classes, colors), os.path.join(stage, names[0]))
+            else:  # more than 256 classes: 16-bit gray indices
+                from PIL import Image
+
+                Image.fromarray(classes.astype(np.uint16)).save(os.path.join(stage, names[0]))
+            if overlay > 0:
+                img = palettes.overlay_image(shown, classes, colors, overlay, labels, legend)
+                _save_png(img, os.path.join(stage, names[1]))
+            if npy:
+                np.save(os.path.join(stage, names[-1]), scores)
+            present = np.flatnonzero(np.bincount(classes.ravel(), minlength=n_classes))
+            rows.append({
+                "image": path, "size": f"{classes.shape[1]}x{classes.shape[0]}",
+                "classes": [labels[c] if labels is not None and c < len(labels) else int(c) for c in present],
+                "outputs": [os.path.join(outdir, n) for n in names],
+            })
+            bar.update(1)
+        clock.lap("write")
+    return rows, failed, clock.seconds
 
 
 def run(args):
-    raise UnsupportedError("caffeish segment is not finished yet")
+    images, notes = find_images(args.images)
+    for note in notes:
+        print(f"caffeish segment: note: {note}", file=sys.stderr)
+    if not images:
+        raise CaffeishError("no images to segment in " + ", ".join(args.images))
+    if not 0 <= args.overlay <= 1:
+        raise CaffeishError(f"--overlay is an opacity between 0 and 1, got {args.overlay}")
+    labels = palettes.read_labels(args.labels) if args.labels else None
+    spec = preprocess.from_args(args, keep_size=True)
+    tile = preprocess.parse_size(args.tile, "--tile") if args.tile else None
+    weights = None if args.weights.lower() == "none" else args.weights
+    t0 = time.perf_counter()
+    net = open_net(args.net, weights, device_from_args(args), seed=args.seed)
+    seg = Segmenter(net, spec, args.blob, tile, args.max_memory)
+    setup = time.perf_counter() - t0
+    rows, failed, seconds = segment_images(seg, images, args.output, args.palette, labels, args.overlay,
+                                           args.legend, args.npy)
+    columns = [("image", "image"), ("size", "size"), ("classes", "classes present"), ("outputs", "outputs")]
+    sys.stdout.write(report.render(columns, rows, args.format))
+    if args.timings:
+        total = sum(seconds.values())
+        print(f"timing: setup {setup:.3f} s (net build, not counted below)", file=sys.stderr)
+        for stage in STAGES:
+            share = 100.0 * seconds[stage] / total if total else 0.0
+            print(f"timing: {stage} {seconds[stage]:.3f} s ({share:.1f}%)", file=sys.stderr)
+        done = len(rows)
+        rate = done / total if total else 0.0
+        print(f"timing: total {total:.3f} s for {done} images ({rate:.3f} images/s), overhead "
+              f"{100.0 * (total - seconds['forward']) / total if total else 0.0:.1f}%", file=sys.stderr)
+    if failed:
+        print(f"caffeish segment: {failed} of {len(images)} images could not be read", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,544 @@
+"""Inference on images: `classify(net, images)` and `segment(net, image)`.
+
+classify: each image goes through the preprocessing spec (caffeish.preprocess)
+to the net input's size, images are batched along the input's batch axis, and
+the probabilities are read from the last Softmax's top (or a named blob);
+`oversample=True` averages pycaffe's 10 crops, as Caffe's classify.py does.
+
+segment: a fully convolutional net takes any size, so the net is reshaped to
+each image, run forward, and the argmax over the class axis of the score
+blob gives the class of every pixel.  Images too large for memory are cut
+into tiles whose results equal the untiled ones (see `TileGeometry`).
+
+Both take a caffeish.Net (or a prototxt path plus `weights=`) and return numpy
+arrays; `Segmentation` also renders PIL pictures (palette PNG, overlay, legend).
+The `caffeish classify` / `caffeish segment` commands are thin faces over them.
+"""
+import dataclasses
+import math
+from fractions import Fraction
+from typing import List, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from caffeish import backend as backends
+from caffeish import geometry
+from caffeish import palette as palettes
+from caffeish.errors import CaffeishError, GraphError, ShapeError
+from caffeish.preprocess import Preprocess
+
+DEFAULT_MAX_MEMORY = 4 << 30  # bytes of blobs one segmentation forward may use before tiling
+
+
+# ---------------------------------------------------------------------------- the net
+
+
+def open_net(net, weights=None, device=None, seed=0):
+    """A caffeish Net: `net` itself, or built from a prototxt path (and weights) for TEST."""
+    if hasattr(net, "forward_outputs"):
+        if weights is not None:
+            net.copy_from(weights)
+        return net
+    from caffeish.net import Net
+    from caffeish.schema import TEST
+
+    return Net(net, weights, TEST, device=device, seed=seed)
+
+
+def data_input(net):
+    """The input blob images go to: 'data' when there is one, else the first 4-D input."""
+    inputs = list(net.inputs)
+    if "data" in inputs:
+        return "data"
+    for name in inputs:
+        if len(net.blob_shape(name)) == 4:
+            return name
+    raise GraphError(f"net '{net.name}' has no 4-D image input (N x C x H x W); its inputs are "
+                     f"{', '.join(f'{n} {_fmt_shape(net.blob_shape(n))}' for n in inputs) or 'none'}")
+
+
+def _fmt_shape(shape):
+    return "x".join(str(d) for d in shape)
+
+
+def blob_list(net):
+    """'name (shape), ...' of every blob, for error messages."""
+    return ", ".join(f"{n} ({_fmt_shape(s)})" for n, s in net.graph.blob_shapes.items())
+
+
+def check_blob(net, blob):
+    if blob not in net.graph.blob_shapes:
+        raise GraphError(f"no blob named '{blob}' in net '{net.name}'; blobs: {blob_list(net)}")
+    return blob
+
+
+def softmax_blob(net):
+    """The top of the net's last Softmax layer (what classify reports by default)."""
+    tops = [n.tops[0] for n in net.nodes if n.type == "Softmax" and n.tops]
+    if not tops:
+        raise GraphError(f"net '{net.name}' has no Softmax layer to read probabilities from; "
+                         f"choose the output with --blob NAME (blob=...); blobs: {blob_list(net)}")
+    return tops[-1]
+
+
+def _outputs(net, inputs, blob):
+    out = net.forward_outputs(inputs, blobs=[blob])
+    return backends.to_numpy(out[blob])
+
+
+# ---------------------------------------------------------------------------- classify
+
+
+class Classification(NamedTuple):
+    """Per image: `probs` (N x C, the output blob flattened), `top` (N x k class
+    indices, best first), `top_probs` (N x k) and the class names (or None)."""
+
+    probs: np.ndarray
+    top: np.ndarray
+    top_probs: np.ndarray
+    labels: Optional[List[str]]
+
+    def name(self, c):
+        """The label of class c (its index as text without labels)."""
+        if self.labels is not None and 0 <= c < len(self.labels):
+            return self.labels[c]
+        return str(c)
+
+
+def top_classes(probs, k):
+    """(indices, values) of the k largest per row, best first; ties keep the lower index first."""
+    probs = np.asarray(probs)
+    k = max(1, min(int(k), probs.shape[1]))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(probs, order, axis=1)
+
+
+class Classifier:
+    """Loads images for a net's input and runs batches (used by `classify` and the CLI)."""
+
+    def __init__(self, net, preprocess=None, blob=None, oversample=False):
+        self.net = net
+        self.preprocess = preprocess if preprocess is not None else Preprocess()
+        self.input = data_input(net)
+        shape = net.blob_shape(self.input)
+        self.channels, self.input_hw = int(shape[1]), tuple(int(d) for d in shape[2:4])
+        self.blob = check_blob(net, blob) if blob else softmax_blob(net)
+        self.oversample = oversample
+        self.preprocess.mean_for((self.channels,) + self.input_hw)  # a mean that cannot fit fails now
+
+    def load(self, image):
+        """Decode one image for this net (H x W x K, 0..255); CaffeishError names an unreadable file."""
+        return self.preprocess.load(image, self.channels)
+
+    def prepare(self, image, pixels=None):
+        """One image -> its K x H x W input (10 x K x H x W with oversampling)."""
+        if pixels is None:
+            pixels = self.load(image)
+        if self.oversample:
+            return self.preprocess.oversampled(pixels, self.input_hw)
+        return self.preprocess.apply(pixels, self.input_hw)
+
+    def predict(self, prepared):
+        """Outputs (N x C) for a list of prepared inputs, in one forward pass."""
+        x = np.stack(prepared) if not self.oversample else np.concatenate(prepared)
+        out = _outputs(self.net, {self.input: x}, self.blob)
+        out = out.reshape(out.shape[0], -1).astype(np.float32, copy=False)
+        if self.oversample:
+            out = out.reshape(len(prepared), 10, -1).mean(axis=1)
+        return out
+
+
+def classify(net, images, weights=None, top_k=5, preprocess=None, blob=None, batch_size=16,
+             oversample=False, labels=None, device=None):
+    """Classify images (paths, PIL images or arrays; one or a list) -> Classification.
+
+    net: a caffeish.Net or a prototxt path (then `weights`).  preprocess: a
+    caffeish.preprocess.Preprocess (default: BGR, 0..255, no mean).  blob: the
+    output to read (default the last Softmax's top).  labels: class names or a
+    labels file.  An unreadable image raises CaffeishError naming it.
+    """
+    net = open_net(net, weights, device)
+    clf = Classifier(net, preprocess, blob, oversample)
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    rows = []
+    for i in range(0, len(images), max(1, int(batch_size))):
+        rows.append(clf.predict([clf.prepare(im) for im in images[i:i + batch_size]]))
+    probs = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+    if isinstance(labels, str) or hasattr(labels, "__fspath__"):
+        labels = palettes.read_labels(labels)
+    if probs.size:
+        top, top_probs = top_classes(probs, top_k)
+    else:
+        top, top_probs = np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32)
+    return Classification(probs, top, top_probs, labels)
+
+
+# ---------------------------------------------------------------------------- tiling
+
+
+class TileGeometry(NamedTuple):
+    """What exact tiling needs, per spatial axis (h, w).
+
+    stride: tile origins must be multiples of it, so that every blob's grid in
+    a tile is the full image's grid shifted by a whole number of cells (the
+    lcm of the denominators of every blob's scale from the input).
+    reach: the farthest input pixel an output pixel depends on, measured from
+    the input position the coordinate maps put it at (receptive field, padding
+    and the Deconvolution's taps included).  offset: the output's map x -> x + b.
+    margin: ceil(reach + |b|) rounded up to the stride: an output pixel at least
+    `margin` from a tile's inner edges sees only pixels inside the tile, so it
+    equals the untiled result.
+    """
+
+    stride: Tuple[int, int]
+    margin: Tuple[int, int]
+    reach: Tuple[Fraction, Fraction]
+    offset: Tuple[Fraction, Fraction]
+
+
+def _analysis_net(net):
+    """The net's layers (as run) without include/exclude rules, for the offsets analysis."""
+    from caffeish.schema import pb
+
+    out = pb.NetParameter()
+    out.CopyFrom(net.graph.filtered)
+    for layer in out.layer:
+        del layer.include[:]
+        del layer.exclude[:]
+    return out
+
+
+def tile_geometry(net, input_name, blob, input_shapes=None):
+    """The TileGeometry of `blob` (an output at the input's resolution) over `input_name`.
+
+    net: a caffeish Net, or a NetParameter / prototxt path (then `input_shapes`
+    as for caffeish.graph.Graph when its inputs have no shapes).
+    """
+    from caffeish.tools.offsets import Conflict, analyze
+
+    if hasattr(net, "graph"):
+        input_shapes = {n: net.blob_shape(n) for n in net.inputs}
+        net = _analysis_net(net)
+    a = analyze(net, input_shapes=input_shapes)
+    root, target = a.blob_id(input_name), a.blob_id(blob)
+    maps = a.maps.get(target, {})
+    why = f"cannot tile '{blob}' over '{input_name}'"
+    if root not in maps:
+        raise ShapeError(f"{why}: it is not computed from '{input_name}' through layers with coordinate maps "
+                         f"(it comes from {a._describe_roots(target)})")
+    for r, m in maps.items():
+        if isinstance(m, Conflict):
+            raise ShapeError(f"{why}: {m.message}")
+        if r != root and a.root_reason.get(r):
+            raise ShapeError(f"{why}: it also depends on {a.root_reason[r]}")
+    axes = (2, 3)
+    ident = geometry.identity()
+    reach = {root: {ax: Fraction(0) for ax in axes}}
+    for layer in a.layers:
+        lm = layer.lmap
+        per_axis = dict(zip(lm.axes, zip(lm.kernel, lm.stride, lm.dilation))) if lm.kernel else {}
+        for b, t in lm.links:
+            bid, tid = layer.bottoms[b], layer.tops[t]
+            if bid not in reach or isinstance(a.maps.get(bid, {}).get(root), Conflict):
+                continue
+            new = {}
+            for ax in axes:
+                r = reach[bid][ax]
+                if ax in per_axis and lm.kind in ("window", "deconv"):
+                    k, s, d = per_axis[ax]
+                    jump = 1 / a.maps[bid][root].get(ax, ident).a  # input pixels per bottom cell
+                    ext = geometry.effective_kernel(k, d)
+                    half = Fraction(ext - 1, 2) if lm.kind == "window" else Fraction(ext - 1, 2 * s)
+                    r = r + half * jump
+                new[ax] = r
+            old = reach.get(tid)
+            reach[tid] = new if old is None else {ax: max(old[ax], new[ax]) for ax in axes}
+    stride = []
+    for ax in axes:
+        s = 1
+        for bid in reach:
+            m = a.maps.get(bid, {}).get(root)
+            if m is not None and not isinstance(m, Conflict):
+                s = math.lcm(s, m.get(ax, ident).a.denominator)
+        stride.append(s)
+    out_map = maps[root]
+    for ax in axes:
+        if out_map.get(ax, ident).a != 1:
+            raise ShapeError(f"{why}: its axis {ax} is at scale {out_map[ax].a} of the input; tiling needs "
+                             "the scores at the input's resolution")
+    margins = []
+    for ax, s in zip(axes, stride):
+        need = math.ceil(reach[target][ax] + abs(out_map.get(ax, ident).b))
+        margins.append(-(-need // s) * s)
+    return TileGeometry(tuple(stride), tuple(margins), tuple(reach[target][ax] for ax in axes),
+                        tuple(out_map.get(ax, ident).b for ax in axes))
+
+
+def tile_spans(n, tile, margin, stride):
+    """[(input start, input end, keep start, keep end)] covering 0..n along one axis.
+
+    Kept regions step by the largest multiple of `stride` that fits in
+    tile - 2 * margin; each tile reads `margin` more pixels on each inner side
+    (clipped at the image border, where the untiled net sees the same border).
+    """
+    if tile >= n:
+        return [(0, n, 0, n)]
+    step = (tile - 2 * margin) // stride * stride
+    if step <= 0:
+        raise ShapeError(f"a tile of {tile} pixels is too small: this net needs {margin} pixels of context on "
+                         f"each side and origins on multiples of {stride}; use at least {2 * margin + stride}")
+    spans = []
+    for keep0 in range(0, n, step):
+        keep1 = min(keep0 + step, n)
+        spans.append((max(0, keep0 - margin), min(n, keep1 + margin), keep0, keep1))
+    return spans
+
+
+# ---------------------------------------------------------------------------- segment
+
+
+class Segmentation:
+    """One segmented image.
+
+    image: the decoded picture (H x W x 3 uint8); classes: H x W class indices
+    (the argmax over the score blob's channels); scores: C x H x W float32 (or
+    None when not kept); colors: (C, 3) uint8; labels: class names or None.
+    """
+
+    def __init__(self, image, classes, scores, colors, labels=None):
+        self.image = image
+        self.classes = classes
+        self.scores = scores
+        self.colors = colors
+        self.labels = labels
+
+    def label_image(self):
+        """Mode P PIL image of the class indices, with the palette."""
+        return palettes.label_image(self.classes, self.colors)
+
+    def overlay_image(self, alpha=0.6, legend=False):
+        """Mode RGB PIL image: the picture blended with the class colors (legend on the right)."""
+        return palettes.overlay_image(self.image, self.classes, self.colors, alpha, self.labels, legend)
+
+
+def _parse_memory(value):
+    if value is None:
+        return DEFAULT_MAX_MEMORY
+    if isinstance(value, (int, float)):
+        return int(value)
+    text = str(value).strip().upper().rstrip("B").rstrip("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    mult = units.get(text[-1:], 1)
+    try:
+        return int(float(text[:-1] if text[-1:] in units else text) * mult)
+    except ValueError:
+        raise CaffeishError(f"memory size: expected a number with K, M or G, got '{value}'") from None
+
+
+class Segmenter:
+    """Runs a fully convolutional net on images of any size (used by `segment` and the CLI).
+
+    tile: None (automatic: tiles only when the blobs of one forward would pass
+    max_memory bytes) or (h, w) tile size in input pixels.
+    """
+
+    def __init__(self, net, preprocess=None, blob=None, tile=None, max_memory=None):
+        self.net = net
+        # Fully convolutional: every image keeps its size (the caller's spec is not modified).
+        self.preprocess = dataclasses.replace(preprocess if preprocess is not None else Preprocess(),
+                                              resize="keep")
+        self.input = data_input(net)
+        self.channels = int(net.blob_shape(self.input)[1])
+        self.blob = check_blob(net, blob) if blob else None
+        self.tile = tile
+        self.max_memory = _parse_memory(max_memory)
+        self._geometry = None
+        self._per_pixel = None
+        self.n_classes = None  # channels of the score blob, known after the first image
+        shape = net.blob_shape(self.input)
+        self.preprocess.mean_for((self.channels,) + tuple(shape[2:4]))  # a mean that cannot fit fails now
+
+    def load(self, image):
+        """Decode one image for this net (H x W x K, 0..255); CaffeishError names an unreadable file."""
+        return self.preprocess.load(image, self.channels)
+
+    def prepare(self, image, pixels=None):
+        """(picture H x W x 3 uint8, net input K x H x W) of one image."""
+        if pixels is None:
+            pixels = self.load(image)
+        shown = np.clip(pixels, 0, 255).astype(np.uint8)
+        if shown.shape[2] == 1:
+            shown = np.repeat(shown, 3, axis=2)
+        return shown, self.preprocess.apply(pixels, None)
+
+    # -- choosing the score blob -------------------------------------------------------
+    def _shape_at(self, hw):
+        self.net.reshape(**{self.input: (1, self.channels) + tuple(hw)})
+        return {n: self.net.blob_shape(n) for n in self.net.graph.blob_shapes}
+
+    def score_blob(self, hw):
+        """The blob holding per-pixel class scores for an input of size hw."""
+        if self.blob is not None:
+            return self.blob
+        shapes = self._shape_at(hw)
+        fits = [n for n in self.net.outputs if len(shapes[n]) == 4 and tuple(shapes[n][2:]) == tuple(hw)]
+        softmax = [n.tops[0] for n in self.net.nodes if n.type == "Softmax" and n.tops and n.tops[0] in fits]
+        named = [n for n in fits if n == "score"]
+        choice = (softmax[-1:] or named or fits[:1])
+        if not choice:
+            outs = ", ".join(f"{n} ({_fmt_shape(shapes[n])})" for n in self.net.outputs)
+            raise GraphError(
+                f"net '{self.net.name}' has no Softmax or score output of the input's size {_fmt_shape(hw)} "
+                f"(outputs: {outs}); choose a blob with --blob NAME, or use a net that upsamples its "
+                f"scores to the input (Deconvolution + Crop); blobs: "
+                + ", ".join(f"{n} ({_fmt_shape(s)})" for n, s in shapes.items()))
+        self.blob = choice[0]
+        return self.blob
+
+    # -- memory and tiles ----------------------------------------------------------------
+    def geometry(self):
+        if self._geometry is None:
+            self._geometry = tile_geometry(self.net, self.input, self.blob)
+        return self._geometry
+
+    def _peak_per_pixel(self, hw):
+        """Bytes per input pixel of one forward: the two largest blobs plus 16 MiB of im2col
+        columns, from the shapes at 256x256 (or at the image's size if the net refuses 256x256)."""
+        if self._per_pixel is None:
+            probe = (256, 256)
+            try:
+                shapes = self._shape_at(probe)
+            except CaffeishError:
+                probe = tuple(hw)
+                shapes = self._shape_at(probe)
+            sizes = sorted((int(np.prod(s)) * 4 for s in shapes.values()), reverse=True)
+            self._per_pixel = (sum(sizes[:2]) + (16 << 20)) / (probe[0] * probe[1])
+        return self._per_pixel
+
+    def tile_size(self, hw):
+        """The (h, w) tile for an image of size hw, or None to run it whole."""
+        if self.tile is not None:
+            return None if (self.tile[0] >= hw[0] and self.tile[1] >= hw[1]) else tuple(self.tile)
+        self.score_blob(hw)
+        per_pixel = self._peak_per_pixel(hw)
+        if per_pixel * hw[0] * hw[1] <= self.max_memory:
+            return None
+        g = self.geometry()
+        side = int(math.sqrt(self.max_memory / per_pixel))
+        sizes = []
+        for ax in range(2):
+            least = 2 * g.margin[ax] + g.stride[ax]
+            sizes.append(max(least, side // g.stride[ax] * g.stride[ax]))
+        return tuple(sizes)
+
+    # -- running ------------------------------------------------------------------------
+    def scores(self, x):
+        """C x H x W scores of one K x H x W input, tiled when needed."""
+        return self._forward(x, keep_scores=True)[1]
+
+    def _forward(self, x, keep_scores):
+        """(classes or None, scores or None): untiled, the scores (classes left to the caller);
+        tiled, the classes per tile and the scores only when kept (they can be large)."""
+        hw = tuple(x.shape[1:])
+        blob = self.score_blob(hw)
+        tile = self.tile_size(hw)
+        if tile is None:
+            out = _outputs(self.net, {self.input: x[np.newaxis]}, blob)[0]
+            if tuple(out.shape[1:]) != hw:
+                raise ShapeError(f"blob '{blob}' is {_fmt_shape(out.shape)} for an input of {_fmt_shape(hw)}; "
+                                 "segmentation needs scores at the input's size")
+            self.n_classes = out.shape[0]
+            return None, out
+        g = self.geometry()
+        rows = tile_spans(hw[0], tile[0], g.margin[0], g.stride[0])
+        cols = tile_spans(hw[1], tile[1], g.margin[1], g.stride[1])
+        classes = result = None
+        for r0, r1, k0, k1 in rows:
+            for c0, c1, j0, j1 in cols:
+                part = _outputs(self.net, {self.input: x[np.newaxis, :, r0:r1, c0:c1]}, blob)[0]
+                if tuple(part.shape[1:]) != (r1 - r0, c1 - c0):
+                    raise ShapeError(f"blob '{blob}' is {_fmt_shape(part.shape)} for a tile of "
+                                     f"{r1 - r0}x{c1 - c0}; tiling needs scores at the input's size")
+                kept = part[:, k0 - r0:k1 - r0, j0 - c0:j1 - c0]
+                self.n_classes = part.shape[0]
+                if classes is None:
+                    classes = np.empty(hw, dtype=class_map(part[:, :1, :1]).dtype)
+                    if keep_scores:
+                        result = np.empty((part.shape[0],) + hw, dtype=np.float32)
+                classes[k0:k1, j0:j1] = class_map(kept)
+                if keep_scores:
+                    result[:, k0:k1, j0:j1] = kept
+        return classes, result
+
+    def run(self, x, keep_scores=True):
+        """(classes H x W, scores C x H x W or None) of one prepared input.
+
+        keep_scores=False lets a tiled image keep only its classes, not C floats per pixel.
+        """
+        classes, scores = self._forward(x, keep_scores)
+        if classes is None:
+            classes = class_map(scores)
+        return classes, scores
+
+
+def class_map(scores):
+    """The argmax over the class axis of C x H x W scores: uint8 (int32 beyond 256 classes)."""
+    return scores.argmax(axis=0).astype(np.uint8 if scores.shape[0] <= 256 else np.int32)
+
+
+def segment(net, image, weights=None, preprocess=None, blob=None, tile=None, max_memory=None,
+            palette="pascal", labels=None, device=None):
+    """Segment one image (path, PIL image or array) with a fully convolutional net -> Segmentation.
+
+    net: a caffeish.Net or a prototxt path (then `weights`).  preprocess: a
+    Preprocess (the image keeps its size).  blob: the score blob (default the
+    last Softmax, else 'score', else the first output of the input's size).
+    tile: (h, w) to process in tiles (exactly equal to untiled), None for
+    automatic tiling above max_memory bytes.  palette: 'pascal', a DIGITS
+    color-map file, a dataset folder or an (N, 3) array.  labels: names or a file.
+    """
+    colors, names = (np.asarray(palette, np.uint8), None) if isinstance(palette, np.ndarray) \
+        else palettes.load_palette(palette)
+    if isinstance(labels, str) or hasattr(labels, "__fspath__"):
+        labels = palettes.read_labels(labels)
+    net = open_net(net, weights, device)
+    seg = Segmenter(net, preprocess, blob, tile, max_memory)
+    shown, x = seg.prepare(image)
+    classes, scores = seg.run(x)
+    colors = palettes.colors_for(colors, scores.shape[0])
+    return Segmentation(shown, classes, scores, colors, labels if labels is not None else names)
+
+
+# ---------------------------------------------------------------------------- folders
+
+
+def find_images(paths):
+    """(images, notes): every image named or found (recursively, sorted) in folders.
+
+    images: [(path, name relative to its folder argument)]; a named file is
+    taken whatever its extension (a bad one fails when decoded); files in
+    folders without an image extension are skipped, each with a note; hidden
+    files and folders are ignored.
+    """
+    import os
+
+    from caffeish.preprocess import is_image_name
+
+    images, notes = [], []
+    for p in paths:
+        p = os.fspath(p)
+        if not os.path.isdir(p):
+            images.append((p, os.path.basename(p)))
+            continue
+        for root, dirs, files in os.walk(p):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for f in sorted(files):
+                if f.startswith("."):
+                    continue
+                full = os.path.join(root, f)
+                if is_image_name(f):
+                    images.append((full, os.path.relpath(full, p)))
+                else:
+                    notes.append(f"skipped {full}: not an image file")
+    return images, notes

@@ -1,0 +1,156 @@
+"""The preprocessing spec: Caffe's Data-layer arithmetic, pycaffe's Transformer, means, decoding, options."""
+import argparse
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from caffeish import io
+from caffeish import preprocess as pp
+from caffeish.errors import CaffeishError, ShapeError
+from caffeish.schema import pb
+from caffeish.transformer import load_image
+from conftest import shared_path
+
+
+def _rgb(tmp_path, h=40, w=50, seed=0, name="im.png"):
+    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    path = tmp_path / name
+    Image.fromarray(arr).save(path)
+    return path, arr
+
+
+def test_transform_param_is_caffes_data_layer_at_test(tmp_path):
+    """scale, mean_file and crop_size: (BGR pixel - mean) * scale on the centre crop, as DataTransformer."""
+    path, arr = _rgb(tmp_path, 40, 50)
+    mean = np.random.default_rng(1).uniform(0, 255, (3, 40, 50)).astype(np.float32)
+    io.write_binaryproto(tmp_path / "mean.binaryproto", mean[np.newaxis])
+    tp = pb.TransformationParameter(scale=0.017, mean_file="mean.binaryproto", crop_size=32, mirror=True)
+    spec = pp.from_transform_param(tp, base_dir=str(tmp_path))
+    x = spec.apply(spec.load(path, 3), (32, 32))
+    # Independent: Caffe's TEST crop starts at (H - crop) / 2 in the datum and in the mean alike.
+    bgr = arr[:, :, ::-1].transpose(2, 0, 1).astype(np.float32)
+    top, left = (40 - 32) // 2, (50 - 32) // 2
+    want = (bgr[:, top:top + 32, left:left + 32] - mean[:, top:top + 32, left:left + 32]) * np.float32(0.017)
+    assert x.dtype == np.float32 and x.shape == (3, 32, 32)
+    np.testing.assert_array_equal(x, want)
+
+
+def test_mean_values_one_for_all_channels_or_one_each(tmp_path):
+    path, arr = _rgb(tmp_path, 8, 9)
+    bgr = arr[:, :, ::-1].transpose(2, 0, 1).astype(np.float32)
+    one = pp.from_transform_param(pb.TransformationParameter(mean_value=[100]))
+    np.testing.assert_array_equal(one.apply(one.load(path), (8, 9)), bgr - 100)
+    three = pp.from_transform_param(pb.TransformationParameter(mean_value=[104, 117, 123]))
+    want = bgr - np.array([104, 117, 123], np.float32)[:, None, None]
+    np.testing.assert_array_equal(three.apply(three.load(path), (8, 9)), want)
+
+
+def test_matches_pycaffe_transformer(tmp_path):
+    """The spec and the pycaffe Transformer it configures agree (up to float rounding), resize included."""
+    path, _ = _rgb(tmp_path, 30, 45)
+    spec = pp.Preprocess(mean=np.array([104, 117, 123], np.float32), raw_scale=255.0, scale=0.5)
+    for hw in ((30, 45), (24, 20)):
+        shape = (1, 3) + hw
+        ours = spec.apply(spec.load(path), hw)
+        theirs = spec.transformer("data", shape).preprocess("data", load_image(str(path)))
+        np.testing.assert_allclose(ours, theirs, atol=2e-3)
+    # RGB kept and raw_scale 1: pycaffe's [0, 1] images.
+    spec = pp.Preprocess(raw_scale=1.0, channel_swap=None)
+    np.testing.assert_allclose(spec.apply(spec.load(path), (30, 45)),
+                               load_image(str(path)).transpose(2, 0, 1), atol=1e-6)
+
+
+def test_mean_image_is_cropped_or_resized_to_the_input():
+    mean = np.arange(3 * 6 * 8, dtype=np.float32).reshape(3, 6, 8)
+    spec = pp.Preprocess(mean=mean)
+    np.testing.assert_array_equal(spec.mean_for((3, 4, 4)), mean[:, 1:5, 2:6])  # centre crop
+    resized = spec.mean_for((3, 12, 16))
+    assert resized.shape == (3, 12, 16)
+    assert mean.min() <= resized.min() and resized.max() <= mean.max()
+
+
+def test_mean_of_the_wrong_shape_names_both_shapes():
+    spec = pp.Preprocess(mean=np.zeros((3, 32, 32), np.float32), mean_source="mean file m.binaryproto")
+    with pytest.raises(ShapeError, match=r"m\.binaryproto of shape 3x32x32 has 3 channels.*1x28x28"):
+        spec.mean_for((1, 28, 28))
+    spec = pp.Preprocess(mean=np.array([1, 2], np.float32))
+    with pytest.raises(ShapeError, match="2 values.*3 channels"):
+        spec.mean_for((3, 5, 5))
+
+
+def test_gray_uses_opencv_weights_and_color_repeats_gray(tmp_path):
+    path, arr = _rgb(tmp_path, 5, 6)
+    gray = pp.Preprocess().load(path, channels=1)
+    want = arr.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    assert gray.shape == (5, 6, 1)
+    assert np.abs(gray[:, :, 0] - want).max() <= 1.0  # Pillow's integer rounding of the same weights
+    forced = pp.Preprocess(grayscale=True).load(path, channels=3)
+    assert forced.shape == (5, 6, 3) and (forced[:, :, 0] == forced[:, :, 2]).all()
+
+
+def test_decode_formats_and_errors(tmp_path):
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 10
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    assert pp.decode(tmp_path / "a.png")[0, 0].tolist() == [200, 0, 0]  # alpha dropped
+    deep = np.full((3, 3), 65535, np.uint16)
+    Image.fromarray(deep).save(tmp_path / "d.png")
+    assert pp.decode(tmp_path / "d.png", gray=True)[0, 0, 0] == pytest.approx(255.0)
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(CaffeishError, match="bad.jpg: cannot read as an image"):
+        pp.decode(tmp_path / "bad.jpg")
+    with pytest.raises(CaffeishError, match="nope.png: no such image file"):
+        pp.decode(tmp_path / "nope.png")
+    assert pp.decode(np.full((2, 2), 0.5)).tolist() == [[[127.5] * 3] * 2] * 2  # pycaffe's [0, 1] arrays
+
+
+def test_train_val_transform_param_and_relative_mean_file(tmp_path):
+    proto = shared_path("models", "cifar10_quick_ikki", "examples", "prediction_example",
+                        "prediction_example.prototxt")
+    tp = pp.transform_param_of(proto)
+    assert tp.mean_file == "./examples/cifar10/mean.binaryproto"
+    # The repository holds no mean.binaryproto: the message says where we looked and what to do.
+    with pytest.raises(CaffeishError, match=r"mean_file './examples/cifar10/mean.binaryproto' not found.*--mean"):
+        pp.from_transform_param(tp, base_dir=str(proto.parent))
+    # Caffe resolves it from where caffe ran: a folder above the prototxt.
+    (tmp_path / "examples" / "cifar10").mkdir(parents=True)
+    (tmp_path / "examples" / "net").mkdir()
+    io.write_binaryproto(tmp_path / "examples" / "cifar10" / "mean.binaryproto", np.ones((1, 3, 32, 32)))
+    spec = pp.from_transform_param(tp, base_dir=str(tmp_path / "examples" / "net"))
+    assert spec.mean.shape == (3, 32, 32) and spec.crop == "none"
+
+
+def _args(*argv, keep_size=False):
+    p = argparse.ArgumentParser()
+    pp.add_arguments(p, keep_size=keep_size)
+    return p.parse_args(list(argv))
+
+
+def test_command_line_options(tmp_path):
+    spec = pp.from_args(_args("--mean-value", "104,117,123", "--scale", "0.5", "--raw-scale", "1",
+                              "--channel-swap", "none", "--crop", "center", "--resize", "40x48"))
+    assert spec.mean.tolist() == [104, 117, 123] and spec.scale == 0.5 and spec.raw_scale == 1
+    assert spec.channel_swap is None and spec.crop == "center" and spec.resize == (40, 48)
+    np.save(tmp_path / "m.npy", np.zeros((3, 8, 8)))
+    assert pp.from_args(_args("--mean", str(tmp_path / "m.npy")), keep_size=True).resize == "keep"
+    with pytest.raises(CaffeishError, match="not both"):
+        pp.from_args(_args("--mean", "x.npy", "--mean-value", "1"))
+    # Options win over the transform_param of --transform-from.
+    proto = tmp_path / "tv.prototxt"
+    proto.write_text('layer { name: "d" type: "Data" top: "data" top: "label" include { phase: TEST } '
+                     'transform_param { scale: 0.25 mean_value: 7 crop_size: 4 } }\n'
+                     'layer { name: "t" type: "Data" top: "data" top: "label" include { phase: TRAIN } '
+                     'transform_param { scale: 9 } }\n')
+    spec = pp.from_args(_args("--transform-from", str(proto)))
+    assert spec.scale == 0.25 and spec.mean.tolist() == [7] and spec.crop == "center"
+    assert pp.from_args(_args("--transform-from", str(proto), "--scale", "2")).scale == 2
+
+
+def test_centre_crop_with_resize_to_the_mean_size(tmp_path):
+    """--crop center resizes to the mean image's size first (the datum size), then crops with the mean."""
+    path, arr = _rgb(tmp_path, 12, 12)
+    spec = pp.Preprocess(mean=np.zeros((3, 12, 12), np.float32), crop="center")
+    x = spec.apply(spec.load(path), (8, 8))
+    np.testing.assert_array_equal(x, arr[2:10, 2:10, ::-1].transpose(2, 0, 1).astype(np.float32))
+    assert spec.oversampled(spec.load(path), (8, 8)).shape == (10, 3, 8, 8)

@@ -1,0 +1,267 @@
+"""`caffeish segment` and caffeish.segment on a small FCN (conv/pool, score, bilinear Deconvolution
+upscore, Crop) with filler weights: classes against the Net run on independently preprocessed
+arrays, the pictures (palette PNG, overlay, legend), palettes, exact tiling, and the errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import caffeish
+from caffeish import inference
+from caffeish import palette as palettes
+from caffeish.cli import main
+from caffeish.errors import CaffeishError, GraphError, ShapeError
+from caffeish.io import parse_text
+from caffeish.preprocess import Preprocess
+from caffeish.schema import pb
+from conftest import shared_path
+
+# conv1 pad 5 + pool 3/2 + conv 3 + pool 2/2 -> total stride 4; upscore kernel 7 stride 4;
+# the input lands at x + 5 in 'upscore' (caffeish offsets computes 5), so Crop offset 5.
+FCN = """
+name: "tiny_fcn"
+layer { name: "input" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 37 dim: 53 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 8 kernel_size: 3 pad: 5
+    weight_filler { type: "gaussian" std: 0.01 } bias_filler { type: "constant" value: 0.1 } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
+  convolution_param { num_output: 8 kernel_size: 3 pad: 1
+    weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "constant" value: 0.1 } } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
+layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2" pooling_param { pool: AVE kernel_size: 2 stride: 2 } }
+layer { name: "score_fr" type: "Convolution" bottom: "pool2" top: "score_fr"
+  convolution_param { num_output: 5 kernel_size: 1 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "upscore" type: "Deconvolution" bottom: "score_fr" top: "upscore" param { lr_mult: 0 }
+  convolution_param { num_output: 5 group: 5 bias_term: false kernel_size: 7 stride: 4
+    weight_filler { type: "bilinear" } } }
+layer { name: "score" type: "Crop" bottom: "upscore" bottom: "data" top: "score" crop_param { axis: 2 offset: 5 } }
+"""
+MEAN = np.array([104.0, 117.0, 123.0], np.float32)
+LABELS = ["background", "cat", "dog", "car", "sky"]
+
+
+def _net():
+    return caffeish.Net(parse_text(FCN, pb.NetParameter()), seed=7)
+
+
+@pytest.fixture(scope="module")
+def net():
+    return _net()
+
+
+@pytest.fixture()
+def files(tmp_path):
+    """The prototxt, a folder with two images (37x53 and 40x31), a labels file."""
+    (tmp_path / "fcn.prototxt").write_text(FCN)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    arrays = {}
+    for name, hw in (("a.png", (37, 53)), ("b.png", (40, 31))):
+        arr = _picture(rng, hw)
+        Image.fromarray(arr).save(folder / name)
+        arrays[name] = arr
+    (tmp_path / "labels.txt").write_text("\n".join(LABELS) + "\n")
+    return tmp_path, folder, arrays
+
+
+def _picture(rng, hw):
+    """A picture with structure (bright and dark blocks plus noise), so several classes appear."""
+    h, w = hw
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(xx * 255 // w), (yy * 255 // h), ((xx // 8 + yy // 8) % 2) * 255], axis=2)
+    return np.clip(base + rng.integers(-30, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _reference(net, arr):
+    """The Net on Caffe's input computed here: BGR, minus the mean, N x C x H x W."""
+    x = arr[:, :, ::-1].transpose(2, 0, 1).astype(np.float32) - MEAN[:, None, None]
+    return net.forward(data=x[np.newaxis])["score"][0].copy()
+
+
+def test_segment_api_matches_the_net(net, files):
+    _, folder, arrays = files
+    seg = caffeish.segment(net, str(folder / "a.png"), preprocess=Preprocess(mean=MEAN), labels=LABELS)
+    scores = _reference(net, arrays["a.png"])
+    assert seg.scores.shape == (5, 37, 53) and seg.classes.shape == (37, 53)
+    np.testing.assert_array_equal(seg.scores, scores)
+    np.testing.assert_array_equal(seg.classes, scores.argmax(axis=0))
+    assert len(np.unique(seg.classes)) >= 2  # the test picture gives more than one class
+    np.testing.assert_array_equal(seg.image, arrays["a.png"])
+    img = seg.label_image()
+    assert img.mode == "P" and img.size == (53, 37)
+    np.testing.assert_array_equal(np.asarray(img), seg.classes)
+    over = seg.overlay_image(alpha=0.25)
+    want = np.rint(arrays["a.png"] * 0.75 + palettes.pascal_palette()[seg.classes] * 0.25)
+    assert over.mode == "RGB" and np.abs(np.asarray(over).astype(int) - want).max() <= 1
+
+
+def test_cli_writes_palette_png_overlay_legend_and_scores(net, files, capsys):
+    tmp, folder, arrays = files
+    out = tmp / "out"
+    assert main(["segment", str(tmp / "fcn.prototxt"), "none", str(folder), "-o", str(out), "--seed", "7",
+                 "--mean-value", "104,117,123", "--legend", "--npy", "--labels", str(tmp / "labels.txt")]) == 0
+    assert "a.png" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["a.npy", "a.png", "a_overlay.png", "b.npy", "b.png", "b_overlay.png"]
+    pascal = palettes.pascal_palette()
+    for name, hw in (("a", (37, 53)), ("b", (40, 31))):
+        scores = _reference(net, arrays[name + ".png"])
+        np.testing.assert_array_equal(np.load(out / f"{name}.npy"), scores)
+        with Image.open(out / f"{name}.png") as png:
+            assert png.mode == "P" and png.size == (hw[1], hw[0])
+            table = np.array(png.getpalette()[:15]).reshape(5, 3)
+            np.testing.assert_array_equal(table, pascal[:5])
+            np.testing.assert_array_equal(np.asarray(png), scores.argmax(axis=0))
+        with Image.open(out / f"{name}_overlay.png") as over:
+            over = np.asarray(over.convert("RGB")) if over.mode != "RGB" else np.asarray(over)
+        assert over.shape[0] >= hw[0] and over.shape[1] > hw[1]  # the legend sits on the right
+        legend = over[:, hw[1]:].reshape(-1, 3)
+        for c in np.unique(scores.argmax(axis=0)):  # every class present has its swatch
+            assert (legend == pascal[c]).all(axis=1).any(), c
+
+
+def test_dataset_palette_and_labels(net, files, capsys):
+    tmp, folder, _ = files
+    dataset = tmp / "dataset"
+    dataset.mkdir()
+    colors = np.array([[0, 0, 0], [250, 10, 10], [10, 250, 10], [10, 10, 250], [200, 200, 0]], np.uint8)
+    palettes.write_colormap(dataset / "palette.txt", colors)
+    (dataset / "labels.txt").write_text("\n".join(LABELS) + "\n")
+    assert palettes.read_colormap(dataset / "palette.txt").tolist() == colors.tolist()
+    assert main(["segment", str(tmp / "fcn.prototxt"), "none", str(folder / "a.png"), "-o", str(tmp / "o"),
+                 "--seed", "7", "--palette", str(dataset), "--format", "json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["classes"] and set(row["classes"]) <= set(LABELS)  # class names from labels.txt
+    with Image.open(tmp / "o" / "a.png") as png:
+        np.testing.assert_array_equal(np.array(png.getpalette()[:15]).reshape(5, 3), colors)
+    (tmp / "three.txt").write_text("0 0 0\n1 2 3\n4 5 6\n")
+    with pytest.raises(ShapeError, match="3 colors but the net scores 5 classes"):
+        caffeish.segment(net, str(folder / "a.png"), palette=str(tmp / "three.txt"))
+
+
+def test_palettes():
+    p = palettes.pascal_palette()
+    assert p[0].tolist() == [0, 0, 0] and p[1].tolist() == [128, 0, 0] and p[2].tolist() == [0, 128, 0]
+    assert p[15].tolist() == [192, 128, 128]  # VOC 'person'
+    assert p[255].tolist() == [224, 224, 192]  # VOC 'void'
+    assert len({tuple(c) for c in p}) == 256
+
+
+def test_colormap_errors(tmp_path):
+    (tmp_path / "bad.txt").write_text("0 0 0\n1 2\n")
+    with pytest.raises(CaffeishError, match=r"bad.txt:2: expected 'R G B'"):
+        palettes.read_colormap(tmp_path / "bad.txt")
+    with pytest.raises(CaffeishError, match="no palette.txt"):
+        palettes.load_palette(str(tmp_path))
+
+
+def _big_picture(hw=(61, 83)):
+    return _picture(np.random.default_rng(11), hw)
+
+
+def test_tiled_equals_untiled(net):
+    arr = _big_picture()
+    seg = inference.Segmenter(net, Preprocess(mean=MEAN))
+    shown, x = seg.prepare(arr)
+    whole = seg.scores(x)
+    np.testing.assert_array_equal(whole, _reference(net, arr))
+    g = seg.geometry()
+    assert g.stride == (4, 4) and g.margin == (8, 8) and g.offset == (0, 0)
+    for tile in ((20, 20), (24, 36), (40, 28), (61, 30)):
+        seg.tile = tile
+        spans = [inference.tile_spans(n, t, m, s) for n, t, m, s in zip(x.shape[1:], tile, g.margin, g.stride)]
+        assert len(spans[0]) * len(spans[1]) > 1
+        tiled = seg.scores(x)
+        np.testing.assert_array_equal(tiled.argmax(axis=0), whole.argmax(axis=0))
+        np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
+    # The margin is needed: one stride less of context changes pixels near the seams.
+    seg.tile = (24, 36)
+    seg._geometry = g._replace(margin=(4, 4))
+    assert np.abs(seg.scores(x) - whole).max() > 1e-3 * np.abs(whole).max()
+
+
+def test_automatic_tiling_under_a_memory_budget(net, tmp_path):
+    arr = _big_picture()
+    seg = inference.Segmenter(net, Preprocess(mean=MEAN), max_memory=60_000)
+    _, x = seg.prepare(arr)
+    tile = seg.tile_size(x.shape[1:])
+    assert tile is not None and tile[0] < x.shape[1]
+    res = caffeish.segment(net, arr, preprocess=Preprocess(mean=MEAN), max_memory=60_000)
+    np.testing.assert_array_equal(res.classes, _reference(net, arr).argmax(axis=0))
+    with pytest.raises(ShapeError, match="too small.*at least 20"):
+        caffeish.segment(net, arr, tile=(12, 12))
+
+
+def test_tile_geometry_of_digits_fcn_alexnet():
+    proto = shared_path("models", "digits", "examples", "semantic-segmentation", "fcn_alexnet.deploy.prototxt")
+    g = inference.tile_geometry(str(proto), "data", "score")
+    # Four stride-2/4 layers: 4 * 2 * 2 * 2 = 32; the Crop's offset 18 aligns the score with the input.
+    assert g.stride == (32, 32) and g.offset == (0, 0)
+    assert g.margin[0] % 32 == 0 and g.margin[0] >= g.reach[0] >= 387 // 2
+
+
+def test_no_score_blob_lists_the_blobs(files):
+    tmp, folder, _ = files
+    text = FCN.split('layer { name: "upscore"')[0]  # scores at 1/4 of the input
+    net = caffeish.Net(parse_text(text, pb.NetParameter()), seed=0)
+    with pytest.raises(GraphError, match=r"no Softmax or score output of the input's size 37x53.*score_fr"):
+        caffeish.segment(net, str(folder / "a.png"))
+
+
+def test_bad_images_are_counted_and_outdir_is_never_half_written(files, capsys, monkeypatch):
+    tmp, folder, _ = files
+    (folder / "c.jpg").write_bytes(b"\xff\xd8\xff broken")
+    (folder / "notes.md").write_text("not an image")
+    out = tmp / "out"
+    out.mkdir()
+    (out / "a.png").write_bytes(b"old result")
+    (out / "keep.txt").write_text("unrelated")
+    args = ["segment", str(tmp / "fcn.prototxt"), "none", str(folder), "-o", str(out), "--overlay", "0"]
+    # A failure in the middle of the run leaves OUTDIR as it was, and no temporary folder behind.
+    calls = []
+
+    def failing(self, x):
+        calls.append(1)
+        if len(calls) == 2:
+            raise CaffeishError("simulated failure")
+        return real(self, x)
+
+    real = inference.Segmenter.scores
+    monkeypatch.setattr(inference.Segmenter, "scores", failing)
+    assert main(args) == 1
+    assert sorted(os.listdir(out)) == ["a.png", "keep.txt"] and (out / "a.png").read_bytes() == b"old result"
+    assert sorted(os.listdir(tmp)) == sorted(["fcn.prototxt", "images", "labels.txt", "out"])
+    monkeypatch.setattr(inference.Segmenter, "scores", real)
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "notes.md: not an image file" in err and "c.jpg: cannot read as an image" in err
+    assert "1 of 3 images could not be read" in err
+    assert sorted(os.listdir(out)) == ["a.png", "b.png", "keep.txt"]
+    with Image.open(out / "a.png") as png:
+        assert png.mode == "P"
+    # Writing next to the inputs would replace them: refused before anything runs.
+    before = (folder / "a.png").read_bytes()
+    assert main(["segment", str(tmp / "fcn.prototxt"), "none", str(folder / "a.png"), "-o", str(folder)]) == 1
+    assert "would replace an input image" in capsys.readouterr().err
+    assert (folder / "a.png").read_bytes() == before
+
+
+def test_cli_tiles_give_the_untiled_pictures(files):
+    tmp, folder, _ = files
+    base = ["segment", str(tmp / "fcn.prototxt"), "none", str(folder / "a.png"), "--seed", "7", "--npy"]
+    assert main(base + ["-o", str(tmp / "whole")]) == 0
+    assert main(base + ["-o", str(tmp / "tiled"), "--tile", "20x24"]) == 0
+    assert main(base[:-1] + ["-o", str(tmp / "tiled_classes"), "--tile", "20x24"]) == 0  # classes only
+    with Image.open(tmp / "whole" / "a.png") as whole:
+        want = np.asarray(whole)
+    for out in ("tiled", "tiled_classes"):
+        with Image.open(tmp / out / "a.png") as png:
+            np.testing.assert_array_equal(np.asarray(png), want)
+    whole_scores = np.load(tmp / "whole" / "a.npy")
+    np.testing.assert_allclose(np.load(tmp / "tiled" / "a.npy"), whole_scores,
+                               atol=1e-5 * np.abs(whole_scores).max())
