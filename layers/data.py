@@ -11,17 +11,21 @@ win over what a layer would declare or read.  For the layers with a data top
 and a label top (Data, ImageData, WindowData, MemoryData), a shape for the data
 top alone gives the label top Caffe's label shape (N,).
 
-At run time only Input (fed by the caller) and DummyData (filler-made) produce
-data; the layers that read training data from files keep the base forward and
-say why in `unsupported_reason`.
+At run time Input tops are fed by the caller, DummyData fills its tops, and
+Data (LMDB) and ImageData read their files batch by batch with transform_param
+applied (caffeish.data_transform), as Caffe does at TEST, when their source
+was readable at setup and the user gave no shape for their tops.  Otherwise,
+and for the other file readers (WindowData, HDF5Data, MemoryData), the tops
+are inputs the caller feeds, and `unsupported_reason` says why.
 """
-import io
 import os
 
 import numpy as np
 
 from caffeish import fillers
-from caffeish.errors import InputShapeRequired
+from caffeish.data_transform import DataTransformer, resize_linear
+from caffeish.datum import BatchCursor, LmdbReader, NotDatumError, datum_array, datum_shape, parse_datum
+from caffeish.errors import CaffeishError, InputShapeRequired, ShapeError, UnsupportedError
 from caffeish.registry import Layer, register
 from caffeish.schema import pb
 
@@ -150,6 +154,61 @@ class BatchSourceLayer(SourceLayer):
         return (channels, crop, crop) if crop else (channels, height, width)
 
 
+class FileBatchSourceLayer(BatchSourceLayer):
+    """A data layer that caffeish runs by reading its files (Data over LMDB, ImageData).
+
+    It runs when the net is built from a readable source and the user gave no
+    shape for its tops; otherwise (`--input-shape`, or a source that is not
+    here) its tops are net inputs the caller feeds, as for the other file
+    readers.  Subclasses set `source_ok` in top_shapes and give `read_batch()`:
+    one (C x H x W array, label, where) per item of the batch.
+    """
+
+    what_is_read = "files"
+    source_ok = False
+    reader = cursor = None
+    _transformer = None
+
+    @property
+    def can_forward(self):
+        return self.source_ok
+
+    @property
+    def unsupported_reason(self):
+        return (
+            f"it reads training data from {self.what_is_read}, which was not readable when the net was "
+            f"built (or --input-shape gave its shape), so its tops are inputs to pass; or run a deploy "
+            f"prototxt whose inputs are Input layers, or choose a phase (--phase) or stage that excludes "
+            f"this layer"
+        )
+
+    def transformer(self):
+        if self._transformer is None:
+            self._transformer = DataTransformer(
+                self.param.transform_param, self.phase, f"layer '{self.name}' ({self.type}) transform_param")
+        return self._transformer
+
+    def forward(self, xp, bottoms, blobs):
+        if not self.can_forward:
+            raise UnsupportedError(f"layer '{self.name}' ({self.type}): cannot run: {self.unsupported_reason}")
+        transform = self.transformer()
+        items = self.read_batch()
+        first, _, first_where = items[0]
+        out = np.empty((len(items),) + transform.output_shape(*first.shape), dtype=np.float32)
+        labels = np.empty(len(items), dtype=np.float32)
+        for i, (array, label, where) in enumerate(items):
+            if array.shape != first.shape:
+                raise ShapeError(
+                    f"layer '{self.name}' ({self.type}): {where} is {array.shape} (C, H, W) but {first_where}, "
+                    f"the first of its batch, is {first.shape}; a batch needs one size (use batch_size 1, "
+                    f"a crop_size, or a dataset built with --resize)"
+                )
+            out[i] = transform(array, where)
+            labels[i] = label
+        tops = [xp.asarray(out), xp.asarray(labels)]
+        return tops[:len(self.param.top)]
+
+
 # -- declared shapes ------------------------------------------------------------------
 
 
@@ -272,20 +331,27 @@ class MemoryData(BatchSourceLayer):
 
 
 @register("Data")
-class Data(BatchSourceLayer):
+class Data(FileBatchSourceLayer):
     """Records from a LEVELDB or LMDB database of Datum: (batch_size, C, H, W) and label (batch_size,).
 
     C, H, W come from the database's first record (crop_size replaces H and W).
-    caffeish reads LMDB only, read-only and without locking.
+    caffeish reads LMDB only, read-only and without locking.  At run time each
+    forward reads the next batch_size records in key order, wrapping around
+    at the end, as Caffe's DataLayer does at TEST: two Data layers over a
+    features and a labels database with the same keys stay aligned record by
+    record.  Raw (`data` bytes), `float_data` and encoded (PNG/JPEG) records
+    are read; transform_param applies (see caffeish.data_transform).  The
+    shape of each batch is its first record's, as in Caffe.
     """
 
     min_tops = 1
     max_tops = 2
-    unsupported_reason = reads_files("a LEVELDB/LMDB database (data_param.source)")
+    what_is_read = "a LEVELDB/LMDB database (data_param.source)"
 
     def top_shapes(self):
         p = self.param.data_param
         self.check_transform()
+        self.source_ok = False
         given = self.given_batch()
         if given:
             return given
@@ -294,16 +360,14 @@ class Data(BatchSourceLayer):
                 f"its shape comes from the first record of the LEVELDB database '{p.source}', which "
                 f"caffeish cannot read (it reads LMDB only)"
             )
+        if p.batch_size <= 0:
+            raise self.error("data_param.batch_size must be positive")
         datum = self.first_datum(p.source)
         if datum.encoded:
             chw = self.decoded_size(datum, p.source)
         else:
-            if datum.channels <= 0:
-                raise self.need_shape(
-                    f"the first record of the LMDB database '{p.source}' is a Datum with "
-                    f"{datum.channels} channels"
-                )
             chw = (datum.channels, datum.height, datum.width)
+        self.source_ok = True
         return self.with_label((p.batch_size,) + self.crop(*chw, f"'{p.source}'"))
 
     def first_datum(self, source):
@@ -315,67 +379,72 @@ class Data(BatchSourceLayer):
                 f"its shape comes from the first record of the LMDB database '{source}', which "
                 f"{'is not a directory' if os.path.exists(source) else 'does not exist'}"
             )
-        import lmdb
-
         try:
-            env = lmdb.open(source, readonly=True, lock=False)
-            try:
-                with env.begin() as txn:
-                    cursor = txn.cursor()
-                    value = bytes(cursor.value()) if cursor.first() else None
-            finally:
-                env.close()
-        except lmdb.Error as e:
+            with LmdbReader(source) as reader:
+                for _, value in reader.items():
+                    value = bytes(value)
+                    break
+                else:
+                    value = None
+        except CaffeishError as e:
             raise self.need_shape(f"could not open the LMDB database '{source}' ({e})") from e
         if value is None:
             raise self.need_shape(f"the LMDB database '{source}' holds no records")
         try:
-            return pb.Datum.FromString(value)
-        except Exception as e:  # protobuf's DecodeError and friends
-            raise self.need_shape(f"the first record of the LMDB database '{source}' is not a Datum ({e})") from e
+            return parse_datum(value, f"the first record of the LMDB database '{source}'")
+        except NotDatumError as e:
+            raise self.need_shape(str(e)) from e
 
     def decoded_size(self, datum, source):
         """(C, H, W) of an encoded Datum's image, decoded the way Caffe's DataTransformer does.
 
-        force_color gives 3 channels, force_gray 1; otherwise the image's own
-        colour: grey images 1, colour images 3 (an alpha channel is dropped).
+        force_color gives 3 channels, force_gray 1; otherwise the image as
+        stored (OpenCV's "unchanged"): grey 1, colour 3, with alpha 4.
         """
         t = self.param.transform_param
         if t.force_color and t.force_gray:
             raise self.error("transform_param: force_color and force_gray cannot both be set")
-        from PIL import Image
-
+        color = True if t.force_color else (False if t.force_gray else None)
         try:
-            with Image.open(io.BytesIO(datum.data)) as img:
-                width, height = img.size
-                mode = img.mode
-        except Exception as e:  # PIL raises several types for undecodable data
-            raise self.need_shape(
-                f"could not decode the encoded image in the first record of '{source}' ({e})"
-            ) from e
-        if t.force_color or t.force_gray:
-            channels = 3 if t.force_color else 1
-        else:
-            channels = image_channels(mode)
-        return channels, height, width
+            return datum_shape(datum, color, f"the first record of '{source}'")
+        except CaffeishError as e:
+            raise self.need_shape(f"could not decode the encoded image in the first record of '{source}' ({e})") from e
 
+    # -- run time ------------------------------------------------------------------------
+    def read_batch(self):
+        p = self.param.data_param
+        if self.cursor is None:
+            self.reader = LmdbReader(p.source)
+            self.cursor = BatchCursor(self.reader)
+        records = self.cursor.take(p.batch_size)
+        color = self.transformer().color
+        items = []
+        for key, datum in records:
+            where = self.reader.where(key)
+            items.append((datum_array(datum, color, where), float(datum.label), where))
+        return items
 
-def image_channels(mode):
-    """Channels OpenCV's colour-or-grey decode gives for a PIL image mode: grey 1, else 3."""
-    return 1 if mode.startswith(("1", "L", "I", "F")) else 3
+    def close(self):
+        if self.reader is not None:
+            self.reader.close()
+        self.reader = self.cursor = None
 
 
 @register("ImageData")
-class ImageData(BatchSourceLayer):
+class ImageData(FileBatchSourceLayer):
     """Images named in a list file ("path label" lines): (batch_size, 3 or 1, H, W), label (batch_size,).
 
     H, W are new_height/new_width when set (both or neither), else crop_size,
-    else the size of the first listed image (root_folder + path).  With
-    shuffle, Caffe's first image is a random one; caffeish reads the first line.
+    else the size of the first listed image (root_folder + path).  At run time
+    each forward reads the next batch_size lines, wrapping around at the end:
+    the image root_folder + path, as BGR (is_color, the default) or grey,
+    resized to new_height x new_width with OpenCV's bilinear rule when set,
+    then transform_param.  With shuffle, Caffe reads the lines in a random
+    order; caffeish reads them in file order.
     """
 
     exact_tops = 2
-    unsupported_reason = reads_files("the image files of a list file (image_data_param.source)")
+    what_is_read = "the image files of a list file (image_data_param.source)"
 
     def top_shapes(self):
         p = self.param.image_data_param
@@ -386,6 +455,7 @@ class ImageData(BatchSourceLayer):
         if p.batch_size <= 0:
             raise self.error("image_data_param.batch_size must be positive")
         self.check_transform()
+        self.source_ok = False
         given = self.given_batch()
         if given:
             return given
@@ -397,7 +467,9 @@ class ImageData(BatchSourceLayer):
             height = width = crop
         else:
             height, width = self.first_image_size(p)
-        return self.with_label((p.batch_size,) + self.crop(channels, height, width, f"'{p.source}'"))
+        shapes = self.with_label((p.batch_size,) + self.crop(channels, height, width, f"'{p.source}'"))
+        self.source_ok = os.path.isfile(p.source)
+        return shapes
 
     def first_image_size(self, p):
         """(H, W) of the first image of the list file, read with PIL."""
@@ -410,9 +482,7 @@ class ImageData(BatchSourceLayer):
             line = f.readline().rstrip("\r\n")
         if not line:
             raise self.need_shape(f"its shape comes from the first image listed in '{source}', which is empty")
-        # Caffe splits each line at its last space: "<path> <label>".
-        space = line.rfind(" ")
-        path = p.root_folder + (line if space < 0 else line[:space])
+        path = p.root_folder + split_list_line(line)[0]
         from PIL import Image
 
         try:
@@ -424,6 +494,59 @@ class ImageData(BatchSourceLayer):
                 f"be read ({e})"
             ) from e
         return height, width
+
+    # -- run time ------------------------------------------------------------------------
+    lines = None
+    next_line = 0
+
+    def read_lines(self):
+        """The list file's (path, label) entries (Caffe: each line splits at its last space)."""
+        p = self.param.image_data_param
+        with open(p.source, encoding="utf-8", errors="surrogateescape") as f:
+            lines = [split_list_line(line.rstrip("\r\n")) for line in f if line.strip()]
+        if not lines:
+            raise CaffeishError(f"layer '{self.name}' (ImageData): the list file '{p.source}' names no images")
+        return lines
+
+    def read_batch(self):
+        from PIL import Image
+
+        p = self.param.image_data_param
+        if self.lines is None:
+            self.lines = self.read_lines()
+        items = []
+        for _ in range(p.batch_size):
+            path, label = self.lines[self.next_line]
+            self.next_line = (self.next_line + 1) % len(self.lines)
+            full = p.root_folder + path
+            where = f"image '{full}' (listed in '{p.source}')"
+            try:
+                with Image.open(full) as img:
+                    img = img.convert("RGB" if p.is_color else "L")
+                    arr = np.asarray(img)
+            except (OSError, ValueError) as e:
+                raise CaffeishError(f"layer '{self.name}' (ImageData): cannot read {where}: {e}") from None
+            if p.new_height:
+                arr = resize_linear(arr, p.new_height, p.new_width)
+            arr = arr[np.newaxis] if arr.ndim == 2 else arr[:, :, ::-1].transpose(2, 0, 1)
+            items.append((arr, float(label), where))
+        return items
+
+    def close(self):
+        self.lines = None
+        self.next_line = 0
+
+
+def split_list_line(line):
+    """(path, label) of an image list line "<path> <label>", split at the last space as Caffe does."""
+    space = line.rfind(" ")
+    if space < 0:
+        return line, 0
+    try:
+        label = int(line[space + 1:])
+    except ValueError:
+        label = 0  # Caffe's atoi gives 0 for a label that is not a number
+    return line[:space], label
 
 
 @register("WindowData")

@@ -1,10 +1,536 @@
-"""caffeish evaluate (being written)."""
-from caffeish.errors import UnsupportedError
+"""caffeish evaluate: run a net's TEST phase like `caffe test`, or score a segmentation net.
+
+  caffeish evaluate NET.prototxt WEIGHTS [--iterations 50] [--db DATASET] [--gpu]
+  caffeish evaluate segmentation NET.prototxt WEIGHTS [--db DATASET | --images DIR --labels DIR]
+                    [--ignore-label 255] [--format table|json|csv] [--confusion FILE.csv]
+
+The first form is `caffe test`: it builds the net at TEST, runs --iterations
+forward passes (its Data layers read the next batch each time, wrapping
+around at the end of the database) and prints the mean of every scalar output
+over the iterations, a loss output with its weight as Caffe does
+("loss = 0.7 (* 1 = 0.7 loss)"), then their weighted sum.  --db fills in the
+sources of the Data layers from a dataset folder, as DIGITS does when it runs
+a job's net (DIGITS' prototxts leave `source` empty): the layer whose top is
+'label' reads val_db/labels, the others val_db/features (a classification
+val_db for all).  A DIGITS net with 'val' stage rules gets the stage 'val'
+unless --stage says otherwise.
+
+The second form runs the net on image/label pairs and reports score.py's
+metrics (fcn.berkeleyvision.org): pixel accuracy, mean class accuracy, mean IU,
+frequency-weighted IU and each class's IU; the confusion matrix goes to a CSV
+file.  Pairs come from the net's own TEST Data layers, or from --db (a
+dataset folder or a stage folder with features/ and labels/) or --images /
+--labels folders, fed one pair at a time through the data layer's
+transform_param (or --mean-value / --mean-file / --scale for a deploy net);
+labels are cropped like the images.
+"""
+import math
+import os
+import sys
+
+import numpy as np
+
+from caffeish import io, progress
+from caffeish.errors import CaffeishError, InputShapeRequired
+from caffeish.metrics import ConfusionMatrix
+from caffeish.options import add_gpu_option, device_from_args
+from caffeish.report import FORMATS, render
+from caffeish.schema import TEST, pb
+
+LOSS_TYPES_WITH_LABEL = ("SoftmaxWithLoss", "Accuracy")
 
 
 def add_arguments(p):
-    pass
+    p.usage = "%(prog)s [segmentation] NET WEIGHTS [options]"
+    p.add_argument("words", nargs="+", metavar="[segmentation] NET WEIGHTS",
+                   help="the net (train/val or deploy prototxt) and its caffemodel; start with 'segmentation' "
+                        "for segmentation metrics")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="forward passes (caffe test: default 50; segmentation: one pass over the database)")
+    p.add_argument("--db", metavar="DIR", help="a dataset folder (or a stage folder with features/ and labels/, "
+                                              "or one LMDB) to read instead of the Data layers' sources")
+    p.add_argument("--stage", action="append", default=None, help="net state stage (repeatable)")
+    p.add_argument("--level", type=int, default=0, help="net state level (default 0)")
+    add_gpu_option(p)
+    seg = p.add_argument_group("segmentation")
+    seg.add_argument("--images", metavar="DIR", help="folder of images (with --labels)")
+    seg.add_argument("--labels", metavar="DIR", help="folder of label images, paired with --images by file stem")
+    seg.add_argument("--color-map", metavar="FILE", help="DIGITS colour map for RGB label images")
+    seg.add_argument("--ignore-label", type=int, default=None,
+                     help="a label value not scored (default: the loss layer's ignore_label; labels outside "
+                          "[0, classes) are never scored, as in score.py); -1 for none")
+    seg.add_argument("--score", metavar="BLOB", help="the score blob (default: the loss or accuracy layer's "
+                                                   "first bottom, else the net's one output)")
+    seg.add_argument("--label", metavar="BLOB", help="the net's label blob (default: the loss layer's second bottom)")
+    seg.add_argument("--mean-value", metavar="B,G,R", help="subtract these per-channel values (deploy nets)")
+    seg.add_argument("--mean-file", metavar="FILE", help="subtract this mean.binaryproto (deploy nets)")
+    seg.add_argument("--scale", type=float, help="multiply the input by this, after the mean (deploy nets)")
+    seg.add_argument("--confusion", metavar="FILE.csv", default="confusion_matrix.csv",
+                     help="where to write the confusion matrix (default confusion_matrix.csv)")
+    p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
 
 
 def run(args):
-    raise UnsupportedError("caffeish evaluate is not finished yet")
+    words = list(args.words)
+    segmentation = words[0] == "segmentation"
+    if segmentation:
+        words = words[1:]
+    if len(words) != 2:
+        form = "evaluate segmentation NET WEIGHTS" if segmentation else "evaluate NET WEIGHTS"
+        raise CaffeishError(f"usage: caffeish {form} [options]; got {len(words)} positional argument(s)")
+    net_path, weights = words
+    device = device_from_args(args)
+    if segmentation:
+        if bool(args.images) != bool(args.labels):
+            raise CaffeishError("give --images and --labels together")
+        if args.db and args.images:
+            raise CaffeishError("give --db or --images/--labels, not both")
+        result = evaluate_segmentation(
+            net_path, weights, db=args.db, images=args.images, labels=args.labels, color_map=args.color_map,
+            ignore_label=args.ignore_label, score=args.score, label=args.label, stages=args.stage,
+            level=args.level, device=device, iterations=args.iterations,
+            mean_value=parse_values(args.mean_value), mean_file=args.mean_file, scale=args.scale)
+        write_confusion(args.confusion, result)
+        sys.stdout.write(format_segmentation(result, args.format, args.confusion))
+        return 0
+    result = test_net(net_path, weights, iterations=50 if args.iterations is None else args.iterations,
+                      db=args.db, stages=args.stage, level=args.level, device=device)
+    sys.stdout.write(format_test(result, args.format))
+    return 0
+
+
+def parse_values(text):
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CaffeishError(f"--mean-value: expected numbers like 104,117,123, got '{text}'") from None
+
+
+# ---------------------------------------------------------------------------- the net
+
+
+def uses_stage(net, stage):
+    rules = [r for layer in net.layer for r in list(layer.include) + list(layer.exclude)]
+    return any(stage in r.stage or stage in r.not_stage for r in rules)
+
+
+def net_state(net, stages):
+    """The stages to build with: the user's, else DIGITS' 'val' when the net's rules name it."""
+    if stages is not None:
+        return list(stages)
+    return ["val"] if uses_stage(net, "val") else []
+
+
+def stage_databases(db):
+    """(features, labels) LMDB paths of a dataset folder, a stage folder or one LMDB (labels may be None)."""
+    db = os.path.abspath(db)
+    if os.path.isfile(os.path.join(db, "data.mdb")):
+        return db, None
+    stage = db
+    for name in ("val_db", "test_db", "train_db"):
+        if os.path.isdir(os.path.join(db, name)):
+            stage = os.path.join(db, name)
+            break
+    if os.path.isfile(os.path.join(stage, "data.mdb")):
+        return stage, None
+    features, labels = os.path.join(stage, "features"), os.path.join(stage, "labels")
+    if not os.path.isdir(features):
+        raise CaffeishError(f"--db {db}: not an LMDB, a dataset folder (val_db/) or a stage folder (features/, labels/)")
+    return features, labels if os.path.isdir(labels) else None
+
+
+def set_sources(net, db):
+    """Point the net's Data layers at a dataset's databases (DIGITS' convention); returns the count."""
+    features, labels = stage_databases(db)
+    count = 0
+    for layer in net.layer:
+        if layer.type != "Data":
+            continue
+        is_label = layer.name == "label" or (len(layer.top) == 1 and layer.top[0] == "label")
+        if is_label and labels is None:
+            raise CaffeishError(f"--db {db}: layer '{layer.name}' reads labels, but there is no labels database")
+        layer.data_param.source = labels if is_label else features
+        layer.data_param.backend = pb.DataParameter.LMDB
+        count += 1
+    if not count:
+        raise CaffeishError(f"--db {db}: the net has no Data layers to read it")
+    return count
+
+
+def build_net(net_path, weights, stages=None, level=0, device=None, db=None, input_shapes=None, runnable=True):
+    """A caffeish Net at TEST with the right stages and sources; refuses one whose data layers cannot run."""
+    from caffeish.net import Net
+
+    net = io.read_net(net_path)
+    if db:
+        set_sources(net, db)
+    stages = net_state(net, stages)
+    try:
+        built = Net(net, weights=None if weights in (None, "none") else weights, phase=TEST, level=level,
+                    stages=stages, device=device, input_shapes=input_shapes)
+    except InputShapeRequired as e:
+        raise CaffeishError(f"{net_path}: {e}; to read a dataset, pass --db DATASET") from None
+    built.source = net_path
+    if runnable:
+        fed = [t for t in built.input_names]
+        if fed:
+            raise CaffeishError(
+                f"{net_path}: the TEST net has inputs {fed} that nothing reads (Input layers, or data layers "
+                f"whose files are not here); evaluate needs Data layers that read a database (--db DATASET)"
+            )
+    return built
+
+
+def output_loss_weights(net):
+    """{output blob: loss weight} as Caffe's Net assigns them (a loss layer's first top: 1)."""
+    weights = {}
+    for node in net.nodes:
+        for j, top in enumerate(node.tops):
+            if j < len(node.param.loss_weight):
+                w = node.param.loss_weight[j]
+            else:
+                w = 1.0 if node.type.endswith("Loss") and j == 0 else 0.0
+            weights[top] = float(w)
+    return weights
+
+
+# ---------------------------------------------------------------------------- caffe test
+
+
+def test_net(net_path, weights, iterations=50, db=None, stages=None, level=0, device=None):
+    """`caffe test`: the mean of each scalar output over `iterations` TEST forward passes."""
+    if iterations < 1:
+        raise CaffeishError("--iterations must be at least 1")
+    net = build_net(net_path, weights, stages, level, device, db)
+    outputs = list(net.outputs)
+    sums = {name: 0.0 for name in outputs}
+    skipped = {}
+    for _ in progress.bar(range(iterations), total=iterations, desc="test", unit="batch"):
+        out = net.forward()
+        for name in outputs:
+            value = np.asarray(out[name])
+            if value.size != 1:
+                skipped[name] = tuple(value.shape)
+                continue
+            sums[name] += float(value.reshape(()))
+    loss_weights = output_loss_weights(net)
+    rows = []
+    loss = 0.0
+    for name in outputs:
+        if name in skipped:
+            continue
+        mean = sums[name] / iterations
+        w = loss_weights.get(name, 0.0)
+        loss += w * mean
+        rows.append({"output": name, "mean": mean, "loss_weight": w})
+    return {"net": net_path, "weights": weights, "iterations": iterations, "outputs": rows, "loss": loss,
+            "skipped": skipped}
+
+
+def format_test(result, fmt):
+    notes = [f"{name}: not a scalar (shape {shape}), not averaged" for name, shape in result["skipped"].items()]
+    if fmt == "table":
+        lines = [f"iterations: {result['iterations']}", f"Loss: {result['loss']:.6g}"]
+        for r in result["outputs"]:
+            line = f"{r['output']} = {r['mean']:.6g}"
+            if r["loss_weight"]:
+                line += f" (* {r['loss_weight']:g} = {r['loss_weight'] * r['mean']:.6g} loss)"
+            lines.append(line)
+        return "\n".join(lines + notes) + "\n"
+    columns = [("output", "output"), ("mean", "mean"), ("loss_weight", "loss weight")]
+    return render(columns, result["outputs"], fmt, notes=notes,
+                  extra={"iterations": result["iterations"], "loss": result["loss"]})
+
+
+# ---------------------------------------------------------------------------- segmentation
+
+
+def find_blobs(net, score=None, label=None):
+    """(score blob, label blob or None, layer reading the label) from the loss/accuracy layer or the outputs."""
+    scorer = next((n for n in net.nodes if n.type in LOSS_TYPES_WITH_LABEL and len(n.bottoms) >= 2), None)
+    if label is None and scorer is not None:
+        label = scorer.bottoms[1]
+    if score is None:
+        if scorer is not None:
+            score = scorer.bottoms[0]
+        else:
+            outs = [o for o in net.outputs if len(net.blob_shape(o)) == 4]
+            if len(outs) != 1:
+                raise CaffeishError(f"cannot tell the score blob among the outputs {net.outputs}; pass --score BLOB")
+            score = outs[0]
+    known = set(net.graph.blob_shapes)
+    for what, blob in (("score", score), ("label", label)):
+        if blob is not None and blob not in known:
+            raise CaffeishError(f"--{what} {blob}: no such blob in the TEST net")
+    return score, label, scorer
+
+
+def _root_blob(net, blob):
+    """Follow Split layers back to the blob a data layer produced."""
+    producers = {t: n for n in net.nodes for t in n.tops}
+    node = producers.get(blob)
+    while node is not None and node.type == "Split":
+        blob = node.bottoms[0]
+        node = producers.get(blob)
+    return blob, node
+
+
+def default_ignore(scorer):
+    if scorer is None:
+        return None
+    p = scorer.param
+    if scorer.type == "SoftmaxWithLoss" and p.loss_param.HasField("ignore_label"):
+        return p.loss_param.ignore_label
+    if scorer.type == "Accuracy" and p.accuracy_param.HasField("ignore_label"):
+        return p.accuracy_param.ignore_label
+    return None
+
+
+def evaluate_segmentation(net_path, weights, db=None, images=None, labels=None, color_map=None,
+                          ignore_label=None, score=None, label=None, stages=None, level=0, device=None,
+                          iterations=None, mean_value=None, mean_file=None, scale=None):
+    """score.py's metrics of a segmentation net over a dataset; returns a dict with the confusion matrix."""
+    if db or images:
+        return _evaluate_pairs(net_path, weights, db, images, labels, color_map, ignore_label, score, label,
+                               stages, level, device, mean_value, mean_file, scale)
+    net = build_net(net_path, weights, stages, level, device)
+    score, label, scorer = find_blobs(net, score, label)
+    if label is None:
+        raise CaffeishError(f"{net_path}: no label blob (no SoftmaxWithLoss/Accuracy layer); pass --label BLOB, "
+                            f"or --db / --images with --labels")
+    _, label_node = _root_blob(net, label)
+    total = None
+    if label_node is not None and label_node.type == "Data":
+        from caffeish.datum import LmdbReader
+
+        with LmdbReader(label_node.param.data_param.source) as reader:
+            total = len(reader)
+    batch = net.blob_shape(label)[0]
+    if iterations is None:
+        if total is None:
+            raise CaffeishError(f"cannot tell how many records the label blob '{label}' has; pass --iterations N")
+        iterations = math.ceil(total / batch)
+    items = total if total is not None and iterations * batch >= total else iterations * batch
+    ignore = default_ignore(scorer) if ignore_label is None else (None if ignore_label < 0 else ignore_label)
+    n = net.blob_shape(score)[1]
+    cm = ConfusionMatrix(n, ignore)
+    done = 0
+    for _ in progress.bar(range(iterations), total=iterations, desc="evaluate", unit="batch"):
+        out = net.forward(blobs=[score, label])
+        scores, labs = np.asarray(out[score]), np.asarray(out[label])
+        for i in range(scores.shape[0]):
+            if done == items:
+                break
+            _update(cm, scores[i], labs[i], f"record {done}")
+            done += 1
+    names = _class_names(label_node.param.data_param.source if label_node is not None and label_node.type ==
+                         "Data" else None, n)
+    return _result(cm, names, done, net_path, _root_blob(net, score)[0], _root_blob(net, label)[0])
+
+
+def _update(cm, scores, label, where):
+    pred = scores.argmax(axis=0)
+    label = np.asarray(label)
+    if label.ndim == 3:
+        label = label[0]
+    if label.shape != pred.shape:
+        raise CaffeishError(f"{where}: the score blob is {pred.shape[0]}x{pred.shape[1]} but its label is "
+                            f"{label.shape[0]}x{label.shape[1]} (HxW); crop the scores to the input (a Crop layer)")
+    cm.update(label, pred)
+
+
+def _class_names(db_path, n):
+    """Class names from the labels.txt of the dataset that holds db_path (else none)."""
+    from caffeish.tools.dataset import dataset_root, read_names
+
+    root = dataset_root(db_path) if db_path else None
+    if root and os.path.isfile(os.path.join(root, "labels.txt")):
+        return read_names(os.path.join(root, "labels.txt"))
+    return []
+
+
+def _source_layers(net):
+    """The filtered net's layers without bottoms that produce data, in order."""
+    return [layer for layer in net.layer if not len(layer.bottom) and len(layer.top) and layer.type in (
+        "Input", "Data", "ImageData", "HDF5Data", "MemoryData", "WindowData", "DummyData", "Python")]
+
+
+def _pairs_from_db(db):
+    """(image C x H x W, label H x W, where) from a features and a labels database, key by key."""
+    from caffeish.datum import LmdbReader, datum_array
+
+    features, labels = stage_databases(db)
+    if labels is None:
+        raise CaffeishError(f"--db {db}: no labels database beside {features}")
+    with LmdbReader(features) as fr, LmdbReader(labels) as lr:
+        if len(fr) != len(lr):
+            raise CaffeishError(f"--db {db}: {features} holds {len(fr):,} records but {labels} holds {len(lr):,}")
+        yield len(fr)
+        for i, ((fkey, fdatum), (lkey, ldatum)) in enumerate(zip(fr.datums(), lr.datums())):
+            if fkey != lkey:
+                raise CaffeishError(f"--db {db}: record {i} has key {fkey!r} in features but {lkey!r} in labels; "
+                                    f"the two databases are not aligned")
+            yield (lambda color, fd=fdatum, k=fkey: datum_array(fd, color, fr.where(k)),
+                   datum_array(ldatum, None, lr.where(lkey))[0], lr.where(lkey))
+
+
+def _pairs_from_folders(images, labels, color_map):
+    from caffeish.tools.dataset import LabelDecoder, load_image, pair_folders, read_color_map
+
+    colors = read_color_map(color_map)[0] if color_map else None
+    decoder = LabelDecoder(colors)
+    pairs = pair_folders(images, labels)
+    yield len(pairs)
+    for _, image_path, label_path in pairs:
+        lab = decoder(label_path)
+
+        def image(color, path=image_path, shape=lab.shape, label_path=label_path):
+            arr, size = load_image(path, 1 if color is False else 3)
+            if (size[1], size[0]) != shape:
+                raise CaffeishError(f"{path} is {size[0]}x{size[1]} but its label image {label_path} is "
+                                    f"{shape[1]}x{shape[0]} (WxH)")
+            return arr
+
+        yield image, lab, label_path
+
+
+def _evaluate_pairs(net_path, weights, db, images, labels, color_map, ignore_label, score, label, stages,
+                    level, device, mean_value, mean_file, scale):
+    """Feed image/label pairs one at a time through the net's data inputs and score the predictions."""
+    from caffeish.data_transform import DataTransformer
+    from caffeish.graph import filter_net, make_state
+    from caffeish.net import Net
+
+    param = io.read_net(net_path)
+    stages = net_state(param, stages)
+    filtered = filter_net(param, make_state(param, TEST, level, stages))
+    scorer = next((layer for layer in filtered.layer if layer.type in LOSS_TYPES_WITH_LABEL
+                   and len(layer.bottom) >= 2), None)
+    label_blob = label or (scorer.bottom[1] if scorer is not None else None)
+    sources = _source_layers(filtered)
+    data_layer = next((layer for layer in sources if label_blob not in layer.top), None)
+    if data_layer is None:
+        raise CaffeishError(f"{net_path}: no data input layer (Input or Data) at TEST")
+    data_blob = data_layer.top[0]
+    label_fed = any(label_blob in layer.top for layer in sources)
+    tp = pb.TransformationParameter()
+    if data_layer.type != "Input":
+        tp.CopyFrom(data_layer.transform_param)
+    if mean_value is not None or mean_file is not None:
+        tp.ClearField("mean_value")
+        tp.ClearField("mean_file")
+        if mean_value is not None:
+            tp.mean_value.extend(mean_value)
+        if mean_file is not None:
+            tp.mean_file = mean_file
+    if scale is not None:
+        tp.scale = scale
+    transform = DataTransformer(tp, TEST, f"layer '{data_layer.name}' transform_param")
+    color = transform.color
+    if color is None and data_layer.type == "Input" and len(data_layer.input_param.shape):
+        dims = data_layer.input_param.shape[0].dim
+        color = (dims[1] == 3) if len(dims) > 1 and dims[1] in (1, 3) else None
+    pairs = _pairs_from_db(db) if db else _pairs_from_folders(images, labels, color_map)
+    total = next(pairs)
+    net = cm = None
+    count = 0
+    for image_of, lab, where in progress.bar(pairs, total=total, desc="evaluate", unit="img"):
+        x = transform(image_of(color), where)
+        y = transform.crop(lab)
+        feed = {data_blob: x[np.newaxis]}
+        if label_fed:
+            feed[label_blob] = y[np.newaxis, np.newaxis].astype(np.float32)
+        if net is None:
+            shapes = {k: v.shape for k, v in feed.items()}
+            try:
+                net = Net(param, weights=None if weights in (None, "none") else weights, phase=TEST,
+                          level=level, stages=stages, device=device, input_shapes=shapes)
+            except InputShapeRequired as e:
+                raise CaffeishError(f"{net_path}: {e}") from None
+            score_blob, _, node = find_blobs(net, score, label_blob if label_fed else None)
+            ignore = default_ignore(node) if ignore_label is None else (None if ignore_label < 0 else ignore_label)
+            n = net.blob_shape(score_blob)[1]
+            cm = ConfusionMatrix(n, ignore)
+        out = net.forward(blobs=[score_blob], **feed)
+        _update(cm, np.asarray(out[score_blob])[0], y, where)
+        count += 1
+    if cm is None:
+        raise CaffeishError("no image/label pairs to evaluate")
+    if db:
+        names = _class_names(stage_databases(db)[0], cm.n)
+    elif color_map:
+        from caffeish.tools.dataset import read_color_map
+
+        names = read_color_map(color_map)[1] or []
+    else:
+        names = []
+    return _result(cm, names, count, net_path, _root_blob(net, score_blob)[0], label_blob if label_fed else None)
+
+
+def _result(cm, names, count, net_path, score, label):
+    s = cm.scores()
+    classes = []
+    for i in range(cm.n):
+        classes.append({"class": i, "name": names[i] if i < len(names) else str(i), "pixels": int(s["pixels"][i]),
+                        "predicted": int(s["predicted"][i]), "accuracy": _num(s["class_accuracy"][i]),
+                        "iu": _num(s["iu"][i])})
+    return {"net": net_path, "score": score, "label": label, "images": count, "classes": classes,
+            "pixel_accuracy": _num(s["pixel_accuracy"]), "mean_accuracy": _num(s["mean_accuracy"]),
+            "mean_iu": _num(s["mean_iu"]), "fwavacc": _num(s["fwavacc"]), "ignored_pixels": cm.ignored,
+            "ignore_label": cm.ignore_label, "confusion": cm.hist}
+
+
+def _num(v):
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+def write_confusion(path, result):
+    """The confusion matrix as CSV: one row per label class, one column per predicted class."""
+    import csv
+    import io as pyio
+
+    names = [c["name"] for c in result["classes"]]
+    buf = pyio.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["label \\ predicted"] + names)
+    for name, row in zip(names, result["confusion"]):
+        w.writerow([name] + [int(v) for v in row])
+    with io.atomic_output(path) as f:
+        f.write(buf.getvalue().encode("utf-8"))
+
+
+def format_segmentation(result, fmt, confusion_path=None):
+    """score.py's numbers: per-class rows, then the overall ones."""
+    rows = [{k: c[k] for k in ("class", "name", "pixels", "accuracy", "iu")} for c in result["classes"]]
+    rows += [
+        {"class": "overall", "name": "pixel accuracy", "accuracy": result["pixel_accuracy"]},
+        {"class": "mean", "name": "mean accuracy / mean IU", "accuracy": result["mean_accuracy"],
+         "iu": result["mean_iu"]},
+        {"class": "fw", "name": "frequency-weighted IU", "iu": result["fwavacc"]},
+    ]
+    if fmt == "json":
+        doc = {k: v for k, v in result.items() if k != "confusion"}
+        doc["confusion"] = result["confusion"].tolist()
+        doc["confusion_csv"] = confusion_path
+        import json
+
+        return json.dumps(doc, indent=2) + "\n"
+    if fmt in ("table", "markdown"):
+        for r in rows:
+            for k in ("accuracy", "iu"):
+                if isinstance(r.get(k), float):
+                    r[k] = f"{r[k]:.4f}"
+    notes = []
+    if fmt == "table":
+        notes = [f"{result['images']:,} images; score blob '{result['score']}'"
+                 + (f", label blob '{result['label']}'" if result["label"] else "")
+                 + (f"; ignore label {result['ignore_label']}" if result["ignore_label"] is not None else "")
+                 + f"; {result['ignored_pixels']:,} pixels not scored"]
+        if confusion_path:
+            notes.append(f"confusion matrix: {confusion_path}")
+    columns = [("class", "class"), ("name", "name"), ("pixels", "pixels"), ("accuracy", "accuracy"),
+               ("iu", "IU")]
+    return render(columns, rows, fmt, notes=notes)

@@ -1,0 +1,273 @@
+"""caffeish dataset: DIGITS-style segmentation and classification LMDBs, round trips and clear errors."""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import caffeish
+from caffeish.cli import main
+from caffeish.datum import LmdbReader, datum_array
+from caffeish.io import parse_text, read_binaryproto
+from caffeish.schema import pb
+from caffeish.tools.dataset import build_segmentation, default_palette
+
+W, H = 20, 16
+COLORS = np.array([[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]], np.uint8)
+
+
+def make_pairs(root, n=6, kind="palette", seed=0):
+    """n images (PNG) with label images of `kind`; returns {stem: (rgb image, class map)}."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    pairs = {}
+    for i in range(n):
+        stem = f"img{i:02d}"
+        rgb = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+        classes = rng.integers(0, 4, (H, W)).astype(np.uint8)
+        classes[0, :3] = 255 if kind != "rgb" else 0  # VOC's boundary label
+        Image.fromarray(rgb).save(root / "images" / f"{stem}.png")
+        save_label(root / "labels" / f"{stem}.png", classes, kind)
+        pairs[stem] = (rgb, classes)
+    return pairs
+
+
+def save_label(path, classes, kind):
+    if kind == "palette":
+        img = Image.fromarray(classes, "P")
+        img.putpalette(default_palette(256).ravel().tolist())
+    elif kind == "gray":
+        img = Image.fromarray(classes, "L")
+    else:
+        img = Image.fromarray(COLORS[classes], "RGB")
+    img.save(path)
+
+
+def write_color_map(path):
+    names = ["background", "road", "tree", "building"]
+    path.write_text("".join(f"{r} {g} {b} {n}\n" for (r, g, b), n in zip(COLORS.tolist(), names)))
+    return str(path)
+
+
+def listing(out, split):
+    """[(key, stem)] of OUT/<split>.txt."""
+    rows = [line.split() for line in (out / f"{split}.txt").read_text().splitlines()]
+    return [(k.encode(), os.path.splitext(os.path.basename(img))[0]) for k, img, _ in rows]
+
+
+def check_records(out, split, pairs):
+    with LmdbReader(out / f"{split}_db" / "features") as f, LmdbReader(out / f"{split}_db" / "labels") as lab:
+        entries = listing(out, split)
+        assert len(f) == len(lab) == len(entries)
+        for key, stem in entries:
+            rgb, classes = pairs[stem]
+            np.testing.assert_array_equal(datum_array(f.get(key)), rgb[:, :, ::-1].transpose(2, 0, 1))
+            np.testing.assert_array_equal(datum_array(lab.get(key))[0], classes)
+    return entries
+
+
+def test_palette_labels_round_trip_through_a_data_layer_net(tmp_path):
+    pairs = make_pairs(tmp_path)
+    out = tmp_path / "ds"
+    assert main(["dataset", "segmentation", "--images", str(tmp_path / "images"), "--labels",
+                 str(tmp_path / "labels"), "-o", str(out), "--val-fraction", "0.34"]) == 0
+    train = check_records(out, "train", pairs)
+    val = check_records(out, "val", pairs)
+    assert len(train) == 4 and len(val) == 2  # floor(6 * 0.34) = 2 pairs go to val
+    assert sorted(s for _, s in train + val) == sorted(pairs)
+    # palette and classes survive: 4 classes (255 is the ignore label)
+    assert (out / "palette.txt").read_text().splitlines() == [
+        " ".join(map(str, c)) for c in default_palette(4).tolist()]
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["label_format"] == ["palette"] and len(meta["classes"]) == 4
+    # the mean file is the mean of the training images, BGR
+    mean = read_binaryproto(str(out / "mean.binaryproto"))
+    want = np.mean([pairs[s][0][:, :, ::-1].transpose(2, 0, 1) for _, s in train], axis=0)
+    np.testing.assert_allclose(mean[0], want, rtol=1e-6)
+    check_through_net(out, val, pairs)
+
+
+def check_through_net(out, val, pairs):
+    """Read val_db back through a net's two Data layers, cropped: image and label stay paired."""
+    text = "".join(
+        f'layer {{ name: "{t}" type: "Data" top: "{t}" transform_param {{ crop_size: 11 }} '
+        f'data_param {{ source: "{out}/val_db/{db}" batch_size: 1 backend: LMDB }} }}'
+        for t, db in (("data", "features"), ("label", "labels")))
+    net = caffeish.Net(parse_text(text, pb.NetParameter()))
+    for _, stem in val + val[:1]:
+        got = net.forward()
+        rgb, classes = pairs[stem]
+        # TEST crop offsets: (16 - 11) // 2 = 2, (20 - 11) // 2 = 4
+        np.testing.assert_array_equal(got["data"][0], rgb[2:13, 4:15, ::-1].transpose(2, 0, 1))
+        np.testing.assert_array_equal(got["label"][0, 0], classes[2:13, 4:15])
+
+
+def test_rgb_labels_with_a_color_map(tmp_path):
+    pairs = make_pairs(tmp_path, kind="rgb")
+    out = tmp_path / "ds"
+    meta = build_segmentation(tmp_path / "images", tmp_path / "labels", out,
+                              color_map=write_color_map(tmp_path / "cmap.txt"), val_fraction=0.2,
+                              encoding="none")
+    check_records(out, "train", pairs)
+    check_through_net(out, check_records(out, "val", pairs), pairs)
+    assert (out / "labels.txt").read_text().split() == ["background", "road", "tree", "building"]
+    assert (out / "palette.txt").read_text().splitlines() == [" ".join(map(str, c)) for c in COLORS.tolist()]
+    assert meta["encoding"] == "none" and meta["splits"]["val"]["records"] == 1
+    with LmdbReader(out / "train_db" / "labels") as r:
+        assert not r.first()[1].encoded  # raw Datums with --encoding none
+
+
+def test_gray_labels_separate_val_folders_and_resize(tmp_path):
+    pairs = make_pairs(tmp_path / "a", n=3, kind="gray")
+    make_pairs(tmp_path / "b", n=2, kind="gray", seed=1)
+    out = tmp_path / "ds"
+    build_segmentation(tmp_path / "a" / "images", tmp_path / "a" / "labels", out,
+                       val_images=tmp_path / "b" / "images", val_labels=tmp_path / "b" / "labels",
+                       resize=(10, 8))
+    with LmdbReader(out / "train_db" / "labels") as lab:
+        assert len(lab) == 3
+        for key, stem in listing(out, "train"):
+            got = datum_array(lab.get(key))[0]
+            assert got.shape == (8, 10)
+            want = np.asarray(Image.fromarray(pairs[stem][1]).resize((10, 8), Image.NEAREST))
+            np.testing.assert_array_equal(got, want)
+    with LmdbReader(out / "val_db" / "features") as f:
+        assert len(f) == 2 and datum_array(f.first()[1]).shape == (3, 8, 10)
+
+
+def run_fails(tmp_path, args, match):
+    out = tmp_path / "ds"
+    with pytest.raises(caffeish.CaffeishError, match=match):
+        build_segmentation(tmp_path / "images", tmp_path / "labels", out, **args)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ds")] == []  # no half database
+
+
+def test_error_when_image_and_label_sizes_differ(tmp_path):
+    make_pairs(tmp_path)
+    Image.new("P", (W + 1, H)).save(tmp_path / "labels" / "img03.png")
+    run_fails(tmp_path, {}, r"img03.png is 20x16 but its label image .*img03.png is 21x16")
+
+
+def test_error_when_a_label_color_is_not_in_the_color_map(tmp_path):
+    make_pairs(tmp_path, kind="rgb")
+    bad = np.asarray(Image.open(tmp_path / "labels" / "img04.png")).copy()
+    bad[2:4, 5:8] = (1, 2, 3)
+    Image.fromarray(bad).save(tmp_path / "labels" / "img04.png")
+    cmap = write_color_map(tmp_path / "cmap.txt")
+    run_fails(tmp_path, {"color_map": cmap}, r"img04.png: 6 pixels .* \(1, 2, 3\): 6 pixels")
+
+
+def test_error_when_palettes_differ(tmp_path):
+    make_pairs(tmp_path)
+    img = Image.open(tmp_path / "labels" / "img02.png")
+    pal = img.getpalette()
+    pal[3:6] = [9, 9, 9]
+    img.putpalette(pal)
+    img.save(tmp_path / "labels" / "img02.png")
+    run_fails(tmp_path, {}, r"img02.png: its palette differs from that of .*index 1: \(9, 9, 9\) vs \(128, 0, 0\)")
+
+
+def test_error_for_rgba_labels_with_real_transparency(tmp_path):
+    make_pairs(tmp_path, kind="rgb")
+    rgba = np.asarray(Image.open(tmp_path / "labels" / "img01.png").convert("RGBA")).copy()
+    opaque = tmp_path / "opaque.png"
+    Image.fromarray(rgba).save(opaque)
+    rgba[0, 0, 3] = 0
+    Image.fromarray(rgba).save(tmp_path / "labels" / "img01.png")
+    cmap = write_color_map(tmp_path / "cmap.txt")
+    run_fails(tmp_path, {"color_map": cmap}, r"img01.png: RGBA label image with real transparency \(1 of 320")
+    os.replace(opaque, tmp_path / "labels" / "img01.png")  # an opaque alpha channel is fine
+    build_segmentation(tmp_path / "images", tmp_path / "labels", tmp_path / "ds", color_map=cmap)
+
+
+def test_error_for_rgb_labels_without_a_color_map_and_unpaired_images(tmp_path):
+    make_pairs(tmp_path, kind="rgb")
+    run_fails(tmp_path, {}, r"img\d\d.png: an RGB label image, but no colour map")
+    os.remove(tmp_path / "labels" / "img05.png")
+    run_fails(tmp_path, {}, r"1 image\(s\) .* have no label image .*img05.png")
+
+
+def test_existing_output_is_kept_unless_forced(tmp_path):
+    make_pairs(tmp_path, n=2)
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(caffeish.CaffeishError, match="already exists"):
+        build_segmentation(tmp_path / "images", tmp_path / "labels", out)
+    build_segmentation(tmp_path / "images", tmp_path / "labels", out, force=True, val_fraction=0)
+    assert not (out / "keep.txt").exists() and not (out / "val_db").exists()
+
+
+def test_classification_dataset_like_convert_imageset(tmp_path):
+    rng = np.random.default_rng(3)
+    images = {}
+    for cls in ("cat", "dog"):
+        (tmp_path / "in" / cls).mkdir(parents=True)
+        for i in range(3):
+            arr = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / "in" / cls / f"{i}.png")
+            images[f"{cls}/{i}.png"] = arr
+    out = tmp_path / "ds"
+    assert main(["dataset", "classification", "--images", str(tmp_path / "in"), "-o", str(out),
+                 "--val-fraction", "0.34"]) == 0
+    assert (out / "labels.txt").read_text().split() == ["cat", "dog"]
+    train = [line.split() for line in (out / "train.txt").read_text().splitlines()]
+    with LmdbReader(out / "train_db") as r:
+        records = list(r.datums())
+    assert len(records) == len(train) == 4
+    for (key, datum), (rel, label) in zip(records, train):
+        assert key.decode().endswith(rel) and datum.label == int(label) == ("dog" in rel)
+        np.testing.assert_array_equal(datum_array(datum), images[rel][:, :, ::-1].transpose(2, 0, 1))
+    mean = read_binaryproto(str(out / "mean.binaryproto"))
+    want = np.mean([images[rel][:, :, ::-1].transpose(2, 0, 1) for rel, _ in train], axis=0)
+    np.testing.assert_allclose(mean, want[np.newaxis], rtol=1e-6)
+
+
+def test_classification_refuses_mixed_sizes(tmp_path):
+    for cls, size in (("a", (4, 4)), ("b", (5, 4))):
+        (tmp_path / "in" / cls).mkdir(parents=True)
+        Image.new("RGB", size).save(tmp_path / "in" / cls / "x.png")
+    with pytest.raises(caffeish.CaffeishError, match="pass --resize"):
+        main_raise(["dataset", "classification", "--images", str(tmp_path / "in"), "-o", str(tmp_path / "ds"),
+                    "--val-fraction", "0"])
+    assert not (tmp_path / "ds").exists()
+
+
+def main_raise(argv):
+    from caffeish.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+def test_show_prints_counts_and_class_frequencies_and_dumps(tmp_path, capsys):
+    pairs = make_pairs(tmp_path)
+    out = tmp_path / "ds"
+    build_segmentation(tmp_path / "images", tmp_path / "labels", out, val_fraction=0.34)
+    assert main(["dataset", "show", str(out), "--dump", "2", str(tmp_path / "dump")]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"train_db/features +4 +3x16x20 +PNG", text)
+    val = [s for _, s in listing(out, "val")]
+    pixels = np.bincount(np.concatenate([pairs[s][1].ravel() for s in val]), minlength=256)
+    share = 100 * pixels[3] / pixels.sum()
+    assert re.search(rf"val_db/labels +3 +class3 +{pixels[3]:,} +{share:.1f}%", text)
+    assert re.search(rf"val_db/labels +255 +\(ignored\) +{pixels[255]:,} ", text)
+    dumped = Image.open(tmp_path / "dump" / "val_db_labels_00000000.png")
+    assert dumped.mode == "P" and dumped.getpalette()[3:6] == default_palette(2)[1].tolist()
+    np.testing.assert_array_equal(np.asarray(dumped), pairs[val[0]][1])
+    assert len(list((tmp_path / "dump").iterdir())) == 8  # 2 records of each of the 4 databases
+
+
+def test_show_refuses_a_database_that_is_not_datums(tmp_path):
+    from caffeish.datum import LmdbWriter
+
+    with LmdbWriter(tmp_path / "db") as w:
+        w.put(b"a", b'{"json": true}')
+    with pytest.raises(caffeish.CaffeishError, match=r"record 'a' .* is not a Caffe Datum: found text"):
+        main_raise(["dataset", "show", str(tmp_path / "db")])
+    with pytest.raises(caffeish.CaffeishError, match="not an LMDB database"):
+        main_raise(["dataset", "show", str(tmp_path)])

@@ -1,0 +1,224 @@
+"""caffeish evaluate: `caffe test` on Data-layer nets, and segmentation metrics, against numpy."""
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import caffeish
+from caffeish.cli import main
+from caffeish.datum import LmdbWriter, make_datum
+from caffeish.io import read_caffemodel
+from caffeish.tools.dataset import build_classification, build_segmentation, default_palette
+
+
+def run_json(capsys, argv):
+    assert main(argv + ["--format", "json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def softmax_loss_and_accuracy(x, label, w, b):
+    scores = x.reshape(len(x), -1).astype(np.float64) @ w.T.astype(np.float64) + b
+    p = np.exp(scores - scores.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    loss = -np.log(p[np.arange(len(x)), label]).mean()
+    return loss, np.mean(scores.argmax(axis=1) == label)
+
+
+CLASSIFIER = """
+layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TEST }}
+  transform_param {{ scale: 0.01 mean_value: 100 mean_value: 120 }}
+  data_param {{ source: "{source}" batch_size: 3 backend: LMDB }} }}
+layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TRAIN }}
+  data_param {{ source: "/nonexistent/train_lmdb" batch_size: 64 backend: LMDB }} }}
+layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param {{ num_output: 4 weight_filler {{ type: "gaussian" std: 0.5 }}
+                         bias_filler {{ type: "gaussian" std: 0.5 }} }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" loss_weight: 2 }}
+layer {{ name: "accuracy" type: "Accuracy" bottom: "ip" bottom: "label" top: "accuracy" include {{ phase: TEST }} }}
+"""
+
+
+def test_caffe_test_means_equal_numpy(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (7, 2, 2, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, 7)
+    with LmdbWriter(tmp_path / "db") as w:
+        for i in range(7):
+            w.put(b"%08d" % i, make_datum(x[i], labels[i]))
+    net_path = tmp_path / "train_val.prototxt"
+    net_path.write_text(CLASSIFIER.format(source=tmp_path / "db"))
+    caffeish.Net(str(net_path), seed=1).save(str(tmp_path / "w.caffemodel"))
+    w, b = read_caffemodel(str(tmp_path / "w.caffemodel")).arrays()["ip"]
+    # three batches of 3 from 7 records: the third wraps around to records 0 and 1
+    losses, accs = [], []
+    for batch in ([0, 1, 2], [3, 4, 5], [6, 0, 1]):
+        xb = (x[batch].astype(np.float32) - np.array([100, 120], np.float32).reshape(1, 2, 1, 1)) * np.float32(0.01)
+        loss, acc = softmax_loss_and_accuracy(xb, labels[batch], w, b)
+        losses.append(loss)
+        accs.append(acc)
+    out = run_json(capsys, ["evaluate", str(net_path), str(tmp_path / "w.caffemodel"), "--iterations", "3"])
+    got = {r["output"]: r for r in out["rows"]}
+    assert got["loss"]["mean"] == pytest.approx(np.mean(losses), rel=1e-5)
+    assert got["accuracy"]["mean"] == pytest.approx(np.mean(accs), rel=1e-6)
+    assert got["loss"]["loss_weight"] == 2 and got["accuracy"]["loss_weight"] == 0
+    assert out["loss"] == pytest.approx(2 * np.mean(losses), rel=1e-5)
+    assert main(["evaluate", str(net_path), str(tmp_path / "w.caffemodel"), "--iterations", "3"]) == 0
+    text = capsys.readouterr().out
+    assert f"loss = {np.mean(losses):.6g} (* 2 = {2 * np.mean(losses):.6g} loss)" in text
+    assert f"accuracy = {np.mean(accs):.6g}" in text
+
+
+DIGITS_NET = """
+layer { name: "train-data" type: "Data" top: "data" top: "label" data_param { batch_size: 2 }
+        include { stage: "train" } }
+layer { name: "val-data" type: "Data" top: "data" top: "label" data_param { batch_size: 2 }
+        include { stage: "val" } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+        inner_product_param { num_output: 2 weight_filler { type: "gaussian" std: 0.01 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss"
+        exclude { stage: "deploy" } }
+layer { name: "accuracy" type: "Accuracy" bottom: "ip" bottom: "label" top: "accuracy" include { stage: "val" } }
+"""
+
+
+def test_a_digits_net_without_sources_reads_the_dataset_given(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    for cls in ("a", "b"):
+        (tmp_path / "in" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)).save(tmp_path / "in" / cls / f"{i}.png")
+    build_classification(tmp_path / "in", tmp_path / "ds", val_fraction=0.5)
+    net_path = tmp_path / "digits.prototxt"
+    net_path.write_text(DIGITS_NET)
+    with pytest.raises(caffeish.CaffeishError, match="--db"):
+        caffeish.tools.evaluate.test_net(str(net_path), None)
+    explicit = tmp_path / "explicit.prototxt"
+    explicit.write_text(DIGITS_NET.replace("data_param {", f'data_param {{ backend: LMDB source: "{tmp_path}/ds/val_db"'))
+    caffeish.Net(str(explicit), stages=["val"], seed=3).save(str(tmp_path / "w.caffemodel"))
+    args = ["--iterations", "2"]
+    a = run_json(capsys, ["evaluate", str(net_path), str(tmp_path / "w.caffemodel"), "--db", str(tmp_path / "ds")] + args)
+    b = run_json(capsys, ["evaluate", str(explicit), str(tmp_path / "w.caffemodel"), "--stage", "val"] + args)
+    assert a["rows"] == b["rows"] and {r["output"] for r in a["rows"]} == {"loss", "accuracy"}
+
+
+SEG_NET = """
+layer {{ name: "data" type: "Data" top: "data" include {{ phase: TEST }}
+  transform_param {{ crop_size: 11 mean_value: 104 mean_value: 117 mean_value: 123 scale: 0.02 }}
+  data_param {{ source: "{ds}/val_db/features" batch_size: 1 backend: LMDB }} }}
+layer {{ name: "label" type: "Data" top: "label" include {{ phase: TEST }}
+  transform_param {{ crop_size: 11 }}
+  data_param {{ source: "{ds}/val_db/labels" batch_size: 1 backend: LMDB }} }}
+layer {{ name: "score" type: "Convolution" bottom: "data" top: "score"
+  convolution_param {{ num_output: 4 kernel_size: 1 weight_filler {{ type: "gaussian" std: 1 }}
+                       bias_filler {{ type: "gaussian" std: 0.5 }} }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" top: "loss"
+  loss_param {{ ignore_label: 255 }} }}
+"""
+
+DEPLOY = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 20 } } }
+layer { name: "score" type: "Convolution" bottom: "data" top: "score"
+  convolution_param { num_output: 4 kernel_size: 1 } }
+"""
+
+
+def seg_dataset(tmp_path, n=6):
+    rng = np.random.default_rng(5)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    pairs = {}
+    for i in range(n):
+        rgb = rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)
+        classes = rng.integers(0, 4, (16, 20)).astype(np.uint8)
+        classes[:3, :4] = 255
+        Image.fromarray(rgb).save(tmp_path / "images" / f"p{i}.png")
+        img = Image.fromarray(classes, "P")
+        img.putpalette(default_palette(256).ravel().tolist())
+        img.save(tmp_path / "labels" / f"p{i}.png")
+        pairs[f"p{i}"] = (rgb, classes)
+    build_segmentation(tmp_path / "images", tmp_path / "labels", tmp_path / "ds", val_fraction=0.5,
+                       class_names=None)
+    return pairs
+
+
+def numpy_scores(items, w, b, mean, scale, crop=None, n=4):
+    """score.py's numbers for a 1x1-convolution net, computed from the source images."""
+    hist = np.zeros((n, n), np.int64)
+    for rgb, classes in items:
+        bgr = rgb[:, :, ::-1].astype(np.float32)
+        if crop:
+            (y, x, size) = crop
+            bgr, classes = bgr[y:y + size, x:x + size], classes[y:y + size, x:x + size]
+        feats = (bgr - np.array(mean, np.float32)) * np.float32(scale)
+        scores = feats.reshape(-1, 3) @ w.reshape(n, 3).T + b
+        pred = scores.argmax(axis=1)
+        lab = classes.ravel().astype(np.int64)
+        keep = lab < n
+        hist += np.bincount(n * lab[keep] + pred[keep], minlength=n * n).reshape(n, n)
+    diag = np.diag(hist)
+    iu = diag / (hist.sum(1) + hist.sum(0) - diag)
+    freq = hist.sum(1) / hist.sum()
+    return hist, {"pixel_accuracy": diag.sum() / hist.sum(), "mean_accuracy": np.nanmean(diag / hist.sum(1)),
+                  "mean_iu": np.nanmean(iu), "fwavacc": (freq[freq > 0] * iu[freq > 0]).sum(), "iu": iu}
+
+
+def check_metrics(out, hist, want, confusion_path):
+    for key in ("pixel_accuracy", "mean_accuracy", "mean_iu", "fwavacc"):
+        assert out[key] == pytest.approx(want[key], rel=1e-9), key
+    np.testing.assert_allclose([c["iu"] for c in out["classes"]], want["iu"], rtol=1e-9)
+    assert out["confusion"] == hist.tolist()
+    with open(confusion_path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert [[int(v) for v in r[1:]] for r in rows[1:]] == hist.tolist()
+
+
+def test_segmentation_metrics_equal_numpy_for_every_source(tmp_path, capsys):
+    pairs = seg_dataset(tmp_path)
+    ds = tmp_path / "ds"
+    net_path = tmp_path / "seg.prototxt"
+    net_path.write_text(SEG_NET.format(ds=ds))
+    weights = str(tmp_path / "w.caffemodel")
+    caffeish.Net(str(net_path), seed=4).save(weights)
+    w, b = read_caffemodel(weights).arrays()["score"]
+    val = [line.split()[1] for line in (ds / "val.txt").read_text().splitlines()]
+    items = [pairs[p.rsplit("/", 1)[1][:-4]] for p in val]
+    # the TEST crop of 16x20 to 11: offsets (2, 4)
+    hist, want = numpy_scores(items, w, b, (104, 117, 123), 0.02, crop=(2, 4, 11))
+    cm = tmp_path / "cm.csv"
+    # 1. the net reads its own Data layers
+    out = run_json(capsys, ["evaluate", "segmentation", str(net_path), weights, "--confusion", str(cm)])
+    assert out["images"] == 3 and out["score"] == "score" and out["label"] == "label"
+    assert [c["name"] for c in out["classes"]] == ["class0", "class1", "class2", "class3"]
+    check_metrics(out, hist, want, cm)
+    # 2. --db: the pairs are fed through the data layer's transform_param
+    out = run_json(capsys, ["evaluate", "segmentation", str(net_path), weights, "--db", str(ds),
+                            "--confusion", str(cm)])
+    check_metrics(out, hist, want, cm)
+    # 3. --images/--labels with a deploy net: whole images, 255 is not a class
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text(DEPLOY)
+    hist, want = numpy_scores(list(pairs.values()), w, b, (1, 2, 3), 0.5)
+    out = run_json(capsys, ["evaluate", "segmentation", str(deploy), weights, "--images", str(tmp_path / "images"),
+                            "--labels", str(tmp_path / "labels"), "--mean-value", "1,2,3", "--scale", "0.5",
+                            "--confusion", str(cm)])
+    assert out["images"] == 6 and out["ignored_pixels"] == 6 * 12
+    check_metrics(out, hist, want, cm)
+
+
+def test_segmentation_table_and_size_mismatch(tmp_path, capsys):
+    seg_dataset(tmp_path, n=2)
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text(DEPLOY.replace("kernel_size: 1", "kernel_size: 3"))  # scores 2 pixels smaller
+    caffeish.Net(str(deploy), seed=1).save(str(tmp_path / "w.caffemodel"))
+    with pytest.raises(caffeish.CaffeishError, match="score blob is 14x18 but its label is 16x20"):
+        caffeish.tools.evaluate.evaluate_segmentation(str(deploy), str(tmp_path / "w.caffemodel"),
+                                                      db=str(tmp_path / "ds"))
+    deploy.write_text(DEPLOY)
+    caffeish.Net(str(deploy), seed=1).save(str(tmp_path / "w.caffemodel"))
+    cm = tmp_path / "cm.csv"
+    assert main(["evaluate", "segmentation", str(deploy), str(tmp_path / "w.caffemodel"), "--db",
+                 str(tmp_path / "ds"), "--confusion", str(cm)]) == 0
+    text = capsys.readouterr().out
+    assert "mean accuracy / mean IU" in text and "frequency-weighted IU" in text and f"confusion matrix: {cm}" in text
