@@ -12,6 +12,7 @@ import numpy as np
 
 import caffeish
 from caffeish import io
+from caffeish.surgery_fcn import build_fcn
 from caffeish.tools import offsets
 
 CLASSIFIER = """\
@@ -44,6 +45,22 @@ layer { name: "crop" type: "Crop" bottom: "upscore" bottom: "data" top: "crop" c
 """
 
 
+# The classifier that the store's FCN is built from with the surgery tool (pad 100, 1x1 score_fr,
+# bilinear x2 upscore, Crop to the data).
+POOLED_CLASSIFIER = """\
+name: "tiny_pooled_classifier"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "fc" type: "InnerProduct" bottom: "pool1" top: "fc"
+  inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+"""
+
+
 def sha1(path):
     with open(path, "rb") as f:
         return hashlib.sha1(f.read()).hexdigest()
@@ -65,8 +82,23 @@ def write_model(folder, proto, seed, labels=None, mean_shape=None, readme=None, 
     with open(deploy, "w") as f:
         f.write(proto)
     net = caffeish.Net(deploy, seed=seed)
+    net.save(os.path.join(folder, "weights.caffemodel"))
+    return _add_extras(folder, seed, labels, mean_shape, readme, pad_bytes)
+
+
+def write_surgery_fcn(folder, seed, classes=3, **extras):
+    """A model folder holding the FCN that `caffeish surgery fcn` builds from POOLED_CLASSIFIER."""
+    source = write_model(os.path.join(folder, "classifier_source"), POOLED_CLASSIFIER, seed=seed)
+    fcn = build_fcn(os.path.join(source, "deploy.prototxt"), os.path.join(source, "weights.caffemodel"),
+                    classes=classes, seed=seed)
+    shutil.rmtree(source)
+    io.write_prototxt(os.path.join(folder, "deploy.prototxt"), fcn.deploy)
+    io.write_caffemodel(os.path.join(folder, "weights.caffemodel"), fcn.deploy, fcn.blobs)
+    return _add_extras(folder, seed, **extras)
+
+
+def _add_extras(folder, seed, labels=None, mean_shape=None, readme=None, pad_bytes=0):
     weights = os.path.join(folder, "weights.caffemodel")
-    net.save(weights)
     if pad_bytes:
         model = io.read_caffemodel(weights)
         extra = model.net.layer.add()
@@ -111,11 +143,12 @@ description: A miniature FCN with bilinear upsampling
 
 
 def make_store(root, pad_bytes=3 << 20):
-    """A store with two models: 'classifier' (readme with sha1, labels) and 'fcn' (mean, big weights)."""
+    """A store with two models: 'classifier' (readme with sha1, labels) and 'fcn' (built by the surgery
+    tool; mean, big weights)."""
     write_model(os.path.join(root, "classifier"), CLASSIFIER, seed=1,
                 labels=["cat", "dog", "bird", "fish", "frog"], readme=CLASSIFIER_README)
-    write_model(os.path.join(root, "fcn"), FCN, seed=2, mean_shape=(3, 16, 16), readme=FCN_README,
-                pad_bytes=pad_bytes)
+    write_surgery_fcn(os.path.join(root, "fcn"), seed=2, mean_shape=(3, 16, 16), readme=FCN_README,
+                      pad_bytes=pad_bytes)
     return root
 
 
@@ -138,5 +171,9 @@ def test_generated_models_run(tmp_path):
     assert prob.shape == (1, 5) and abs(float(prob.sum()) - 1) < 1e-5
     fcn = caffeish.Net(os.path.join(root, "fcn", "deploy.prototxt"),
                        os.path.join(root, "fcn", "weights.caffemodel"), caffeish.TEST)
-    assert fcn.forward(data=np.ones((1, 3, 16, 16), np.float32))["crop"].shape == (1, 3, 16, 16)
+    assert [l.type for l in fcn.layers][-2:] == ["Deconvolution", "Crop"]
+    assert fcn.forward(data=np.ones((1, 3, 16, 16), np.float32))["score"].shape == (1, 3, 16, 16)
     assert fcn.unused_weights == ["unused_padding"]
+    net, _ = io.read_prototxt(os.path.join(root, "fcn", "deploy.prototxt"))
+    crop = [l for l in net.layer if l.type == "Crop"][0]
+    assert tuple(offsets.crop_offsets(net)[crop.name]) == tuple(crop.crop_param.offset) * 2
