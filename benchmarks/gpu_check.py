@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import caffeish  # noqa: E402
 from caffeish import backend  # noqa: E402
+from caffeish.metrics import relative_error  # noqa: E402
 
 NETS = {
     "fcn8s": ("models/fcn/voc-fcn8s/deploy.prototxt", "fcn"),
@@ -72,14 +73,6 @@ def median_ms(fn, sync, repeat, warmup=2):
 
 
 # ---------------------------------------------------------------------------- 1. golden nets
-
-
-def relative_error(ours, theirs):
-    ours = np.asarray(ours, dtype=np.float64)
-    theirs = np.asarray(theirs, dtype=np.float64)
-    if ours.size == 0 and theirs.size == 0:
-        return 0.0
-    return float(np.max(np.abs(ours - theirs)) / (np.max(np.abs(theirs)) + 1e-12))
 
 
 def check_golden(device):

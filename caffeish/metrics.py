@@ -1,4 +1,10 @@
-"""Segmentation metrics: the confusion matrix and fcn.berkeleyvision.org's score.py definitions.
+"""Metrics: how close two arrays are (the golden cases' measure), and segmentation scores.
+
+relative_error(ours, reference) = max |ours - reference| / (max |reference| + 1e-12),
+the tolerance measure of ../shared/golden's meta.json, used to compare a net with
+Caffe, a converted net with its source, or the GPU with the CPU.
+
+Segmentation: the confusion matrix and fcn.berkeleyvision.org's score.py definitions.
 
 The confusion matrix `hist` is n x n, rows the ground-truth class, columns the
 predicted class.  As in score.py, a pixel counts only when its label is a
@@ -18,6 +24,15 @@ import warnings
 import numpy as np
 
 from caffeish.errors import CaffeishError
+
+
+def relative_error(ours, reference):
+    """max |ours - reference| / (max |reference| + 1e-12), in float64; 0 for empty arrays."""
+    ours = np.asarray(ours, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    if ours.size == 0 and reference.size == 0:
+        return 0.0
+    return float(np.max(np.abs(ours - reference)) / (np.max(np.abs(reference)) + 1e-12))
 
 
 def confusion(label, pred, n, ignore_label=None):

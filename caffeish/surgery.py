@@ -37,6 +37,7 @@ import numpy as np
 from caffeish import fillers, geometry, io
 from caffeish.errors import CaffeishError, GraphError, ShapeError, UnsupportedError, WeightError
 from caffeish.graph import Graph, layer_included
+from caffeish.metrics import relative_error
 from caffeish.schema import TEST, pb
 from caffeish.upgrade import upgrade_net
 from caffeish.weights import bind, shape_equals
@@ -366,14 +367,6 @@ def random_params(graph, rng):
     return out
 
 
-def rel_diff(a, b):
-    """max |a - b| / max |a| (the golden cases' tolerance measure)."""
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    scale = float(np.max(np.abs(a))) if a.size else 0.0
-    return float(np.max(np.abs(a - b))) / (scale + 1e-12) if a.size else 0.0
-
-
 def set_params(net, arrays):
     """Write {layer: [array, ...]} into a Net's live parameters."""
     for name, values in arrays.items():
@@ -452,7 +445,7 @@ def verify_equivalence(src, out, arrays, conversions, report, input_shapes=None,
                 report.checks.append({"blob": name, "classifier": list(va_shape), "converted": list(vb_shape),
                                       "rel_diff": None, "ok": False})
                 continue
-        d = rel_diff(va, np.asarray(vb).reshape(va_shape))
+        d = relative_error(np.asarray(vb).reshape(va_shape), va)
         ok = d <= tolerance
         report.checks.append({"blob": name, "classifier": list(va_shape), "converted": list(vb_shape),
                               "rel_diff": d, "ok": ok})

@@ -15,6 +15,7 @@ import pytest
 from conftest import SHARED
 
 import caffeish
+from caffeish.metrics import relative_error
 
 GOLDEN = os.path.join(SHARED, "golden")
 
@@ -26,14 +27,6 @@ def _cases():
 
 
 CASES = _cases()
-
-
-def relative_error(ours, theirs):
-    ours = np.asarray(ours, dtype=np.float64)
-    theirs = np.asarray(theirs, dtype=np.float64)
-    if ours.size == 0 and theirs.size == 0:
-        return 0.0
-    return float(np.max(np.abs(ours - theirs)) / (np.max(np.abs(theirs)) + 1e-12))
 
 
 def run_case(case):
