@@ -354,7 +354,8 @@ class Net(PycaffeNetMixin):
     def _exclusive(self, name, array):
         """True when `array` (the blob `name`) may be overwritten: its memory belongs to
         no other live blob, no parameter and no net input (inputs stay as given)."""
-        if name in self.input_names or not array.flags.writeable:
+        # cupy's flags have no `writeable` (device arrays always are).
+        if name in self.input_names or not getattr(array.flags, "writeable", True):
             return False
         root = _root(array)
         if not hasattr(root, "flags"):  # a view of raw bytes (a file buffer), not an array

@@ -218,6 +218,28 @@ def test_in_place_relu_never_overwrites_shared_memory():
     np.testing.assert_array_equal(net.blobs["r"].data, np.maximum(x, 0).reshape(3, 4))
 
 
+class _DeviceLikeArray:
+    """An array as cupy shows itself to the runtime: flags without `writeable`."""
+
+    class _Flags:
+        c_contiguous, f_contiguous, owndata = True, False, True
+
+    def __init__(self):
+        self.base, self.flags = None, self._Flags()
+
+
+def test_in_place_check_accepts_device_arrays_whose_flags_lack_writeable():
+    net = caffeish.Net(net_param("""
+    layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 } } }
+    layer { name: "e" type: "Power" bottom: "data" top: "e" }
+    layer { name: "relu" type: "ReLU" bottom: "e" top: "e" }
+    """))
+    net.forward(data=np.ones((1, 3), np.float32))
+    device_array = _DeviceLikeArray()
+    assert net._exclusive("e", device_array) is True
+    assert net._exclusive("data", device_array) is False  # inputs stay as given
+
+
 def test_in_place_relu_writes_an_unshared_blob():
     text = """
     layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 1 dim: 4 dim: 4 } } }
