@@ -31,4 +31,8 @@ def __getattr__(name):
         from caffeish import inference
 
         return getattr(inference, name)
+    if name == "Layer":  # pycaffe's caffe.Layer, the base class of Python layers
+        from caffeish.pycaffe import PythonLayer
+
+        return PythonLayer
     raise AttributeError(f"module 'caffeish' has no attribute {name!r}")

@@ -5,8 +5,14 @@ pycaffe exposes a net as ordered dicts of blobs and parameter lists, plus
 `Blob.data` is the live array (writing into it changes the net), as in pycaffe.
 Blobs that the runtime freed after their last use (the default; build the Net
 with keep=True to keep them) say so instead of returning stale data.
+
+`PythonLayer` (exported as `caffeish.Layer`, pycaffe's `caffe.Layer`) and
+`ArrayBlob` are what a prototxt's Python layers see: their base class and
+their bottom/top blobs (run by caffeish.layers.python_layer).
 """
 from collections import OrderedDict
+
+import numpy as np
 
 from caffeish.errors import GraphError
 from caffeish.graph import AUTOMATIC
@@ -213,3 +219,118 @@ class PycaffeNetMixin:
             for k, v in outs.items():
                 results.setdefault(k, []).append(np.array(v[:n]))
         return OrderedDict((k, np.concatenate(v)) for k, v in results.items())
+
+
+# ---------------------------------------------------------------------------- Python layers
+
+
+def _shape_arg(shape):
+    """pycaffe's reshape arguments: reshape(1, 3, H, W) (or one tuple), as a tuple of ints >= 0."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    dims = tuple(int(d) for d in shape)
+    if any(d < 0 for d in dims):
+        raise GraphError(f"reshape{dims}: a blob dimension cannot be negative")
+    return dims
+
+
+class ArrayBlob:
+    """A blob that holds its own arrays: the bottoms and tops pycaffe hands a Python layer.
+
+    `.data` is a float32 numpy array that user code writes into
+    (`top[0].data[...] = x`); `.reshape(*shape)` gives the blob a new shape (a
+    fresh zero array when the shape changes; Caffe leaves the contents
+    undefined then, and keeps them when it does not).  `.diff` is a zero array
+    of the same shape (no backward pass runs here).  Unlike `Blob`, it belongs
+    to no Net: the Python layer binds the arrays of its bottoms and returns its
+    tops' arrays to the runtime.
+    """
+
+    def __init__(self, shape=(0,), name=""):
+        self.name = name
+        self._data = np.zeros(_shape_arg((shape,)), dtype=np.float32)
+        self._diff = None
+
+    def bind(self, array):
+        """Make `array` (float32, any shape) this blob's data, without copying."""
+        self._data = array
+        self._diff = None
+
+    @property
+    def data(self):
+        return self._data
+
+    @property
+    def diff(self):
+        if self._diff is None or self._diff.shape != self._data.shape:
+            self._diff = np.zeros(self._data.shape, dtype=np.float32)
+        return self._diff
+
+    @property
+    def shape(self):
+        return tuple(self._data.shape)
+
+    @property
+    def count(self):
+        return int(self._data.size)
+
+    num = property(lambda self: Blob._legacy(self, 0))
+    channels = property(lambda self: Blob._legacy(self, 1))
+    height = property(lambda self: Blob._legacy(self, 2))
+    width = property(lambda self: Blob._legacy(self, 3))
+
+    def reshape(self, *shape):
+        shape = _shape_arg(shape)
+        if shape != self.shape or not self._data.flags.writeable:
+            self._data = np.zeros(shape, dtype=np.float32)
+            self._diff = None
+
+    def __repr__(self):
+        return f"ArrayBlob({self.name!r}, shape={self.shape})"
+
+
+class LayerBlobs(list):
+    """pycaffe's `layer.blobs` of a Python layer: a list with `add_blob(*shape)`."""
+
+    def add_blob(self, *shape):
+        self.append(ArrayBlob(_shape_arg(shape)))
+
+
+class PythonLayer:
+    """pycaffe's `caffe.Layer` (here `caffeish.Layer`): the class a Python layer subclasses.
+
+    Caffe builds the class named by `python_param { module layer }` with the
+    LayerParameter, sets `param_str` (python_param.param_str) and `phase`
+    (caffe.TRAIN = 0, caffe.TEST = 1), then calls `setup(bottom, top)` and
+    `reshape(bottom, top)` when the net is built, and `reshape(bottom, top)`
+    then `forward(bottom, top)` on every forward pass.  `bottom` and `top` are
+    lists of blobs (`.data`, `.diff`, `.reshape(...)`, `.shape`, `.count`).
+    `blobs` holds learnable parameters (`self.blobs.add_blob(...)`); caffeish
+    runs only layers that keep it empty.  See caffeish.layers.python_layer.
+    """
+
+    param_str = ""
+    phase = 1  # caffe.TEST until the runtime sets it
+
+    def __init__(self, *args, **kwargs):
+        # pycaffe constructs the layer with its LayerParameter; nothing to keep here.
+        pass
+
+    @property
+    def blobs(self):
+        blobs = self.__dict__.get("_blobs")
+        if blobs is None:
+            blobs = self.__dict__["_blobs"] = LayerBlobs()
+        return blobs
+
+    def setup(self, bottom, top):
+        pass
+
+    def reshape(self, bottom, top):
+        pass
+
+    def forward(self, bottom, top):
+        raise NotImplementedError(f"{type(self).__name__} defines no forward(self, bottom, top)")
+
+    def backward(self, top, propagate_down, bottom):
+        pass

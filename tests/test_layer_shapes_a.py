@@ -507,11 +507,11 @@ def test_python_layer_is_unsupported():
     with pytest.raises(UnsupportedError) as err:
         tops_of(lay, [])
     msg = str(err.value)
-    for word in ("'data'", "voc_layers", "VOCSegDataLayer", "cannot run arbitrary Python",
+    for word in ("'data'", "voc_layers", "VOCSegDataLayer", "cannot import module 'voc_layers'", "PYTHONPATH",
                  "--input-shape data=", "--input-shape label="):
         assert word in msg
     lay.input_shapes = {"data": (1, 3, 500, 500), "label": (1, 1, 500, 500)}
     assert tops_of(lay, []) == [(1, 3, 500, 500), (1, 1, 500, 500)]
     loss = layer('name: "pl" type: "Python" bottom: "x" top: "y" python_param { module: "m" layer: "L" }')
-    with pytest.raises(UnsupportedError, match="'pl'.*module 'm'.*layer 'L'.*Replace it"):
+    with pytest.raises(UnsupportedError, match="'pl'.*module 'm'.*layer 'L'.*cannot import module 'm'.*PYTHONPATH"):
         tops_of(loss, [(2, 3)])
