@@ -91,9 +91,10 @@ class Net(PycaffeNetMixin):
         self.xp = backends.get(backend)
         backends.tune_allocator()
         self.nodes = self.graph.nodes
-        # Input layers, and bottomless layers that read data the runtime does not (Data,
-        # ImageData, HDF5Data, MemoryData, Python data layers, ...): their tops are fed by
-        # the caller, so a train/val net can be evaluated on arrays.
+        # Input layers, and bottomless layers that cannot run here (HDF5Data, MemoryData, a Data
+        # layer whose source is missing, a Python data layer whose module does not import, or any
+        # data layer whose tops were given shapes): their tops are fed by the caller, so a
+        # train/val net can also be evaluated on arrays.
         self._host = {}  # GPU nets: host copies handed out by host_data()/host_param(), see there
         self._fed_nodes = {n.name for n in self.nodes
                            if n.type == "Input" or (not n.bottoms and not n.layer.can_forward and n.tops)}
