@@ -125,6 +125,7 @@ class Classifier:
         self.blob = check_blob(net, blob) if blob else softmax_blob(net)
         self.oversample = oversample
         self.preprocess.mean_for((self.channels,) + self.input_hw)  # a mean that cannot fit fails now
+        self.preprocess.swap_for(self.channels)  # and so does a channel swap of the wrong length
 
     def load(self, image):
         """Decode one image for this net (H x W x K, 0..255); CaffeishError names an unreadable file."""
@@ -148,6 +149,16 @@ class Classifier:
         return out
 
 
+def _at_least_one(value, name):
+    try:
+        whole = not isinstance(value, bool) and int(value) == value
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole or value < 1:
+        raise CaffeishError(f"{name} must be a whole number of at least 1, got {value!r}")
+    return int(value)
+
+
 def classify(net, images, weights=None, top_k=5, preprocess=None, blob=None, batch_size=16,
              oversample=False, labels=None, device=None):
     """Classify images (paths, PIL images or arrays; one or a list) -> Classification.
@@ -157,12 +168,13 @@ def classify(net, images, weights=None, top_k=5, preprocess=None, blob=None, bat
     output to read (default the last Softmax's top).  labels: class names or a
     labels file.  An unreadable image raises CaffeishError naming it.
     """
+    top_k, batch_size = _at_least_one(top_k, "top_k"), _at_least_one(batch_size, "batch_size")
     net = open_net(net, weights, device)
     clf = Classifier(net, preprocess, blob, oversample)
     if not isinstance(images, (list, tuple)):
         images = [images]
     rows = []
-    for i in range(0, len(images), max(1, int(batch_size))):
+    for i in range(0, len(images), batch_size):
         rows.append(clf.predict([clf.prepare(im) for im in images[i:i + batch_size]]))
     probs = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
     if isinstance(labels, str) or hasattr(labels, "__fspath__"):
@@ -314,26 +326,67 @@ class Segmentation:
         self.labels = labels
 
     def label_image(self):
-        """Mode P PIL image of the class indices, with the palette."""
-        return palettes.label_image(self.classes, self.colors)
+        """PIL image of the class indices: mode P with the palette (up to 256 classes), else 16-bit gray."""
+        return label_picture(self.classes, self.colors)
 
     def overlay_image(self, alpha=0.6, legend=False):
         """Mode RGB PIL image: the picture blended with the class colors (legend on the right)."""
         return palettes.overlay_image(self.image, self.classes, self.colors, alpha, self.labels, legend)
 
 
+PALETTE_PNG_CLASSES = 256  # a mode P PNG indexes 256 colors
+GRAY16_CLASSES = 1 << 16
+
+
+def is_pascal(spec):
+    """Whether a palette spec names the PASCAL VOC palette (the default)."""
+    return spec is None or (isinstance(spec, str) and spec.lower() in ("pascal", "voc"))
+
+
+def class_colors(spec, base, n_classes):
+    """n_classes colors from the palette `spec` loaded as `base`.
+
+    The PASCAL palette is generated for as many classes as the net scores (its
+    scheme spreads the bits of the class index over R, G and B, 24 bits: every
+    class below 2**24 gets its own color); a color-map file or array must list
+    a color per class (ShapeError otherwise).
+    """
+    if is_pascal(spec):
+        return palettes.pascal_palette(max(n_classes, len(base)))[:n_classes]
+    source = "the palette" if isinstance(spec, np.ndarray) else str(spec)
+    return palettes.colors_for(base, n_classes, source)
+
+
+def label_picture(classes, colors):
+    """The class-index picture: a mode P PNG with the palette for up to 256 classes (what VOC's
+    ground truth looks like), else a 16-bit gray image (mode I;16) of the indices, without colors."""
+    from PIL import Image
+
+    if len(colors) <= PALETTE_PNG_CLASSES and (classes.size == 0 or classes.max() < PALETTE_PNG_CLASSES):
+        return palettes.label_image(classes, colors)
+    if classes.size and (classes.min() < 0 or classes.max() >= GRAY16_CLASSES):
+        raise ShapeError(f"a 16-bit PNG holds class indices 0..{GRAY16_CLASSES - 1}; these run from "
+                         f"{classes.min()} to {classes.max()} (write the scores with --npy instead)")
+    return Image.fromarray(np.ascontiguousarray(classes, dtype=np.uint16))
+
+
 def _parse_memory(value):
+    """Bytes from 4G, 512M, 100K, 2.5GiB or a number; a size that is not a positive number is an error."""
     if value is None:
         return DEFAULT_MAX_MEMORY
     if isinstance(value, (int, float)):
-        return int(value)
-    text = str(value).strip().upper().rstrip("B").rstrip("I")
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    mult = units.get(text[-1:], 1)
-    try:
-        return int(float(text[:-1] if text[-1:] in units else text) * mult)
-    except ValueError:
-        raise CaffeishError(f"memory size: expected a number with K, M or G, got '{value}'") from None
+        number, mult = float(value), 1
+    else:
+        text = str(value).strip().upper().rstrip("B").rstrip("I")
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+        mult = units.get(text[-1:], 1)
+        try:
+            number = float(text[:-1] if text[-1:] in units else text)
+        except ValueError:
+            raise CaffeishError(f"memory size: expected a number with K, M or G, got '{value}'") from None
+    if not math.isfinite(number) or number * mult < 1:
+        raise CaffeishError(f"memory size: expected a positive size such as 4G or 512M, got '{value}'")
+    return int(number * mult)
 
 
 class Segmenter:
@@ -358,6 +411,7 @@ class Segmenter:
         self.n_classes = None  # channels of the score blob, known after the first image
         shape = net.blob_shape(self.input)
         self.preprocess.mean_for((self.channels,) + tuple(shape[2:4]))  # a mean that cannot fit fails now
+        self.preprocess.swap_for(self.channels)  # and so does a channel swap of the wrong length
 
     def load(self, image):
         """Decode one image for this net (H x W x K, 0..255); CaffeishError names an unreadable file."""
@@ -495,8 +549,9 @@ def segment(net, image, weights=None, preprocess=None, blob=None, tile=None, max
     Preprocess (the image keeps its size).  blob: the score blob (default the
     last Softmax, else 'score', else the first output of the input's size).
     tile: (h, w) to process in tiles (exactly equal to untiled), None for
-    automatic tiling above max_memory bytes.  palette: 'pascal', a DIGITS
-    color-map file, a dataset folder or an (N, 3) array.  labels: names or a file.
+    automatic tiling above max_memory bytes.  palette: 'pascal' (generated for
+    as many classes as the net scores), a DIGITS color-map file, a dataset
+    folder or an (N, 3) array.  labels: names or a file.
     """
     colors, names = (np.asarray(palette, np.uint8), None) if isinstance(palette, np.ndarray) \
         else palettes.load_palette(palette)
@@ -506,7 +561,7 @@ def segment(net, image, weights=None, preprocess=None, blob=None, tile=None, max
     seg = Segmenter(net, preprocess, blob, tile, max_memory)
     shown, x = seg.prepare(image)
     classes, scores = seg.run(x)
-    colors = palettes.colors_for(colors, scores.shape[0])
+    colors = class_colors(palette, colors, scores.shape[0])
     return Segmentation(shown, classes, scores, colors, labels if labels is not None else names)
 
 

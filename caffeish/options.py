@@ -1,5 +1,6 @@
 """Command-line options shared by the tools that build a net's graph (summary, offsets)."""
 import argparse
+import math
 
 from caffeish.errors import CaffeishError
 from caffeish.graph import parse_shape
@@ -36,3 +37,30 @@ def device_from_args(args):
     """The Net(device=...) value that --gpu asks for: None (CPU) or "cuda:ID"."""
     gpu = getattr(args, "gpu", None)
     return None if gpu is None else f"cuda:{gpu}"
+
+
+def int_arg(minimum, maximum=None):
+    """An argparse type: an integer in [minimum, maximum] (argparse names the option when refused)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"at least {minimum}" if value < minimum else f"at most {maximum}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def finite_float(text):
+    """An argparse type: a finite float (nan and inf refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
+    return value

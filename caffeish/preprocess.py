@@ -28,14 +28,20 @@ L = 0.299 R + 0.587 G + 0.114 B (OpenCV's weights, which convert_imageset
 scaled to 0..255.  A mean image whose size differs from the input is centre
 cropped when it is larger in both dimensions (Caffe's DataTransformer crops
 the mean with the image), else resized with `resize_image`.
+
+Channel swap: a permutation of 0..K-1 of the input's K channels (checked:
+ShapeError naming the order and the channels otherwise).  The default
+(2, 1, 0) is for colour images and does nothing to 1-channel (gray) inputs.
 """
 import dataclasses
+import math
 import os
 from typing import Optional, Tuple
 
 import numpy as np
 
 from caffeish.errors import CaffeishError, ShapeError
+from caffeish.options import finite_float
 from caffeish.transformer import Transformer, oversample, resize_image
 
 IMAGE_EXTENSIONS = frozenset({
@@ -43,6 +49,7 @@ IMAGE_EXTENSIONS = frozenset({
     ".ppm", ".pgm", ".pbm", ".pnm",
 })
 CROP_MODES = ("none", "center")
+DEFAULT_CHANNEL_SWAP = (2, 1, 0)  # RGB -> BGR, what Caffe's models expect
 
 
 def is_image_name(path):
@@ -175,7 +182,8 @@ class Preprocess:
     mean: None, K values or a K x H x W image (in the net's channel order, BGR
     for Caffe's models).  scale: multiplied after the mean (transform_param.scale).
     raw_scale: the value a white [0, 1] pixel takes (255: the 8-bit values).
-    channel_swap: channel order applied to 3-channel images (None keeps RGB).
+    channel_swap: the order of the input's channels (a permutation of 0..K-1;
+    None keeps RGB); the default (2, 1, 0) leaves 1-channel inputs alone.
     grayscale: load as 1 channel; None decides from the net input's channels.
     crop: "none" (resize to the input) or "center" (resize to `resize`, or the
     mean image's size, then centre crop to the input).  resize: None (the net
@@ -185,7 +193,7 @@ class Preprocess:
     mean: Optional[np.ndarray] = None
     scale: float = 1.0
     raw_scale: float = 255.0
-    channel_swap: Optional[Tuple[int, ...]] = (2, 1, 0)
+    channel_swap: Optional[Tuple[int, ...]] = DEFAULT_CHANNEL_SWAP
     grayscale: Optional[bool] = None
     crop: str = "none"
     resize: object = None
@@ -201,8 +209,27 @@ class Preprocess:
             if self.mean.ndim not in (1, 3):
                 raise ShapeError(f"{self.mean_source}: a mean is K values or a K x H x W image; "
                                  f"got shape {self.mean.shape}")
+        for name in ("scale", "raw_scale"):
+            if not math.isfinite(getattr(self, name)):
+                raise CaffeishError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.mean is not None and not np.all(np.isfinite(self.mean)):
+            raise CaffeishError(f"{self.mean_source}: the mean holds NaN or infinite values")
         if self.channel_swap is not None:
-            self.channel_swap = tuple(int(c) for c in self.channel_swap)
+            self.channel_swap = _permutation(self.channel_swap)
+
+    def swap_for(self, channels):
+        """The channel order to apply to an input of `channels` channels (None: none).
+
+        The order must list every channel once; the default (2, 1, 0) is not
+        applied to 1-channel inputs.  A mismatch is a ShapeError naming both.
+        """
+        swap = self.channel_swap
+        if swap is None or (channels == 1 and swap in (DEFAULT_CHANNEL_SWAP, (0,))):
+            return None
+        if len(swap) != channels:
+            raise ShapeError(f"channel swap {','.join(map(str, swap))} lists {len(swap)} channels but the net "
+                             f"input has {channels}; give a permutation of 0..{channels - 1} (or 'none')")
+        return None if swap == tuple(range(channels)) else swap
 
     # -- decoding -------------------------------------------------------------------
     def gray_for(self, channels):
@@ -281,8 +308,9 @@ class Preprocess:
     def finish(self, x):
         """The per-pixel arithmetic on an H x W x K image already at the input size."""
         x = np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
-        if self.channel_swap is not None and x.shape[0] == len(self.channel_swap) > 1:
-            x = x[list(self.channel_swap)]
+        swap = self.swap_for(x.shape[0])
+        if swap is not None:
+            x = x[list(swap)]
         if self.raw_scale != 255:
             x = x * np.float32(self.raw_scale / 255.0)
         mean = self.mean_for(x.shape)
@@ -309,8 +337,9 @@ class Preprocess:
         """
         t = Transformer({name: tuple(shape)})
         t.set_transpose(name, (2, 0, 1))
-        if self.channel_swap is not None and shape[1] == len(self.channel_swap) > 1:
-            t.set_channel_swap(name, self.channel_swap)
+        swap = self.swap_for(shape[1])
+        if swap is not None:
+            t.set_channel_swap(name, swap)
         t.set_raw_scale(name, self.raw_scale)
         mean = self.mean_for(tuple(shape[1:]))
         if mean is not None:
@@ -318,6 +347,19 @@ class Preprocess:
         if self.scale != 1:
             t.set_input_scale(name, self.scale)
         return t
+
+
+def _permutation(order):
+    """A channel order as a tuple of ints, each of 0..len-1 once (CaffeishError otherwise)."""
+    try:
+        values = tuple(order)
+        ints = tuple(int(c) for c in values)
+    except (TypeError, ValueError):
+        raise CaffeishError(f"channel swap: expected channel indices, got {order!r}") from None
+    if any(i != v for i, v in zip(ints, values)) or sorted(ints) != list(range(len(ints))):
+        raise CaffeishError(f"channel swap {','.join(f'{float(v):g}' for v in values)} is not a permutation of "
+                            f"0..{len(values) - 1}: it must list each channel index once (e.g. 2,1,0)")
+    return ints
 
 
 def center_crop(x, hw):
@@ -344,7 +386,7 @@ def from_transform_param(tp, base_dir=None, **overrides):
     and is ignored.  Pixels are taken as Caffe's Datums hold them: 0..255, BGR.
     `overrides` replace fields (the command-line options win).
     """
-    fields = {"raw_scale": 255.0, "channel_swap": (2, 1, 0)}
+    fields = {"raw_scale": 255.0, "channel_swap": DEFAULT_CHANNEL_SWAP}
     if tp.HasField("scale"):
         fields["scale"] = float(tp.scale)
     if tp.mean_file and "mean" not in overrides:
@@ -399,9 +441,9 @@ def add_arguments(p, keep_size=False):
     g = p.add_argument_group("preprocessing (Caffe's defaults: BGR, 0..255 pixels)")
     g.add_argument("--mean", metavar="FILE", help="mean image or values: FILE.binaryproto or FILE.npy")
     g.add_argument("--mean-value", metavar="B,G,R", help="per-channel mean values, e.g. 104,117,123")
-    g.add_argument("--scale", type=float, default=None,
+    g.add_argument("--scale", type=finite_float, default=None,
                    help="multiply after the mean subtraction (transform_param.scale, e.g. 0.00390625)")
-    g.add_argument("--raw-scale", type=float, default=None,
+    g.add_argument("--raw-scale", type=finite_float, default=None,
                    help="value of a white pixel before the mean (default 255: the 8-bit values)")
     g.add_argument("--channel-swap", metavar="2,1,0", default=None,
                    help="channel order for color images (default 2,1,0: RGB -> BGR; 'none' keeps RGB)")
@@ -434,8 +476,7 @@ def from_args(args, keep_size=False):
         over["raw_scale"] = args.raw_scale
     if args.channel_swap is not None:
         text = args.channel_swap.strip().lower()
-        over["channel_swap"] = None if text in ("none", "") else tuple(
-            int(v) for v in parse_values(text, "--channel-swap"))
+        over["channel_swap"] = None if text in ("none", "") else parse_values(text, "--channel-swap")
     if args.grayscale:
         over["grayscale"] = True
     if args.crop is not None:

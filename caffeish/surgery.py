@@ -91,6 +91,18 @@ def graph_nodes(graph):
     return {n.name: n for n in graph.nodes if n.name in own}
 
 
+def seeded_rng(seed):
+    """numpy's random generator for `seed`; a negative or non-integer seed is a CaffeishError (numpy's
+    seeds are non-negative integers)."""
+    try:
+        whole = not isinstance(seed, bool) and int(seed) == seed
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole or seed < 0:
+        raise CaffeishError(f"the seed must be a non-negative integer, got {seed!r}")
+    return np.random.default_rng(int(seed))
+
+
 def count(shape):
     return int(math.prod(shape))
 
@@ -248,6 +260,7 @@ def convolutionalize(net, model=None, input_shapes=None, verify=True, phase=TEST
     random input (the model's weights, or random ones) and every output must
     agree within `tolerance` relative (EquivalenceError otherwise).
     """
+    seeded_rng(seed)  # a bad seed fails before the work
     src = load_net(net)
     model = load_model(model)
     graph = Graph(src, phase, input_shapes=input_shapes)
@@ -412,7 +425,7 @@ def verify_equivalence(src, out, arrays, conversions, report, input_shapes=None,
     """
     from caffeish.net import Net  # the runtime imports layers; keep this module light to import
 
-    rng = np.random.default_rng(seed)
+    rng = seeded_rng(seed)
     tops = [n for n in conversions]
     a = Net(src, phase=phase, input_shapes=input_shapes, seed=seed)
     params = arrays if arrays is not None else random_params(a.graph, rng)
@@ -534,7 +547,7 @@ def transplant(src_net, src_model, dst_net, mapping=None, allow_partial=False, p
     if len(inverse) != len(mapping):
         raise CaffeishError("--map sends two source layers to the same destination layer")
 
-    rng = np.random.default_rng(seed)
+    rng = seeded_rng(seed)
     rows, arrays, errors = [], {}, []
     used = set()
     for name, node in nodes.items():

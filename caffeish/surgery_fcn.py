@@ -38,7 +38,10 @@ from caffeish.errors import CaffeishError, GraphError, ShapeError
 from caffeish.graph import Graph
 from caffeish.schema import TEST, TRAIN, pb
 from caffeish.surgery import (Report, bilinear_weights, blob_lists, convolutionalize, graph_nodes, load_model,
-                              load_net)
+                              load_net, seeded_rng)
+
+UINT32_MAX = 2**32 - 1  # num_output, pad, kernel_size and batch_size are uint32 fields
+INT32_MAX = 2**31 - 1  # ignore_label is an int32
 
 
 class FCN:
@@ -162,7 +165,7 @@ def _choose_kernel(layers, make_deconv, crop, factor, fixed=None):
     layers: the net so far; make_deconv(kernel) -> the Deconvolution; crop: the
     Crop layer that follows it (offset filled in).  Returns (deconv, crop, kernel, offset).
     """
-    candidates = [fixed] if fixed else [2 * factor, 2 * factor - 1]
+    candidates = [fixed] if fixed is not None else [2 * factor, 2 * factor - 1]
     errors = []
     for k in candidates:
         deconv = make_deconv(k)
@@ -176,7 +179,7 @@ def _choose_kernel(layers, make_deconv, crop, factor, fixed=None):
         errors.append(f"kernel {k}: {error}")
     raise ShapeError(f"Crop '{crop.name}' after Deconvolution '{make_deconv(candidates[0]).name}' (stride {factor}): "
                      f"no kernel gives a whole crop offset: " + "; ".join(errors)
-                     + ("" if fixed else " (choose one with --upscore-kernel)"))
+                     + ("" if fixed is not None else " (choose one with --upscore-kernel)"))
 
 
 # -- the builder ------------------------------------------------------------------------------------------------
@@ -264,11 +267,13 @@ def build_fcn(classifier, model=None, classes=None, skips=(), pad=100, upscore_k
     Deconvolution's kernel instead of 2S / 2S-1.  dataset: the folder the
     train/val net's Data layers read (None: paths relative to where Caffe runs).
     mean_file: "auto" (DATASET/mean.binaryproto), a path, or None (no mean).
-    ignore_label: for the loss and accuracy (None: none).
+    ignore_label: for the loss and accuracy (None: none).  Out-of-range numbers
+    (classes, upscore_kernel, batch_size < 1, pad < 0) raise CaffeishError.
     """
+    _check_numbers(classes, pad, upscore_kernel, batch_size, ignore_label)
     src = load_net(classifier)
     model = load_model(model)
-    rng = np.random.default_rng(seed)
+    rng = seeded_rng(seed)
     report = Report([("step", "step"), ("layer", "layer"), ("detail", "detail")])
     has_ip = any(n.type == "InnerProduct" for n in Graph(src, TEST, input_shapes=input_shapes).nodes)
     if has_ip:
@@ -284,8 +289,6 @@ def build_fcn(classifier, model=None, classes=None, skips=(), pad=100, upscore_k
     cls, cls_node = _classifier_layer(graph)
     old_classes = cls.convolution_param.num_output
     classes = old_classes if classes is None else int(classes)
-    if classes < 1:
-        raise CaffeishError(f"--classes must be at least 1, got {classes}")
     layers = list(graph.filtered.layer)
     index = [i for i, l in enumerate(layers) if l.name == cls.name][0]
     body_src = _ancestors(layers[:index], cls.bottom)
@@ -385,6 +388,33 @@ def build_fcn(classifier, model=None, classes=None, skips=(), pad=100, upscore_k
     report.notes.append(f"total stride {stride} at score_fr; crop offsets: "
                         + ", ".join(f"{n} {o}" for n, o in offsets.items()))
     return FCN(deploy, train_val, out_blobs, report, conv_report, data_blob, stride, offsets)
+
+
+def _whole(value, what, minimum, maximum=UINT32_MAX):
+    """value as an int in [minimum, maximum] (a protobuf field's range), else a CaffeishError naming it."""
+    try:
+        whole = not isinstance(value, bool) and int(value) == value
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole:
+        raise CaffeishError(f"{what} must be a whole number, got {value!r}")
+    if not minimum <= value <= maximum:
+        raise CaffeishError(f"{what} must be " + (f"at least {minimum}" if value < minimum else f"at most {maximum}")
+                            + f", got {value}")
+    return int(value)
+
+
+def _check_numbers(classes, pad, upscore_kernel, batch_size, ignore_label):
+    """The numeric arguments of build_fcn, checked before any work (the CLI's option names)."""
+    if classes is not None:
+        _whole(classes, "--classes", 1)
+    if pad is not None:
+        _whole(pad, "--pad (the first Convolution's pad)", 0)
+    if upscore_kernel is not None:
+        _whole(upscore_kernel, "--upscore-kernel", 1)
+    _whole(batch_size, "--batch-size", 1)
+    if ignore_label is not None:
+        _whole(ignore_label, "--ignore-label", -INT32_MAX - 1, INT32_MAX)
 
 
 def _tag(blob):

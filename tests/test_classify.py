@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 import caffeish
 from caffeish import io
 from caffeish.cli import main
-from caffeish.errors import GraphError, ShapeError
+from caffeish.errors import CaffeishError, GraphError, ShapeError
 from caffeish.preprocess import Preprocess
 from conftest import shared_path
 
@@ -213,3 +213,57 @@ def test_output_blob_choice_and_errors(lenet, digits, tmp_path, capsys):
     with pytest.raises(ShapeError):
         caffeish.classify(net, str(digits / "digit1.png"), preprocess=Preprocess(
             mean=np.zeros(3, np.float32)))
+
+
+TINY_RGB = """
+name: "tiny_rgb"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 4 dim: 4 } } }
+layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.01 } } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+"""
+
+
+@pytest.fixture()
+def tiny_rgb(tmp_path):
+    (tmp_path / "net.prototxt").write_text(TINY_RGB)
+    Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3)).save(tmp_path / "im.png")
+    return str(tmp_path / "net.prototxt"), str(tmp_path / "im.png")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--seed", "-1", "must be at least 0, got -1"),  # was numpy's ValueError traceback
+    ("--top-k", "0", "must be at least 1, got 0"),
+    ("--batch-size", "-2", "must be at least 1, got -2"),
+    ("--scale", "nan", "expected a finite number, got 'nan'"),  # NaN scores otherwise
+    ("--raw-scale", "inf", "expected a finite number, got 'inf'"),
+])
+def test_cli_refuses_out_of_range_numbers_by_name(tiny_rgb, option, value, message, capsys):
+    net, image = tiny_rgb
+    with pytest.raises(SystemExit) as e:
+        main(["classify", net, "none", image, option, value])
+    assert e.value.code == 2 and f"argument {option}: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("swap, message", [
+    ("0,0,5", "channel swap 0,0,5 is not a permutation of 0..2"),  # was an IndexError traceback
+    ("1,0", "channel swap 1,0 lists 2 channels but the net input has 3"),  # was silently ignored
+])
+def test_cli_channel_swap_is_checked(tiny_rgb, swap, message, capsys):
+    net, image = tiny_rgb
+    assert main(["classify", net, "none", image, "--channel-swap", swap]) == 1
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
+
+
+def test_api_checks_channel_swap_top_k_and_batch_size(tiny_rgb):
+    net, image = tiny_rgb
+    with pytest.raises(ShapeError, match="lists 2 channels but the net input has 3"):
+        caffeish.classify(net, image, preprocess=Preprocess(channel_swap=(1, 0)))
+    for kwargs in ({"top_k": 0}, {"batch_size": 0}, {"batch_size": 1.5}):
+        with pytest.raises(CaffeishError, match="must be a whole number of at least 1"):
+            caffeish.classify(net, image, **kwargs)
+    # A valid swap changes the input as asked: (0, 1, 2) keeps RGB, equal to channel_swap=None.
+    kept = caffeish.classify(net, image, preprocess=Preprocess(channel_swap=(0, 1, 2)))
+    rgb = caffeish.classify(net, image, preprocess=Preprocess(channel_swap=None))
+    np.testing.assert_array_equal(kept.probs, rgb.probs)

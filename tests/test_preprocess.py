@@ -154,3 +154,38 @@ def test_centre_crop_with_resize_to_the_mean_size(tmp_path):
     x = spec.apply(spec.load(path), (8, 8))
     np.testing.assert_array_equal(x, arr[2:10, 2:10, ::-1].transpose(2, 0, 1).astype(np.float32))
     assert spec.oversampled(spec.load(path), (8, 8)).shape == (10, 3, 8, 8)
+
+
+@pytest.mark.parametrize("order", [(0, 0, 5), (0, 1, 3), (1, 1), (0, 0.5, 2), (-1, 0, 1)])
+def test_channel_swap_must_be_a_permutation(order):
+    with pytest.raises(CaffeishError, match="is not a permutation of 0..%d" % (len(order) - 1)):
+        pp.Preprocess(channel_swap=order)
+
+
+def test_channel_swap_length_must_match_the_input():
+    x = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3)  # H x W x 3
+    with pytest.raises(ShapeError, match="channel swap 1,0 lists 2 channels but the net input has 3"):
+        pp.Preprocess(channel_swap=(1, 0)).finish(x)
+    with pytest.raises(ShapeError, match="lists 2 channels but the net input has 3"):
+        pp.Preprocess(channel_swap=(1, 0)).transformer("data", (1, 3, 2, 3))
+    # Orders that fit are applied: (1, 2, 0) puts G, B, R in channels 0, 1, 2.
+    out = pp.Preprocess(channel_swap=(1, 2, 0)).finish(x)
+    np.testing.assert_array_equal(out, x.transpose(2, 0, 1)[[1, 2, 0]])
+    # The default RGB -> BGR swap leaves a gray (1-channel) input as it is; another length is refused.
+    gray = x[:, :, :1]
+    np.testing.assert_array_equal(pp.Preprocess().finish(gray), gray.transpose(2, 0, 1))
+    with pytest.raises(ShapeError, match="lists 2 channels but the net input has 1"):
+        pp.Preprocess(channel_swap=(1, 0)).finish(gray)
+
+
+def test_non_finite_numbers_are_refused():
+    for field in ("scale", "raw_scale"):
+        with pytest.raises(CaffeishError, match=f"{field} must be a finite number"):
+            pp.Preprocess(**{field: float("nan")})
+    with pytest.raises(CaffeishError, match="--mean-value: the mean holds NaN"):
+        pp.from_args(_args("--mean-value", "1,nan,3"))
+    for option in ("--scale", "--raw-scale"):
+        with pytest.raises(SystemExit):
+            _args(option, "inf")
+    with pytest.raises(CaffeishError, match="channel swap 0,0,5 is not a permutation"):
+        pp.from_args(_args("--channel-swap", "0,0,5"))

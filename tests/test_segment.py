@@ -265,3 +265,78 @@ def test_cli_tiles_give_the_untiled_pictures(files):
     whole_scores = np.load(tmp / "whole" / "a.npy")
     np.testing.assert_allclose(np.load(tmp / "tiled" / "a.npy"), whole_scores,
                                atol=1e-5 * np.abs(whole_scores).max())
+
+
+# 300 classes from one 1x1 Convolution: score_c = c * A * t - c^2 / 2 on the first channel's value t
+# peaks at the class c nearest A * t, so the classes of a gray picture are known by hand.
+CLASSES_300 = """
+name: "c300"
+layer { name: "input" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 1 dim: 5 } } }
+layer { name: "score" type: "Convolution" bottom: "data" top: "score"
+  convolution_param { num_output: 300 kernel_size: 1 } }
+"""
+A = 299.0 / 255.0
+
+
+def test_more_than_256_classes_give_a_16_bit_index_png_an_overlay_and_scores(tmp_path, capsys):
+    net = caffeish.Net(parse_text(CLASSES_300, pb.NetParameter()))
+    c = np.arange(300, dtype=np.float32)
+    net.params["score"][0].data[...] = 0
+    net.params["score"][0].data[:, 0, 0, 0] = c * np.float32(A)
+    net.params["score"][1].data[...] = -c * c / 2
+    net.save(str(tmp_path / "c300.caffemodel"))
+    (tmp_path / "c300.prototxt").write_text(CLASSES_300)
+    t = np.array([0, 10, 100, 250, 255], np.uint8)
+    want = np.array([[0, 12, 117, 293, 299]])  # round(A * t): 0, 11.73, 117.25, 293.14, 299
+    Image.fromarray(np.repeat(t.reshape(1, 5, 1), 3, axis=2)).save(tmp_path / "gray.png")
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "c300.prototxt"), str(tmp_path / "c300.caffemodel"),
+                 str(tmp_path / "gray.png"), "-o", str(out), "--npy", "--overlay", "0.5"]) == 0
+    captured = capsys.readouterr()
+    assert "the net scores 300 classes" in captured.err and "16-bit gray" in captured.err
+    assert sorted(os.listdir(out)) == ["gray.npy", "gray.png", "gray_overlay.png"]
+    with Image.open(out / "gray.png") as png:
+        assert png.mode.startswith("I") and png.size == (5, 1)
+        np.testing.assert_array_equal(np.asarray(png), want)
+    scores = np.load(out / "gray.npy")
+    assert scores.shape == (300, 1, 5)
+    np.testing.assert_array_equal(scores.argmax(axis=0), want)
+    # The overlay's colors: the PASCAL scheme continued past 256 (its first 256 colors are VOC's).
+    colors = palettes.pascal_palette(300)
+    np.testing.assert_array_equal(colors[:256], palettes.pascal_palette())
+    assert len({tuple(x) for x in colors}) == 300
+    with Image.open(out / "gray_overlay.png") as over:
+        blended = np.asarray(over.convert("RGB")).astype(int)
+    expected = np.rint(t.reshape(1, 5, 1) * 0.5 + colors[want] * 0.5)
+    assert np.abs(blended - expected).max() <= 1
+    # The Python API gives the same picture.
+    seg = caffeish.segment(net, str(tmp_path / "gray.png"))
+    assert seg.label_image().mode == "I;16" and seg.colors.shape == (300, 3)
+    np.testing.assert_array_equal(np.asarray(seg.label_image()), want)
+
+
+@pytest.mark.parametrize("option, value, message, code", [
+    ("--seed", "-1", "argument --seed: must be at least 0, got -1", 2),  # was numpy's ValueError traceback
+    ("--overlay", "nan", "argument --overlay: expected a finite number, got 'nan'", 2),
+    ("--max-memory", "-5", "memory size: expected a positive size such as 4G or 512M, got '-5'", 1),  # math error
+    ("--max-memory", "0", "expected a positive size", 1),
+    ("--max-memory", "nan", "expected a positive size", 1),
+    ("--max-memory", "inf", "expected a positive size", 1),
+])
+def test_cli_refuses_out_of_range_numbers(files, option, value, message, code, capsys):
+    tmp, folder, _ = files
+    argv = ["segment", str(tmp / "fcn.prototxt"), "none", str(folder / "a.png"), "-o", str(tmp / "out"),
+            f"{option}={value}"]
+    if code == 2:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+    else:
+        assert main(argv) == 1
+    assert message in capsys.readouterr().err and not (tmp / "out").exists()
+
+
+def test_channel_swap_of_the_wrong_length_is_refused(net, files):
+    _, folder, _ = files
+    with pytest.raises(ShapeError, match="channel swap 1,0 lists 2 channels but the net input has 3"):
+        caffeish.segment(net, str(folder / "a.png"), preprocess=Preprocess(channel_swap=(1, 0)))

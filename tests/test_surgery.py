@@ -369,3 +369,79 @@ def test_cli_transplant_and_bilinear(tmp_path, capsys):
     stored = io.read_caffemodel(up).arrays()
     assert np.array_equal(stored["upscore_21classes"][0], surgery.bilinear_weights((21, 1, 63, 63)))
     assert np.array_equal(stored["fc6"][0], io.read_caffemodel(out).arrays()["fc6"][0])
+
+
+def _snapshot(folder):
+    return {name: digest(folder / name) if (folder / name).is_file() else os.listdir(folder / name)
+            for name in sorted(os.listdir(folder))}
+
+
+@pytest.fixture()
+def classifier_copy(tmp_path):
+    """alexnet_tiny's prototxt and caffemodel copied into tmp_path (cls.prototxt, cls.caffemodel)."""
+    for src, name in ((golden("alexnet_tiny", "net.prototxt"), "cls.prototxt"),
+                      (golden("alexnet_tiny", "weights.caffemodel"), "cls.caffemodel")):
+        (tmp_path / name).write_bytes(open(src, "rb").read())
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv, message", [
+    # The audit's cases: an input named as the first output; the second output would have been written first.
+    (["convolutionalize", "cls.prototxt", "cls.caffemodel", "-o", "cls.prototxt", "new.caffemodel"],
+     "refusing to overwrite an input"),
+    (["fcn", "cls.prototxt", "cls.caffemodel", "--classes", "3", "-o", "fcnA.prototxt", "fcnA.caffemodel",
+      "--train-val", "cls.prototxt"], "refusing to overwrite an input"),
+    (["fcn", "cls.prototxt", "cls.caffemodel", "--classes", "3", "-o", "fcnA.prototxt", "cls.caffemodel"],
+     "refusing to overwrite an input"),
+    # Two outputs naming one file (also through another spelling of the path).
+    (["convolutionalize", "cls.prototxt", "cls.caffemodel", "-o", "a.prototxt", "./a.prototxt"],
+     "two outputs are the same file"),
+    (["fcn", "cls.prototxt", "cls.caffemodel", "--classes", "3", "-o", "f.prototxt", "x.caffemodel",
+      "--train-val", "x.caffemodel"], "two outputs are the same file"),
+    (["transplant", "cls.prototxt", "cls.caffemodel", "cls.prototxt", "-o", "cls.caffemodel"],
+     "refusing to overwrite an input"),
+    (["bilinear", "cls.prototxt", "cls.caffemodel", "-o", "cls.caffemodel"], "refusing to overwrite an input"),
+    # A folder or a missing folder as an output: refused before the first file is staged.
+    (["convolutionalize", "cls.prototxt", "cls.caffemodel", "-o", "sub"], "sub: is a folder"),
+    (["fcn", "cls.prototxt", "cls.caffemodel", "--classes", "3", "-o", "f.prototxt", "--train-val",
+      "missing/tv.prototxt"], "does not exist"),
+])
+def test_cli_refused_output_writes_nothing(classifier_copy, argv, message, capsys, monkeypatch):
+    monkeypatch.chdir(classifier_copy)
+    (classifier_copy / "sub").mkdir()
+    before = _snapshot(classifier_copy)
+    assert main(["surgery"] + argv + ["--no-verify"] * (argv[0] in ("convolutionalize", "fcn"))) == 1
+    err = capsys.readouterr().err
+    assert message in err and "nothing was written" in err
+    assert _snapshot(classifier_copy) == before  # no new file, no temp file, inputs unchanged
+
+
+def test_write_all_is_all_or_nothing(tmp_path):
+    from caffeish.tools import surgery as tool
+
+    def failing():
+        yield b"partial "
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        tool.write_all([(str(tmp_path / "a.prototxt"), [b"name: 'a'\n"]),
+                        (str(tmp_path / "b.caffemodel"), failing())], inputs=[])
+    assert os.listdir(tmp_path) == []  # the complete first file was not renamed into place; temps removed
+    tool.write_all([(str(tmp_path / "a.prototxt"), [b"name: 'a'\n"]), (str(tmp_path / "b"), [b"x", b"y"])], [])
+    assert sorted(os.listdir(tmp_path)) == ["a.prototxt", "b"] and (tmp_path / "b").read_bytes() == b"xy"
+
+
+@pytest.mark.parametrize("op", ["convolutionalize", "transplant", "fcn"])
+def test_negative_seed_is_refused(classifier_copy, op, capsys, monkeypatch):
+    monkeypatch.chdir(classifier_copy)
+    argv = {"convolutionalize": ["cls.prototxt", "cls.caffemodel", "-o", "o.prototxt"],
+            "transplant": ["cls.prototxt", "cls.caffemodel", "cls.prototxt", "-o", "o.caffemodel"],
+            "fcn": ["cls.prototxt", "--classes", "3", "-o", "o.prototxt"]}[op]
+    with pytest.raises(SystemExit) as e:
+        main(["surgery", op] + argv + ["--seed", "-1"])
+    assert e.value.code == 2 and "argument --seed: must be at least 0, got -1" in capsys.readouterr().err
+    # The Python API: a CaffeishError, not numpy's ValueError.
+    with pytest.raises(CaffeishError, match="seed must be a non-negative integer, got -1"):
+        surgery.convolutionalize("cls.prototxt", seed=-1)
+    with pytest.raises(CaffeishError, match="seed must be a non-negative integer"):
+        surgery.transplant("cls.prototxt", "cls.caffemodel", "cls.prototxt", seed=-2)

@@ -233,3 +233,55 @@ def test_cli_fcn_writes_three_files(tmp_path, capsys):
     assert net.forward(data=np.ones((1, 3, 50, 70), np.float32))["score"].shape == (1, 21, 50, 70)
     tv = io.read_net(tmp_path / "fcn.train_val.prototxt")
     assert tv.layer[0].data_param.source == str(tmp_path / "ds" / "train_db" / "features")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--upscore-kernel", "0", "must be at least 1, got 0"),  # was silently taken as 'not given'
+    ("--upscore-kernel", "-3", "must be at least 1, got -3"),
+    ("--pad", "-5", "must be at least 0, got -5"),  # was protobuf's ValueError traceback
+    ("--batch-size", "0", "must be at least 1, got 0"),  # was reported as an --input-shape the user never gave
+    ("--classes", "0", "must be at least 1, got 0"),
+    ("--classes", "4294967296", "must be at most 4294967295"),  # num_output is a uint32
+    ("--pad", "x", "expected an integer, got 'x'"),
+])
+def test_cli_refuses_out_of_range_numbers_by_name(option, value, message, tmp_path, capsys):
+    argv = ["surgery", "fcn", str(golden("alexnet_tiny", "net.prototxt")), "--classes", "3",
+            "-o", str(tmp_path / "f.prototxt"), option, value]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {option}: {message}" in err and "--input-shape data=" not in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_ignore_label_out_of_int32_is_an_error(tmp_path, capsys):
+    argv = ["surgery", "fcn", str(golden("alexnet_tiny", "net.prototxt")), "--classes", "3",
+            "-o", str(tmp_path / "f.prototxt"), "--ignore-label", "99999999999", "--no-verify"]
+    assert main(argv) == 1
+    assert "--ignore-label 99999999999: Caffe's ignore_label is a 32-bit integer" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"upscore_kernel": 0}, "--upscore-kernel must be at least 1, got 0"),
+    ({"pad": -5}, r"--pad \(the first Convolution's pad\) must be at least 0, got -5"),
+    ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),
+    ({"batch_size": 2.5}, "--batch-size must be a whole number, got 2.5"),
+    ({"classes": -1}, "--classes must be at least 1, got -1"),
+    ({"ignore_label": 2**31}, "--ignore-label must be at most 2147483647"),
+    ({"seed": -1}, "seed must be a non-negative integer, got -1"),
+])
+def test_api_refuses_out_of_range_numbers(kwargs, message):
+    with pytest.raises(CaffeishError, match=message):
+        build_fcn(golden("alexnet_tiny", "net.prototxt"), **dict({"classes": 3, "verify": False}, **kwargs))
+
+
+def test_upscore_kernel_given_is_used_not_ignored():
+    src = golden("alexnet_tiny", "net.prototxt")
+    default = build_fcn(src, classes=3, verify=False)
+    assert default.stride == 32 and default.offsets == {"score": 18}  # kernel 63 (AlexNet's)
+    # A kernel two taps shorter centres the upsampled map one pixel earlier: offset 17.
+    chosen = build_fcn(src, classes=3, verify=False, upscore_kernel=61)
+    assert chosen.deploy.layer[-2].convolution_param.kernel_size[:] == [61] and chosen.offsets == {"score": 17}
+    with pytest.raises(ShapeError, match="kernel 1: .*negative offset"):  # 1 is taken, not read as 'not given'
+        build_fcn(src, classes=3, verify=False, upscore_kernel=1)

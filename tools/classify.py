@@ -19,7 +19,7 @@ import sys
 from caffeish import palette, preprocess, progress, report
 from caffeish.errors import CaffeishError
 from caffeish.inference import Classifier, find_images, open_net, top_classes
-from caffeish.options import add_gpu_option, device_from_args
+from caffeish.options import add_gpu_option, device_from_args, finite_float, int_arg
 
 FORMATS = ("table", "json", "csv")
 
@@ -29,14 +29,16 @@ def add_arguments(p):
     p.add_argument("weights", metavar="WEIGHTS", help="caffemodel, or 'none' for the layers' fillers (--seed)")
     p.add_argument("images", metavar="IMAGE|DIR", nargs="+", help="image files and folders of images")
     p.add_argument("--labels", metavar="FILE", help="class names, one per line (synset_words.txt, labels.txt)")
-    p.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--top-k", type=int_arg(1), default=5, help="classes shown per image (default 5)")
+    p.add_argument("--batch-size", type=int_arg(1), default=16,
+                   help="images per forward pass (default 16)")
     p.add_argument("--format", choices=FORMATS, default="table",
                    help="table, json (JSON Lines: one object per image) or csv (default table)")
     p.add_argument("--blob", help="output blob to read (default: the last Softmax's top)")
     p.add_argument("--oversample", action="store_true",
                    help="average the 10 crops (corners, centre, mirrored) as Caffe's classify.py")
-    p.add_argument("--seed", type=int, default=0, help="filler seed when WEIGHTS is 'none'")
+    p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=0,
+                   help="filler seed when WEIGHTS is 'none'")
     preprocess.add_arguments(p)
     add_gpu_option(p)
 
@@ -95,8 +97,6 @@ def run(args):
         print(f"caffeish classify: note: {note}", file=sys.stderr)
     if not images:
         raise CaffeishError("no images to classify in " + ", ".join(args.images))
-    if args.top_k < 1 or args.batch_size < 1:
-        raise CaffeishError("--top-k and --batch-size must be at least 1")
     labels = palette.read_labels(args.labels) if args.labels else None
     spec = preprocess.from_args(args)
     weights = None if args.weights.lower() == "none" else args.weights

@@ -8,13 +8,15 @@ For each image the net is reshaped to the image's size, run forward, and the
 argmax over the score blob's channels (the last Softmax, else 'score', else
 the output of the input's size; or --blob) gives each pixel's class.  Written
 to OUTDIR, mirroring the folders given:
-  NAME.png          mode P PNG of class indices, colored by the palette
+  NAME.png          mode P PNG of class indices, colored by the palette (beyond
+                    256 classes: a 16-bit gray PNG of the indices)
   NAME_overlay.png  the image blended with the class colors (--legend adds the
                     classes present, with their names and shares)
   NAME.npy          the raw scores, C x H x W float32 (--npy)
-Palettes: PASCAL VOC's, a DIGITS color-map file (one 'R G B' line per class) or
-a dataset folder's palette.txt (and labels.txt).  Images whose blobs would
-pass --max-memory are run in tiles that give exactly the untiled classes.
+Palettes: PASCAL VOC's (its scheme continued past 256 classes), a DIGITS
+color-map file (one 'R G B' line per class) or a dataset folder's palette.txt
+(and labels.txt).  Images whose blobs would pass --max-memory are run in tiles
+that give exactly the untiled classes.
 Everything is written to a temporary folder first and moved into OUTDIR at the
 end, so OUTDIR never holds a half-written run; input files are never replaced.
 An unreadable image is named on stderr, the others go on, and the exit status
@@ -32,8 +34,9 @@ import numpy as np
 from caffeish import palette as palettes
 from caffeish import preprocess, progress, report
 from caffeish.errors import CaffeishError
-from caffeish.inference import DEFAULT_MAX_MEMORY, Segmenter, class_map, find_images, open_net
-from caffeish.options import add_gpu_option, device_from_args
+from caffeish.inference import (DEFAULT_MAX_MEMORY, PALETTE_PNG_CLASSES, Segmenter, class_colors, class_map,
+                                find_images, label_picture, open_net)
+from caffeish.options import add_gpu_option, device_from_args, finite_float, int_arg
 from caffeish.report import FORMATS
 
 STAGES = ("decode", "preprocess", "forward", "argmax", "write")
@@ -47,7 +50,7 @@ def add_arguments(p):
     p.add_argument("--palette", default="pascal", metavar="pascal|FILE|DATASET",
                    help="class colors: 'pascal' (default), a DIGITS color-map file, or a dataset folder")
     p.add_argument("--labels", metavar="FILE", help="class names, one per line (default: the dataset's)")
-    p.add_argument("--overlay", type=float, default=0.6, metavar="ALPHA",
+    p.add_argument("--overlay", type=finite_float, default=0.6, metavar="ALPHA",
                    help="opacity of the class colors in NAME_overlay.png (default 0.6; 0: no overlay)")
     p.add_argument("--legend", action="store_true", help="add a legend of the classes present to the overlay")
     p.add_argument("--npy", action="store_true", help="also write the raw scores as NAME.npy (C x H x W)")
@@ -56,7 +59,8 @@ def add_arguments(p):
     p.add_argument("--tile", metavar="HxW", help="run in tiles of HxW input pixels (same result as untiled)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help=f"tile images whose blobs would pass SIZE (default {DEFAULT_MAX_MEMORY >> 30}G)")
-    p.add_argument("--seed", type=int, default=0, help="filler seed when WEIGHTS is 'none'")
+    p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=0,
+                   help="filler seed when WEIGHTS is 'none'")
     p.add_argument("--timings", action="store_true",
                    help="print the time spent in decode, preprocess, forward, argmax and write on stderr")
     p.add_argument("--format", choices=FORMATS, default="table", help="summary format (default table)")
@@ -167,17 +171,15 @@ def segment_images(seg, images, outdir, colors_spec="pascal", labels=None, overl
             clock.lap("argmax")
             n_classes = seg.n_classes
             if colors is None:
-                colors = palettes.colors_for(base_colors, n_classes,
-                                             "the PASCAL palette" if colors_spec == "pascal" else colors_spec)
+                colors = class_colors(colors_spec, base_colors, n_classes)
+                if n_classes > PALETTE_PNG_CLASSES:
+                    warn(f"caffeish segment: note: the net scores {n_classes} classes, more than a palette "
+                         f"PNG's {PALETTE_PNG_CLASSES}: NAME.png holds the class indices as 16-bit gray "
+                         "(mode I;16, no colors); the overlay shows them in color")
             names = plan[path]
             for n in names:
                 os.makedirs(os.path.dirname(os.path.join(stage, n)), exist_ok=True)
-            if classes.dtype == np.uint8:
-                _save_png(palettes.label_image(classes, colors), os.path.join(stage, names[0]))
-            else:  # more than 256 classes: 16-bit gray indices
-                from PIL import Image
-
-                Image.fromarray(classes.astype(np.uint16)).save(os.path.join(stage, names[0]))
+            _save_png(label_picture(classes, colors), os.path.join(stage, names[0]))
             if overlay > 0:
                 img = palettes.overlay_image(shown, classes, colors, overlay, labels, legend)
                 _save_png(img, os.path.join(stage, names[1]))

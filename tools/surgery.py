@@ -30,14 +30,23 @@ fcn: a segmentation FCN from a classifier (pad the first convolution,
 convolutionalize, K-way score_fr, bilinear upscore with stride = the net's
 stride, Crop with the computed offset; --skip for FCN-16s/8s), written as a
 deploy net, a train/val net reading DATASET/train_db and val_db, and weights.
+
+Outputs: every output path is checked against every input and against the
+other outputs before anything is computed; the files are then staged as
+temporary files beside their destinations and renamed into place together at
+the end, so a refused or failed run leaves no new file behind.
 """
+import contextlib
 import os
 
-from caffeish import io, report
+from caffeish import io, report, wire
 from caffeish.errors import CaffeishError
 from caffeish.options import input_shape_arg
 from caffeish import surgery
-from caffeish.surgery_fcn import build_fcn, default_train_val_path
+from caffeish.options import int_arg
+from caffeish.surgery_fcn import INT32_MAX, UINT32_MAX, build_fcn, default_train_val_path
+
+SEED = int_arg(0, 2**32 - 1)  # numpy's seeds are non-negative
 
 
 def _common(p, shapes_help="shape of an input blob at the classifier's size, e.g. data=1,3,227,227 (repeatable)"):
@@ -56,7 +65,7 @@ def add_arguments(p):
     c.add_argument("-o", "--output", nargs="+", required=True, metavar="OUT",
                    help="OUT.prototxt [OUT.caffemodel] (the caffemodel defaults to OUT's name with .caffemodel)")
     c.add_argument("--no-verify", action="store_true", help="skip the equivalence check (faster)")
-    c.add_argument("--seed", type=int, default=0, help="seed of the random check input (default 0)")
+    c.add_argument("--seed", type=SEED, default=0, help="seed of the random check input (default 0)")
     _common(c)
 
     t = sub.add_parser("transplant", help="copy parameters by layer name, reshaping fc -> conv")
@@ -68,7 +77,7 @@ def add_arguments(p):
                    help="copy source layer OLD into destination layer NEW (repeatable)")
     t.add_argument("--allow-partial", action="store_true",
                    help="skip blobs whose element counts differ (they keep their fillers) instead of stopping")
-    t.add_argument("--seed", type=int, default=0, help="seed of the random fillers (default 0)")
+    t.add_argument("--seed", type=SEED, default=0, help="seed of the random fillers (default 0)")
     _common(t, "shape of a destination input blob (repeatable)")
 
     b = sub.add_parser("bilinear", help="bilinear upsampling weights for Deconvolution layers")
@@ -85,13 +94,15 @@ def add_arguments(p):
     f = sub.add_parser("fcn", help="build a segmentation FCN (deploy + train/val + weights) from a classifier")
     f.add_argument("net", help="classifier prototxt (deploy)")
     f.add_argument("weights", nargs="?", help="classifier caffemodel (without it only the nets are written)")
-    f.add_argument("--classes", type=int, required=True, metavar="K", help="number of segmentation classes")
+    f.add_argument("--classes", type=int_arg(1, UINT32_MAX), required=True, metavar="K",
+                   help="number of segmentation classes")
     f.add_argument("-o", "--output", nargs="+", required=True, metavar="OUT",
                    help="OUT.prototxt (deploy) [OUT.caffemodel]")
     f.add_argument("--skip", default="", metavar="POOLS",
                    help="pool blobs to fuse, comma-separated (FCN-16s: pool4; FCN-8s: pool4,pool3)")
-    f.add_argument("--pad", type=int, default=100, help="pad of the first Convolution (default 100)")
-    f.add_argument("--upscore-kernel", type=int, default=None, metavar="K",
+    f.add_argument("--pad", type=int_arg(0, UINT32_MAX), default=100,
+                   help="pad of the first Convolution (default 100)")
+    f.add_argument("--upscore-kernel", type=int_arg(1, UINT32_MAX), default=None, metavar="K",
                    help="kernel of the final upsampling (default 2S or 2S-1, whichever gives a whole crop offset)")
     f.add_argument("--keep-classes", action="store_true",
                    help="keep the classifier's weights for its first classes and add the new ones (expand_score)")
@@ -99,12 +110,12 @@ def add_arguments(p):
                    help="dataset folder the train/val net reads (DIR/train_db/features, ...; see caffeish dataset)")
     f.add_argument("--train-val", default=None, metavar="PATH",
                    help="train/val prototxt path (default: beside OUT, 'deploy' -> 'train_val')")
-    f.add_argument("--batch-size", type=int, default=1, help="train/val batch size (default 1)")
+    f.add_argument("--batch-size", type=int_arg(1, UINT32_MAX), default=1, help="train/val batch size (default 1)")
     f.add_argument("--ignore-label", default="255", metavar="N|none",
                    help="label ignored by the loss and accuracy (default 255; 'none' for none)")
     f.add_argument("--no-mean", action="store_true", help="no mean_file in the train/val Data layers")
     f.add_argument("--no-verify", action="store_true", help="skip the convolutionalize equivalence check")
-    f.add_argument("--seed", type=int, default=0, help="seed of the random initialisations (default 0)")
+    f.add_argument("--seed", type=SEED, default=0, help="seed of the random initialisations (default 0)")
     _common(f)
 
 
@@ -156,14 +167,72 @@ def _inputs(*paths):
     return [p for p in paths if p]
 
 
+def _same_file(a, b):
+    """Whether two paths name one file (symlinks and hard links included; b may not exist yet)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_outputs(outputs, inputs):
+    """Refuse, before anything is written, an output that is an input or that another output also names,
+    a folder, or a path whose folder does not exist."""
+    outputs = [os.fspath(o) for o in outputs if o]
+    for i, out in enumerate(outputs):
+        if os.path.isdir(out):
+            raise CaffeishError(f"{out}: is a folder; give a file path for this output (nothing was written)")
+        folder = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(folder):
+            raise CaffeishError(f"{out}: the folder {folder} does not exist (nothing was written)")
+        for src in inputs:
+            if src and _same_file(out, src):
+                raise CaffeishError(f"{out}: refusing to overwrite an input file ({src}); choose another "
+                                    "output path (nothing was written)")
+        for other in outputs[:i]:
+            if _same_file(out, other):
+                raise CaffeishError(f"two outputs are the same file '{out}'"
+                                    + ("" if out == other else f" (also given as '{other}')")
+                                    + "; give each output its own path (nothing was written)")
+
+
+def prototxt_file(path, net):
+    """(path, bytes chunks) of a text NetParameter, for write_all."""
+    return path, [io.format_prototxt(net).encode("utf-8")]
+
+
+def caffemodel_file(path, net, blobs):
+    """(path, bytes chunks) of a binary NetParameter with its blobs, for write_all."""
+    chunks = io.model_chunks(net, blobs)
+    total = wire.chunks_size(chunks)
+    if total > io.MAX_BINARY_BYTES:
+        raise CaffeishError(f"{path}: the model would be {total} bytes, over Caffe's 2 GB limit")
+    return path, chunks
+
+
+def write_all(files, inputs):
+    """Write [(path, chunks)] all or nothing: checked first, each staged as a temp file beside its
+    destination, and renamed into place only once every file is complete (a failure removes the temps)."""
+    check_outputs([path for path, _ in files], inputs)
+    with contextlib.ExitStack() as stack:
+        for path, chunks in files:
+            f = stack.enter_context(io.atomic_output(path, inputs))
+            for c in chunks:
+                f.write(c)
+
+
 def run_convolutionalize(args):
     proto_out, model_out = _outputs(args, args.weights is not None, "input")
+    inputs = _inputs(args.net, args.weights)
+    check_outputs([proto_out, model_out], inputs)
     net, blobs, rep = surgery.convolutionalize(args.net, args.weights, input_shapes=_shapes(args),
                                                verify=not args.no_verify, seed=args.seed)
-    inputs = _inputs(args.net, args.weights)
+    files = [prototxt_file(proto_out, net)]
     if model_out:
-        io.write_caffemodel(model_out, net, blobs, inputs=inputs)
-    io.write_prototxt(proto_out, net, inputs=inputs)
+        files.append(caffemodel_file(model_out, net, blobs))
+    write_all(files, inputs)
     _print_report(rep, args.format, totals={"layer": "total (net)", "params": rep.params_after})
     _print_checks(rep, args.format)
     if _human(args.format):
@@ -173,10 +242,12 @@ def run_convolutionalize(args):
 
 def run_transplant(args):
     mapping = surgery.parse_map(args.map)
+    inputs = _inputs(args.src_net, args.src_weights, args.dst_net)
+    check_outputs([args.output], inputs)
     net, blobs, rep = surgery.transplant(args.src_net, args.src_weights, args.dst_net, mapping=mapping,
                                          allow_partial=args.allow_partial, input_shapes=_shapes(args),
                                          seed=args.seed)
-    io.write_caffemodel(args.output, net, blobs, inputs=_inputs(args.src_net, args.src_weights, args.dst_net))
+    write_all([caffemodel_file(args.output, net, blobs)], inputs)
     _print_report(rep, args.format)
     if _human(args.format):
         print(f"wrote {args.output}")
@@ -185,9 +256,11 @@ def run_transplant(args):
 
 def run_bilinear(args):
     patterns = [p.strip() for item in args.layers for p in item.split(",") if p.strip()]
+    inputs = _inputs(args.net, args.weights)
+    check_outputs([args.output], inputs)
     net, blobs, rep = surgery.bilinear(args.net, args.weights, layers=patterns or None, form=args.form,
                                        input_shapes=_shapes(args))
-    io.write_caffemodel(args.output, net, blobs, inputs=_inputs(args.net, args.weights))
+    write_all([caffemodel_file(args.output, net, blobs)], inputs)
     _print_report(rep, args.format)
     if _human(args.format):
         print(f"wrote {args.output}")
@@ -198,16 +271,22 @@ def _ignore_label(text):
     if str(text).lower() == "none":
         return None
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise CaffeishError(f"--ignore-label expects an integer or 'none', got '{text}'") from None
+    if not -INT32_MAX - 1 <= value <= INT32_MAX:
+        raise CaffeishError(f"--ignore-label {value}: Caffe's ignore_label is a 32-bit integer")
+    return value
 
 
 def run_fcn(args):
     proto_out, model_out = _outputs(args, args.weights is not None, "classifier")
     train_val_out = args.train_val or default_train_val_path(proto_out)
-    if os.path.abspath(train_val_out) == os.path.abspath(proto_out):
-        raise CaffeishError(f"the train/val net would overwrite the deploy net '{proto_out}'; give --train-val")
+    if _same_file(train_val_out, proto_out):
+        raise CaffeishError(f"the train/val net would overwrite the deploy net '{proto_out}'; give --train-val "
+                            "(nothing was written)")
+    inputs = _inputs(args.net, args.weights)
+    check_outputs([proto_out, train_val_out, model_out], inputs)
     dataset = os.path.abspath(args.dataset) if args.dataset else None
     skips = [s for s in args.skip.split(",") if s.strip()]
     fcn = build_fcn(args.net, args.weights, classes=args.classes, skips=skips, pad=args.pad,
@@ -215,11 +294,10 @@ def run_fcn(args):
                     input_shapes=_shapes(args), verify=not args.no_verify, dataset=dataset,
                     mean_file=None if args.no_mean else "auto", batch_size=args.batch_size,
                     ignore_label=_ignore_label(args.ignore_label), seed=args.seed)
-    inputs = _inputs(args.net, args.weights)
+    files = [prototxt_file(proto_out, fcn.deploy), prototxt_file(train_val_out, fcn.train_val)]
     if model_out:
-        io.write_caffemodel(model_out, fcn.deploy, fcn.blobs, inputs=inputs)
-    io.write_prototxt(proto_out, fcn.deploy, inputs=inputs)
-    io.write_prototxt(train_val_out, fcn.train_val, inputs=inputs)
+        files.append(caffemodel_file(model_out, fcn.deploy, fcn.blobs))
+    write_all(files, inputs)
     if fcn.conv_report is not None and _human(args.format):
         _print_checks(fcn.conv_report, args.format)
         for note in fcn.conv_report.notes:
