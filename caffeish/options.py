@@ -1,4 +1,4 @@
-"""Command-line options shared by the tools that build a net's graph (summary, offsets)."""
+"""Command-line options and argparse types shared by the tools (net state, input shapes, --gpu, ranges)."""
 import argparse
 import math
 
