@@ -21,7 +21,9 @@ mirror (it cannot reproduce Caffe's random draws) and warns once.
 BGR / 1-channel grey); raw Datums are used as stored.
 
 `resize_linear` is OpenCV's cv::resize INTER_LINEAR (pixel centres aligned,
-edges replicated), which Caffe's ImageData layer uses for new_height/new_width.
+edges replicated, uint8 in OpenCV's fixed point, bit-exact), which Caffe's
+ImageData layer (new_height/new_width) and convert_imageset use;
+`resize_nearest` is cv::resize INTER_NEAREST, for label images.
 """
 import os
 import warnings
@@ -136,33 +138,98 @@ class DataTransformer:
         return x
 
 
-def resize_linear(array, height, width):
-    """Resize an H x W (x C) uint8 image as OpenCV's cv::resize(INTER_LINEAR) does.
+# OpenCV's fixed-point bilinear weights: 11 bits (INTER_RESIZE_COEF_BITS).
+COEF_BITS = 11
+COEF_SCALE = 1 << COEF_BITS
 
-    Source coordinates are (dst + 0.5) * in / out - 0.5, clamped to the image
-    (edge pixels repeat).  OpenCV weights in 11-bit fixed point; this computes
-    in float and rounds, so a value can differ from OpenCV's by 1.
+
+def _scale(n_in, n_out):
+    """OpenCV's source step: 1 / inv_scale with inv_scale = out / in (both in double, as cv::resize)."""
+    return 1.0 / (n_out / n_in)
+
+
+def linear_taps(n_in, n_out, clamp_weights):
+    """Along one axis: (first source index, second source index, weight0, weight1) per output index.
+
+    OpenCV computes f = (float)((d + 0.5) * scale - 0.5) in single precision,
+    s = floor(f), f -= s; the weights are (1 - f, f).  Across a row
+    (`clamp_weights`) an index left of the image becomes s = 0, f = 0 and one
+    at or past the last pixel s = n - 1, f = 0.  Down the columns the weights
+    are not clamped: only the row indices are (so a border row is a weighted
+    sum of one row with itself, which fixed point rounds differently).
+    """
+    f = ((np.arange(n_out, dtype=np.float64) + 0.5) * _scale(n_in, n_out) - 0.5).astype(np.float32)
+    s = np.floor(f)
+    f = f - s
+    s = s.astype(np.int64)
+    if clamp_weights:
+        low = s < 0
+        f[low], s[low] = 0, 0
+        high = s >= n_in - 1
+        f[high], s[high] = 0, n_in - 1
+    w0 = np.float32(1) - f
+    return np.clip(s, 0, n_in - 1), np.clip(s + 1, 0, n_in - 1), w0, f
+
+
+def _is_half_size(n_in, n_out):
+    """OpenCV's 'area fast' test for a factor of exactly 2 (scale within DBL_EPSILON of the integer 2)."""
+    scale = _scale(n_in, n_out)
+    return abs(scale - 2) < np.finfo(np.float64).eps
+
+
+def resize_linear(array, height, width):
+    """Resize an H x W (x C) image as OpenCV's cv::resize(INTER_LINEAR) does, bit for bit on uint8.
+
+    This is what Caffe's ImageData layer (new_height / new_width) and
+    convert_imageset (--resize_height / --resize_width) do to each image.
+    For uint8 OpenCV works in fixed point: weights w = round(weight * 2048);
+    a row pass gives integers h = p0 * wx0 + p1 * wx1; the column pass gives
+    ((wy0 * (h0 >> 4)) >> 16) + ((wy1 * (h1 >> 4)) >> 16), then (v + 2) >> 2.
+    Halving both sides of a 2-channel image goes through INTER_AREA, which
+    rounds the 2 x 2 mean half to even.  Float images are interpolated in
+    float32 with the same weights.  A same-size resize is a copy.
     """
     array = np.asarray(array)
     if height < 1 or width < 1:
         raise CaffeishError(f"cannot resize to {width}x{height}")
-    out = array.astype(np.float32)
-    for axis, n_out in ((0, height), (1, width)):
-        n_in = out.shape[axis]
-        if n_in == n_out:
-            continue
-        src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-        lo = np.floor(src)
-        frac = (src - lo).astype(np.float32)
-        lo = lo.astype(np.int64)
-        frac[lo < 0] = 0
-        frac[lo >= n_in - 1] = 0
-        lo = np.clip(lo, 0, n_in - 1)
-        hi = np.minimum(lo + 1, n_in - 1)
-        shape = [1] * out.ndim
-        shape[axis] = n_out
-        frac = frac.reshape(shape)
-        out = np.take(out, lo, axis=axis) * (1 - frac) + np.take(out, hi, axis=axis) * frac
-    if array.dtype == np.uint8:
-        return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
-    return out.astype(array.dtype)
+    if array.ndim not in (2, 3) or array.shape[0] < 1 or array.shape[1] < 1:
+        raise CaffeishError(f"cannot resize an image of shape {array.shape}; expected H x W or H x W x C")
+    n_h, n_w = array.shape[:2]
+    if (n_h, n_w) == (height, width):
+        return array.copy()
+    channel = (slice(None),) if array.ndim == 3 else ()
+    x0, x1, wx0, wx1 = linear_taps(n_w, width, True)
+    y0, y1, wy0, wy1 = linear_taps(n_h, height, False)
+    across = (np.newaxis, slice(None)) + (np.newaxis,) * len(channel)  # weights along W
+    down = (slice(None), np.newaxis) + (np.newaxis,) * len(channel)  # weights along H
+    if array.dtype != np.uint8:
+        x = array.astype(np.float32)
+        rows = x[:, x0] * wx0[across] + x[:, x1] * wx1[across]
+        return (rows[y0] * wy0[down] + rows[y1] * wy1[down]).astype(array.dtype)
+    if array.ndim == 3 and array.shape[2] == 2 and _is_half_size(n_h, height) and _is_half_size(n_w, width):
+        x = array.astype(np.int32)
+        total = x[0::2, 0::2] + x[0::2, 1::2] + x[1::2, 0::2] + x[1::2, 1::2]
+        return np.rint(total / 4).astype(np.uint8)
+    ax0, ax1 = (np.rint(w * COEF_SCALE).astype(np.int32) for w in (wx0, wx1))
+    by0, by1 = (np.rint(w * COEF_SCALE).astype(np.int32) for w in (wy0, wy1))
+    x = array.astype(np.int32)
+    rows = x[:, x0] * ax0[across] + x[:, x1] * ax1[across]
+    rows >>= 4
+    out = ((rows[y0] * by0[down]) >> 16) + ((rows[y1] * by1[down]) >> 16) + 2
+    out >>= 2
+    return out.astype(np.uint8)
+
+
+def resize_nearest(array, height, width):
+    """Resize an H x W (x C) array as OpenCV's cv::resize(INTER_NEAREST): no new values appear.
+
+    Output pixel d takes source index min(floor(d * scale), n - 1) with
+    scale = 1 / (out / in), per axis; labels keep their classes.
+    """
+    array = np.asarray(array)
+    if height < 1 or width < 1:
+        raise CaffeishError(f"cannot resize to {width}x{height}")
+    n_h, n_w = array.shape[:2]
+    ys = np.minimum(np.floor(np.arange(height) * _scale(n_h, height)).astype(np.int64), n_h - 1)
+    xs = np.minimum(np.floor(np.arange(width) * _scale(n_w, width)).astype(np.int64), n_w - 1)
+    return array[ys[:, np.newaxis], xs]

@@ -183,14 +183,6 @@ def test_transformer_refuses_conflicting_settings():
         DataTransformer(pb.TransformationParameter(crop_size=5))(np.zeros((1, 4, 8), np.uint8))
 
 
-def test_resize_linear_is_opencvs_half_pixel_rule():
-    # 1 x 2 -> 1 x 4: source x = (dst + 0.5) / 2 - 0.5 = -0.25, 0.25, 0.75, 1.25, clamped at the edges
-    out = resize_linear(np.array([[0, 100]], np.uint8), 1, 4)
-    assert out.tolist() == [[0, 25, 75, 100]]
-    out = resize_linear(np.array([[0, 100], [200, 40]], np.uint8), 1, 1)
-    assert out.tolist() == [[85]]  # the centre: mean of the four
-
-
 def test_image_data_reads_its_list_with_resize(tmp_path):
     rng = np.random.default_rng(6)
     pics = [rng.integers(0, 256, (4, 6, 3), dtype=np.uint8) for _ in range(3)]

@@ -127,13 +127,17 @@ def test_gray_labels_separate_val_folders_and_resize(tmp_path):
     build_segmentation(tmp_path / "a" / "images", tmp_path / "a" / "labels", out,
                        val_images=tmp_path / "b" / "images", val_labels=tmp_path / "b" / "labels",
                        resize=(10, 8))
-    with LmdbReader(out / "train_db" / "labels") as lab:
+    with LmdbReader(out / "train_db" / "labels") as lab, LmdbReader(out / "train_db" / "features") as feat:
         assert len(lab) == 3
         for key, stem in listing(out, "train"):
+            rgb, classes = pairs[stem]
             got = datum_array(lab.get(key))[0]
-            assert got.shape == (8, 10)
-            want = np.asarray(Image.fromarray(pairs[stem][1]).resize((10, 8), Image.NEAREST))
-            np.testing.assert_array_equal(got, want)
+            # cv::resize INTER_NEAREST halving 16x20: source index floor(2 * d), the top-left of each 2x2
+            np.testing.assert_array_equal(got, classes[0::2, 0::2])
+            # convert_imageset's INTER_LINEAR halving: each 2x2 block's sum, (sum + 2) >> 2
+            x = rgb.astype(np.int32)
+            want = (x[0::2, 0::2] + x[0::2, 1::2] + x[1::2, 0::2] + x[1::2, 1::2] + 2) >> 2
+            np.testing.assert_array_equal(datum_array(feat.get(key)), want[:, :, ::-1].transpose(2, 0, 1))
     with LmdbReader(out / "val_db" / "features") as f:
         assert len(f) == 2 and datum_array(f.first()[1]).shape == (3, 8, 10)
 
@@ -168,7 +172,7 @@ def test_error_when_palettes_differ(tmp_path):
     pal[3:6] = [9, 9, 9]
     img.putpalette(pal)
     img.save(tmp_path / "labels" / "img02.png")
-    run_fails(tmp_path, {}, r"img02.png: its palette differs from that of .*index 1: \(9, 9, 9\) vs \(128, 0, 0\)")
+    run_fails(tmp_path, {"val_fraction": 0}, r"img02.png: its palette differs from that of .*index 1: \(9, 9, 9\) vs \(128, 0, 0\)")
 
 
 def test_error_for_rgba_labels_with_real_transparency(tmp_path):
@@ -191,15 +195,96 @@ def test_error_for_rgb_labels_without_a_color_map_and_unpaired_images(tmp_path):
     run_fails(tmp_path, {}, r"1 image\(s\) .* have no label image .*img05.png")
 
 
-def test_existing_output_is_kept_unless_forced(tmp_path):
+def test_existing_output_is_kept_unless_forced_and_only_a_dataset_is_replaced(tmp_path):
     make_pairs(tmp_path, n=2)
     out = tmp_path / "ds"
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(caffeish.CaffeishError, match="already exists"):
         build_segmentation(tmp_path / "images", tmp_path / "labels", out)
+    with pytest.raises(caffeish.CaffeishError, match="not a dataset folder"):
+        build_segmentation(tmp_path / "images", tmp_path / "labels", out, force=True)
+    assert (out / "keep.txt").read_text() == "x"
+    os.remove(out / "keep.txt")  # an empty folder is fine
+    build_segmentation(tmp_path / "images", tmp_path / "labels", out, val_fraction=0.5)
+    assert (out / "val_db").is_dir()
     build_segmentation(tmp_path / "images", tmp_path / "labels", out, force=True, val_fraction=0)
-    assert not (out / "keep.txt").exists() and not (out / "val_db").exists()
+    assert (out / "dataset.json").is_file() and not (out / "val_db").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "images", "labels"]  # no .old / .tmp left
+
+
+def refused(argv, match):
+    with pytest.raises(caffeish.CaffeishError, match=match):
+        main_raise(["dataset"] + [str(a) for a in argv])
+
+
+def test_force_never_removes_a_folder_holding_the_inputs(tmp_path):
+    """The issue's case: `-o ok --force` with --images ok/img --labels ok/lbl deleted the inputs."""
+    ok = tmp_path / "ok"
+    pairs = make_pairs(ok, n=3)
+    (ok / "dataset.json").write_text("{}")  # even when it also looks like a dataset
+    seg = ["segmentation", "--images", ok / "images", "--labels", ok / "labels", "--force"]
+    refused(seg + ["-o", ok], r"--images .*ok/images is inside it")
+    assert len(list((ok / "images").iterdir())) == len(pairs) == len(list((ok / "labels").iterdir()))
+    # a colour map or class-names file inside the output counts too
+    make_pairs(tmp_path / "src", n=3, kind="rgb")
+    cmap = write_color_map(ok / "cmap.txt")
+    src = ["segmentation", "--images", tmp_path / "src" / "images", "--labels", tmp_path / "src" / "labels",
+           "--force"]
+    refused(src + ["--color-map", cmap, "-o", ok], r"--color-map .*cmap.txt is inside it")
+    refused(src + ["--color-map", cmap, "--class-names", ok / "images" / "img00.png", "-o", ok / "images"],
+            "is inside it")
+    # the output inside an input folder, directly or through a symbolic link
+    refused(src + ["--color-map", cmap, "-o", tmp_path / "src" / "images" / "ds"], r"lies inside --images")
+    os.symlink(ok, tmp_path / "link")
+    refused(seg + ["-o", tmp_path / "link"], "is inside it")
+    # classification: the class folders inside the output
+    refused(["classification", "--images", ok, "-o", tmp_path, "--force"], "is inside it")
+    assert (ok / "cmap.txt").is_file() and len(list((ok / "images").iterdir())) == 3
+    refused(src + ["--class-names", tmp_path / "src" / "images" / "img00.png", "-o", tmp_path / "new"],
+            "--class-names .*img00.png: not a UTF-8 text file")
+
+
+def test_force_refuses_the_current_folder_its_parents_and_files(tmp_path, monkeypatch):
+    make_pairs(tmp_path / "src", n=2)
+    seg = ["segmentation", "--images", tmp_path / "src" / "images", "--labels", tmp_path / "src" / "labels",
+           "--force"]
+    work = tmp_path / "work" / "inner"
+    work.mkdir(parents=True)
+    (work / "dataset.json").write_text("{}")
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    refused(seg + ["-o", "."], "current folder or a parent of it")
+    refused(seg + ["-o", ".."], "current folder or a parent of it")
+    assert (work / "notes.txt").read_text() == "mine"
+    target = tmp_path / "a_file"
+    target.write_text("data")
+    refused(seg + ["-o", target], "is a file, not a folder")
+    assert target.read_text() == "data"
+    assert not [p for p in tmp_path.iterdir() if ".old-" in p.name or ".tmp-" in p.name]
+
+
+def test_small_datasets_still_get_one_val_record(tmp_path, capsys):
+    make_pairs(tmp_path, n=6)
+    # floor(6 * 0.1) = 0, but a train/val net needs a val_db: one pair goes there, and the output says so
+    assert main(["dataset", "segmentation", "--images", str(tmp_path / "images"), "--labels",
+                 str(tmp_path / "labels"), "-o", str(tmp_path / "ds")]) == 0
+    text = capsys.readouterr().out
+    assert "train: 5 records" in text and "val: 1 record," in text
+    assert "--val-fraction 0.1 of 6 pairs rounds down to 0; 1 went to val_db" in text
+    with LmdbReader(tmp_path / "ds" / "val_db" / "labels") as r:
+        assert len(r) == 1
+    meta = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    assert meta["splits"]["val"]["records"] == 1 and "rounds down" in meta["split_note"]
+    # a single pair cannot be split; --val-fraction 0 means no val_db; both are noted
+    from caffeish.tools.dataset import split_pairs
+
+    assert [len(p) for p in split_pairs(list(range(1)), 0.1, 0)] == [1, 0]
+    assert [len(p) for p in split_pairs(list(range(2)), 0.1, 0)] == [1, 1]
+    assert [len(p) for p in split_pairs(list(range(20)), 0.1, 0)] == [18, 2]
+    assert [len(p) for p in split_pairs(list(range(6)), 0, 0)] == [6, 0]
+    meta = build_segmentation(tmp_path / "images", tmp_path / "labels", tmp_path / "ds0", val_fraction=0)
+    assert "val" not in meta["splits"] and meta["split_note"] == "no val_db (--val-fraction 0)"
 
 
 def test_classification_dataset_like_convert_imageset(tmp_path):

@@ -222,3 +222,68 @@ def test_segmentation_table_and_size_mismatch(tmp_path, capsys):
                  str(tmp_path / "ds"), "--confusion", str(cm)]) == 0
     text = capsys.readouterr().out
     assert "mean accuracy / mean IU" in text and "frequency-weighted IU" in text and f"confusion matrix: {cm}" in text
+
+
+def test_default_confusion_file_never_replaces_one(tmp_path, capsys, monkeypatch):
+    seg_dataset(tmp_path, n=2)
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text(DEPLOY)
+    weights = str(tmp_path / "w.caffemodel")
+    caffeish.Net(str(deploy), seed=1).save(weights)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "confusion_matrix.csv").write_text("mine\n")
+    argv = ["evaluate", "segmentation", str(deploy), weights, "--db", str(tmp_path / "ds")]
+    for expected in ("confusion_matrix-1.csv", "confusion_matrix-2.csv"):
+        assert main(argv) == 0
+        assert f"confusion matrix: {expected}" in capsys.readouterr().out
+        assert next(csv.reader(open(work / expected)))[0] == "label \\ predicted"
+    assert (work / "confusion_matrix.csv").read_text() == "mine\n"
+    # an explicit --confusion FILE is what the user asked for: replaced
+    assert main(argv + ["--confusion", "confusion_matrix.csv", "--format", "csv"]) == 0
+    captured = capsys.readouterr()
+    assert "confusion matrix: confusion_matrix.csv" in captured.err  # not in the CSV on stdout
+    assert (work / "confusion_matrix.csv").read_text().startswith("label \\ predicted")
+    assert main(argv + ["--confusion", "none"]) == 0
+    assert "confusion matrix:" not in capsys.readouterr().out
+    assert sorted(p.name for p in work.iterdir()) == [
+        "confusion_matrix-1.csv", "confusion_matrix-2.csv", "confusion_matrix.csv"]  # no temp files
+
+
+def test_warns_when_the_score_blob_has_fewer_classes_than_the_dataset(tmp_path, capsys):
+    pairs = seg_dataset(tmp_path)  # 4 classes (labels 0-3) and 255 borders
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text(DEPLOY.replace("num_output: 4", "num_output: 3"))
+    weights = str(tmp_path / "w.caffemodel")
+    caffeish.Net(str(deploy), seed=1).save(weights)
+    cm = str(tmp_path / "cm.csv")
+    ds = tmp_path / "ds"
+    assert main(["evaluate", "segmentation", str(deploy), weights, "--db", str(ds), "--confusion", cm]) == 0
+    out = capsys.readouterr()
+    assert (f"warning: the dataset has 4 classes ({ds}/dataset.json) but the score blob 'score' has 3 channels"
+            in out.err)
+    val = [line.split()[1].rsplit("/", 1)[1][:-4] for line in (ds / "val.txt").read_text().splitlines()]
+    threes = sum(int((pairs[s][1] == 3).sum()) for s in val)
+    border = 12 * len(val)  # the 255 blocks: the dataset's ignore label (dataset.json), the net has no loss layer
+    assert (f"ignore label 255; {threes + border:,} pixels not scored ({threes:,} of them with labels 3, not "
+            f"classes of the 3-channel score blob)") in out.out
+    # folders without a dataset: the labels themselves show it
+    assert main(["evaluate", "segmentation", str(deploy), weights, "--images", str(tmp_path / "images"),
+                 "--labels", str(tmp_path / "labels"), "--ignore-label", "255", "--confusion", cm]) == 0
+    out = capsys.readouterr()
+    threes = sum(int((c == 3).sum()) for _, c in pairs.values())
+    assert (f"warning: {threes:,} label pixels have values 3, which the score blob 'score' (3 channels) has no "
+            f"class for; they are not scored" in out.err)
+    assert f"({threes:,} of them with labels 3, not classes of the 3-channel score blob)" in out.out
+    # a matching net says nothing
+    deploy.write_text(DEPLOY)
+    caffeish.Net(str(deploy), seed=1).save(weights)
+    assert main(["evaluate", "segmentation", str(deploy), weights, "--db", str(ds), "--confusion", cm]) == 0
+    assert "warning" not in capsys.readouterr().err
+    # folders with no dataset and no ignore label: 255 is out of range, and the warning says what to pass
+    assert main(["evaluate", "segmentation", str(deploy), weights, "--images", str(tmp_path / "images"),
+                 "--labels", str(tmp_path / "labels"), "--confusion", cm]) == 0
+    assert (f"warning: {12 * len(pairs)} label pixels have values 255, which the score blob 'score' (4 channels) "
+            f"has no class for; they are not scored (if 255 marks borders, as in PASCAL VOC, say so with "
+            f"--ignore-label 255)") in capsys.readouterr().err

@@ -19,9 +19,16 @@ files) and dataset.json.
 Classification (Caffe's convert_imageset + compute_image_mean): one subfolder
 per class; OUT/train_db and OUT/val_db, labels.txt, mean.binaryproto.
 
+--resize WxH resizes images as Caffe's convert_imageset --resize_width/height
+(cv::resize INTER_LINEAR, bit-exact) and label images with cv::resize
+INTER_NEAREST (classes stay classes).
+
 Pairs stream one at a time into batched LMDB transactions, so memory does not
 grow with the dataset.  The output is built in a temporary folder beside OUT
 and renamed into place at the end: a failed run leaves nothing behind.
+--force replaces an existing dataset folder, never one that holds an input
+(images, labels, colour map, class names), the current folder or a parent of
+it, a file, or a non-empty folder that does not look like a dataset.
 """
 import json
 import os
@@ -32,6 +39,7 @@ import threading
 import numpy as np
 
 from caffeish import progress
+from caffeish.data_transform import resize_linear, resize_nearest
 from caffeish.datum import ENCODINGS, LmdbReader, LmdbWriter, datum_array, datum_encoding, make_datum
 from caffeish.errors import CaffeishError
 from caffeish.report import FORMATS, render
@@ -81,7 +89,8 @@ def add_arguments(p):
     seg.add_argument("--color-map", help='DIGITS colour map: one "R G B [name]" line per class')
     seg.add_argument("--class-names", help="class names, one per line (DIGITS' class labels file)")
     seg.add_argument("--val-fraction", type=fraction_arg, default=0.1,
-                     help="share of the pairs that go to val_db (default 0.1)")
+                     help="share of the pairs that go to val_db (default 0.1; at least 1 pair when "
+                          "above 0 and there are 2 or more)")
     seg.add_argument("--val-images", help="a separate folder of validation images")
     seg.add_argument("--val-labels", help="the label images of --val-images")
     seg.add_argument("--ignore-label", type=int, default=DEFAULT_IGNORE_LABEL,
@@ -92,7 +101,8 @@ def add_arguments(p):
     cls.add_argument("--images", required=True, help="folder with one subfolder of images per class")
     cls.add_argument("-o", "--output", required=True, help="dataset folder to create")
     cls.add_argument("--val-fraction", type=fraction_arg, default=0.1,
-                     help="share of the images that go to val_db (default 0.1)")
+                     help="share of the images that go to val_db (default 0.1; at least 1 image when "
+                          "above 0 and there are 2 or more)")
     _common_options(cls, default_encoding="none")
     show = sub.add_parser("show", help="records, shapes, encodings, labels and class frequencies of a database",
                           description=show_dataset.__doc__)
@@ -104,7 +114,8 @@ def add_arguments(p):
 
 def _common_options(p, default_encoding):
     p.add_argument("--resize", type=size_arg, metavar="WxH",
-                   help="resize images (bilinear) and labels (nearest) to WIDTHxHEIGHT")
+                   help="resize images to WIDTHxHEIGHT as convert_imageset (OpenCV bilinear), "
+                        "label images with OpenCV's nearest neighbour")
     p.add_argument("--encoding", choices=ENCODINGS, default=default_encoding,
                    help=f"how records hold pixels: png/jpg-encoded or raw (none); default {default_encoding}")
     p.add_argument("--channels", type=int, choices=(1, 3), default=3,
@@ -113,7 +124,9 @@ def _common_options(p, default_encoding):
     p.add_argument("--txn-records", type=int, default=256, help="records per LMDB transaction (default 256)")
     p.add_argument("--workers", type=int, default=None,
                    help=f"threads decoding and encoding images (default {default_workers()})")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it is an existing dataset folder (never one holding an input, "
+                        "nor the current folder)")
 
 
 def run(args):
@@ -185,6 +198,8 @@ def read_color_map(path):
             lines = f.read().splitlines()
     except OSError as e:
         raise DatasetError(f"--color-map {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise DatasetError(f"--color-map {path}: not a UTF-8 text file (one 'R G B [name]' line per class)") from None
     for number, line in enumerate(lines, 1):
         text = line.split("#", 1)[0].strip()
         if not text:
@@ -215,6 +230,8 @@ def read_names(path):
             return [line.strip() for line in f if line.strip()]
     except OSError as e:
         raise DatasetError(f"--class-names {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise DatasetError(f"--class-names {path}: not a UTF-8 text file (one class name per line)") from None
 
 
 def pack_rgb(rgb):
@@ -355,18 +372,22 @@ class LabelDecoder:
 
 
 def load_image(path, channels=3, resize=None):
-    """An image file as C x H x W uint8 in Caffe's order (BGR), resized (bilinear) to (W, H) if asked."""
+    """An image file as C x H x W uint8 in Caffe's order (BGR) and its (W, H) before resizing.
+
+    With resize=(W, H) the pixels are resized as convert_imageset does
+    (cv::resize INTER_LINEAR, see caffeish.data_transform.resize_linear).
+    """
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             img = img.convert("RGB" if channels == 3 else "L")
             size = img.size
-            if resize and tuple(resize) != size:
-                img = img.resize(tuple(resize), Image.BILINEAR)
             arr = np.asarray(img)
     except (OSError, ValueError) as e:
         raise DatasetError(f"{path}: cannot read the image ({e})") from None
+    if resize and tuple(resize) != size:
+        arr = resize_linear(arr, resize[1], resize[0])
     arr = arr[np.newaxis] if arr.ndim == 2 else arr[:, :, ::-1].transpose(2, 0, 1)
     return np.ascontiguousarray(arr), size
 
@@ -382,24 +403,69 @@ def image_size(path):
 
 
 def resize_labels(labels, resize):
-    from PIL import Image
-
+    """An H x W class map resized to (W, H) with cv::resize INTER_NEAREST (no blended classes)."""
     if not resize or (labels.shape[1], labels.shape[0]) == tuple(resize):
         return labels
-    return np.asarray(Image.fromarray(labels).resize(tuple(resize), Image.NEAREST))
+    return np.ascontiguousarray(resize_nearest(labels, resize[1], resize[0]))
 
 
 # ---------------------------------------------------------------------------- the output folder
 
 
-class OutputFolder:
-    """A dataset folder built beside its final place and renamed into it on success."""
+DATASET_MARKERS = ("dataset.json", "train_db", "val_db")
 
-    def __init__(self, path, force=False):
+
+def _inside(path, folder):
+    """True when `path` is `folder` or lies inside it (both real paths)."""
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:  # different drives
+        return False
+
+
+def check_output(path, inputs=(), force=False):
+    """Refuse an output folder that would destroy an input or the user's files.
+
+    `inputs` are (option, path) pairs.  Whatever --force says: an input equal
+    to or inside the output, an output inside an input folder, an output that
+    is the current folder or one of its parents, and an output that is a file
+    are errors.  An existing non-empty folder needs --force, and --force only
+    replaces a folder that looks like a dataset (dataset.json, train_db or val_db).
+    """
+    real = os.path.realpath(path)
+    for option, value in inputs:
+        if not value:
+            continue
+        src = os.path.realpath(value)
+        if _inside(src, real):
+            raise DatasetError(f"-o {path}: {option} {value} is inside it; the dataset would replace its own "
+                               f"input (choose an -o outside the input folders)")
+        if os.path.isdir(src) and _inside(real, src):
+            raise DatasetError(f"-o {path}: it lies inside {option} {value}; write the dataset outside the "
+                               f"input folders")
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(real):
+        raise DatasetError(f"-o {path}: is a file, not a folder; remove it or choose another -o")
+    if _inside(os.path.realpath(os.getcwd()), real):
+        raise DatasetError(f"-o {path}: is the current folder or a parent of it; choose a new folder for the "
+                           f"dataset")
+    entries = os.listdir(real)
+    if not entries:
+        return
+    if not force:
+        raise DatasetError(f"{path}: already exists; choose another -o or pass --force to replace it")
+    if not any(name in entries for name in DATASET_MARKERS):
+        raise DatasetError(f"-o {path}: not a dataset folder (no {', '.join(DATASET_MARKERS)}); --force only "
+                           f"replaces datasets: remove it yourself or choose another -o")
+
+
+class OutputFolder:
+    """A dataset folder built beside its final place and renamed into it on success (see check_output)."""
+
+    def __init__(self, path, force=False, inputs=()):
+        check_output(path, inputs, force)
         self.path = os.path.abspath(path)
-        if os.path.exists(self.path) and not (os.path.isdir(self.path) and not os.listdir(self.path)):
-            if not force:
-                raise DatasetError(f"{path}: already exists; choose another -o or pass --force to replace it")
         parent = os.path.dirname(self.path)
         if not os.path.isdir(parent):
             raise DatasetError(f"{path}: the folder {parent} does not exist")
@@ -419,7 +485,9 @@ class OutputFolder:
             old = self.path + f".old-{os.getpid()}"
             os.rename(self.path, old)
         os.rename(self.tmp, self.path)
-        if old:
+        if old and os.path.islink(old):
+            os.unlink(old)  # -o was a link to a dataset: the link is replaced, its target left alone
+        elif old:
             shutil.rmtree(old, ignore_errors=True)
         return False
 
@@ -460,13 +528,34 @@ def write_text(path, lines):
 # ---------------------------------------------------------------------------- segmentation
 
 
+def val_count(n, val_fraction):
+    """floor(n * fraction) records go to val (DIGITS), but at least 1 when the fraction is above 0 and
+    n >= 2, so that a small dataset still gets the val_db a train/val net reads."""
+    n_val = int(np.floor(n * val_fraction))
+    if val_fraction > 0 and n >= 2:
+        n_val = max(n_val, 1)
+    return n_val
+
+
 def split_pairs(pairs, val_fraction, seed):
-    """DIGITS' split: shuffle with the seed, floor(n * fraction) pairs to val; val then in stem order."""
+    """DIGITS' split: shuffle with the seed, val_count(n) pairs to val; val then in stem order."""
     order = np.random.default_rng(seed).permutation(len(pairs))
-    n_val = int(np.floor(len(pairs) * val_fraction))
+    n_val = val_count(len(pairs), val_fraction)
     val = sorted(pairs[i] for i in order[:n_val])
     train = [pairs[i] for i in order[n_val:]]
     return train, val
+
+
+def split_note(n, val_fraction, n_val, what="pairs"):
+    """A line on how the split came out when it is not what the fraction alone says, else None."""
+    if val_fraction > 0 and n_val == 0:
+        return f"no val_db: only {n} {what[:-1] if n == 1 else what}, none left for validation"
+    if val_fraction > 0 and n_val != int(np.floor(n * val_fraction)):
+        return (f"--val-fraction {val_fraction:g} of {n} {what} rounds down to 0; {n_val} went to val_db so "
+                f"that there is one")
+    if val_fraction == 0:
+        return "no val_db (--val-fraction 0)"
+    return None
 
 
 def build_segmentation(images, labels, output, color_map=None, class_names=None, val_fraction=0.1,
@@ -484,20 +573,25 @@ def build_segmentation(images, labels, output, color_map=None, class_names=None,
     """
     if encoding not in ("png", "none"):
         raise DatasetError(f"--encoding {encoding}: segmentation datasets use png or none (labels must be lossless)")
+    inputs = [("--images", images), ("--labels", labels), ("--val-images", val_images),
+              ("--val-labels", val_labels), ("--color-map", color_map), ("--class-names", class_names)]
+    check_output(output, inputs, force)  # before reading anything: a refused -o costs nothing
     colors, names = (read_color_map(color_map) if color_map else (None, None))
     if class_names:
         names = read_names(class_names)
     pairs = pair_folders(images, labels)
+    note = None
     if val_images:
         train, val = split_pairs(pairs, 0.0, seed)[0], pair_folders(val_images, val_labels,
                                                                      ("--val-images", "--val-labels"))
     else:
         train, val = split_pairs(pairs, val_fraction, seed)
+        note = split_note(len(pairs), val_fraction, len(val))
     decoder = LabelDecoder(colors)
     first = (train or val)[0][2] if (train or val) else None
     if first:
         decoder(first)  # the first label (in writing order) sets the reference palette, before any thread
-    out = OutputFolder(output, force)
+    out = OutputFolder(output, force, inputs)
     stats = {}
     with out:
         mean = MeanAccumulator()
@@ -530,6 +624,7 @@ def build_segmentation(images, labels, output, color_map=None, class_names=None,
             "seed": seed,
             "splits": {k: {"records": v["records"], "shape": v["shape"], "label_pixels": v["label_histogram"][:max(
                 classes, 1)].tolist(), "images": v["images"], "labels": v["labels"]} for k, v in stats.items()},
+            "split_note": note,
             **mean_info,
         }
         with open(out.join("dataset.json"), "w", encoding="utf-8") as f:
@@ -661,11 +756,12 @@ def format_summary(meta):
     lines = [f"wrote {meta['output']} ({meta['type']})"]
     for split, s in meta["splits"].items():
         shape = "x".join(str(d) for d in s["shape"]) if s["shape"] else "varies"
-        lines.append(f"  {split}: {s['records']:,} records, {shape}")
+        lines.append(f"  {split}: {s['records']:,} record{'' if s['records'] == 1 else 's'}, {shape}")
     if meta.get("classes"):
         lines.append(f"  classes: {len(meta['classes'])}")
-    if meta.get("mean_note"):
-        lines.append(f"  note: {meta['mean_note']}")
+    for key in ("split_note", "mean_note"):
+        if meta.get(key):
+            lines.append(f"  note: {meta[key]}")
     return "\n".join(lines) + "\n"
 
 
@@ -702,10 +798,12 @@ def build_classification(images, output, val_fraction=0.1, resize=None, encoding
     ("path label", convert_imageset's list format), mean.binaryproto and
     dataset.json.  All images must share one size (or pass --resize).
     """
+    check_output(output, [("--images", images)], force)
     classes = class_folders(images)
     items = [(path, label) for label, (_, files) in enumerate(classes) for path in files]
     train, val = split_pairs(items, val_fraction, seed)
-    out = OutputFolder(output, force)
+    note = split_note(len(items), val_fraction, len(val), "images")
+    out = OutputFolder(output, force, [("--images", images)])
     stats = {}
     with out:
         mean = MeanAccumulator()
@@ -732,6 +830,7 @@ def build_classification(images, output, val_fraction=0.1, resize=None, encoding
             "seed": seed,
             "splits": {k: {"records": v["records"], "shape": v["shape"], "label_counts": v["counts"]}
                        for k, v in stats.items()},
+            "split_note": note,
             **mean_info,
         }
         with open(out.join("dataset.json"), "w", encoding="utf-8") as f:

@@ -2,7 +2,7 @@
 
   caffeish evaluate NET.prototxt WEIGHTS [--iterations 50] [--db DATASET] [--gpu]
   caffeish evaluate segmentation NET.prototxt WEIGHTS [--db DATASET | --images DIR --labels DIR]
-                    [--ignore-label 255] [--format table|json|csv] [--confusion FILE.csv]
+                    [--ignore-label 255] [--format table|json|csv] [--confusion FILE.csv | none]
 
 The first form is `caffe test`: it builds the net at TEST, runs --iterations
 forward passes (its Data layers read the next batch each time, wrapping
@@ -18,11 +18,16 @@ unless --stage says otherwise.
 The second form runs the net on image/label pairs and reports score.py's
 metrics (fcn.berkeleyvision.org): pixel accuracy, mean class accuracy, mean IU,
 frequency-weighted IU and each class's IU; the confusion matrix goes to a CSV
-file.  Pairs come from the net's own TEST Data layers, or from --db (a
-dataset folder or a stage folder with features/ and labels/) or --images /
---labels folders, fed one pair at a time through the data layer's
-transform_param (or --mean-value / --mean-file / --scale for a deploy net);
-labels are cropped like the images.
+file: --confusion FILE (replaced if it exists), else confusion_matrix.csv in
+the current folder, or confusion_matrix-1.csv, -2, ... when that name is taken
+(an existing file is never replaced unless named); the output says which.
+When the dataset's class count (dataset.json / labels.txt, or the colour map)
+differs from the score blob's channels, or labels hold values the score blob
+has no class for, a warning on stderr says so.  Pairs come from the net's
+own TEST Data layers, or from --db (a dataset folder or a stage folder with
+features/ and labels/) or --images / --labels folders, fed one pair at a time
+through the data layer's transform_param (or --mean-value / --mean-file /
+--scale for a deploy net); labels are cropped like the images.
 """
 import math
 import os
@@ -38,6 +43,7 @@ from caffeish.report import FORMATS, render
 from caffeish.schema import TEST, pb
 
 LOSS_TYPES_WITH_LABEL = ("SoftmaxWithLoss", "Accuracy")
+DEFAULT_CONFUSION = "confusion_matrix.csv"
 
 
 def add_arguments(p):
@@ -65,8 +71,10 @@ def add_arguments(p):
     seg.add_argument("--mean-value", metavar="B,G,R", help="subtract these per-channel values (deploy nets)")
     seg.add_argument("--mean-file", metavar="FILE", help="subtract this mean.binaryproto (deploy nets)")
     seg.add_argument("--scale", type=float, help="multiply the input by this, after the mean (deploy nets)")
-    seg.add_argument("--confusion", metavar="FILE.csv", default="confusion_matrix.csv",
-                     help="where to write the confusion matrix (default confusion_matrix.csv)")
+    seg.add_argument("--confusion", metavar="FILE.csv", default=None,
+                     help="write the confusion matrix to FILE (replaced if it exists); 'none' for no file. "
+                          f"Default: {DEFAULT_CONFUSION} in the current folder, or {DEFAULT_CONFUSION[:-4]}-1.csv, "
+                          "-2, ... when that exists (never replaced)")
     p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
 
 
@@ -90,8 +98,14 @@ def run(args):
             ignore_label=args.ignore_label, score=args.score, label=args.label, stages=args.stage,
             level=args.level, device=device, iterations=args.iterations,
             mean_value=parse_values(args.mean_value), mean_file=args.mean_file, scale=args.scale)
-        write_confusion(args.confusion, result)
-        sys.stdout.write(format_segmentation(result, args.format, args.confusion))
+        for line in segmentation_warnings(result):
+            print(f"warning: {line}", file=sys.stderr)
+        confusion = None
+        if (args.confusion or "").lower() != "none":
+            confusion = write_confusion(args.confusion, result, replace=args.confusion is not None)
+            if args.format in ("csv", "markdown"):  # table and json name it in their output
+                print(f"confusion matrix: {confusion}", file=sys.stderr)
+        sys.stdout.write(format_segmentation(result, args.format, confusion))
         return 0
     result = test_net(net_path, weights, iterations=50 if args.iterations is None else args.iterations,
                       db=args.db, stages=args.stage, level=args.level, device=device)
@@ -313,9 +327,12 @@ def evaluate_segmentation(net_path, weights, db=None, images=None, labels=None, 
             raise CaffeishError(f"cannot tell how many records the label blob '{label}' has; pass --iterations N")
         iterations = math.ceil(total / batch)
     items = total if total is not None and iterations * batch >= total else iterations * batch
-    ignore = default_ignore(scorer) if ignore_label is None else (None if ignore_label < 0 else ignore_label)
+    source = label_node.param.data_param.source if label_node is not None and label_node.type == "Data" else None
+    known = dataset_info(source)
+    ignore = pick_ignore(ignore_label, scorer, known[2])
     n = net.blob_shape(score)[1]
     cm = ConfusionMatrix(n, ignore)
+    extra = OutOfRange()
     done = 0
     for _ in progress.bar(range(iterations), total=iterations, desc="evaluate", unit="batch"):
         out = net.forward(blobs=[score, label])
@@ -323,14 +340,34 @@ def evaluate_segmentation(net_path, weights, db=None, images=None, labels=None, 
         for i in range(scores.shape[0]):
             if done == items:
                 break
-            _update(cm, scores[i], labs[i], f"record {done}")
+            _update(cm, scores[i], labs[i], f"record {done}", extra)
             done += 1
-    names = _class_names(label_node.param.data_param.source if label_node is not None and label_node.type ==
-                         "Data" else None, n)
-    return _result(cm, names, done, net_path, _root_blob(net, score)[0], _root_blob(net, label)[0])
+    names = _class_names(source, n)
+    return _result(cm, names, done, net_path, _root_blob(net, score)[0], _root_blob(net, label)[0], extra,
+                   known)
 
 
-def _update(cm, scores, label, where):
+class OutOfRange:
+    """Label pixels that are neither the ignore label nor a class of the score blob (score.py drops them)."""
+
+    def __init__(self):
+        self.pixels = 0
+        self.low = self.high = None
+
+    def add(self, label, n, ignore):
+        bad = (label < 0) | (label >= n)
+        if ignore is not None:
+            bad &= label != ignore
+        count = int(np.count_nonzero(bad))
+        if count:
+            values = label[bad]
+            low, high = float(values.min()), float(values.max())
+            self.pixels += count
+            self.low = low if self.low is None else min(self.low, low)
+            self.high = high if self.high is None else max(self.high, high)
+
+
+def _update(cm, scores, label, where, out_of_range=None):
     pred = scores.argmax(axis=0)
     label = np.asarray(label)
     if label.ndim == 3:
@@ -339,6 +376,48 @@ def _update(cm, scores, label, where):
         raise CaffeishError(f"{where}: the score blob is {pred.shape[0]}x{pred.shape[1]} but its label is "
                             f"{label.shape[0]}x{label.shape[1]} (HxW); crop the scores to the input (a Crop layer)")
     cm.update(label, pred)
+    if out_of_range is not None:
+        out_of_range.add(label, cm.n, cm.ignore_label)
+
+
+def dataset_info(db_path):
+    """What the dataset holding db_path says: (class count, the file that says so, its ignore label).
+
+    The count is dataset.json's classes, else labels.txt's lines (DIGITS); the
+    ignore label is dataset.json's.  (None, None, None) outside a dataset folder.
+    """
+    import json
+
+    from caffeish.tools.dataset import dataset_root, read_names
+
+    root = dataset_root(db_path) if db_path else None
+    count = source = ignore = None
+    if not root:
+        return count, source, ignore
+    meta_path = os.path.join(root, "dataset.json")
+    if os.path.isfile(meta_path):
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+            ignore = meta.get("ignore_label")
+            if meta.get("classes"):
+                count, source = len(meta["classes"]), meta_path
+        except (OSError, ValueError, AttributeError):
+            pass
+    names_path = os.path.join(root, "labels.txt")
+    if count is None and os.path.isfile(names_path):
+        names = read_names(names_path)
+        if names:
+            count, source = len(names), names_path
+    return count, source, ignore
+
+
+def pick_ignore(ignore_label, scorer, dataset_ignore=None):
+    """--ignore-label (-1: none), else the loss/accuracy layer's ignore_label, else the dataset's."""
+    if ignore_label is not None:
+        return None if ignore_label < 0 else ignore_label
+    net_ignore = default_ignore(scorer)
+    return net_ignore if net_ignore is not None else dataset_ignore
 
 
 def _class_names(db_path, n):
@@ -433,8 +512,15 @@ def _evaluate_pairs(net_path, weights, db, images, labels, color_map, ignore_lab
         dims = data_layer.input_param.shape[0].dim
         color = (dims[1] == 3) if len(dims) > 1 and dims[1] in (1, 3) else None
     pairs = _pairs_from_db(db) if db else _pairs_from_folders(images, labels, color_map)
+    known = dataset_info(stage_databases(db)[0]) if db else (None, None, None)
+    if color_map:
+        from caffeish.tools.dataset import read_color_map
+
+        colors, map_names = read_color_map(color_map)
+        known = (len(colors), color_map, None)
     total = next(pairs)
     net = cm = None
+    extra = OutOfRange()
     count = 0
     for image_of, lab, where in progress.bar(pairs, total=total, desc="evaluate", unit="img"):
         x = transform(image_of(color), where)
@@ -450,26 +536,25 @@ def _evaluate_pairs(net_path, weights, db, images, labels, color_map, ignore_lab
             except InputShapeRequired as e:
                 raise CaffeishError(f"{net_path}: {e}") from None
             score_blob, _, node = find_blobs(net, score, label_blob if label_fed else None)
-            ignore = default_ignore(node) if ignore_label is None else (None if ignore_label < 0 else ignore_label)
+            ignore = pick_ignore(ignore_label, node, known[2])
             n = net.blob_shape(score_blob)[1]
             cm = ConfusionMatrix(n, ignore)
         out = net.forward(blobs=[score_blob], **feed)
-        _update(cm, np.asarray(out[score_blob])[0], y, where)
+        _update(cm, np.asarray(out[score_blob])[0], y, where, extra)
         count += 1
     if cm is None:
         raise CaffeishError("no image/label pairs to evaluate")
     if db:
         names = _class_names(stage_databases(db)[0], cm.n)
     elif color_map:
-        from caffeish.tools.dataset import read_color_map
-
-        names = read_color_map(color_map)[1] or []
+        names = map_names or []
     else:
         names = []
-    return _result(cm, names, count, net_path, _root_blob(net, score_blob)[0], label_blob if label_fed else None)
+    return _result(cm, names, count, net_path, _root_blob(net, score_blob)[0], label_blob if label_fed else None,
+                   extra, known)
 
 
-def _result(cm, names, count, net_path, score, label):
+def _result(cm, names, count, net_path, score, label, out_of_range=None, known=(None, None, None)):
     s = cm.scores()
     classes = []
     for i in range(cm.n):
@@ -479,7 +564,36 @@ def _result(cm, names, count, net_path, score, label):
     return {"net": net_path, "score": score, "label": label, "images": count, "classes": classes,
             "pixel_accuracy": _num(s["pixel_accuracy"]), "mean_accuracy": _num(s["mean_accuracy"]),
             "mean_iu": _num(s["mean_iu"]), "fwavacc": _num(s["fwavacc"]), "ignored_pixels": cm.ignored,
-            "ignore_label": cm.ignore_label, "confusion": cm.hist}
+            "ignore_label": cm.ignore_label, "confusion": cm.hist,
+            "out_of_range_pixels": out_of_range.pixels if out_of_range else 0,
+            "out_of_range_labels": [out_of_range.low, out_of_range.high] if out_of_range and out_of_range.pixels
+            else None,
+            "dataset_classes": known[0], "dataset_classes_from": known[1]}
+
+
+def _label_range(low, high):
+    text = [f"{v:g}" for v in (low, high)]
+    return text[0] if low == high else f"{text[0]}..{text[1]}"
+
+
+def segmentation_warnings(result):
+    """Lines for stderr: the dataset's class count differs from the score blob's channels, or labels hold
+    values that are no class of the score blob (so they go unscored)."""
+    n = len(result["classes"])
+    lines = []
+    known = result.get("dataset_classes")
+    if known is not None and known != n:
+        lines.append(f"the dataset has {known} classes ({result['dataset_classes_from']}) but the score blob "
+                     f"'{result['score']}' has {n} channels; labels {n} and above are not scored, and the "
+                     f"metrics are not those of the dataset's classes")
+    elif result.get("out_of_range_pixels"):
+        low, high = result["out_of_range_labels"]
+        line = (f"{result['out_of_range_pixels']:,} label pixels have values {_label_range(low, high)}, which "
+                f"the score blob '{result['score']}' ({n} channels) has no class for; they are not scored")
+        if low == high == 255 and result["ignore_label"] is None:
+            line += " (if 255 marks borders, as in PASCAL VOC, say so with --ignore-label 255)"
+        lines.append(line)
+    return lines
 
 
 def _num(v):
@@ -487,8 +601,20 @@ def _num(v):
     return None if math.isnan(v) else v
 
 
-def write_confusion(path, result):
-    """The confusion matrix as CSV: one row per label class, one column per predicted class."""
+def free_name(path):
+    """`path` if no file has that name, else the first free 'stem-1.ext', 'stem-2.ext', ..."""
+    stem, ext = os.path.splitext(path)
+    candidate, i = path, 0
+    while os.path.lexists(candidate):
+        i += 1
+        candidate = f"{stem}-{i}{ext}"
+    return candidate
+
+
+def write_confusion(path, result, replace=True):
+    """The confusion matrix as CSV: one row per label class, one column per predicted class; returns the
+    path written.  `replace=False` (or no path: DEFAULT_CONFUSION) never replaces an existing file: it
+    takes the next free name (free_name), claimed with an exclusive link so two runs cannot collide."""
     import csv
     import io as pyio
 
@@ -498,8 +624,52 @@ def write_confusion(path, result):
     w.writerow(["label \\ predicted"] + names)
     for name, row in zip(names, result["confusion"]):
         w.writerow([name] + [int(v) for v in row])
-    with io.atomic_output(path) as f:
-        f.write(buf.getvalue().encode("utf-8"))
+    data = buf.getvalue().encode("utf-8")
+    if replace and path:
+        with io.atomic_output(path) as f:
+            f.write(data)
+        return path
+    return _write_new(path or DEFAULT_CONFUSION, data)
+
+
+def _write_new(path, data):
+    """Write `data` to a file of a free name like `path` (never replacing a file); returns its name."""
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".confusion-", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise CaffeishError(f"cannot write the confusion matrix into {folder} ({e.strerror}); pass "
+                            f"--confusion FILE, or --confusion none") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        while True:
+            target = free_name(path)
+            try:
+                os.link(tmp, target)  # fails, rather than replaces, if the name was taken meanwhile
+                return target
+            except FileExistsError:
+                continue
+            except OSError:  # no hard links here: exclusive create instead
+                try:
+                    with open(target, "xb") as f:
+                        f.write(data)
+                    return target
+                except FileExistsError:
+                    continue
+    finally:
+        os.unlink(tmp)
+
+
+def _unscored_detail(result):
+    extra = result.get("out_of_range_pixels") or 0
+    if not extra:
+        return ""
+    low, high = result["out_of_range_labels"]
+    return (f" ({extra:,} of them with labels {_label_range(low, high)}, not classes of the "
+            f"{len(result['classes'])}-channel score blob)")
 
 
 def format_segmentation(result, fmt, confusion_path=None):
@@ -528,7 +698,7 @@ def format_segmentation(result, fmt, confusion_path=None):
         notes = [f"{result['images']:,} images; score blob '{result['score']}'"
                  + (f", label blob '{result['label']}'" if result["label"] else "")
                  + (f"; ignore label {result['ignore_label']}" if result["ignore_label"] is not None else "")
-                 + f"; {result['ignored_pixels']:,} pixels not scored"]
+                 + f"; {result['ignored_pixels']:,} pixels not scored" + _unscored_detail(result)]
         if confusion_path:
             notes.append(f"confusion matrix: {confusion_path}")
     columns = [("class", "class"), ("name", "name"), ("pixels", "pixels"), ("accuracy", "accuracy"),
