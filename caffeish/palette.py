@@ -4,8 +4,8 @@ Palettes:
   * "pascal": the PASCAL VOC palette (class i's color spreads the bits of i
     over the high bits of R, G and B; 0 is black, 1 dark red, 15 a light pink,
     255 the void color), the colors of VOC's SegmentationClass PNGs and FCN's demo;
-  * a DIGITS color-map text file: one "R G B" line per class (0..255, spaces or
-    commas), the format DIGITS' segmentation datasets use (`palette.txt`);
+  * a DIGITS color-map text file: one "R G B [name]" line per class (0..255,
+    spaces or commas), the format DIGITS' segmentation datasets use (`palette.txt`);
   * a dataset folder built by `caffeish dataset`: its `palette.txt`, and its
     `labels.txt` as the class names.
 
@@ -34,30 +34,51 @@ def pascal_palette(n=256):
     return colors.astype(np.uint8)
 
 
-def read_colormap(path):
-    """A DIGITS color-map text file: one 'R G B' line per class -> (N, 3) uint8."""
+def read_colormap(path, option="--palette"):
+    """A DIGITS color-map text file -> ((N, 3) uint8 colors, names or None).
+
+    Line i is class i: "R G B [name]" (values 0..255, spaces or commas; '#'
+    starts a comment).  Two classes with one color are refused, since a label
+    image in that color could not be mapped back to a class.  `option` names
+    the option the file came from in errors.
+    """
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as e:
-        raise CaffeishError(f"{path}: cannot read the color map: {e.strerror or e}") from None
-    colors = []
+        raise CaffeishError(f"{option} {path}: cannot read the color map: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise CaffeishError(f"{option} {path}: not a UTF-8 text file (one 'R G B [name]' line per class)") from None
+    colors, names = [], []
     for n, line in enumerate(lines, 1):
         text = line.split("#", 1)[0].replace(",", " ").strip()
         if not text:
             continue
         parts = text.split()
         try:
-            rgb = [int(float(v)) for v in parts]
+            rgb = [int(v) for v in parts[:3]]
         except ValueError:
             rgb = []
         if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
-            raise CaffeishError(f"{path}:{n}: expected 'R G B' with values 0..255, got '{line.strip()}'")
+            raise CaffeishError(f"{path}:{n}: expected 'R G B [name]' with values 0..255, got '{line.strip()}'")
         colors.append(rgb)
+        names.append(" ".join(parts[3:]))
     if not colors:
-        raise CaffeishError(f"{path}: the color map has no 'R G B' lines")
-    return np.array(colors, dtype=np.uint8)
+        raise CaffeishError(f"{option} {path}: the color map has no 'R G B' lines")
+    colors = np.array(colors, dtype=np.uint8)
+    keys = pack_rgb(colors)
+    if len(np.unique(keys)) != len(keys):
+        dup = [int(k) for k in keys if (keys == k).sum() > 1][0]
+        classes = [i for i, k in enumerate(keys) if k == dup]
+        raise CaffeishError(f"{option} {path}: classes {classes} share the color {tuple(int(v) for v in colors[classes[0]])}")
+    return colors, (names if any(names) else None)
+
+
+def pack_rgb(rgb):
+    """(..., 3) uint8 colors -> (...) int32 keys R<<16 | G<<8 | B."""
+    rgb = np.asarray(rgb).astype(np.int32)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
 
 
 def write_colormap(path, colors, inputs=()):
@@ -69,14 +90,17 @@ def write_colormap(path, colors, inputs=()):
         f.write(text.encode())
 
 
-def read_labels(path):
-    """Class names, one per line (DIGITS labels.txt, Caffe's synset_words.txt); trailing blanks dropped."""
+def read_labels(path, option="--labels"):
+    """Class names, one per line (DIGITS labels.txt, Caffe's synset_words.txt); line i is class i,
+    so blank lines inside are kept and only trailing blanks are dropped."""
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
             names = [line.strip() for line in f.read().splitlines()]
     except OSError as e:
-        raise CaffeishError(f"{path}: cannot read the labels file: {e.strerror or e}") from None
+        raise CaffeishError(f"{option} {path}: cannot read the labels file: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise CaffeishError(f"{option} {path}: not a UTF-8 text file (one class name per line)") from None
     while names and not names[-1]:
         names.pop()
     return names
@@ -92,11 +116,11 @@ def load_palette(spec="pascal"):
         if not os.path.isfile(palette_file):
             raise CaffeishError(f"{path}: a dataset folder with no palette.txt (is it a segmentation dataset?)")
         labels_file = os.path.join(path, "labels.txt")
-        labels = read_labels(labels_file) if os.path.isfile(labels_file) else None
-        return read_colormap(palette_file), labels
+        colors, names = read_colormap(palette_file)
+        return colors, read_labels(labels_file) if os.path.isfile(labels_file) else names
     if not os.path.exists(path):
         raise CaffeishError(f"--palette {spec}: not 'pascal', a color-map file or a dataset folder")
-    return read_colormap(path), None
+    return read_colormap(path)
 
 
 def colors_for(colors, n_classes, source="the palette"):

@@ -12,7 +12,8 @@ from caffeish.cli import main
 from caffeish.datum import LmdbReader, datum_array
 from caffeish.io import parse_text, read_binaryproto
 from caffeish.schema import pb
-from caffeish.tools.dataset import build_segmentation, default_palette
+from caffeish.palette import pascal_palette
+from caffeish.tools.dataset import build_segmentation
 
 W, H = 20, 16
 COLORS = np.array([[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]], np.uint8)
@@ -38,7 +39,7 @@ def make_pairs(root, n=6, kind="palette", seed=0):
 def save_label(path, classes, kind):
     if kind == "palette":
         img = Image.fromarray(classes, "P")
-        img.putpalette(default_palette(256).ravel().tolist())
+        img.putpalette(pascal_palette(256).ravel().tolist())
     elif kind == "gray":
         img = Image.fromarray(classes, "L")
     else:
@@ -80,7 +81,7 @@ def test_palette_labels_round_trip_through_a_data_layer_net(tmp_path):
     assert sorted(s for _, s in train + val) == sorted(pairs)
     # palette and classes survive: 4 classes (255 is the ignore label)
     assert (out / "palette.txt").read_text().splitlines() == [
-        " ".join(map(str, c)) for c in default_palette(4).tolist()]
+        " ".join(map(str, c)) for c in pascal_palette(4).tolist()]
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["label_format"] == ["palette"] and len(meta["classes"]) == 4
     # the mean file is the mean of the training images, BGR
@@ -342,7 +343,7 @@ def test_show_prints_counts_and_class_frequencies_and_dumps(tmp_path, capsys):
     assert re.search(rf"val_db/labels +3 +class3 +{pixels[3]:,} +{share:.1f}%", text)
     assert re.search(rf"val_db/labels +255 +\(ignored\) +{pixels[255]:,} ", text)
     dumped = Image.open(tmp_path / "dump" / "val_db_labels_00000000.png")
-    assert dumped.mode == "P" and dumped.getpalette()[3:6] == default_palette(2)[1].tolist()
+    assert dumped.mode == "P" and dumped.getpalette()[3:6] == pascal_palette(2)[1].tolist()
     np.testing.assert_array_equal(np.asarray(dumped), pairs[val[0]][1])
     assert len(list((tmp_path / "dump").iterdir())) == 8  # 2 records of each of the 4 databases
 

@@ -10,7 +10,8 @@ import caffeish
 from caffeish.cli import main
 from caffeish.datum import LmdbWriter, make_datum
 from caffeish.io import read_caffemodel
-from caffeish.tools.dataset import build_classification, build_segmentation, default_palette
+from caffeish.palette import pascal_palette
+from caffeish.tools.dataset import build_classification, build_segmentation
 
 
 def run_json(capsys, argv):
@@ -135,7 +136,7 @@ def seg_dataset(tmp_path, n=6):
         classes[:3, :4] = 255
         Image.fromarray(rgb).save(tmp_path / "images" / f"p{i}.png")
         img = Image.fromarray(classes, "P")
-        img.putpalette(default_palette(256).ravel().tolist())
+        img.putpalette(pascal_palette(256).ravel().tolist())
         img.save(tmp_path / "labels" / f"p{i}.png")
         pairs[f"p{i}"] = (rgb, classes)
     build_segmentation(tmp_path / "images", tmp_path / "labels", tmp_path / "ds", val_fraction=0.5,

@@ -131,7 +131,7 @@ def test_dataset_palette_and_labels(net, files, capsys):
     colors = np.array([[0, 0, 0], [250, 10, 10], [10, 250, 10], [10, 10, 250], [200, 200, 0]], np.uint8)
     palettes.write_colormap(dataset / "palette.txt", colors)
     (dataset / "labels.txt").write_text("\n".join(LABELS) + "\n")
-    assert palettes.read_colormap(dataset / "palette.txt").tolist() == colors.tolist()
+    assert palettes.read_colormap(dataset / "palette.txt")[0].tolist() == colors.tolist()
     assert main(["segment", str(tmp / "fcn.prototxt"), "none", str(folder / "a.png"), "-o", str(tmp / "o"),
                  "--seed", "7", "--palette", str(dataset), "--format", "json"]) == 0
     row = json.loads(capsys.readouterr().out)["rows"][0]
@@ -153,10 +153,23 @@ def test_palettes():
 
 def test_colormap_errors(tmp_path):
     (tmp_path / "bad.txt").write_text("0 0 0\n1 2\n")
-    with pytest.raises(CaffeishError, match=r"bad.txt:2: expected 'R G B'"):
+    with pytest.raises(CaffeishError, match=r"bad.txt:2: expected 'R G B \[name\]'"):
         palettes.read_colormap(tmp_path / "bad.txt")
     with pytest.raises(CaffeishError, match="no palette.txt"):
         palettes.load_palette(str(tmp_path))
+    (tmp_path / "dup.txt").write_text("0 0 0 background\n128 0 0 cat\n128,0,0 dog\n")
+    with pytest.raises(CaffeishError, match=r"--color-map .*dup.txt: classes \[1, 2\] share the color \(128, 0, 0\)"):
+        palettes.read_colormap(tmp_path / "dup.txt", "--color-map")
+
+
+def test_colormap_names_and_dataset_labels(tmp_path):
+    (tmp_path / "map.txt").write_text("# DIGITS colour map\n0 0 0 background\n128,0,0 cat  # comment\n")
+    colors, names = palettes.read_colormap(tmp_path / "map.txt")
+    assert colors.tolist() == [[0, 0, 0], [128, 0, 0]] and names == ["background", "cat"]
+    (tmp_path / "palette.txt").write_text("0 0 0\n0 128 0\n")
+    assert palettes.load_palette(str(tmp_path))[1] is None
+    (tmp_path / "labels.txt").write_text("sky\n\ntree\n\n")  # a blank name keeps its index
+    assert palettes.load_palette(str(tmp_path))[1] == ["sky", "", "tree"]
 
 
 def _big_picture(hw=(61, 83)):

@@ -38,6 +38,7 @@ import threading
 
 import numpy as np
 
+from caffeish import palette as palettes
 from caffeish import progress
 from caffeish.data_transform import resize_linear, resize_nearest
 from caffeish.datum import ENCODINGS, LmdbReader, LmdbWriter, datum_array, datum_encoding, make_datum
@@ -190,67 +191,6 @@ def pair_folders(images, labels, what=("--images", "--labels")):
     return [(s, imgs[s], labs[s]) for s in sorted(imgs)]
 
 
-def read_color_map(path):
-    """A DIGITS colour map: (K x 3 uint8 colours, names or None); line i is class i: "R G B [name]"."""
-    colors, names = [], []
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise DatasetError(f"--color-map {path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise DatasetError(f"--color-map {path}: not a UTF-8 text file (one 'R G B [name]' line per class)") from None
-    for number, line in enumerate(lines, 1):
-        text = line.split("#", 1)[0].strip()
-        if not text:
-            continue
-        parts = text.split()
-        try:
-            rgb = [int(v) for v in parts[:3]]
-        except ValueError:
-            rgb = []
-        if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
-            raise DatasetError(f"{path}:{number}: expected 'R G B [name]' with values 0-255, got '{line.strip()}'")
-        colors.append(rgb)
-        names.append(" ".join(parts[3:]))
-    if not colors:
-        raise DatasetError(f"--color-map {path}: no colours")
-    colors = np.array(colors, dtype=np.uint8)
-    keys = pack_rgb(colors)
-    if len(np.unique(keys)) != len(keys):
-        dup = [int(k) for k in keys if (keys == k).sum() > 1][0]
-        classes = [i for i, k in enumerate(keys) if k == dup]
-        raise DatasetError(f"--color-map {path}: classes {classes} share the colour {tuple(colors[classes[0]])}")
-    return colors, (names if any(names) else None)
-
-
-def read_names(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
-    except OSError as e:
-        raise DatasetError(f"--class-names {path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise DatasetError(f"--class-names {path}: not a UTF-8 text file (one class name per line)") from None
-
-
-def pack_rgb(rgb):
-    """(..., 3) uint8 colours -> (...) int32 keys R<<16 | G<<8 | B."""
-    rgb = np.asarray(rgb).astype(np.int32)
-    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-
-
-def default_palette(n):
-    """PASCAL VOC's colour map for classes 0..n-1 (the bits of the index spread over R, G and B)."""
-    index = np.arange(n, dtype=np.int64)
-    rgb = np.zeros((n, 3), dtype=np.int64)
-    for shift in range(8):
-        for channel in range(3):
-            bit = (index >> (channel + 3 * shift)) & 1
-            rgb[:, channel] |= bit << (7 - shift)
-    return rgb.astype(np.uint8)
-
-
 # ---------------------------------------------------------------------------- label images
 
 
@@ -269,7 +209,7 @@ class LabelDecoder:
         self.colors = None
         if color_map is not None:
             self.colors = np.asarray(color_map, dtype=np.uint8)
-            keys = pack_rgb(self.colors)
+            keys = palettes.pack_rgb(self.colors)
             self._order = np.argsort(keys)
             self._sorted = keys[self._order]
         self.palette = None  # (K, 3) of the first palette image (no colour map)
@@ -333,7 +273,7 @@ class LabelDecoder:
         return self._map_colors(rgb, path)
 
     def _map_colors(self, rgb, path):
-        keys = pack_rgb(rgb).ravel()
+        keys = palettes.pack_rgb(rgb).ravel()
         pos = np.searchsorted(self._sorted, keys)
         pos = np.minimum(pos, len(self._sorted) - 1)
         found = self._sorted[pos] == keys
@@ -576,9 +516,9 @@ def build_segmentation(images, labels, output, color_map=None, class_names=None,
     inputs = [("--images", images), ("--labels", labels), ("--val-images", val_images),
               ("--val-labels", val_labels), ("--color-map", color_map), ("--class-names", class_names)]
     check_output(output, inputs, force)  # before reading anything: a refused -o costs nothing
-    colors, names = (read_color_map(color_map) if color_map else (None, None))
+    colors, names = (palettes.read_colormap(color_map, "--color-map") if color_map else (None, None))
     if class_names:
-        names = read_names(class_names)
+        names = palettes.read_labels(class_names, "--class-names")
     pairs = pair_folders(images, labels)
     note = None
     if val_images:
@@ -721,7 +661,7 @@ def class_count(hist, colors, ignore_label):
 
 def dataset_palette(classes, colors, palette):
     """K x 3 colours: the colour map, else the labels' palette, padded with PASCAL VOC's colours."""
-    base = default_palette(classes)
+    base = palettes.pascal_palette(classes)
     src = colors if colors is not None else palette
     if src is not None:
         n = min(len(src), classes)
@@ -904,10 +844,10 @@ def dataset_root(db_path):
 
 def read_palette(root, n):
     """palette.txt of a dataset folder (K x 3), padded with PASCAL VOC's colours up to n."""
-    base = default_palette(max(n, 256))
+    base = palettes.pascal_palette(max(n, 256))
     path = os.path.join(root, "palette.txt") if root else None
     if path and os.path.isfile(path):
-        colors, _ = read_color_map(path)
+        colors, _ = palettes.read_colormap(path, "--color-map")
         base[:len(colors)] = colors
     return base
 
@@ -947,7 +887,7 @@ def show_dataset(path, dump=None, fmt="table"):
     (pixel shares) for label databases; with --dump N DIR, write sample images (labels colourized)."""
     databases, root = find_databases(path)
     root = root if os.path.isfile(os.path.join(root, "labels.txt")) else dataset_root(databases[0][1])
-    names = read_names(os.path.join(root, "labels.txt")) if root and os.path.isfile(
+    names = palettes.read_labels(os.path.join(root, "labels.txt")) if root and os.path.isfile(
         os.path.join(root, "labels.txt")) else []
     ignore = None
     if root and os.path.isfile(os.path.join(root, "dataset.json")):

@@ -35,6 +35,7 @@ import sys
 
 import numpy as np
 
+from caffeish import palette as palettes
 from caffeish import io, progress
 from caffeish.errors import CaffeishError, InputShapeRequired
 from caffeish.metrics import ConfusionMatrix
@@ -388,7 +389,7 @@ def dataset_info(db_path):
     """
     import json
 
-    from caffeish.tools.dataset import dataset_root, read_names
+    from caffeish.tools.dataset import dataset_root
 
     root = dataset_root(db_path) if db_path else None
     count = source = ignore = None
@@ -406,7 +407,7 @@ def dataset_info(db_path):
             pass
     names_path = os.path.join(root, "labels.txt")
     if count is None and os.path.isfile(names_path):
-        names = read_names(names_path)
+        names = palettes.read_labels(names_path)
         if names:
             count, source = len(names), names_path
     return count, source, ignore
@@ -422,11 +423,11 @@ def pick_ignore(ignore_label, scorer, dataset_ignore=None):
 
 def _class_names(db_path, n):
     """Class names from the labels.txt of the dataset that holds db_path (else none)."""
-    from caffeish.tools.dataset import dataset_root, read_names
+    from caffeish.tools.dataset import dataset_root
 
     root = dataset_root(db_path) if db_path else None
     if root and os.path.isfile(os.path.join(root, "labels.txt")):
-        return read_names(os.path.join(root, "labels.txt"))
+        return palettes.read_labels(os.path.join(root, "labels.txt"))
     return []
 
 
@@ -456,9 +457,9 @@ def _pairs_from_db(db):
 
 
 def _pairs_from_folders(images, labels, color_map):
-    from caffeish.tools.dataset import LabelDecoder, load_image, pair_folders, read_color_map
+    from caffeish.tools.dataset import LabelDecoder, load_image, pair_folders
 
-    colors = read_color_map(color_map)[0] if color_map else None
+    colors = palettes.read_colormap(color_map, "--color-map")[0] if color_map else None
     decoder = LabelDecoder(colors)
     pairs = pair_folders(images, labels)
     yield len(pairs)
@@ -514,9 +515,8 @@ def _evaluate_pairs(net_path, weights, db, images, labels, color_map, ignore_lab
     pairs = _pairs_from_db(db) if db else _pairs_from_folders(images, labels, color_map)
     known = dataset_info(stage_databases(db)[0]) if db else (None, None, None)
     if color_map:
-        from caffeish.tools.dataset import read_color_map
 
-        colors, map_names = read_color_map(color_map)
+        colors, map_names = palettes.read_colormap(color_map, "--color-map")
         known = (len(colors), color_map, None)
     total = next(pairs)
     net = cm = None
