@@ -264,6 +264,28 @@ def test_bad_images_are_counted_and_outdir_is_never_half_written(files, capsys, 
     assert (folder / "a.png").read_bytes() == before
 
 
+def test_a_failed_write_in_the_writer_thread_stops_the_run_and_leaves_outdir_as_it_was(files, monkeypatch):
+    from caffeish.tools import segment as segment_tool
+    tmp, folder, _ = files
+    out = tmp / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("unrelated")
+    real = segment_tool._save_png
+    writes = []
+
+    def disk_full(img, path):
+        writes.append(path)
+        if len(writes) == 2:
+            raise CaffeishError("simulated: no space left on device")
+        real(img, path)
+
+    monkeypatch.setattr(segment_tool, "_save_png", disk_full)
+    args = ["segment", str(tmp / "fcn.prototxt"), "none", str(folder), "-o", str(out)]
+    assert main(args) == 1
+    assert sorted(os.listdir(out)) == ["keep.txt"]
+    assert sorted(os.listdir(tmp)) == sorted(["fcn.prototxt", "images", "labels.txt", "out"])
+
+
 def test_cli_tiles_give_the_untiled_pictures(files):
     tmp, folder, _ = files
     base = ["segment", str(tmp / "fcn.prototxt"), "none", str(folder / "a.png"), "--seed", "7", "--npy"]

@@ -28,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -147,7 +148,9 @@ def segment_images(seg, images, outdir, colors_spec="pascal", labels=None, overl
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     rows, failed, colors = [], 0, None
     clock = _Clock()
-    with staging(outdir) as stage, progress.bar(total=len(images), desc="segment", unit="img") as bar:
+    pending = None
+    with staging(outdir) as stage, progress.bar(total=len(images), desc="segment", unit="img") as bar, \
+            ThreadPoolExecutor(max_workers=1) as writer:
         for path, _ in images:
             clock.lap("write")  # the bar and bookkeeping count with writing
             try:
@@ -177,14 +180,11 @@ def segment_images(seg, images, outdir, colors_spec="pascal", labels=None, overl
                          f"PNG's {PALETTE_PNG_CLASSES}: NAME.png holds the class indices as 16-bit gray "
                          "(mode I;16, no colors); the overlay shows them in color")
             names = plan[path]
-            for n in names:
-                os.makedirs(os.path.dirname(os.path.join(stage, n)), exist_ok=True)
-            _save_png(label_picture(classes, colors), os.path.join(stage, names[0]))
-            if overlay > 0:
-                img = palettes.overlay_image(shown, classes, colors, overlay, labels, legend)
-                _save_png(img, os.path.join(stage, names[1]))
-            if npy:
-                np.save(os.path.join(stage, names[-1]), scores)
+            if pending is not None:
+                pending.result()  # one image is written while the next one is decoded and run
+            clock.lap("write")
+            pending = writer.submit(_write_outputs, stage, names, classes, colors, shown,
+                                    overlay, labels, legend, scores if npy else None)
             present = np.flatnonzero(np.bincount(classes.ravel(), minlength=n_classes))
             rows.append({
                 "image": path, "size": f"{classes.shape[1]}x{classes.shape[0]}",
@@ -192,8 +192,25 @@ def segment_images(seg, images, outdir, colors_spec="pascal", labels=None, overl
                 "outputs": [os.path.join(outdir, n) for n in names],
             })
             bar.update(1)
+        if pending is not None:
+            pending.result()
         clock.lap("write")
     return rows, failed, clock.seconds
+
+
+def _write_outputs(stage, names, classes, colors, shown, overlay, labels, legend, scores):
+    """One image's files (class PNG, overlay PNG, scores .npy) into the staging folder.
+
+    Runs in a writer thread: PNG encoding and numpy's BLAS both release the GIL,
+    so writing one image overlaps with the next image's forward pass."""
+    for n in names:
+        os.makedirs(os.path.dirname(os.path.join(stage, n)), exist_ok=True)
+    _save_png(label_picture(classes, colors), os.path.join(stage, names[0]))
+    if overlay > 0:
+        img = palettes.overlay_image(shown, classes, colors, overlay, labels, legend)
+        _save_png(img, os.path.join(stage, names[1]))
+    if scores is not None:
+        np.save(os.path.join(stage, names[-1]), scores)
 
 
 def run(args):
