@@ -8,7 +8,7 @@ import importlib
 import sys
 
 from caffeish.errors import CaffeishError
-from caffeish.options import add_net_state_options
+from caffeish.options import add_net_state_options, bytes_arg
 from caffeish.report import FORMATS
 
 # name -> (module in caffeish.tools, help).  Each module has add_arguments(parser) and run(args).
@@ -27,8 +27,8 @@ TOOLS = {
 
 def _summary_options(p):
     add_net_state_options(p)
-    p.add_argument("--max-blob-bytes", type=int, default=None,
-                   help="refuse nets with a blob larger than this many bytes (default 8 GiB)")
+    p.add_argument("--max-blob-bytes", type=bytes_arg, default=None, metavar="SIZE",
+                   help="refuse nets with a blob larger than this (e.g. 16G; default 8G or $CAFFEISH_MAX_BLOB_BYTES)")
     p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
 
 

@@ -21,7 +21,17 @@ from caffeish.schema import TEST, TRAIN, pb
 INT_MAX = 2**31 - 1
 # The name Caffe gives tops it creates itself (loss layers given no top).
 AUTOMATIC = "(automatic)"
-DEFAULT_MAX_BLOB_BYTES = int(os.environ.get("CAFFEISH_MAX_BLOB_BYTES", 8 * 2**30))
+DEFAULT_MAX_BLOB_BYTES = 8 * 2**30  # unless CAFFEISH_MAX_BLOB_BYTES says otherwise (e.g. 16G)
+
+
+def default_max_blob_bytes():
+    """The blob cap: CAFFEISH_MAX_BLOB_BYTES (read when a graph is built) or 8 GiB."""
+    value = os.environ.get("CAFFEISH_MAX_BLOB_BYTES")
+    if value is None:
+        return DEFAULT_MAX_BLOB_BYTES
+    from caffeish.options import parse_bytes  # options imports this module
+
+    return parse_bytes(value, "CAFFEISH_MAX_BLOB_BYTES")
 
 
 def phase_value(phase):
@@ -216,7 +226,7 @@ class Graph:
         self.name = net.name
         self.state = make_state(net, phase, level, stages)
         self.phase = self.state.phase
-        self.max_blob_bytes = DEFAULT_MAX_BLOB_BYTES if max_blob_bytes is None else max_blob_bytes
+        self.max_blob_bytes = default_max_blob_bytes() if max_blob_bytes is None else max_blob_bytes
         self.input_shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
         self.filtered = filter_net(net, self.state)
         self.net = insert_splits(self.filtered, self._explain_missing(net))

@@ -64,3 +64,35 @@ def finite_float(text):
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
     return value
+
+
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(value, what="size"):
+    """Bytes from 4G, 512M, 100K, 2.5GiB, 8GB or a plain number (K, M, G, T are powers of 1024).
+
+    Anything that is not a positive, finite size is a CaffeishError naming `what`."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number, mult = float(value), 1
+    else:
+        text = str(value).strip().upper()
+        text = text[:-1] if text.endswith("B") else text
+        text = text[:-1] if text.endswith("I") else text
+        mult = _UNITS.get(text[-1:], 1)
+        try:
+            number = float(text[:-1] if text[-1:] in _UNITS else text)
+        except ValueError:
+            number = float("nan")
+    if not math.isfinite(number) or number * mult < 1:
+        raise CaffeishError(f"{what}: expected a positive size such as 8G, 512M or 1048576, got '{value}'")
+    return int(number * mult)
+
+
+def bytes_arg(text):
+    """An argparse type for sizes (parse_bytes)."""
+    try:
+        return parse_bytes(text)
+    except CaffeishError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+

@@ -145,3 +145,12 @@ def test_solver_given_as_net_is_explained(tmp_path):
     src = shared_path("models", "bvlc_caffe", "examples", "mnist", "lenet_solver.prototxt")
     code, _, err = run_cli("summary", src)
     assert code == 1 and "solver prototxt" in err
+
+
+def test_max_blob_bytes_takes_sizes(capsys):
+    assert main(["summary", str(EXAMPLE), "--max-blob-bytes", "1K"]) == 1
+    assert "over the cap of 1,024 bytes" in capsys.readouterr().err
+    assert main(["summary", str(EXAMPLE), "--max-blob-bytes", "8G"]) == 0
+    with pytest.raises(SystemExit):
+        main(["summary", str(EXAMPLE), "--max-blob-bytes", "-3"])
+    assert "expected a positive size" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import pytest
 from google.protobuf import text_format
 
 from caffeish import io
-from caffeish.errors import GraphError, MemoryCapError, ShapeError, UnknownLayerTypeError
+from caffeish.errors import CaffeishError, GraphError, MemoryCapError, ShapeError, UnknownLayerTypeError
 from caffeish.graph import Graph, insert_splits
 from caffeish.schema import TEST, TRAIN, pb
 from conftest import SHARED, shared_path
@@ -168,6 +168,18 @@ def test_memory_cap_refuses_before_allocating():
     Graph(net(small))
     with pytest.raises(MemoryCapError):
         Graph(net(small), max_blob_bytes=1000)
+
+
+def test_memory_cap_from_the_environment(monkeypatch):
+    small = 'layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 100 dim: 100 } } }'
+    monkeypatch.setenv("CAFFEISH_MAX_BLOB_BYTES", "100K")  # 120,000 bytes needed
+    with pytest.raises(MemoryCapError, match="over the cap of 102,400 bytes"):
+        Graph(net(small))
+    monkeypatch.setenv("CAFFEISH_MAX_BLOB_BYTES", "1.5M")
+    assert Graph(net(small)).max_blob_bytes == 1572864
+    monkeypatch.setenv("CAFFEISH_MAX_BLOB_BYTES", "lots")
+    with pytest.raises(CaffeishError, match="CAFFEISH_MAX_BLOB_BYTES: expected a positive size.*'lots'"):
+        Graph(net(small))
 
 
 def test_alexnet_fc6_parameters():
