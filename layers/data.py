@@ -95,7 +95,9 @@ class SourceLayer(Layer):
         """InputShapeRequired naming this layer, why, and the --input-shape to pass."""
         tops = list(tops or self.param.top[:1])
         flags = " ".join(f"--input-shape {t}={dims}" for t in tops)
-        return InputShapeRequired(f"layer '{self.name}' ({self.type}): {reason}; pass {flags}")
+        python = ", ".join(f"'{t}': ({dims})" for t in tops)
+        return InputShapeRequired(f"layer '{self.name}' ({self.type}): {reason}; give the shape(s) to feed it "
+                                  f"yourself: {flags} (summary, offsets) or input_shapes={{{python}}} in Python")
 
 
 def reads_files(what):

@@ -129,8 +129,8 @@ class Python(Layer):
         if len(self.param.bottom):
             return ""
         flags = " ".join(f"--input-shape {t}=N,C,H,W" for t in self.param.top)
-        return (f"; or, to feed this data layer's tops yourself, give their shapes on the command line, "
-                f"e.g. {flags} (input_shapes= in Python), or replace it with an Input layer")
+        return (f"; or, to feed this data layer's tops yourself, give their shapes: "
+                f"{flags} (summary, offsets) or input_shapes= in Python, or replace it with an Input layer")
 
     # -- loading the user's class --------------------------------------------------------
     def user_class(self):
