@@ -34,17 +34,18 @@ def pascal_palette(n=256):
     return colors.astype(np.uint8)
 
 
-def read_colormap(path, option="--palette"):
+def read_colormap(path, option="--palette", unique=True):
     """A DIGITS color-map text file -> ((N, 3) uint8 colors, names or None).
 
     Line i is class i: "R G B [name]" (values 0..255, spaces or commas; '#'
-    starts a comment).  Two classes with one color are refused, since a label
-    image in that color could not be mapped back to a class.  `option` names
-    the option the file came from in errors.
+    starts a comment).  With `unique`, two classes with one color are refused:
+    a label image in that color could not be mapped back to a class (colors
+    that are only shown may repeat).  `option` names the option the file came
+    from in errors.
     """
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of line 1
             lines = f.read().splitlines()
     except OSError as e:
         raise CaffeishError(f"{option} {path}: cannot read the color map: {e.strerror or e}") from None
@@ -68,7 +69,7 @@ def read_colormap(path, option="--palette"):
         raise CaffeishError(f"{option} {path}: the color map has no 'R G B' lines")
     colors = np.array(colors, dtype=np.uint8)
     keys = pack_rgb(colors)
-    if len(np.unique(keys)) != len(keys):
+    if unique and len(np.unique(keys)) != len(keys):
         dup = [int(k) for k in keys if (keys == k).sum() > 1][0]
         classes = [i for i, k in enumerate(keys) if k == dup]
         raise CaffeishError(f"{option} {path}: classes {classes} share the color {tuple(int(v) for v in colors[classes[0]])}")
@@ -95,7 +96,7 @@ def read_labels(path, option="--labels"):
     so blank lines inside are kept and only trailing blanks are dropped."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             names = [line.strip() for line in f.read().splitlines()]
     except OSError as e:
         raise CaffeishError(f"{option} {path}: cannot read the labels file: {e.strerror or e}") from None
@@ -116,11 +117,11 @@ def load_palette(spec="pascal"):
         if not os.path.isfile(palette_file):
             raise CaffeishError(f"{path}: a dataset folder with no palette.txt (is it a segmentation dataset?)")
         labels_file = os.path.join(path, "labels.txt")
-        colors, names = read_colormap(palette_file)
+        colors, names = read_colormap(palette_file, unique=False)
         return colors, read_labels(labels_file) if os.path.isfile(labels_file) else names
     if not os.path.exists(path):
         raise CaffeishError(f"--palette {spec}: not 'pascal', a color-map file or a dataset folder")
-    return read_colormap(path)
+    return read_colormap(path, unique=False)
 
 
 def colors_for(colors, n_classes, source="the palette"):

@@ -163,13 +163,16 @@ def test_colormap_errors(tmp_path):
 
 
 def test_colormap_names_and_dataset_labels(tmp_path):
-    (tmp_path / "map.txt").write_text("# DIGITS colour map\n0 0 0 background\n128,0,0 cat  # comment\n")
+    (tmp_path / "map.txt").write_text("\ufeff# DIGITS colour map\n0 0 0 background\n128,0,0 cat  # comment\n")
     colors, names = palettes.read_colormap(tmp_path / "map.txt")
     assert colors.tolist() == [[0, 0, 0], [128, 0, 0]] and names == ["background", "cat"]
     (tmp_path / "palette.txt").write_text("0 0 0\n0 128 0\n")
     assert palettes.load_palette(str(tmp_path))[1] is None
-    (tmp_path / "labels.txt").write_text("sky\n\ntree\n\n")  # a blank name keeps its index
+    (tmp_path / "labels.txt").write_text("\ufeffsky\n\ntree\n\n")  # a blank name keeps its index
     assert palettes.load_palette(str(tmp_path))[1] == ["sky", "", "tree"]
+    # Colors that are only shown may repeat (Cityscapes-style maps reuse black).
+    (tmp_path / "show.txt").write_text("0 0 0\n128 64 128\n0 0 0\n")
+    assert palettes.load_palette(str(tmp_path / "show.txt"))[0].tolist() == [[0, 0, 0], [128, 64, 128], [0, 0, 0]]
 
 
 def _big_picture(hw=(61, 83)):
