@@ -16,6 +16,7 @@ The `caffeish classify` / `caffeish segment` commands are thin faces over them.
 """
 import dataclasses
 import math
+import os
 from fractions import Fraction
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -568,18 +569,30 @@ def segment(net, image, weights=None, preprocess=None, blob=None, tile=None, max
 # ---------------------------------------------------------------------------- folders
 
 
-def find_images(paths):
+OUTPUT_MARKER = ".caffeish-segment"  # in every folder `caffeish segment` writes; find_images skips those
+
+
+def image_error(path, error):
+    """One image's error for stderr: the message, led by the image's path unless it already names it."""
+    message = str(error)
+    return message if message.startswith(os.fspath(path)) else f"{os.fspath(path)}: {message}"
+
+
+def find_images(paths, exclude=()):
     """(images, notes): every image named or found (recursively, sorted) in folders.
 
     images: [(path, name relative to its folder argument)]; a named file is
     taken whatever its extension (a bad one fails when decoded); files in
     folders without an image extension are skipped, each with a note; hidden
-    files and folders are ignored.
+    files and folders are ignored (the staging folders `segment` writes,
+    `.NAME.*.tmp`, among them).  Below a folder argument, the folders in
+    `exclude` (segment's OUTDIR) and the folders an earlier `segment` wrote
+    (they hold OUTPUT_MARKER) are not searched, each with a note, so that
+    pictures written inside an input folder are never taken for photos.
     """
-    import os
-
     from caffeish.preprocess import is_image_name
 
+    skip = {os.path.realpath(os.fspath(e)) for e in exclude}
     images, notes = [], []
     for p in paths:
         p = os.fspath(p)
@@ -587,7 +600,19 @@ def find_images(paths):
             images.append((p, os.path.basename(p)))
             continue
         for root, dirs, files in os.walk(p):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            kept = []
+            for d in sorted(dirs):
+                if d.startswith("."):
+                    continue
+                sub = os.path.join(root, d)
+                if skip and os.path.realpath(sub) in skip:
+                    notes.append(f"skipped {sub}: it is the output folder")
+                    continue
+                if os.path.exists(os.path.join(sub, OUTPUT_MARKER)):
+                    notes.append(f"skipped {sub}: it holds the pictures of an earlier caffeish segment")
+                    continue
+                kept.append(d)
+            dirs[:] = kept
             for f in sorted(files):
                 if f.startswith("."):
                     continue

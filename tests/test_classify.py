@@ -186,7 +186,7 @@ def test_bad_files_are_named_and_counted(digits, lenet, tmp_path, capsys):
         ["digit3.png", "digit4.png"]
     assert "readme.txt: not an image file" in captured.err
     assert "broken.png: cannot read as an image" in captured.err
-    assert "1 of 3 images could not be read" in captured.err
+    assert "1 of 3 images could not be classified" in captured.err
 
 
 def test_output_blob_choice_and_errors(lenet, digits, tmp_path, capsys):
@@ -267,3 +267,56 @@ def test_api_checks_channel_swap_top_k_and_batch_size(tiny_rgb):
     kept = caffeish.classify(net, image, preprocess=Preprocess(channel_swap=(0, 1, 2)))
     rgb = caffeish.classify(net, image, preprocess=Preprocess(channel_swap=None))
     np.testing.assert_array_equal(kept.probs, rgb.probs)
+
+
+# An Embed layer reads each gray pixel as an index below 200: an image with a brighter pixel is refused
+# by the forward pass (InputValueError), whatever the batch it is in.
+EMBED_NET = """
+name: "embed"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 1 dim: 2 dim: 2 } } }
+layer { name: "embed" type: "Embed" bottom: "data" top: "embed"
+  embed_param { num_output: 3 input_dim: 200 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "fc" type: "InnerProduct" bottom: "embed" top: "fc"
+  inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+"""
+
+
+def test_an_image_the_net_refuses_fails_alone_and_its_batch_gets_results(tmp_path, capsys, monkeypatch):
+    from caffeish import inference
+    (tmp_path / "embed.prototxt").write_text(EMBED_NET)
+    folder = tmp_path / "gray"
+    folder.mkdir()
+    pixels = {"a.png": [[3, 50], [199, 0]], "b.png": [[10, 250], [20, 30]], "c.png": [[7, 7], [120, 64]],
+              "d.png": [[1, 2], [3, 4]]}
+    for name, values in pixels.items():
+        Image.fromarray(np.array(values, np.uint8)).save(folder / name)
+    calls = []
+    real = inference.Classifier.predict
+    monkeypatch.setattr(inference.Classifier, "predict", lambda self, p: calls.append(len(p)) or real(self, p))
+    args = ["classify", str(tmp_path / "embed.prototxt"), "none", str(folder), "--seed", "3", "--top-k", "4",
+            "--format", "json", "--batch-size", "3"]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert calls == [3, 1, 1, 1, 1]  # the failed batch again image by image; the last batch in one pass
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert [line["image"].rsplit("/", 1)[-1] for line in lines] == ["a.png", "c.png", "d.png"]
+    assert f"caffeish classify: error: {folder / 'b.png'}: layer 'embed' (Embed): bottom value 250.0" in captured.err
+    assert "1 of 4 images could not be classified" in captured.err
+    net = caffeish.Net(str(tmp_path / "embed.prototxt"), None, caffeish.TEST, seed=3)
+    x = np.array([pixels[n] for n in ("a.png", "c.png", "d.png")], np.float32)[:, None]
+    net.reshape(data=x.shape)
+    prob = net.forward(data=x)["prob"]
+    for line, want in zip(lines, prob):
+        got = np.zeros(4)
+        for entry in line["top"]:
+            got[entry["class"]] = entry["probability"]
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    # Without the bad image every batch is one forward pass.
+    (folder / "b.png").unlink()
+    calls.clear()
+    assert main(args) == 0 and calls == [3]
+    # A bug (not a CaffeishError) is not taken for a bad image.
+    monkeypatch.setattr(inference.Classifier, "predict", lambda self, p: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(args)

@@ -106,7 +106,8 @@ def test_cli_writes_palette_png_overlay_legend_and_scores(net, files, capsys):
     assert main(["segment", str(tmp / "fcn.prototxt"), "none", str(folder), "-o", str(out), "--seed", "7",
                  "--mean-value", "104,117,123", "--legend", "--npy", "--labels", str(tmp / "labels.txt")]) == 0
     assert "a.png" in capsys.readouterr().out
-    assert sorted(os.listdir(out)) == ["a.npy", "a.png", "a_overlay.png", "b.npy", "b.png", "b_overlay.png"]
+    assert sorted(os.listdir(out)) == [".caffeish-segment", "a.npy", "a.png", "a_overlay.png", "b.npy", "b.png",
+                                       "b_overlay.png"]
     pascal = palettes.pascal_palette()
     for name, hw in (("a", (37, 53)), ("b", (40, 31))):
         scores = _reference(net, arrays[name + ".png"])
@@ -237,18 +238,18 @@ def test_bad_images_are_counted_and_outdir_is_never_half_written(files, capsys, 
     (out / "a.png").write_bytes(b"old result")
     (out / "keep.txt").write_text("unrelated")
     args = ["segment", str(tmp / "fcn.prototxt"), "none", str(folder), "-o", str(out), "--overlay", "0"]
-    # A failure in the middle of the run leaves OUTDIR as it was, and no temporary folder behind.
+    # An interrupt in the middle of the run leaves OUTDIR as it was, and no temporary folder behind.
     calls = []
 
-    def failing(self, x):
+    def interrupted(self, x):
         calls.append(1)
         if len(calls) == 2:
-            raise CaffeishError("simulated failure")
+            raise KeyboardInterrupt
         return real(self, x)
 
     real = inference.Segmenter.scores
-    monkeypatch.setattr(inference.Segmenter, "scores", failing)
-    assert main(args) == 1
+    monkeypatch.setattr(inference.Segmenter, "scores", interrupted)
+    assert main(args) == 130
     assert sorted(os.listdir(out)) == ["a.png", "keep.txt"] and (out / "a.png").read_bytes() == b"old result"
     assert sorted(os.listdir(tmp)) == sorted(["fcn.prototxt", "images", "labels.txt", "out"])
     monkeypatch.setattr(inference.Segmenter, "scores", real)
@@ -256,8 +257,8 @@ def test_bad_images_are_counted_and_outdir_is_never_half_written(files, capsys, 
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "notes.md: not an image file" in err and "c.jpg: cannot read as an image" in err
-    assert "1 of 3 images could not be read" in err
-    assert sorted(os.listdir(out)) == ["a.png", "b.png", "keep.txt"]
+    assert "1 of 3 images could not be segmented" in err
+    assert sorted(os.listdir(out)) == [".caffeish-segment", "a.png", "b.png", "keep.txt"]
     with Image.open(out / "a.png") as png:
         assert png.mode == "P"
     # Writing next to the inputs would replace them: refused before anything runs.
@@ -332,7 +333,7 @@ def test_more_than_256_classes_give_a_16_bit_index_png_an_overlay_and_scores(tmp
                  str(tmp_path / "gray.png"), "-o", str(out), "--npy", "--overlay", "0.5"]) == 0
     captured = capsys.readouterr()
     assert "the net scores 300 classes" in captured.err and "16-bit gray" in captured.err
-    assert sorted(os.listdir(out)) == ["gray.npy", "gray.png", "gray_overlay.png"]
+    assert sorted(os.listdir(out)) == [".caffeish-segment", "gray.npy", "gray.png", "gray_overlay.png"]
     with Image.open(out / "gray.png") as png:
         assert png.mode.startswith("I") and png.size == (5, 1)
         np.testing.assert_array_equal(np.asarray(png), want)
@@ -378,3 +379,135 @@ def test_channel_swap_of_the_wrong_length_is_refused(net, files):
     _, folder, _ = files
     with pytest.raises(ShapeError, match="channel swap 1,0 lists 2 channels but the net input has 3"):
         caffeish.segment(net, str(folder / "a.png"), preprocess=Preprocess(channel_swap=(1, 0)))
+
+
+def test_output_names_never_collide():
+    from caffeish.tools.segment import output_names
+    images = [(f"in/{n}", n) for n in ("a.jpg", "a.png", "a_overlay.png", "a_png.png", "sub/b.png")]
+    images += [("other/a.png", "a.png"), ("other/A.png", "A.png")]  # the same name in a second folder argument
+    plan = output_names(images, npy=True, overlay=True)
+    assert [names[0] for names in plan] == ["a.png", "a_png.png", "a_overlay_png.png", "a_png_png.png",
+                                            "sub/b.png", "a_png_2.png", "A_png_3.png"]
+    assert plan[2] == ["a_overlay_png.png", "a_overlay_png_overlay.png", "a_overlay_png.npy"]
+    every = [n.casefold() for names in plan for n in names]
+    assert len(every) == len(set(every)) == 3 * len(images)
+    assert output_names(images, npy=True, overlay=True) == plan  # deterministic
+    # Without overlays a.png and a_overlay.png do not meet.
+    assert [n[0] for n in output_names(images[1:3], npy=False, overlay=False)] == ["a.png", "a_overlay.png"]
+
+
+def test_an_image_named_like_an_overlay_keeps_both_pictures(files, capsys):
+    tmp, _, _ = files
+    coll = tmp / "coll"
+    coll.mkdir()
+    rng = np.random.default_rng(5)
+    Image.fromarray(_picture(rng, (20, 24))).save(coll / "a.png")
+    Image.fromarray(_picture(rng, (28, 16))).save(coll / "a_overlay.png")
+    out = tmp / "collout"
+    assert main(["segment", str(tmp / "fcn.prototxt"), "none", str(coll), "-o", str(out), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [[os.path.basename(o) for o in r["outputs"]] for r in rows] == [
+        ["a.png", "a_overlay.png"], ["a_overlay_png.png", "a_overlay_png_overlay.png"]]
+    sizes = {}
+    for name in ("a.png", "a_overlay.png", "a_overlay_png.png", "a_overlay_png_overlay.png"):
+        with Image.open(out / name) as im:
+            sizes[name] = im.size
+    assert sizes["a.png"] == sizes["a_overlay.png"] == (24, 20)  # a.png's classes and overlay
+    assert sizes["a_overlay_png.png"] == sizes["a_overlay_png_overlay.png"] == (16, 28)
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_searched(files, capsys):
+    tmp, _, arrays = files
+    imgs = tmp / "imgs2"
+    imgs.mkdir()
+    Image.fromarray(arrays["a.png"]).save(imgs / "im0.png")
+    base = ["segment", str(tmp / "fcn.prototxt"), "none", str(imgs), "--format", "json"]
+    for run in range(2):  # the second run used to take out/im0.png for an input it would replace
+        assert main(base + ["-o", str(imgs / "out")]) == 0
+        captured = capsys.readouterr()
+        assert [r["image"] for r in json.loads(captured.out)["rows"]] == [str(imgs / "im0.png")]
+        assert (f"skipped {imgs / 'out'}: it is the output folder" in captured.err) == (run == 1)
+    assert sorted(os.listdir(imgs / "out")) == [".caffeish-segment", "im0.png", "im0_overlay.png"]
+    # Another OUTDIR: the pictures of the earlier run are not segmented as photos either.
+    assert main(base + ["-o", str(imgs / "out2")]) == 0
+    captured = capsys.readouterr()
+    assert [r["image"] for r in json.loads(captured.out)["rows"]] == [str(imgs / "im0.png")]
+    assert "it holds the pictures of an earlier caffeish segment" in captured.err
+    with Image.open(imgs / "out" / "im0.png") as first, Image.open(imgs / "out2" / "im0.png") as second:
+        np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
+    # A folder given by name is searched even when it holds the marker.
+    assert main(base[:3] + [str(imgs / "out"), "-o", str(tmp / "again"), "--overlay", "0", "--format", "json"]) == 0
+    assert [os.path.basename(r["image"]) for r in json.loads(capsys.readouterr().out)["rows"]] == \
+        ["im0.png", "im0_overlay.png"]
+    # Pictures written into an input folder itself do not mark it as an output folder.
+    photos = tmp / "photos"
+    photos.mkdir()
+    Image.fromarray(arrays["b.png"]).save(photos / "x.jpg")
+    assert main(base[:3] + [str(photos), "-o", str(photos)]) == 0
+    assert sorted(os.listdir(photos)) == ["x.jpg", "x.png", "x_overlay.png"]
+
+
+# conv 3x3 then deconv 3x3: the scores have the input's size, but a 1x1 image makes the conv's output -1.
+SMALL_FCN = """
+name: "small_fcn"
+layer { name: "input" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "c" type: "Convolution" bottom: "data" top: "c"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 0.05 } } }
+layer { name: "score" type: "Deconvolution" bottom: "c" top: "score"
+  convolution_param { num_output: 3 kernel_size: 3 weight_filler { type: "gaussian" std: 0.5 } } }
+"""
+
+
+def test_an_image_the_net_refuses_is_named_and_the_others_are_written(tmp_path, capsys, monkeypatch):
+    (tmp_path / "small.prototxt").write_text(SMALL_FCN)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    rng = np.random.default_rng(8)
+    arrays = {"a.png": _picture(rng, (48, 48)), "b.png": _picture(rng, (1, 1)), "c.png": _picture(rng, (20, 30))}
+    for name, arr in arrays.items():
+        Image.fromarray(arr).save(mixed / name)
+    out = tmp_path / "out"
+    args = ["segment", str(tmp_path / "small.prototxt"), "none", str(mixed), "-o", str(out), "--seed", "4",
+            "--npy", "--format", "json"]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert [os.path.basename(r["image"]) for r in json.loads(captured.out)["rows"]] == ["a.png", "c.png"]
+    assert f"caffeish segment: error: {mixed / 'b.png'}: layer 'c' (Convolution): output size" in captured.err
+    assert "1 of 3 images could not be segmented" in captured.err
+    assert sorted(os.listdir(out)) == [".caffeish-segment", "a.npy", "a.png", "a_overlay.png", "c.npy", "c.png",
+                                       "c_overlay.png"]
+    net = caffeish.Net(parse_text(SMALL_FCN, pb.NetParameter()), seed=4)
+    for name in ("a", "c"):
+        x = arrays[name + ".png"][:, :, ::-1].transpose(2, 0, 1).astype(np.float32)[np.newaxis]
+        net.reshape(data=x.shape)
+        want = net.forward(data=x)["score"][0]
+        np.testing.assert_array_equal(np.load(out / f"{name}.npy"), want)
+        with Image.open(out / f"{name}.png") as png:
+            np.testing.assert_array_equal(np.asarray(png), want.argmax(axis=0))
+    # A bug (not a CaffeishError) still stops the run, and OUTDIR stays as it was.
+    def broken(self, image, pixels=None):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(inference.Segmenter, "prepare", broken)
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(args)
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["mixed", "out", "small.prototxt"]
+
+
+def test_an_unusable_outdir_is_refused_before_any_image_runs(files, capsys, monkeypatch):
+    tmp, folder, _ = files
+    (tmp / "file").write_text("a file")
+    calls = []
+    monkeypatch.setattr(inference.Segmenter, "load", lambda self, image: calls.append(image))
+    base = ["segment", str(tmp / "fcn.prototxt"), "none", str(folder), "-o"]
+    for outdir, message in ((tmp / "file", f"output folder {tmp / 'file'} exists and is not a folder"),
+                            (tmp / "file" / "sub" / "out", f"{tmp / 'file'} is not a folder")):
+        assert main(base + [str(outdir)]) == 1
+        assert message in capsys.readouterr().err
+    assert calls == [] and (tmp / "file").read_text() == "a file"
+    # Folders created above OUTDIR for the staging go again when the run stops.
+    monkeypatch.setattr(inference.Segmenter, "load", lambda self, image: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(base + [str(tmp / "new" / "deeper" / "out")]) == 130
+    assert not (tmp / "new").exists()

@@ -9,16 +9,19 @@ are skipped with a note).  Images are preprocessed as Caffe's Data layer
 would (BGR, 0..255, minus the mean, times --scale; see caffeish/preprocess.py),
 resized to the net input and batched.  The probabilities come from the last
 Softmax (or --blob).  `--format json` writes JSON Lines, one object per image,
-as each batch finishes.  An unreadable image is named on stderr; the others
-go on, and the exit status is 1 with a count at the end.
+as each batch finishes.  An image that cannot be read or run is named on
+stderr; the others go on (a batch that fails is run again image by image),
+and the exit status is 1 with a count at the end.
 """
 import csv
 import json
 import sys
 
+import numpy as np
+
 from caffeish import palette, preprocess, progress, report
 from caffeish.errors import CaffeishError
-from caffeish.inference import Classifier, find_images, open_net, top_classes
+from caffeish.inference import Classifier, find_images, image_error, open_net, top_classes
 from caffeish.options import add_gpu_option, device_from_args, finite_float, int_arg
 
 FORMATS = ("table", "json", "csv")
@@ -91,6 +94,30 @@ class _Writer:
             self.out.write(report.render(self.columns, self.table, "table"))
 
 
+def predict_each(clf, paths, prepared, fail):
+    """[(path, output row)] of a batch in one forward pass.
+
+    When the batch fails (a CaffeishError: an input the net refuses), each
+    image is run alone, so that only the images that fail themselves go to
+    `fail(path, error)` and the others of the batch still get results; the
+    common path stays one forward per batch."""
+    if not prepared:
+        return []
+    try:
+        return list(zip(paths, clf.predict(prepared)))
+    except CaffeishError as e:
+        if len(prepared) == 1:
+            fail(paths[0], e)
+            return []
+    results = []
+    for path, x in zip(paths, prepared):
+        try:
+            results.append((path, clf.predict([x])[0]))
+        except CaffeishError as e:
+            fail(path, e)
+    return results
+
+
 def run(args):
     images, notes = find_images(args.images)
     for note in notes:
@@ -105,26 +132,33 @@ def run(args):
     softmax = any(n.type == "Softmax" and clf.blob in n.tops for n in net.nodes)
     writer = _Writer(args.format, labels, "probability" if softmax else "score")
     failed = 0
+
+    def fail(path, error):
+        nonlocal failed
+        failed += 1
+        bar.clear()
+        print(f"caffeish classify: error: {image_error(path, error)}", file=sys.stderr)
+
     with progress.bar(total=len(images), desc="classify", unit="img") as bar:
         for start in range(0, len(images), args.batch_size):
+            chunk = images[start:start + args.batch_size]
             batch, prepared = [], []
-            for path, _ in images[start:start + args.batch_size]:
+            for path, _ in chunk:
                 try:
-                    pixels = clf.load(path)
+                    prepared.append(clf.prepare(path, clf.load(path)))
                 except CaffeishError as e:
-                    failed += 1
-                    bar.clear()
-                    print(f"caffeish classify: error: {e}", file=sys.stderr)
+                    fail(path, e)
                     continue
-                prepared.append(clf.prepare(path, pixels))
                 batch.append(path)
-            if prepared:
-                top, values = top_classes(clf.predict(prepared), args.top_k)
-                for path, t, v in zip(batch, top, values):
+            results = predict_each(clf, batch, prepared, fail)
+            if results:
+                top, values = top_classes(np.stack([row for _, row in results]), args.top_k)
+                for (path, _), t, v in zip(results, top, values):
                     writer.write(path, t, v)
-            bar.update(len(images[start:start + args.batch_size]))
+            bar.update(len(chunk))
     writer.close()
     if failed:
-        print(f"caffeish classify: {failed} of {len(images)} images could not be read", file=sys.stderr)
+        print(f"caffeish classify: {failed} of {len(images)} images could not be classified (named above)",
+              file=sys.stderr)
         return 1
     return 0

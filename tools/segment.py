@@ -19,8 +19,14 @@ color-map file (one 'R G B' line per class) or a dataset folder's palette.txt
 that give exactly the untiled classes.
 Everything is written to a temporary folder first and moved into OUTDIR at the
 end, so OUTDIR never holds a half-written run; input files are never replaced.
-An unreadable image is named on stderr, the others go on, and the exit status
-is 1 with a count at the end.
+Output names never collide (a.png and a_overlay.png: the second is written as
+a_overlay_png.png and a_overlay_png_overlay.png).  OUTDIR is never searched
+for images, and it gets a hidden marker file, .caffeish-segment (unless it
+holds input images): folders holding it are skipped when searching folders,
+so pictures written inside an input folder are never taken for photos.
+An image that cannot be read or run (a bad file, a size the net refuses) is
+named on stderr, the others go on, and the exit status is 1 with a count at
+the end.
 """
 import contextlib
 import os
@@ -35,8 +41,8 @@ import numpy as np
 from caffeish import palette as palettes
 from caffeish import preprocess, progress, report
 from caffeish.errors import CaffeishError
-from caffeish.inference import (DEFAULT_MAX_MEMORY, PALETTE_PNG_CLASSES, Segmenter, class_colors, class_map,
-                                find_images, label_picture, open_net)
+from caffeish.inference import (DEFAULT_MAX_MEMORY, OUTPUT_MARKER, PALETTE_PNG_CLASSES, Segmenter, class_colors,
+                                class_map, find_images, image_error, label_picture, open_net)
 from caffeish.options import add_gpu_option, device_from_args, finite_float, int_arg
 from caffeish.report import FORMATS
 
@@ -70,31 +76,85 @@ def add_arguments(p):
 
 
 def output_names(images, npy, overlay):
-    """{image path: [relative output paths]} (NAME.png, NAME_overlay.png, NAME.npy); names kept unique."""
-    used, plan = set(), {}
-    for path, rel in images:
-        stem, ext = os.path.splitext(rel)
-        if stem in used:  # a.jpg and a.png in the same folder
-            stem = f"{stem}_{ext.lstrip('.')}"
-        used.add(stem)
+    """[relative output paths] per image (NAME.png, NAME_overlay.png, NAME.npy), no two alike.
+
+    Each image's stem is its relative name without the extension.  When one
+    of its outputs is already taken (a.jpg and a.png; a.png and a_overlay.png,
+    whose overlay would be a_overlay.png too; the same name in two folder
+    arguments), the extension is added to the stem (a_png), then a number
+    (a_png_2, ...), until none of its outputs is taken: deterministic, in the
+    order of `images`.  Names are compared case-folded, so that no output
+    replaces another on a case-insensitive file system either.
+    """
+    used, plan = set(), []
+
+    def names_for(stem):
         names = [stem + ".png"]
         if overlay:
             names.append(stem + "_overlay.png")
         if npy:
             names.append(stem + ".npy")
-        plan[path] = names
+        return names
+
+    for path, rel in images:
+        for stem in _stems(*os.path.splitext(rel)):
+            names = names_for(stem)
+            if not any(name.casefold() in used for name in names):
+                break
+        used.update(name.casefold() for name in names)
+        plan.append(names)
     return plan
 
 
-def _check_inputs(plan, outdir):
+def _stems(stem, ext):
+    """a, then a_png, a_png_2, a_png_3, ... for a.png (a, a_2, ... without an extension)."""
+    yield stem
+    tag = ext.lstrip(".")
+    base = f"{stem}_{tag}" if tag else stem
+    if tag:
+        yield base
+    n = 2
+    while True:
+        yield f"{base}_{n}"
+        n += 1
+
+
+def _check_inputs(images, plan, outdir):
     """Refuse to run when an output would replace one of the input images."""
-    inputs = {os.path.realpath(p) for p in plan}
-    for names in plan.values():
+    inputs = {os.path.realpath(p) for p, _ in images}
+    for names in plan:
         for n in names:
             target = os.path.realpath(os.path.join(outdir, n))
             if target in inputs:
                 raise CaffeishError(f"{os.path.join(outdir, n)} would replace an input image; "
                                     "choose another output folder")
+
+
+def _holds_inputs(outdir, images):
+    """Whether one of the input images lies in OUTDIR or below it."""
+    top = os.path.join(os.path.realpath(outdir), "")
+    return any(os.path.realpath(p).startswith(top) for p, _ in images)
+
+
+def check_outdir(outdir):
+    """Refuse, before any image runs, an OUTDIR that cannot take the pictures.
+
+    OUTDIR must be a folder we may write in, or not exist yet with its nearest
+    existing ancestor a folder we may write in (the missing folders are created
+    when the run is staged)."""
+    if os.path.lexists(outdir) and not os.path.isdir(outdir):
+        raise CaffeishError(f"output folder {outdir} exists and is not a folder")
+    if os.path.isdir(outdir):
+        if not os.access(outdir, os.W_OK | os.X_OK):
+            raise CaffeishError(f"output folder {outdir}: no permission to write in it")
+        return
+    ancestor = os.path.dirname(os.path.abspath(outdir))
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise CaffeishError(f"cannot create output folder {outdir}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CaffeishError(f"cannot create output folder {outdir}: no permission to write in {ancestor}")
 
 
 def _save_png(img, path):
@@ -103,28 +163,50 @@ def _save_png(img, path):
 
 @contextlib.contextmanager
 def staging(outdir):
-    """A temporary folder beside OUTDIR; on success its files move into OUTDIR (created if needed)."""
+    """A temporary folder beside OUTDIR; on success its files move into OUTDIR (created if needed).
+
+    On failure the temporary folder goes, and so do the folders above OUTDIR
+    that were created for it: OUTDIR and its surroundings stay as they were."""
     outdir = os.path.abspath(outdir)
     parent = os.path.dirname(outdir)
-    os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(outdir)}.", suffix=".tmp", dir=parent)
+    created = []  # missing ancestors, outermost first
+    ancestor = parent
+    while not os.path.lexists(ancestor):
+        created.insert(0, ancestor)
+        ancestor = os.path.dirname(ancestor)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        stage = tempfile.mkdtemp(prefix=f".{os.path.basename(outdir)}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        _remove_empty(created)
+        raise CaffeishError(f"cannot create output folder {outdir}: {e.strerror or e}") from None
     try:
         yield stage
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        _remove_empty(created)
         raise
     if not os.path.exists(outdir):
         os.replace(stage, outdir)
         return
     if not os.path.isdir(outdir):
         shutil.rmtree(stage, ignore_errors=True)
-        raise CaffeishError(f"{outdir} exists and is not a folder")
+        raise CaffeishError(f"output folder {outdir} exists and is not a folder")
     for root, _, files in os.walk(stage):
         dest = os.path.join(outdir, os.path.relpath(root, stage))
         os.makedirs(dest, exist_ok=True)
         for f in files:
             os.replace(os.path.join(root, f), os.path.join(dest, f))
     shutil.rmtree(stage, ignore_errors=True)
+
+
+def _remove_empty(folders):
+    """Remove the folders this run created (innermost first), where still empty."""
+    for folder in reversed(folders):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 class _Clock:
@@ -140,9 +222,15 @@ class _Clock:
 
 def segment_images(seg, images, outdir, colors_spec="pascal", labels=None, overlay=0.6, legend=False,
                    npy=False, warn=None):
-    """Segment `images` ([(path, relative name)]) into outdir; returns (rows, failed, seconds per stage)."""
+    """Segment `images` ([(path, relative name)]) into outdir; returns (rows, failed, seconds per stage).
+
+    An image that cannot be read, preprocessed or run (a CaffeishError: a bad
+    file, a size the net refuses) is named through `warn`, counted in `failed`,
+    and the others go on.  Anything else (a failed write, an interrupt, a bug)
+    stops the run with OUTDIR as it was."""
     plan = output_names(images, npy, overlay > 0)
-    _check_inputs(plan, outdir)
+    _check_inputs(images, plan, outdir)
+    check_outdir(outdir)
     base_colors, dataset_labels = palettes.load_palette(colors_spec)
     labels = labels if labels is not None else dataset_labels
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
@@ -151,27 +239,19 @@ def segment_images(seg, images, outdir, colors_spec="pascal", labels=None, overl
     pending = None
     with staging(outdir) as stage, progress.bar(total=len(images), desc="segment", unit="img") as bar, \
             ThreadPoolExecutor(max_workers=1) as writer:
-        for path, _ in images:
+        if not _holds_inputs(outdir, images):  # an input folder written into stays an input folder
+            with open(os.path.join(stage, OUTPUT_MARKER), "w") as f:
+                f.write("written by caffeish segment: folders holding this file are not searched for images\n")
+        for (path, _), names in zip(images, plan):
             clock.lap("write")  # the bar and bookkeeping count with writing
             try:
-                pixels = seg.load(path)
+                shown, classes, scores = _segment_one(seg, path, npy, clock)
             except CaffeishError as e:
                 failed += 1
                 bar.clear()
-                warn(f"caffeish segment: error: {e}")
+                warn(f"caffeish segment: error: {image_error(path, e)}")
                 bar.update(1)
                 continue
-            clock.lap("decode")
-            shown, x = seg.prepare(path, pixels)
-            clock.lap("preprocess")
-            if seg.tile_size(x.shape[1:]) is None:
-                scores = seg.scores(x)
-                clock.lap("forward")
-                classes = class_map(scores)
-            else:  # tiles: classes per tile, the scores only for --npy
-                classes, scores = seg.run(x, keep_scores=npy)
-                clock.lap("forward")
-            clock.lap("argmax")
             n_classes = seg.n_classes
             if colors is None:
                 colors = class_colors(colors_spec, base_colors, n_classes)
@@ -179,7 +259,6 @@ def segment_images(seg, images, outdir, colors_spec="pascal", labels=None, overl
                     warn(f"caffeish segment: note: the net scores {n_classes} classes, more than a palette "
                          f"PNG's {PALETTE_PNG_CLASSES}: NAME.png holds the class indices as 16-bit gray "
                          "(mode I;16, no colors); the overlay shows them in color")
-            names = plan[path]
             if pending is not None:
                 pending.result()  # one image is written while the next one is decoded and run
             clock.lap("write")
@@ -198,6 +277,23 @@ def segment_images(seg, images, outdir, colors_spec="pascal", labels=None, overl
     return rows, failed, clock.seconds
 
 
+def _segment_one(seg, path, npy, clock):
+    """(picture, classes, scores or None) of one image: decode, preprocess, forward, argmax."""
+    pixels = seg.load(path)
+    clock.lap("decode")
+    shown, x = seg.prepare(path, pixels)
+    clock.lap("preprocess")
+    if seg.tile_size(x.shape[1:]) is None:
+        scores = seg.scores(x)
+        clock.lap("forward")
+        classes = class_map(scores)
+    else:  # tiles: classes per tile, the scores only for --npy
+        classes, scores = seg.run(x, keep_scores=npy)
+        clock.lap("forward")
+    clock.lap("argmax")
+    return shown, classes, scores
+
+
 def _write_outputs(stage, names, classes, colors, shown, overlay, labels, legend, scores):
     """One image's files (class PNG, overlay PNG, scores .npy) into the staging folder.
 
@@ -214,7 +310,8 @@ def _write_outputs(stage, names, classes, colors, shown, overlay, labels, legend
 
 
 def run(args):
-    images, notes = find_images(args.images)
+    check_outdir(args.output)
+    images, notes = find_images(args.images, exclude=[args.output])
     for note in notes:
         print(f"caffeish segment: note: {note}", file=sys.stderr)
     if not images:
@@ -244,6 +341,7 @@ def run(args):
         print(f"timing: total {total:.3f} s for {done} images ({rate:.3f} images/s), overhead "
               f"{100.0 * (total - seconds['forward']) / total if total else 0.0:.1f}%", file=sys.stderr)
     if failed:
-        print(f"caffeish segment: {failed} of {len(images)} images could not be read", file=sys.stderr)
+        print(f"caffeish segment: {failed} of {len(images)} images could not be segmented (named above)",
+              file=sys.stderr)
         return 1
     return 0
