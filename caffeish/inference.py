@@ -26,6 +26,7 @@ from caffeish import backend as backends
 from caffeish import geometry
 from caffeish import palette as palettes
 from caffeish.errors import CaffeishError, GraphError, ShapeError
+from caffeish.options import parse_bytes
 from caffeish.preprocess import Preprocess
 
 DEFAULT_MAX_MEMORY = 4 << 30  # bytes of blobs one segmentation forward may use before tiling
@@ -372,22 +373,8 @@ def label_picture(classes, colors):
 
 
 def _parse_memory(value):
-    """Bytes from 4G, 512M, 100K, 2.5GiB or a number; a size that is not a positive number is an error."""
-    if value is None:
-        return DEFAULT_MAX_MEMORY
-    if isinstance(value, (int, float)):
-        number, mult = float(value), 1
-    else:
-        text = str(value).strip().upper().rstrip("B").rstrip("I")
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-        mult = units.get(text[-1:], 1)
-        try:
-            number = float(text[:-1] if text[-1:] in units else text)
-        except ValueError:
-            raise CaffeishError(f"memory size: expected a number with K, M or G, got '{value}'") from None
-    if not math.isfinite(number) or number * mult < 1:
-        raise CaffeishError(f"memory size: expected a positive size such as 4G or 512M, got '{value}'")
-    return int(number * mult)
+    """Bytes from 4G, 512M, 100K, 2.5GiB or a number (options.parse_bytes); None: the default."""
+    return DEFAULT_MAX_MEMORY if value is None else parse_bytes(value, "memory size")
 
 
 class Segmenter:

@@ -357,7 +357,7 @@ def test_more_than_256_classes_give_a_16_bit_index_png_an_overlay_and_scores(tmp
 @pytest.mark.parametrize("option, value, message, code", [
     ("--seed", "-1", "argument --seed: must be at least 0, got -1", 2),  # was numpy's ValueError traceback
     ("--overlay", "nan", "argument --overlay: expected a finite number, got 'nan'", 2),
-    ("--max-memory", "-5", "memory size: expected a positive size such as 4G or 512M, got '-5'", 1),  # math error
+    ("--max-memory", "-5", "memory size: expected a positive size such as 8G, 512M or 1048576, got '-5'", 1),  # math error
     ("--max-memory", "0", "expected a positive size", 1),
     ("--max-memory", "nan", "expected a positive size", 1),
     ("--max-memory", "inf", "expected a positive size", 1),
