@@ -10,6 +10,9 @@
 * `read_binaryproto(path)` reads a BlobProto (mean file) into float32.
 * `write_prototxt`, `write_caffemodel` and `write_binaryproto` write atomically
   (temp file in the same folder, then rename) and never overwrite an input.
+  `atomic_outputs` stages several files and renames them only once all are
+  written; `check_outputs` refuses, before any work, an output that is an
+  input, lies inside an input folder, is a folder or has no folder.
 """
 import contextlib
 import mmap
@@ -429,6 +432,116 @@ def atomic_output(path, inputs=()):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_outputs(paths, inputs=()):
+    """Several outputs all or nothing: yields one open binary temp file per path (beside it).
+
+    On success every temp file is flushed, synced and closed first, and only then
+    are they renamed into place, in order; if anything fails before the first
+    rename, no destination is touched and the temps are removed.  A rename
+    failing after earlier ones succeeded (a full disk cannot cause it, only the
+    folder vanishing or losing its permissions) leaves those earlier files in
+    place: renames cannot be undone without keeping the old files.
+    """
+    paths = [os.fspath(p) for p in paths]
+    for path in paths:
+        for src in inputs:
+            if src is not None and os.path.exists(path) and os.path.samefile(path, src):
+                raise CaffeishError(f"{path}: refusing to overwrite an input file; choose another output path")
+    staged, files, renamed = [], [], 0
+    try:
+        mode = 0o666 & ~_umask()
+        for path in paths:
+            fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                                       dir=os.path.dirname(os.path.abspath(path)))
+            staged.append(tmp)
+            os.fchmod(fd, mode)
+            files.append(os.fdopen(fd, "wb"))
+        yield files
+        for f in files:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        for tmp, path in zip(staged, paths):
+            os.replace(tmp, path)
+            renamed += 1
+    finally:
+        for f in files:
+            with contextlib.suppress(OSError):
+                f.close()
+        for tmp in staged[renamed:]:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _labelled(item):
+    """(option, path) from a path or an (option, path) pair."""
+    return tuple(item) if isinstance(item, (tuple, list)) else (None, item)
+
+
+def labelled_name(option, path):
+    """How a message names a path: 'OPTION PATH', or OPTION with '{}' replaced by the path."""
+    if not option:
+        return os.fspath(path)
+    return option.replace("{}", os.fspath(path)) if "{}" in option else f"{option} {os.fspath(path)}"
+
+
+def same_file(a, b):
+    """Whether two paths name one file (symlinks and hard links included; either may not exist yet)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def inside_folder(path, folder):
+    """Whether `path` lies inside the existing folder `folder` (real paths: links followed)."""
+    if not os.path.isdir(folder):
+        return False
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    try:
+        return real != root and os.path.commonpath([real, root]) == root
+    except ValueError:  # different drives
+        return False
+
+
+def check_outputs(outputs, inputs=()):
+    """Refuse, before any work, output paths that would modify an input or cannot be written.
+
+    outputs and inputs are paths or (option, path) pairs (the option names the
+    path in the message, see labelled_name).  An output is refused when it is an input file, lies
+    inside an input folder (inputs are never modified, datasets included), is a
+    folder, has no existing parent folder, or names the same file as an earlier
+    output.  Each error is one line ending in "(nothing was written)".
+    """
+    outputs = [_labelled(o) for o in outputs if o and _labelled(o)[1]]
+    inputs = [_labelled(i) for i in inputs if i and _labelled(i)[1]]
+    name = labelled_name
+
+    for k, (option, out) in enumerate(outputs):
+        out = os.fspath(out)
+        if os.path.isdir(out):
+            raise CaffeishError(f"{name(option, out)}: is a folder; give a file path for this output "
+                                "(nothing was written)")
+        folder = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(folder):
+            raise CaffeishError(f"{name(option, out)}: the folder {folder} does not exist (nothing was written)")
+        for src_option, src in inputs:
+            if same_file(out, src):
+                raise CaffeishError(f"{name(option, out)}: refusing to overwrite an input file "
+                                    f"({name(src_option, src)}); choose another output path (nothing was written)")
+            if inside_folder(out, src):
+                raise CaffeishError(f"{name(option, out)}: lies inside the input folder {name(src_option, src)}; "
+                                    "inputs are never modified: choose a path outside it (nothing was written)")
+        for _, other in outputs[:k]:
+            if same_file(out, other):
+                raise CaffeishError(f"two outputs are the same file '{out}'"
+                                    + ("" if out == os.fspath(other) else f" (also given as '{other}')")
+                                    + "; give each output its own path (nothing was written)")
 
 
 def format_prototxt(net):

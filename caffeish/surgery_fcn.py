@@ -25,15 +25,19 @@
 
 Both a deploy net and a train/val net are built.  The train/val net reads the
 dataset layout of `caffeish dataset` (DATASET/train_db/features and labels,
-val_db/..., mean.binaryproto) with Data layers and ends with SoftmaxWithLoss
-(normalize: false) and Accuracy (TEST phase).
+val_db/...) with Data layers and ends with SoftmaxWithLoss (normalize: false)
+and Accuracy (TEST phase).  Its mean is the dataset's own: the mean_file that
+DATASET/dataset.json names, else the per-channel mean_value it records, else
+none (a dataset of mixed-size images has no mean image) with a note saying so.
+A class count that differs from the dataset's gets a warning (FCN.warnings):
+the loss and evaluate stop at the first label outside the net's classes.
 """
 import os
 from fractions import Fraction
 
 import numpy as np
 
-from caffeish import fillers
+from caffeish import dataset_meta, fillers
 from caffeish.errors import CaffeishError, GraphError, ShapeError
 from caffeish.graph import Graph
 from caffeish.schema import TEST, TRAIN, pb
@@ -56,6 +60,7 @@ class FCN:
         self.data_blob = data_blob
         self.stride = stride
         self.offsets = offsets  # {Crop name: offset}
+        self.warnings = []  # lines for stderr (the dataset disagrees with the net)
 
     def arrays(self):
         """{layer name: [array, ...]} of the weights."""
@@ -265,12 +270,18 @@ def build_fcn(classifier, model=None, classes=None, skips=(), pad=100, upscore_k
     classifier's class count).  skips: pool blobs for FCN-16s/8s.  pad: the first
     Convolution's pad (None leaves it).  upscore_kernel: the final
     Deconvolution's kernel instead of 2S / 2S-1.  dataset: the folder the
-    train/val net's Data layers read (None: paths relative to where Caffe runs).
-    mean_file: "auto" (DATASET/mean.binaryproto), a path, or None (no mean).
+    train/val net's Data layers read (None: paths relative to where Caffe runs);
+    it must be a dataset folder.  mean_file: "auto" (the dataset's mean: the
+    mean_file dataset.json names, else its mean_value, else none; without a
+    dataset, 'mean.binaryproto'), a path, or None (no mean).
     ignore_label: for the loss and accuracy (None: none).  Out-of-range numbers
     (classes, upscore_kernel, batch_size < 1, pad < 0) raise CaffeishError.
     """
     _check_numbers(classes, pad, upscore_kernel, batch_size, ignore_label)
+    known = None
+    if dataset is not None:
+        dataset_meta.check_folder(dataset)
+        known = dataset_meta.read(dataset)
     src = load_net(classifier)
     model = load_model(model)
     rng = seeded_rng(seed)
@@ -380,14 +391,24 @@ def build_fcn(classifier, model=None, classes=None, skips=(), pad=100, upscore_k
     name = f"FCN-{src.name}" if src.name else "FCN"
     deploy = _net(name, layers_out)
     _check(deploy, data_blob, classes, input_shapes)
-    train_val = _train_val(name, layers_out, inputs, data_blob, graph.blob_shapes, dataset, mean_file, batch_size,
+    mean = _mean(mean_file, dataset, known, report)
+    train_val = _train_val(name, layers_out, inputs, data_blob, graph.blob_shapes, dataset, mean, batch_size,
                            ignore_label)
+    warnings = []
+    if known is not None and known.classes is not None and known.classes != classes:
+        warnings.append(
+            f"the net has {classes} classes but the dataset has {known.classes} ({known.classes_from}); "
+            + (f"labels {classes} and above are outside the net's classes, so training and evaluate stop at "
+               f"the first one" if known.classes > classes else
+               f"the net's classes {known.classes} and above never occur in the labels"))
     out_blobs = blob_lists(deploy, arrays) if model is not None else None
     if first_conv is not None:
         report.notes.append(f"first Convolution '{first_conv}' padded by {pad}")
     report.notes.append(f"total stride {stride} at score_fr; crop offsets: "
                         + ", ".join(f"{n} {o}" for n, o in offsets.items()))
-    return FCN(deploy, train_val, out_blobs, report, conv_report, data_blob, stride, offsets)
+    fcn = FCN(deploy, train_val, out_blobs, report, conv_report, data_blob, stride, offsets)
+    fcn.warnings = warnings
+    return fcn
 
 
 def _whole(value, what, minimum, maximum=UINT32_MAX):
@@ -466,12 +487,34 @@ def _check(deploy, data_blob, classes, input_shapes):
         raise ShapeError(f"internal: the score is {score} for data {data}")
 
 
-def _data_layer(name, top, phase, source, batch_size, mean_file=None):
+def _mean(mean_file, dataset, known, report):
+    """The train/val net's mean: ("file", path), ("values", [...]) or None (see build_fcn)."""
+    if mean_file is None:
+        return None
+    if mean_file != "auto":
+        return "file", os.fspath(mean_file)
+    if known is None:
+        return "file", "mean.binaryproto"  # no dataset: relative to where Caffe runs, as DIGITS writes it
+    if known.mean_file:
+        return "file", known.mean_file
+    if known.mean_value:
+        report.notes.append(f"mean: the dataset has no mean image; the train/val net subtracts its per-channel "
+                            f"mean_value {', '.join(f'{v:g}' for v in known.mean_value)}")
+        return "values", known.mean_value
+    report.notes.append(f"mean: none in the train/val net ({known.mean_note})")
+    return None
+
+
+def _data_layer(name, top, phase, source, batch_size, mean=None):
     layer = pb.LayerParameter(name=name, type="Data")
     layer.top.append(top)
     layer.include.add().phase = phase
-    if mean_file:
-        layer.transform_param.mean_file = mean_file
+    if mean is not None:
+        kind, value = mean
+        if kind == "file":
+            layer.transform_param.mean_file = value
+        else:
+            layer.transform_param.mean_value.extend(value)
     dp = layer.data_param
     dp.source = source
     dp.batch_size = batch_size
@@ -479,16 +522,14 @@ def _data_layer(name, top, phase, source, batch_size, mean_file=None):
     return layer
 
 
-def _train_val(name, layers, inputs, data_blob, shapes, dataset, mean_file, batch_size, ignore_label):
+def _train_val(name, layers, inputs, data_blob, shapes, dataset, mean, batch_size, ignore_label):
     """The train/val net: LMDB Data layers (dataset layout), the FCN, SoftmaxWithLoss and Accuracy."""
     if [t for t in inputs if t != data_blob]:
         raise GraphError(f"the classifier has several inputs ({', '.join(inputs)}); the train/val net reads one image")
     root = dataset or ""
-    if mean_file == "auto":
-        mean_file = os.path.join(root, "mean.binaryproto")
     out = []
     for phase, db in ((TRAIN, "train_db"), (TEST, "val_db")):
-        out.append(_data_layer(data_blob, data_blob, phase, os.path.join(root, db, "features"), batch_size, mean_file))
+        out.append(_data_layer(data_blob, data_blob, phase, os.path.join(root, db, "features"), batch_size, mean))
         out.append(_data_layer("label", "label", phase, os.path.join(root, db, "labels"), batch_size))
     out += [l for l in layers if l.bottom]
     loss = pb.LayerParameter(name="loss", type="SoftmaxWithLoss")

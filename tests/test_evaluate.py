@@ -288,3 +288,110 @@ def test_warns_when_the_score_blob_has_fewer_classes_than_the_dataset(tmp_path, 
     assert (f"warning: {12 * len(pairs)} label pixels have values 255, which the score blob 'score' (4 channels) "
             f"has no class for; they are not scored (if 255 marks borders, as in PASCAL VOC, say so with "
             f"--ignore-label 255)") in capsys.readouterr().err
+
+
+def _digests(folder):
+    import hashlib
+
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_confusion_path_is_checked_against_every_input_before_evaluating(tmp_path, capsys, monkeypatch):
+    seg_dataset(tmp_path, n=2)
+    ds = tmp_path / "ds"
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text(DEPLOY)
+    weights = tmp_path / "w.caffemodel"
+    caffeish.Net(str(deploy), seed=1).save(str(weights))
+    train_val = tmp_path / "seg.prototxt"
+    train_val.write_text(SEG_NET.format(ds=ds))
+    (tmp_path / "colors.txt").write_text("0 0 0\n128 0 0\n0 128 0\n128 128 0\n")
+    (tmp_path / "mean.binaryproto").write_bytes((ds / "mean.binaryproto").read_bytes())
+
+    def evaluated(*args, **kwargs):
+        raise AssertionError("evaluated before the confusion path was checked")
+
+    monkeypatch.setattr(caffeish.tools.evaluate, "evaluate_segmentation", evaluated)
+    db = ["--db", str(ds)]
+    folders = ["--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels")]
+    cases = [
+        (deploy, db, f"--confusion {deploy}: refusing to overwrite an input file (NET {deploy})"),
+        (weights, db, f"refusing to overwrite an input file (WEIGHTS {weights})"),
+        (ds / "labels.txt", db, f"--confusion {ds}/labels.txt: lies inside the input folder --db {ds}"),
+        (ds / "val_db" / "cm.csv", db, "lies inside the input folder --db"),
+        (ds / "cm.csv", ["--db", str(ds / "val_db")], f"lies inside the input folder {ds} (the dataset of --db)"),
+        (ds / "cm.csv", [], f"lies inside the input folder {ds} (the dataset layer 'data' reads)"),
+        (tmp_path / "nodir" / "cm.csv", db, f"the folder {tmp_path}/nodir does not exist"),
+        (ds, db, f"--confusion {ds}: is a folder"),
+        (tmp_path / "images" / "cm.csv", folders, "lies inside the input folder --images"),
+        (tmp_path / "colors.txt", folders + ["--color-map", str(tmp_path / "colors.txt")], "(--color-map "),
+        (tmp_path / "mean.binaryproto", db + ["--mean-file", str(tmp_path / "mean.binaryproto")], "(--mean-file "),
+    ]
+    before = _digests(tmp_path)
+    for confusion, extra, message in cases:
+        net = train_val if extra == [] else deploy
+        assert main(["evaluate", "segmentation", str(net), str(weights), "--confusion", str(confusion)] + extra) == 1
+        err = capsys.readouterr().err
+        assert message in err and "(nothing was written)" in err and len(err.strip().splitlines()) == 1, err
+    # The default name in the current folder is kept out of input folders too.
+    monkeypatch.chdir(ds)
+    assert main(["evaluate", "segmentation", str(deploy), str(weights)] + db) == 1
+    assert f"inside the input folder --db {ds}; pass --confusion FILE" in capsys.readouterr().err
+    assert _digests(tmp_path) == before  # nothing written, no temp file left
+
+
+def test_count_error_names_the_users_label_blob_not_the_split(tmp_path, capsys):
+    """A label blob read by both the loss and the accuracy goes through Caffe's automatic Split layer;
+    messages name the blob the user wrote ('label'), not 'label_data_1_split_0'."""
+    net = tmp_path / "dummy.prototxt"
+    net.write_text("""
+layer { name: "data" type: "DummyData" top: "data" top: "label"
+  dummy_data_param { shape { dim: 1 dim: 3 dim: 4 dim: 5 } shape { dim: 1 dim: 1 dim: 4 dim: 5 } } }
+layer { name: "score" type: "Convolution" bottom: "data" top: "score"
+  convolution_param { num_output: 2 kernel_size: 1 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" top: "loss" }
+layer { name: "accuracy" type: "Accuracy" bottom: "score" bottom: "label" top: "accuracy" }
+""")
+    argv = ["evaluate", "segmentation", str(net), "none", "--confusion", "none"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "cannot tell how many records the label blob 'label' has" in err and "split" not in err
+    out = run_json(capsys, argv + ["--iterations", "2"])
+    # zero data, zero labels, zero-filled weights: every pixel is class 0 and predicted 0
+    assert out["label"] == "label" and out["images"] == 2 and out["confusion"] == [[40, 0], [0, 0]]
+
+
+def test_deploy_net_fed_from_a_dataset_subtracts_its_mean(tmp_path, capsys):
+    pairs = seg_dataset(tmp_path)
+    ds = tmp_path / "ds"
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text(DEPLOY)
+    weights = str(tmp_path / "w.caffemodel")
+    caffeish.Net(str(deploy), seed=1).save(weights)
+    w, b = read_caffemodel(weights).arrays()["score"]
+    val = [line.split()[1].rsplit("/", 1)[1][:-4] for line in (ds / "val.txt").read_text().splitlines()]
+    items = [pairs[s] for s in val]
+    train = [pairs[line.split()[1].rsplit("/", 1)[1][:-4]] for line in (ds / "train.txt").read_text().splitlines()]
+    # The dataset's mean image: the train images' BGR mean, as H x W x C for numpy_scores.
+    mean = np.mean([rgb[:, :, ::-1].astype(np.float64) for rgb, _ in train], axis=0).astype(np.float32)
+    cm = tmp_path / "cm.csv"
+    argv = ["evaluate", "segmentation", str(deploy), weights, "--db", str(ds), "--confusion", str(cm),
+            "--format", "json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert f"note: subtracting the dataset's mean {ds}/mean.binaryproto" in captured.err
+    assert "--mean-file none for no mean" in captured.err
+    hist, want = numpy_scores(items, w, b, mean, 1.0)
+    check_metrics(json.loads(captured.out), hist, want, cm)
+    # --mean-file none: the raw pixels, no note
+    assert main(argv + ["--mean-file", "none"]) == 0
+    captured = capsys.readouterr()
+    assert "note:" not in captured.err
+    hist, want = numpy_scores(items, w, b, (0, 0, 0), 1.0)
+    check_metrics(json.loads(captured.out), hist, want, cm)
+    # an explicit --mean-value (or --scale) replaces the default
+    assert main(argv + ["--mean-value", "1,2,3", "--scale", "0.5"]) == 0
+    captured = capsys.readouterr()
+    assert "note:" not in captured.err
+    hist, want = numpy_scores(items, w, b, (1, 2, 3), 0.5)
+    check_metrics(json.loads(captured.out), hist, want, cm)

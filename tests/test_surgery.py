@@ -431,6 +431,33 @@ def test_write_all_is_all_or_nothing(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.prototxt", "b"] and (tmp_path / "b").read_bytes() == b"xy"
 
 
+def test_write_all_renames_only_after_every_file_is_written(tmp_path, monkeypatch):
+    """Every temp file is complete and synced before the first rename (no file is renamed while a later
+    one is still being written); a rename failing removes the temps not yet renamed."""
+    from caffeish.tools import surgery as tool
+
+    real_replace, renames = os.replace, []
+
+    def replace(src, dst):
+        # When the first rename happens, every staged temp already holds its whole content.
+        temps = sorted(p for p in os.listdir(tmp_path) if p.endswith(".tmp"))
+        renames.append((os.path.basename(dst), {p: (tmp_path / p).read_bytes() for p in temps}))
+        if len(renames) == 2:
+            raise OSError("rename failed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    files = [(str(tmp_path / "a.prototxt"), [b"a1", b"a2"]), (str(tmp_path / "b.caffemodel"), [b"b1", b"b2"]),
+             (str(tmp_path / "c.prototxt"), [b"c"])]
+    with pytest.raises(OSError, match="rename failed"):
+        tool.write_all(files, inputs=[])
+    first, staged = renames[0]
+    assert first == "a.prototxt" and sorted(staged.values()) == [b"a1a2", b"b1b2", b"c"]
+    # The window io.atomic_outputs documents: the first rename is done and cannot be undone; the rest never
+    # reached their destinations and no temp file is left.
+    assert sorted(os.listdir(tmp_path)) == ["a.prototxt"]
+
+
 @pytest.mark.parametrize("op", ["convolutionalize", "transplant", "fcn"])
 def test_negative_seed_is_refused(classifier_copy, op, capsys, monkeypatch):
     monkeypatch.chdir(classifier_copy)

@@ -197,15 +197,36 @@ def test_fcn8s_from_reduced_vgg_runs_and_skips_start_at_zero():
     assert not net.blobs["score_pool3c"].data.any()
 
 
+def seg_dataset(folder, sizes, classes=3):
+    """A `caffeish dataset segmentation` folder (folder/ds) of random images of the given (H, W) sizes
+    with greyscale labels 0..classes-1; half of them for val."""
+    from PIL import Image
+
+    from caffeish.tools.dataset import build_segmentation
+
+    rng = np.random.default_rng(7)
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / "images" / f"i{i}.png")
+        labels = rng.integers(0, classes, (h, w)).astype(np.uint8)
+        labels[0, 0] = classes - 1
+        Image.fromarray(labels).save(folder / "labels" / f"i{i}.png")
+    build_segmentation(folder / "images", folder / "labels", folder / "ds", val_fraction=0.5)
+    return folder / "ds"
+
+
 def test_train_val_net_reads_the_dataset_layout(tmp_path):
+    ds = str(seg_dataset(tmp_path, [(12, 16)] * 4))
     fcn = build_fcn(golden("alexnet_tiny", "net.prototxt"), golden("alexnet_tiny", "weights.caffemodel"),
-                    classes=3, dataset="/data/ds", batch_size=2, verify=False)
+                    classes=3, dataset=ds, batch_size=2, verify=False)
     data = [l for l in fcn.train_val.layer if l.type == "Data"]
     assert [(l.top[0], l.include[0].phase, l.data_param.source) for l in data] == [
-        ("data", TRAIN, "/data/ds/train_db/features"), ("label", TRAIN, "/data/ds/train_db/labels"),
-        ("data", TEST, "/data/ds/val_db/features"), ("label", TEST, "/data/ds/val_db/labels")]
-    assert data[0].transform_param.mean_file == "/data/ds/mean.binaryproto" and not data[1].HasField("transform_param")
+        ("data", TRAIN, f"{ds}/train_db/features"), ("label", TRAIN, f"{ds}/train_db/labels"),
+        ("data", TEST, f"{ds}/val_db/features"), ("label", TEST, f"{ds}/val_db/labels")]
+    assert data[0].transform_param.mean_file == f"{ds}/mean.binaryproto" and not data[1].HasField("transform_param")
     assert all(l.data_param.backend == pb.DataParameter.LMDB and l.data_param.batch_size == 2 for l in data)
+    assert fcn.warnings == []
     loss = [l for l in fcn.train_val.layer if l.type == "SoftmaxWithLoss"][0]
     assert loss.loss_param.HasField("normalize") and loss.loss_param.normalize is False
     acc = [l for l in fcn.train_val.layer if l.type == "Accuracy"][0]
@@ -217,13 +238,84 @@ def test_train_val_net_reads_the_dataset_layout(tmp_path):
     label = np.random.default_rng(0).integers(0, 3, (2, 1, 48, 40)).astype(np.float32)
     out = net.forward(data=np.zeros((2, 3, 48, 40), np.float32), label=label)
     assert set(out) == {"loss", "accuracy"} and np.isfinite(out["loss"])
+    # Without a dataset the mean is DIGITS' relative name; --no-mean (mean_file=None) writes none.
+    assert build_fcn(golden("alexnet_tiny", "net.prototxt"), classes=3, verify=False).train_val.layer[0] \
+        .transform_param.mean_file == "mean.binaryproto"
+    bare = build_fcn(golden("alexnet_tiny", "net.prototxt"), classes=3, dataset=ds, mean_file=None, verify=False)
+    assert not bare.train_val.layer[0].HasField("transform_param")
+
+
+def test_mixed_size_dataset_gets_no_mean_and_its_train_val_net_evaluates(tmp_path, capsys):
+    """A dataset of mixed-size images records "mean_file": null; the train/val net then has no mean
+    (it named a missing DS/mean.binaryproto, and evaluate stopped on it) and evaluates as written."""
+    ds = seg_dataset(tmp_path, [(12, 16), (13, 17), (14, 18), (15, 19)])
+    assert json.loads((ds / "dataset.json").read_text())["mean_file"] is None
+    assert not (ds / "mean.binaryproto").exists()
+    out = tmp_path / "out"
+    out.mkdir()
+    src, weights = golden("alexnet_tiny", "net.prototxt"), golden("alexnet_tiny", "weights.caffemodel")
+    assert main(["surgery", "fcn", str(src), str(weights), "--classes", "3", "-o", str(out / "fcn.prototxt"),
+                 "--dataset", str(ds), "--no-verify"]) == 0
+    text = capsys.readouterr().out
+    assert "note: mean: none in the train/val net (no mean.binaryproto: training images differ in size" in text
+    tv = io.read_net(out / "fcn_train_val.prototxt")
+    assert [l.HasField("transform_param") for l in tv.layer if l.type == "Data"] == [False] * 4
+    assert main(["evaluate", "segmentation", str(out / "fcn_train_val.prototxt"), str(out / "fcn.caffemodel"),
+                 "--confusion", "none", "--format", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 2 and len(result["classes"]) == 3
+
+
+def test_dataset_mean_values_when_it_has_no_mean_image(tmp_path):
+    ds = seg_dataset(tmp_path, [(12, 16)] * 4)
+    meta = json.loads((ds / "dataset.json").read_text())
+    means = meta["mean_value"]
+    assert len(means) == 3
+    meta["mean_file"] = None
+    (ds / "dataset.json").write_text(json.dumps(meta))
+    (ds / "mean.binaryproto").unlink()
+    fcn = build_fcn(golden("alexnet_tiny", "net.prototxt"), classes=3, dataset=str(ds), verify=False)
+    data = [l for l in fcn.train_val.layer if l.type == "Data" and l.top[0] == "data"]
+    assert [list(l.transform_param.mean_value) for l in data] == [pytest.approx(means)] * 2
+    assert not any(l.transform_param.HasField("mean_file") for l in data)
+    assert any("per-channel mean_value" in n for n in fcn.report.notes)
+
+
+def test_cli_refuses_a_missing_dataset_and_warns_on_a_class_count_mismatch(tmp_path, capsys):
+    src = str(golden("alexnet_tiny", "net.prototxt"))
+    out = tmp_path / "out"
+    out.mkdir()
+    for bad, what in ((tmp_path / "nonexistent", "no such folder"), (out, "not a dataset folder")):
+        assert main(["surgery", "fcn", src, "--classes", "3", "-o", str(out / "f.prototxt"), "--dataset",
+                     str(bad), "--no-verify"]) == 1
+        err = capsys.readouterr().err
+        assert f"--dataset {bad}: {what}" in err and len(err.strip().splitlines()) == 1
+        assert os.listdir(out) == []
+    with pytest.raises(CaffeishError, match="--dataset /nonexistent: no such folder"):
+        build_fcn(src, classes=3, dataset="/nonexistent", verify=False)
+    ds = seg_dataset(tmp_path, [(12, 16)] * 4, classes=4)
+    # An output inside the dataset folder is refused: the dataset is an input.
+    assert main(["surgery", "fcn", src, "--classes", "4", "-o", str(ds / "f.prototxt"), "--dataset", str(ds),
+                 "--no-verify"]) == 1
+    assert "lies inside the input folder --dataset" in capsys.readouterr().err
+    assert main(["surgery", "fcn", src, "--classes", "3", "-o", str(out / "f.prototxt"), "--dataset", str(ds),
+                 "--no-verify"]) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: the net has 3 classes but the dataset has 4 ({ds}/dataset.json); labels 3 and above are "
+            f"outside the net's classes") in err
+    assert main(["surgery", "fcn", src, "--classes", "4", "-o", str(out / "g.prototxt"), "--dataset", str(ds),
+                 "--no-verify"]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_cli_fcn_writes_three_files(tmp_path, capsys):
     src, weights = golden("alexnet_tiny", "net.prototxt"), golden("alexnet_tiny", "weights.caffemodel")
+    ds = seg_dataset(tmp_path / "data", [(12, 16)] * 2, classes=21)
+    tmp_path = tmp_path / "out"
+    tmp_path.mkdir()
     deploy = tmp_path / "fcn.deploy.prototxt"
     rc = main(["surgery", "fcn", str(src), str(weights), "--classes", "21", "-o", str(deploy),
-               str(tmp_path / "fcn.caffemodel"), "--dataset", str(tmp_path / "ds"), "--skip", "pool2"])
+               str(tmp_path / "fcn.caffemodel"), "--dataset", str(ds), "--skip", "pool2"])
     assert rc == 0, capsys.readouterr().err
     text = capsys.readouterr().out
     assert "score_pool2c" in text and "1e-05" in text
@@ -232,7 +324,8 @@ def test_cli_fcn_writes_three_files(tmp_path, capsys):
     net = Net(str(deploy), str(tmp_path / "fcn.caffemodel"), input_shapes={"data": (1, 3, 50, 70)})
     assert net.forward(data=np.ones((1, 3, 50, 70), np.float32))["score"].shape == (1, 21, 50, 70)
     tv = io.read_net(tmp_path / "fcn.train_val.prototxt")
-    assert tv.layer[0].data_param.source == str(tmp_path / "ds" / "train_db" / "features")
+    assert tv.layer[0].data_param.source == str(ds / "train_db" / "features")
+    assert tv.layer[0].transform_param.mean_file == str(ds / "mean.binaryproto")
 
 
 @pytest.mark.parametrize("option, value, message", [

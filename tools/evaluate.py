@@ -21,13 +21,21 @@ frequency-weighted IU and each class's IU; the confusion matrix goes to a CSV
 file: --confusion FILE (replaced if it exists), else confusion_matrix.csv in
 the current folder, or confusion_matrix-1.csv, -2, ... when that name is taken
 (an existing file is never replaced unless named); the output says which.
+Before any work, FILE is checked against every input: it may not be the net,
+the weights, --color-map or --mean-file, nor lie inside --db's dataset folder,
+--images, --labels or a folder the net's data layers read; nor be a folder, or
+lie in a folder that does not exist.
 When the dataset's class count (dataset.json / labels.txt, or the colour map)
 differs from the score blob's channels, or labels hold values the score blob
 has no class for, a warning on stderr says so.  Pairs come from the net's
 own TEST Data layers, or from --db (a dataset folder or a stage folder with
 features/ and labels/) or --images / --labels folders, fed one pair at a time
 through the data layer's transform_param (or --mean-value / --mean-file /
---scale for a deploy net); labels are cropped like the images.
+--scale for a deploy net); labels are cropped like the images.  A deploy net
+fed from --db with none of those options subtracts the dataset's mean (its
+mean.binaryproto, else the per-channel mean dataset.json records), as the
+dataset's train/val net does, and says so on stderr; --mean-file none turns it
+off.
 """
 import math
 import os
@@ -70,10 +78,13 @@ def add_arguments(p):
                                                    "first bottom, else the net's one output)")
     seg.add_argument("--label", metavar="BLOB", help="the net's label blob (default: the loss layer's second bottom)")
     seg.add_argument("--mean-value", metavar="B,G,R", help="subtract these per-channel values (deploy nets)")
-    seg.add_argument("--mean-file", metavar="FILE", help="subtract this mean.binaryproto (deploy nets)")
+    seg.add_argument("--mean-file", metavar="FILE", help="subtract this mean.binaryproto (deploy nets); 'none' for "
+                                                       "no mean. Default with --db and a deploy net: the "
+                                                       "dataset's mean (unless --mean-value or --scale is given)")
     seg.add_argument("--scale", type=float, help="multiply the input by this, after the mean (deploy nets)")
     seg.add_argument("--confusion", metavar="FILE.csv", default=None,
-                     help="write the confusion matrix to FILE (replaced if it exists); 'none' for no file. "
+                     help="write the confusion matrix to FILE (replaced if it exists; never an input, nor inside "
+                          "an input folder such as the dataset: checked before evaluating); 'none' for no file. "
                           f"Default: {DEFAULT_CONFUSION} in the current folder, or {DEFAULT_CONFUSION[:-4]}-1.csv, "
                           "-2, ... when that exists (never replaced)")
     p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
@@ -94,16 +105,23 @@ def run(args):
             raise CaffeishError("give --images and --labels together")
         if args.db and args.images:
             raise CaffeishError("give --db or --images/--labels, not both")
+        write = (args.confusion or "").lower() != "none"
+        inputs = run_inputs(net_path, weights, args) if write else []
+        if write:
+            check_confusion_path(args.confusion, inputs)
         result = evaluate_segmentation(
             net_path, weights, db=args.db, images=args.images, labels=args.labels, color_map=args.color_map,
             ignore_label=args.ignore_label, score=args.score, label=args.label, stages=args.stage,
             level=args.level, device=device, iterations=args.iterations,
             mean_value=parse_values(args.mean_value), mean_file=args.mean_file, scale=args.scale)
+        for line in result.get("notes", ()):
+            print(f"note: {line}", file=sys.stderr)
         for line in segmentation_warnings(result):
             print(f"warning: {line}", file=sys.stderr)
         confusion = None
-        if (args.confusion or "").lower() != "none":
-            confusion = write_confusion(args.confusion, result, replace=args.confusion is not None)
+        if write:
+            confusion = write_confusion(args.confusion, result, replace=args.confusion is not None,
+                                        inputs=[path for _, path in inputs])
             if args.format in ("csv", "markdown"):  # table and json name it in their output
                 print(f"confusion matrix: {confusion}", file=sys.stderr)
         sys.stdout.write(format_segmentation(result, args.format, confusion))
@@ -112,6 +130,46 @@ def run(args):
                       db=args.db, stages=args.stage, level=args.level, device=device)
     sys.stdout.write(format_test(result, args.format))
     return 0
+
+
+def run_inputs(net_path, weights, args):
+    """Every file and folder a segmentation run reads, as (option, path) pairs: the net, the weights,
+    --db (and the dataset folder holding it), --images, --labels, --color-map, --mean-file, and the
+    net's own data sources (and their dataset folders) -- nothing may be written over or inside them."""
+    from caffeish.tools.dataset import dataset_root
+
+    pairs = [("NET", net_path), ("WEIGHTS", None if weights == "none" else weights), ("--db", args.db),
+             ("--images", args.images), ("--labels", args.labels), ("--color-map", args.color_map),
+             ("--mean-file", None if (args.mean_file or "").lower() == "none" else args.mean_file)]
+    if args.db:
+        root = dataset_root(stage_databases(args.db)[0])
+        pairs.append(("{} (the dataset of --db)", root))
+    try:
+        net = io.read_net(net_path)
+    except CaffeishError:
+        net = None  # evaluating says what is wrong with it
+    for layer in net.layer if net is not None else ():
+        sources = [layer.data_param.source, layer.image_data_param.source, layer.hdf5_data_param.source,
+                   layer.transform_param.mean_file]
+        for source in filter(None, sources):
+            pairs.append((f"layer '{layer.name}'", source))
+            if layer.type == "Data" and source == layer.data_param.source:
+                pairs.append((f"{{}} (the dataset layer '{layer.name}' reads)", dataset_root(source)))
+    return [(option, path) for option, path in pairs if path]
+
+
+def check_confusion_path(path, inputs):
+    """Refuse, before any work, a --confusion path that is an input, lies inside an input folder (a dataset
+    is never written into), is a folder or has no folder; the default name is only kept out of input
+    folders (it never replaces a file)."""
+    if path is not None:
+        io.check_outputs([("--confusion", path)], inputs)
+        return
+    for option, folder in inputs:
+        if io.inside_folder(DEFAULT_CONFUSION, folder):
+            raise CaffeishError(f"the confusion matrix would be written to {os.path.abspath(DEFAULT_CONFUSION)}, "
+                                f"inside the input folder {io.labelled_name(option, folder)}; pass --confusion "
+                                f"FILE (outside it) or --confusion none (nothing was written)")
 
 
 def parse_values(text):
@@ -325,7 +383,8 @@ def evaluate_segmentation(net_path, weights, db=None, images=None, labels=None, 
     batch = net.blob_shape(label)[0]
     if iterations is None:
         if total is None:
-            raise CaffeishError(f"cannot tell how many records the label blob '{label}' has; pass --iterations N")
+            raise CaffeishError(f"cannot tell how many records the label blob '{_root_blob(net, label)[0]}' has "
+                                f"(it is not read by a Data layer); pass --iterations N")
         iterations = math.ceil(total / batch)
     items = total if total is not None and iterations * batch >= total else iterations * batch
     source = label_node.param.data_param.source if label_node is not None and label_node.type == "Data" else None
@@ -387,30 +446,14 @@ def dataset_info(db_path):
     The count is dataset.json's classes, else labels.txt's lines (DIGITS); the
     ignore label is dataset.json's.  (None, None, None) outside a dataset folder.
     """
-    import json
-
+    from caffeish import dataset_meta
     from caffeish.tools.dataset import dataset_root
 
     root = dataset_root(db_path) if db_path else None
-    count = source = ignore = None
     if not root:
-        return count, source, ignore
-    meta_path = os.path.join(root, "dataset.json")
-    if os.path.isfile(meta_path):
-        try:
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
-            ignore = meta.get("ignore_label")
-            if meta.get("classes"):
-                count, source = len(meta["classes"]), meta_path
-        except (OSError, ValueError, AttributeError):
-            pass
-    names_path = os.path.join(root, "labels.txt")
-    if count is None and os.path.isfile(names_path):
-        names = palettes.read_labels(names_path)
-        if names:
-            count, source = len(names), names_path
-    return count, source, ignore
+        return None, None, None
+    known = dataset_meta.read(root)
+    return known.classes, known.classes_from, known.ignore_label
 
 
 def pick_ignore(ignore_label, scorer, dataset_ignore=None):
@@ -498,7 +541,15 @@ def _evaluate_pairs(net_path, weights, db, images, labels, color_map, ignore_lab
     tp = pb.TransformationParameter()
     if data_layer.type != "Input":
         tp.CopyFrom(data_layer.transform_param)
-    if mean_value is not None or mean_file is not None:
+    no_mean = isinstance(mean_file, str) and mean_file.lower() == "none"
+    if no_mean:
+        mean_file = None
+    notes = []
+    if data_layer.type == "Input" and db and mean_value is None and mean_file is None and scale is None \
+            and not no_mean:
+        mean_file, mean_value, note = dataset_mean(db, data_layer.name)
+        notes += [note] if note else []
+    if no_mean or mean_value is not None or mean_file is not None:
         tp.ClearField("mean_value")
         tp.ClearField("mean_file")
         if mean_value is not None:
@@ -550,8 +601,31 @@ def _evaluate_pairs(net_path, weights, db, images, labels, color_map, ignore_lab
         names = map_names or []
     else:
         names = []
-    return _result(cm, names, count, net_path, _root_blob(net, score_blob)[0], label_blob if label_fed else None,
-                   extra, known)
+    result = _result(cm, names, count, net_path, _root_blob(net, score_blob)[0],
+                     label_blob if label_fed else None, extra, known)
+    result["notes"] = notes
+    return result
+
+
+def dataset_mean(db, input_name):
+    """(mean_file, mean_value, note) for a deploy net fed from --db: the mean the dataset's train/val net
+    subtracts (its mean.binaryproto, else the per-channel mean_value dataset.json records), since a
+    deploy net's Input layer has no transform_param to say it; (None, None, None) when it has none."""
+    from caffeish import dataset_meta
+    from caffeish.tools.dataset import dataset_root
+
+    root = dataset_root(stage_databases(db)[0])
+    if not root:
+        return None, None, None
+    known = dataset_meta.read(root)
+    tail = (f", as the dataset's train/val net does (the deploy net's Input layer '{input_name}' has no "
+            f"transform_param); --mean-file none for no mean")
+    if known.mean_file:
+        return known.mean_file, None, f"subtracting the dataset's mean {known.mean_file}" + tail
+    if known.mean_value:
+        values = ",".join(f"{v:g}" for v in known.mean_value)
+        return None, known.mean_value, f"subtracting the dataset's per-channel mean {values}" + tail
+    return None, None, None
 
 
 def _result(cm, names, count, net_path, score, label, out_of_range=None, known=(None, None, None)):
@@ -611,7 +685,7 @@ def free_name(path):
     return candidate
 
 
-def write_confusion(path, result, replace=True):
+def write_confusion(path, result, replace=True, inputs=()):
     """The confusion matrix as CSV: one row per label class, one column per predicted class; returns the
     path written.  `replace=False` (or no path: DEFAULT_CONFUSION) never replaces an existing file: it
     takes the next free name (free_name), claimed with an exclusive link so two runs cannot collide."""
@@ -626,7 +700,7 @@ def write_confusion(path, result, replace=True):
         w.writerow([name] + [int(v) for v in row])
     data = buf.getvalue().encode("utf-8")
     if replace and path:
-        with io.atomic_output(path) as f:
+        with io.atomic_output(path, inputs) as f:
             f.write(data)
         return path
     return _write_new(path or DEFAULT_CONFUSION, data)

@@ -8,7 +8,7 @@
                      [--form auto|caffe|diagonal]
     caffeish surgery fcn CLASSIFIER.prototxt [CLASSIFIER.caffemodel] --classes K -o OUT.prototxt [OUT.caffemodel]
                      [--skip pool4,pool3] [--pad 100] [--upscore-kernel N] [--keep-classes]
-                     [--dataset DIR] [--train-val PATH]
+                     [--dataset DIR [--no-mean]] [--train-val PATH]
 
 convolutionalize: every InnerProduct becomes the equivalent Convolution (kernel =
 its input's H x W, 1 x 1 after another InnerProduct), weights reshaped, Flatten/
@@ -32,14 +32,17 @@ stride, Crop with the computed offset; --skip for FCN-16s/8s), written as a
 deploy net, a train/val net reading DATASET/train_db and val_db, and weights.
 
 Outputs: every output path is checked against every input and against the
-other outputs before anything is computed; the files are then staged as
-temporary files beside their destinations and renamed into place together at
-the end, so a refused or failed run leaves no new file behind.
+other outputs before anything is computed (an output inside an input folder,
+such as fcn's --dataset, is refused too); the files are then staged as
+temporary files beside their destinations, all written and synced, and only
+then renamed into place one after the other, so a refused or failed run leaves
+no new file behind.  (Only a rename itself failing after an earlier one, which
+a full disk cannot cause, would leave the earlier files in place.)
 """
-import contextlib
 import os
+import sys
 
-from caffeish import io, report, wire
+from caffeish import dataset_meta, io, report, wire
 from caffeish.errors import CaffeishError
 from caffeish.options import input_shape_arg
 from caffeish import surgery
@@ -107,13 +110,16 @@ def add_arguments(p):
     f.add_argument("--keep-classes", action="store_true",
                    help="keep the classifier's weights for its first classes and add the new ones (expand_score)")
     f.add_argument("--dataset", default=None, metavar="DIR",
-                   help="dataset folder the train/val net reads (DIR/train_db/features, ...; see caffeish dataset)")
+                   help="dataset folder the train/val net reads (DIR/train_db/features, ...; see caffeish dataset); "
+                        "its mean (dataset.json: mean_file, else mean_value; --no-mean for none) goes into the Data "
+                        "layers, and a class count other than --classes is warned about")
     f.add_argument("--train-val", default=None, metavar="PATH",
                    help="train/val prototxt path (default: beside OUT, 'deploy' -> 'train_val')")
     f.add_argument("--batch-size", type=int_arg(1, UINT32_MAX), default=1, help="train/val batch size (default 1)")
     f.add_argument("--ignore-label", default="255", metavar="N|none",
                    help="label ignored by the loss and accuracy (default 255; 'none' for none)")
-    f.add_argument("--no-mean", action="store_true", help="no mean_file in the train/val Data layers")
+    f.add_argument("--no-mean", action="store_true",
+                   help="no mean in the train/val Data layers (default: the dataset's, see --dataset)")
     f.add_argument("--no-verify", action="store_true", help="skip the convolutionalize equivalence check")
     f.add_argument("--seed", type=SEED, default=0, help="seed of the random initialisations (default 0)")
     _common(f)
@@ -167,35 +173,8 @@ def _inputs(*paths):
     return [p for p in paths if p]
 
 
-def _same_file(a, b):
-    """Whether two paths name one file (symlinks and hard links included; b may not exist yet)."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def check_outputs(outputs, inputs):
-    """Refuse, before anything is written, an output that is an input or that another output also names,
-    a folder, or a path whose folder does not exist."""
-    outputs = [os.fspath(o) for o in outputs if o]
-    for i, out in enumerate(outputs):
-        if os.path.isdir(out):
-            raise CaffeishError(f"{out}: is a folder; give a file path for this output (nothing was written)")
-        folder = os.path.dirname(os.path.abspath(out))
-        if not os.path.isdir(folder):
-            raise CaffeishError(f"{out}: the folder {folder} does not exist (nothing was written)")
-        for src in inputs:
-            if src and _same_file(out, src):
-                raise CaffeishError(f"{out}: refusing to overwrite an input file ({src}); choose another "
-                                    "output path (nothing was written)")
-        for other in outputs[:i]:
-            if _same_file(out, other):
-                raise CaffeishError(f"two outputs are the same file '{out}'"
-                                    + ("" if out == other else f" (also given as '{other}')")
-                                    + "; give each output its own path (nothing was written)")
+_same_file = io.same_file
+check_outputs = io.check_outputs  # an output that is an input, inside an input folder, a folder, ... is refused
 
 
 def prototxt_file(path, net):
@@ -214,11 +193,12 @@ def caffemodel_file(path, net, blobs):
 
 def write_all(files, inputs):
     """Write [(path, chunks)] all or nothing: checked first, each staged as a temp file beside its
-    destination, and renamed into place only once every file is complete (a failure removes the temps)."""
+    destination, every temp written and synced, and only then all renamed into place (io.atomic_outputs).
+    A failure while writing (a chunk generator raising, a full disk) leaves no destination touched and
+    removes the temps; only a rename failing after an earlier one succeeded leaves the earlier files."""
     check_outputs([path for path, _ in files], inputs)
-    with contextlib.ExitStack() as stack:
-        for path, chunks in files:
-            f = stack.enter_context(io.atomic_output(path, inputs))
+    with io.atomic_outputs([path for path, _ in files], inputs) as outs:
+        for f, (_, chunks) in zip(outs, files):
             for c in chunks:
                 f.write(c)
 
@@ -286,8 +266,10 @@ def run_fcn(args):
         raise CaffeishError(f"the train/val net would overwrite the deploy net '{proto_out}'; give --train-val "
                             "(nothing was written)")
     inputs = _inputs(args.net, args.weights)
-    check_outputs([proto_out, train_val_out, model_out], inputs)
     dataset = os.path.abspath(args.dataset) if args.dataset else None
+    if dataset:
+        dataset_meta.check_folder(args.dataset)
+    check_outputs([proto_out, train_val_out, model_out], inputs + ([("--dataset", args.dataset)] if dataset else []))
     skips = [s for s in args.skip.split(",") if s.strip()]
     fcn = build_fcn(args.net, args.weights, classes=args.classes, skips=skips, pad=args.pad,
                     upscore_kernel=args.upscore_kernel, keep_classes=args.keep_classes,
@@ -298,6 +280,8 @@ def run_fcn(args):
     if model_out:
         files.append(caffemodel_file(model_out, fcn.deploy, fcn.blobs))
     write_all(files, inputs)
+    for line in fcn.warnings:
+        print(f"warning: {line}", file=sys.stderr)
     if fcn.conv_report is not None and _human(args.format):
         _print_checks(fcn.conv_report, args.format)
         for note in fcn.conv_report.notes:
