@@ -115,23 +115,32 @@ def top_classes(probs, k):
     return order, np.take_along_axis(probs, order, axis=1)
 
 
-class Classifier:
-    """Loads images for a net's input and runs batches (used by `classify` and the CLI)."""
+class _ImageRunner:
+    """What classify and segment share: the net's image input, the preprocessing spec checked
+    against it at once (a mean or channel swap that cannot fit fails before the first image),
+    and decoding."""
 
-    def __init__(self, net, preprocess=None, blob=None, oversample=False):
+    def __init__(self, net, preprocess):
         self.net = net
-        self.preprocess = preprocess if preprocess is not None else Preprocess()
+        self.preprocess = preprocess
         self.input = data_input(net)
         shape = net.blob_shape(self.input)
         self.channels, self.input_hw = int(shape[1]), tuple(int(d) for d in shape[2:4])
-        self.blob = check_blob(net, blob) if blob else softmax_blob(net)
-        self.oversample = oversample
-        self.preprocess.mean_for((self.channels,) + self.input_hw)  # a mean that cannot fit fails now
-        self.preprocess.swap_for(self.channels)  # and so does a channel swap of the wrong length
+        self.preprocess.mean_for((self.channels,) + self.input_hw)
+        self.preprocess.swap_for(self.channels)
 
     def load(self, image):
         """Decode one image for this net (H x W x K, 0..255); CaffeishError names an unreadable file."""
         return self.preprocess.load(image, self.channels)
+
+
+class Classifier(_ImageRunner):
+    """Loads images for a net's input and runs batches (used by `classify` and the CLI)."""
+
+    def __init__(self, net, preprocess=None, blob=None, oversample=False):
+        super().__init__(net, preprocess if preprocess is not None else Preprocess())
+        self.blob = check_blob(net, blob) if blob else softmax_blob(net)
+        self.oversample = oversample
 
     def prepare(self, image, pixels=None):
         """One image -> its K x H x W input (10 x K x H x W with oversampling)."""
@@ -377,7 +386,7 @@ def _parse_memory(value):
     return DEFAULT_MAX_MEMORY if value is None else parse_bytes(value, "memory size")
 
 
-class Segmenter:
+class Segmenter(_ImageRunner):
     """Runs a fully convolutional net on images of any size (used by `segment` and the CLI).
 
     tile: None (automatic: tiles only when the blobs of one forward would pass
@@ -385,25 +394,15 @@ class Segmenter:
     """
 
     def __init__(self, net, preprocess=None, blob=None, tile=None, max_memory=None):
-        self.net = net
         # Fully convolutional: every image keeps its size (the caller's spec is not modified).
-        self.preprocess = dataclasses.replace(preprocess if preprocess is not None else Preprocess(),
-                                              resize="keep")
-        self.input = data_input(net)
-        self.channels = int(net.blob_shape(self.input)[1])
+        super().__init__(net, dataclasses.replace(preprocess if preprocess is not None else Preprocess(),
+                                                  resize="keep"))
         self.blob = check_blob(net, blob) if blob else None
         self.tile = tile
         self.max_memory = _parse_memory(max_memory)
         self._geometry = None
         self._per_pixel = None
         self.n_classes = None  # channels of the score blob, known after the first image
-        shape = net.blob_shape(self.input)
-        self.preprocess.mean_for((self.channels,) + tuple(shape[2:4]))  # a mean that cannot fit fails now
-        self.preprocess.swap_for(self.channels)  # and so does a channel swap of the wrong length
-
-    def load(self, image):
-        """Decode one image for this net (H x W x K, 0..255); CaffeishError names an unreadable file."""
-        return self.preprocess.load(image, self.channels)
 
     def prepare(self, image, pixels=None):
         """(picture H x W x 3 uint8, net input K x H x W) of one image."""
