@@ -96,3 +96,27 @@ def bytes_arg(text):
     except CaffeishError as e:
         raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
 
+
+def parse_wxh(text, what="size"):
+    """An image size as people write it, width first: '500x375' -> (500, 375); '512' -> (512, 512).
+
+    Every WxH option (dataset --resize, classify --resize, segment --tile) reads sizes this way."""
+    parts = str(text).strip().lower().replace("*", "x").split("x")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if len(dims) == 1:
+        dims = dims * 2
+    if len(dims) != 2 or min(dims) < 1:
+        raise CaffeishError(f"{what}: expected WIDTHxHEIGHT with positive sizes (e.g. 500x375), got '{text}'")
+    return dims
+
+
+def wxh_arg(text):
+    """An argparse type for WIDTHxHEIGHT sizes (parse_wxh): (width, height)."""
+    try:
+        return parse_wxh(text)
+    except CaffeishError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+

@@ -41,7 +41,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from caffeish.errors import CaffeishError, ShapeError
-from caffeish.options import finite_float
+from caffeish.options import finite_float, parse_wxh
 from caffeish.transformer import Transformer, oversample, resize_image
 
 IMAGE_EXTENSIONS = frozenset({
@@ -156,20 +156,6 @@ def parse_values(text, what="values"):
     if not values:
         raise CaffeishError(f"{what}: expected comma-separated numbers, got '{text}'")
     return values
-
-
-def parse_size(text, what="size"):
-    """'500x375' or '512' -> (500, 375) / (512, 512)."""
-    parts = str(text).lower().replace("*", "x").split("x")
-    try:
-        dims = tuple(int(p) for p in parts)
-    except ValueError:
-        raise CaffeishError(f"{what}: expected HxW (e.g. 512x512), got '{text}'") from None
-    if len(dims) == 1:
-        dims = dims * 2
-    if len(dims) != 2 or min(dims) < 1:
-        raise CaffeishError(f"{what}: expected HxW with positive sizes, got '{text}'")
-    return dims
 
 
 # ---------------------------------------------------------------------------- the spec
@@ -453,8 +439,8 @@ def add_arguments(p, keep_size=False):
                    help="'none': resize to the net input; 'center': resize (--resize, or the mean image's "
                         "size) then take the centre crop")
     if not keep_size:
-        g.add_argument("--resize", metavar="HxW", default=None,
-                       help="resize images to HxW before the centre crop (with --crop center)")
+        g.add_argument("--resize", metavar="WxH", default=None,
+                       help="resize images to WIDTHxHEIGHT (e.g. 256x256) before the centre crop (with --crop center)")
     g.add_argument("--transform-from", metavar="TRAIN_VAL.prototxt",
                    help="read scale, mean and crop from the TEST data layer's transform_param of this net")
 
@@ -484,7 +470,8 @@ def from_args(args, keep_size=False):
     if keep_size:
         over["resize"] = "keep"
     elif getattr(args, "resize", None):
-        over["resize"] = parse_size(args.resize, "--resize")
+        width, height = parse_wxh(args.resize, "--resize")
+        over["resize"] = (height, width)
     if args.transform_from:
         tp = transform_param_of(args.transform_from)
         if tp is None:

@@ -154,3 +154,12 @@ def test_max_blob_bytes_takes_sizes(capsys):
     with pytest.raises(SystemExit):
         main(["summary", str(EXAMPLE), "--max-blob-bytes", "-3"])
     assert "expected a positive size" in capsys.readouterr().err
+
+
+def test_every_size_option_reads_width_first():
+    from caffeish.errors import CaffeishError
+    from caffeish.options import parse_wxh
+    assert parse_wxh("500x375") == (500, 375) and parse_wxh("256") == (256, 256)
+    for bad in ("0x5", "5x", "axb", "1x2x3"):
+        with pytest.raises(CaffeishError, match="--resize: expected WIDTHxHEIGHT"):
+            parse_wxh(bad, "--resize")

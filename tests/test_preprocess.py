@@ -131,7 +131,7 @@ def test_command_line_options(tmp_path):
     spec = pp.from_args(_args("--mean-value", "104,117,123", "--scale", "0.5", "--raw-scale", "1",
                               "--channel-swap", "none", "--crop", "center", "--resize", "40x48"))
     assert spec.mean.tolist() == [104, 117, 123] and spec.scale == 0.5 and spec.raw_scale == 1
-    assert spec.channel_swap is None and spec.crop == "center" and spec.resize == (40, 48)
+    assert spec.channel_swap is None and spec.crop == "center" and spec.resize == (48, 40)  # WxH -> (H, W)
     np.save(tmp_path / "m.npy", np.zeros((3, 8, 8)))
     assert pp.from_args(_args("--mean", str(tmp_path / "m.npy")), keep_size=True).resize == "keep"
     with pytest.raises(CaffeishError, match="not both"):

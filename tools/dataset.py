@@ -43,6 +43,7 @@ from caffeish import progress
 from caffeish.data_transform import resize_linear, resize_nearest
 from caffeish.datum import ENCODINGS, LmdbReader, LmdbWriter, datum_array, datum_encoding, make_datum
 from caffeish.errors import CaffeishError
+from caffeish.options import wxh_arg
 from caffeish.report import FORMATS, render
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".webp")
@@ -55,19 +56,6 @@ class DatasetError(CaffeishError):
 
 
 # ---------------------------------------------------------------------------- arguments
-
-
-def size_arg(text):
-    """'500x375' -> (width, height)."""
-    import argparse
-
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-        if w > 0 and h > 0:
-            return w, h
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT like 500x375, got '{text}'")
 
 
 def fraction_arg(text):
@@ -114,7 +102,7 @@ def add_arguments(p):
 
 
 def _common_options(p, default_encoding):
-    p.add_argument("--resize", type=size_arg, metavar="WxH",
+    p.add_argument("--resize", type=wxh_arg, metavar="WxH",
                    help="resize images to WIDTHxHEIGHT as convert_imageset (OpenCV bilinear), "
                         "label images with OpenCV's nearest neighbour")
     p.add_argument("--encoding", choices=ENCODINGS, default=default_encoding,

@@ -2,7 +2,7 @@
 
     caffeish segment fcn.prototxt fcn.caffemodel photo.jpg photos/ -o OUTDIR
                      [--palette pascal|COLORMAP.txt|DATASET] [--labels labels.txt]
-                     [--overlay 0.6] [--legend] [--npy] [--tile HxW | --max-memory 4G] [--gpu]
+                     [--overlay 0.6] [--legend] [--npy] [--tile WxH | --max-memory 4G] [--gpu]
 
 For each image the net is reshaped to the image's size, run forward, and the
 argmax over the score blob's channels (the last Softmax, else 'score', else
@@ -43,7 +43,7 @@ from caffeish import preprocess, progress, report
 from caffeish.errors import CaffeishError
 from caffeish.inference import (DEFAULT_MAX_MEMORY, OUTPUT_MARKER, PALETTE_PNG_CLASSES, Segmenter, class_colors,
                                 class_map, find_images, image_error, label_picture, open_net)
-from caffeish.options import add_gpu_option, device_from_args, finite_float, int_arg
+from caffeish.options import add_gpu_option, device_from_args, finite_float, int_arg, parse_wxh
 from caffeish.report import FORMATS
 
 STAGES = ("decode", "preprocess", "forward", "argmax", "write")
@@ -63,7 +63,7 @@ def add_arguments(p):
     p.add_argument("--npy", action="store_true", help="also write the raw scores as NAME.npy (C x H x W)")
     p.add_argument("--blob", help="score blob (default: last Softmax, else 'score', else the output "
                                   "of the input's size)")
-    p.add_argument("--tile", metavar="HxW", help="run in tiles of HxW input pixels (same result as untiled)")
+    p.add_argument("--tile", metavar="WxH", help="run in tiles of WxH input pixels (same result as untiled)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help=f"tile images whose blobs would pass SIZE (default {DEFAULT_MAX_MEMORY >> 30}G)")
     p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=0,
@@ -320,7 +320,7 @@ def run(args):
         raise CaffeishError(f"--overlay is an opacity between 0 and 1, got {args.overlay}")
     labels = palettes.read_labels(args.labels) if args.labels else None
     spec = preprocess.from_args(args, keep_size=True)
-    tile = preprocess.parse_size(args.tile, "--tile") if args.tile else None
+    tile = parse_wxh(args.tile, "--tile")[::-1] if args.tile else None  # (height, width)
     weights = None if args.weights.lower() == "none" else args.weights
     t0 = time.perf_counter()
     net = open_net(args.net, weights, device_from_args(args), seed=args.seed)
