@@ -159,11 +159,6 @@ def kernels_for(xp):
     return _kernel_sets.get(id(xp))
 
 
-def is_device_array(array):
-    """True for an array that lives on the GPU (anything but a numpy array with a host buffer)."""
-    return not isinstance(array, np.ndarray) and hasattr(array, "get")
-
-
 def to_numpy(array):
     """A numpy array for any backend's array (a no-op for numpy arrays)."""
     if isinstance(array, np.ndarray):

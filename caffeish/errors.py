@@ -50,7 +50,7 @@ class WeightError(CaffeishError):
 
 
 class UnsupportedError(CaffeishError):
-    """A feature that caffeish does not implement (yet), e.g. Python layers."""
+    """A feature that caffeish does not run, e.g. RNN/LSTM layers, HDF5Output, dynamic GPU shared memory."""
 
 
 class FillerError(CaffeishError):

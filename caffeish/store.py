@@ -125,7 +125,7 @@ def safe_name(name):
             and "\\" not in name and "\0" not in name)
 
 
-def input_shapes_from(meta, graph_sources=None):
+def input_shapes_from(meta):
     """{blob: shape} from the front matter's input_shape (`1,3,227,227` or `data=1,3,227,227;...`)."""
     text = meta.get("input_shape", "").strip()
     if not text:

@@ -140,7 +140,7 @@ class _Conversion:
         return out
 
 
-def _flatten_like(node, graph):
+def _flatten_like(node):
     """True when a Flatten/Reshape node turns N x C x H x W into N x (C*H*W), nothing else."""
     if node.type not in ("Flatten", "Reshape") or len(node.bottoms) != 1 or len(node.tops) != 1:
         return False
@@ -159,7 +159,7 @@ def _plan(graph):
     removed = {}
     for layer in layers:
         node = nodes.get(layer.name)
-        if node is None or not _flatten_like(node, graph):
+        if node is None or not _flatten_like(node):
             continue
         users = consumers.get(layer.top[0], [])
         if users and all(u.type == "InnerProduct" and _ip_axis(nodes[u.name]) == 1 for u in users):

@@ -391,7 +391,7 @@ def build_fcn(classifier, model=None, classes=None, skips=(), pad=100, upscore_k
     name = f"FCN-{src.name}" if src.name else "FCN"
     deploy = _net(name, layers_out)
     _check(deploy, data_blob, classes, input_shapes)
-    mean = _mean(mean_file, dataset, known, report)
+    mean = _mean(mean_file, known, report)
     train_val = _train_val(name, layers_out, inputs, data_blob, graph.blob_shapes, dataset, mean, batch_size,
                            ignore_label)
     warnings = []
@@ -487,7 +487,7 @@ def _check(deploy, data_blob, classes, input_shapes):
         raise ShapeError(f"internal: the score is {score} for data {data}")
 
 
-def _mean(mean_file, dataset, known, report):
+def _mean(mean_file, known, report):
     """The train/val net's mean: ("file", path), ("values", [...]) or None (see build_fcn)."""
     if mean_file is None:
         return None

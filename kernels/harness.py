@@ -32,6 +32,7 @@ import types
 
 import numpy as np
 
+from caffeish import kernels as kernel_package
 from caffeish.errors import UnsupportedError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -59,9 +60,7 @@ class HarnessError(UnsupportedError):
 
 def source_path(name):
     """kernels/<name>.cu, or `name` itself when it is a path to a .cu file (the harness's own tests)."""
-    if name.endswith(".cu"):
-        return os.path.abspath(name)
-    return os.path.join(HERE, f"{name}.cu")
+    return os.path.abspath(name) if name.endswith(".cu") else kernel_package.source_path(name)
 
 
 def parse_kernels(source):
@@ -165,6 +164,9 @@ class HarnessFunction:
         return c_type(value)
 
     def __call__(self, grid, block, args, shared_mem=0):
+        if shared_mem:
+            raise HarnessError(f"kernel {self.name}: dynamic shared memory is not emulated (our kernels "
+                               "declare __shared__ arrays statically)")
         if len(args) != len(self.params):
             raise TypeError(f"kernel {self.name} takes {len(self.params)} arguments, got {len(args)}")
         values = [self._convert(i, ctype, v) for i, ((ctype, _), v) in enumerate(zip(self.params, args))]
@@ -193,10 +195,6 @@ class HarnessModule:
         except KeyError:
             raise HarnessError(f"kernels/{self.name}.cu has no extern \"C\" __global__ kernel '{name}'") from None
         return HarnessFunction(self._lib, name, params, barrier)
-
-    @property
-    def kernel_names(self):
-        return sorted(self._kernels)
 
 
 def module(name):

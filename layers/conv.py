@@ -38,7 +38,7 @@ class _ConvGeometryLayer(Layer):
         axis = self.channel_axis
         return xp.reshape(x, (math.prod(x.shape[:axis]),) + tuple(x.shape[axis:]))
 
-    def _restore(self, xp, y, bottom_shape):
+    def _restore(self, y, bottom_shape):
         """(N, C', *out) back to bottom_shape[:axis] + (C', *out)."""
         return y.reshape(tuple(bottom_shape[:self.channel_axis]) + tuple(y.shape[1:]))
 
@@ -131,7 +131,7 @@ class Convolution(_ConvGeometryLayer):
                 spatial = tuple(x.shape[self.channel_axis + 1:])
                 out = self._spatial_out(spatial)
                 y = self._kernel(xp, self._as_ncs(xp, x), weight, bias, self.geometry, self.group, out)
-            tops.append(self._restore(xp, y, x.shape))
+            tops.append(self._restore(y, x.shape))
         return tops
 
     def macs(self, bottom_shapes, top_shapes):
@@ -190,7 +190,7 @@ class Im2col(_ConvGeometryLayer):
         x = bottoms[0]
         gpu = kernels_for(xp) if len(self.geometry.kernel) == 2 else None
         if gpu is not None:
-            return [self._restore(xp, gpu.im2col(self._as_ncs(xp, x), self.geometry), x.shape)]
+            return [self._restore(gpu.im2col(self._as_ncs(xp, x), self.geometry), x.shape)]
         out = conv_output_shape(tuple(x.shape[self.channel_axis + 1:]), self.geometry)
         y = im2col(xp, self._as_ncs(xp, x), self.geometry, out)
-        return [self._restore(xp, y, x.shape)]
+        return [self._restore(y, x.shape)]

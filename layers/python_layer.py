@@ -205,7 +205,7 @@ class Python(Layer):
             self.user_class()
         except UnsupportedError as e:
             return str(e)
-        return "its forward pass is not implemented"
+        raise AssertionError("unsupported_reason is asked only when the layer cannot run")
 
     # -- calling the user's code ----------------------------------------------------------
     def _call(self, method, *args):

@@ -292,6 +292,8 @@ def test_harness_checks_kernel_arguments():
         fn((1,), (32,), (y[:, :, ::2], b, np.int32(12), np.int32(3), np.int32(2)))
     with pytest.raises(TypeError, match="takes 5 arguments"):
         fn((1,), (32,), (y, b))
+    with pytest.raises(harness.HarnessError, match="dynamic shared memory"):
+        fn((1,), (32,), (y, b, np.int32(24), np.int32(3), np.int32(4)), shared_mem=1024)
 
 
 def test_harness_shared_memory_and_barriers(tmp_path):
