@@ -5,17 +5,16 @@ for the CPU by caffeish.kernels.harness) with numpy arrays, so a whole net
 through that path is checked against Caffe's recorded blobs here; on a real
 GPU, benchmarks/gpu_check.py does the same with CuPy.
 """
-import json
 import os
 import shutil
 import subprocess
 import sys
 import types
-import warnings
 
 import numpy as np
 import pytest
 
+import golden
 from conftest import ROOT, shared_path
 
 import caffeish
@@ -128,23 +127,11 @@ GOLDEN_CASES = ["conv", "deconv", "deconv_bilinear_filler", "pool", "crop", "ale
 @pytest.mark.parametrize("case", GOLDEN_CASES)
 def test_golden_nets_through_the_gpu_code_path(case):
     """Each layer's GPU branch (our kernels for Convolution, Deconvolution, Pooling, Crop) matches Caffe."""
-    folder = shared_path("golden", case)
-    meta = json.loads((folder / "meta.json").read_text())
-    weights = meta.get("weights")
-    net = caffeish.Net(str(folder / "net.prototxt"), str(folder / weights) if weights else None,
-                       caffeish.TEST, keep=True, backend="harness")
+    shared_path("golden", case)  # skips with a clear reason when ../shared is absent
+    net, meta, folder = golden.run_case(case, backend="harness")
     assert backend.kernels_for(net.xp) is not None
-    net.forward(**dict(np.load(folder / "inputs.npz")))
-    expected = np.load(folder / "blobs.npz")
-    exact = set(meta.get("exact", []))
-    for name in expected.files:
-        ours, theirs = np.asarray(net._arrays[name]), expected[name]
-        assert ours.shape == theirs.shape, name
-        if name in exact:
-            assert np.array_equal(ours, theirs), name
-        elif theirs.size:
-            err = float(np.max(np.abs(ours.astype(np.float64) - theirs)) / (np.max(np.abs(theirs)) + 1e-12))
-            assert err <= meta["tolerance"], f"{case}/{name}: relative error {err:.3g}"
+    failures = golden.blob_failures(net, meta, folder)
+    assert not failures, f"{case}: " + "; ".join(failures)
 
 
 @needs_cxx

@@ -10,6 +10,7 @@ from caffeish import io, surgery
 from caffeish.cli import main
 from caffeish.errors import CaffeishError, UnsupportedError, WeightError
 from caffeish.graph import Graph
+from caffeish.metrics import relative_error
 from caffeish.net import Net
 from caffeish.schema import pb
 from conftest import shared_path
@@ -28,10 +29,6 @@ def golden_io(name):
     inputs = np.load(golden(name, "inputs.npz"))
     blobs = np.load(golden(name, "blobs.npz"))
     return {k: inputs[k] for k in inputs.files}, blobs
-
-
-def rel(a, b):
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))) / (np.max(np.abs(a)) + 1e-12))
 
 
 def write_v1(path, net, arrays):
@@ -89,7 +86,7 @@ def test_alexnet_tiny_fcn_gives_caffes_probabilities():
     surgery.set_params(fcn, {l.name: b for l, b in zip(net.layer, blobs) if b})
     prob = fcn.forward(**inputs)["prob"]
     assert prob.shape == expected["prob"].shape + (1, 1)
-    assert rel(expected["prob"], prob[:, :, 0, 0]) <= 1e-4
+    assert relative_error(prob[:, :, 0, 0], expected["prob"]) <= 1e-4
 
 
 def test_googlenet_tiny_classifier_on_1x1_pool_becomes_1x1_conv():
@@ -102,7 +99,7 @@ def test_googlenet_tiny_classifier_on_1x1_pool_becomes_1x1_conv():
     inputs, expected = golden_io("googlenet_tiny")
     fcn = Net(net)
     surgery.set_params(fcn, {l.name: b for l, b in zip(net.layer, blobs) if b})
-    assert rel(expected["prob"], fcn.forward(**inputs)["prob"][:, :, 0, 0]) <= 1e-4
+    assert relative_error(fcn.forward(**inputs)["prob"][:, :, 0, 0], expected["prob"]) <= 1e-4
 
 
 def shrunk(path, divisor=16):
@@ -154,7 +151,7 @@ def test_v1_caffemodel_is_upgraded_first(tmp_path):
     inputs, expected = golden_io("lenet_real_weights")
     fcn = Net(out)
     surgery.set_params(fcn, by_name)
-    assert rel(expected["prob"], fcn.forward(**inputs)["prob"][:, :, 0, 0]) <= 1e-5
+    assert relative_error(fcn.forward(**inputs)["prob"][:, :, 0, 0], expected["prob"]) <= 1e-5
 
 
 def test_sliding_window_property_on_lenet():
@@ -171,7 +168,7 @@ def test_sliding_window_property_on_lenet():
     classifier = Net(golden("lenet_real_weights", "net.prototxt"), path, input_shapes={"data": windows.shape})
     expected = classifier.forward(data=windows, blobs=["ip2"])["ip2"]  # (12, 10): one row per window
     got = scores[0].reshape(10, 12).T
-    assert rel(expected, got) <= 1e-5
+    assert relative_error(got, expected) <= 1e-5
 
 
 FLAT_NET = """
@@ -315,7 +312,7 @@ def test_bilinear_dense_deconvolution_upsamples_like_caffes_grouped_one(tmp_path
     io.write_caffemodel(path, net, blobs)
     inputs, expected = golden_io("deconv_bilinear_filler")
     up = Net(net, path).forward(**inputs)["up"]
-    assert rel(expected["up"], up) <= 1e-6
+    assert relative_error(up, expected["up"]) <= 1e-6
     # Interior of a x2 upsampling of a linear ramp is the interpolated ramp.
     ramp = np.arange(6, dtype=np.float32)[None, None, None, :].repeat(5, axis=2).repeat(3, axis=1)
     out = Net(net, path).forward(data=ramp)["up"][0, 0, 2]
@@ -346,7 +343,7 @@ def test_cli_convolutionalize_writes_atomically_and_leaves_inputs(tmp_path, caps
     assert model.layer_blobs()["fc6"][0].shape == (256, 16, 6, 6)
     inputs, expected = golden_io("alexnet_tiny")
     prob = Net(str(out), str(tmp_path / "fcn.caffemodel")).forward(**inputs)["prob"]
-    assert rel(expected["prob"], prob[:, :, 0, 0]) <= 1e-4
+    assert relative_error(prob[:, :, 0, 0], expected["prob"]) <= 1e-4
     # Refuses to write over an input.
     copy = tmp_path / "w.caffemodel"
     copy.write_bytes(open(weights, "rb").read())
