@@ -1,6 +1,8 @@
 """resize_linear / resize_nearest: OpenCV's cv::resize (INTER_LINEAR, INTER_NEAREST), as Caffe's ImageData
 layer and convert_imageset use it.  Hand-computed cases run everywhere; the comparison with cv2 runs where
 opencv-python is installed (it is never a dependency)."""
+import os
+
 import numpy as np
 import pytest
 
@@ -96,3 +98,18 @@ def test_bit_exact_with_opencv():
             np.testing.assert_array_equal(got.reshape(want.shape), want, err_msg=f"{image.shape} -> {oh}x{ow}")
     photo = rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)  # a VOC-sized image to FCN's 256 x 256
     np.testing.assert_array_equal(resize_linear(photo, 256, 256), cv2.resize(photo, (256, 256)))
+
+
+def test_bit_exact_with_recorded_opencv_results():
+    """tests/data/opencv_resize.npz: what cv2.resize (OpenCV 4.14) gave on small random cases (up, down,
+    odd factors, exact halving, 1-pixel sides, 1-4 channels), so CI checks bit-exactness without cv2."""
+    recorded = np.load(os.path.join(os.path.dirname(__file__), "data", "opencv_resize.npz"))
+    cases = sorted({k.split("/")[0] for k in recorded.files}, key=int)
+    assert len(cases) >= 50
+    for case in cases:
+        image = recorded[f"{case}/image"]
+        for fn, kind in ((resize_linear, "linear"), (resize_nearest, "nearest")):
+            want = recorded[f"{case}/{kind}"]
+            got = fn(image, want.shape[0], want.shape[1])
+            np.testing.assert_array_equal(got.reshape(want.shape), want, err_msg=f"{kind} {image.shape} -> {want.shape}")
+
