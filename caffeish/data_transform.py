@@ -31,6 +31,7 @@ import warnings
 import numpy as np
 
 from caffeish.errors import CaffeishError, ShapeError
+from caffeish.geometry import center_crop_offsets
 from caffeish.schema import TEST
 
 
@@ -101,7 +102,7 @@ class DataTransformer:
         if not self.crop_size:
             return 0, 0
         self._check_crop(height, width)
-        return (height - self.crop_size) // 2, (width - self.crop_size) // 2
+        return center_crop_offsets((height, width), (self.crop_size, self.crop_size))
 
     def crop(self, array):
         """The crop window of a (..., H, W) array: the same window for an image and its label."""

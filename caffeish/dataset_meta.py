@@ -6,6 +6,11 @@ training images differ in size and no mean image exists), "mean_value" (the
 per-channel means, or null) and "mean_note" (why there is no mean).  A DIGITS
 dataset folder has no dataset.json: labels.txt names the classes and
 mean.binaryproto, when present, is the mean.
+
+A folder is a dataset when it holds one of MARKERS: dataset.json (ours) or
+train_db / val_db (ours and every DIGITS dataset).  labels.txt alone is not a
+marker: DIGITS model folders and caffeish model stores hold one too, and
+`dataset --force` must never take such a folder for a dataset to replace.
 """
 import json
 import os
@@ -13,7 +18,7 @@ import os
 from caffeish import palette
 from caffeish.errors import CaffeishError
 
-MARKERS = ("dataset.json", "train_db", "val_db", "labels.txt")
+MARKERS = ("dataset.json", "train_db", "val_db")
 
 
 class DatasetMeta:
@@ -33,6 +38,20 @@ class DatasetMeta:
 
 def is_dataset(folder):
     return os.path.isdir(folder) and any(os.path.exists(os.path.join(folder, m)) for m in MARKERS)
+
+
+def dataset_root(db_path, levels=3):
+    """The dataset folder holding a database (where labels.txt, palette.txt and the mean are), or None.
+
+    Looks at the database's parent and up to `levels` folders in all: a
+    classification LMDB lies in OUT/, a segmentation one in OUT/<split>_db/.
+    """
+    folder = os.path.dirname(os.path.abspath(db_path))
+    for _ in range(levels):
+        if is_dataset(folder):
+            return folder
+        folder = os.path.dirname(folder)
+    return None
 
 
 def check_folder(folder, option="--dataset"):

@@ -335,6 +335,22 @@ def crop_offsets(crop_param, data_shape, ref_shape):
     return start, tuple(offsets), tuple(top)
 
 
+def center_crop_offsets(in_hw, out_hw):
+    """(top, left) of the centre out_h x out_w window of an in_h x in_w image.
+
+    Caffe's DataTransformer at TEST: h_off = (H - crop_h) / 2, w_off = (W - crop_w) / 2
+    in integer division (rounded down).  pycaffe's Classifier and oversample
+    take int(H / 2 - crop_h / 2), the same number for a crop that fits; the
+    mean image is cropped with the image's window.  A window larger than the
+    image is a ShapeError.
+    """
+    in_h, in_w = (int(d) for d in in_hw)
+    out_h, out_w = (int(d) for d in out_hw)
+    if out_h > in_h or out_w > in_w:
+        raise ShapeError(f"cannot crop {out_h}x{out_w} out of {in_h}x{in_w}")
+    return (in_h - out_h) // 2, (in_w - out_w) // 2
+
+
 # -- coordinate maps (pycaffe coord_map.py, exact arithmetic) --------------------------------
 
 

@@ -349,11 +349,6 @@ PALETTE_PNG_CLASSES = 256  # a mode P PNG indexes 256 colors
 GRAY16_CLASSES = 1 << 16
 
 
-def is_pascal(spec):
-    """Whether a palette spec names the PASCAL VOC palette (the default)."""
-    return spec is None or (isinstance(spec, str) and spec.lower() in ("pascal", "voc"))
-
-
 def class_colors(spec, base, n_classes):
     """n_classes colors from the palette `spec` loaded as `base`.
 
@@ -362,7 +357,7 @@ def class_colors(spec, base, n_classes):
     class below 2**24 gets its own color); a color-map file or array must list
     a color per class (ShapeError otherwise).
     """
-    if is_pascal(spec):
+    if palettes.is_pascal(spec):
         return palettes.pascal_palette(max(n_classes, len(base)))[:n_classes]
     source = "the palette" if isinstance(spec, np.ndarray) else str(spec)
     return palettes.colors_for(base, n_classes, source)

@@ -34,6 +34,20 @@ def pascal_palette(n=256):
     return colors.astype(np.uint8)
 
 
+def pad_with_pascal(colors, n):
+    """(n, 3) uint8: `colors` (None, or up to n of them) first, PASCAL VOC's colours for the classes past them."""
+    base = pascal_palette(n)
+    if colors is not None:
+        colors = np.asarray(colors, dtype=np.uint8)[:n]
+        base[:len(colors)] = colors
+    return base
+
+
+def is_pascal(spec):
+    """Whether a palette spec names the PASCAL VOC palette: None (the default), 'pascal' or 'voc'."""
+    return spec is None or (isinstance(spec, (str, os.PathLike)) and os.fspath(spec).lower() in ("pascal", "voc"))
+
+
 def read_colormap(path, option="--palette", unique=True):
     """A DIGITS color-map text file -> ((N, 3) uint8 colors, names or None).
 
@@ -109,7 +123,7 @@ def read_labels(path, option="--labels"):
 
 def load_palette(spec="pascal"):
     """(colors (N, 3) uint8, class names or None) for 'pascal', a color-map file or a dataset folder."""
-    if spec is None or str(spec).lower() in ("pascal", "voc"):
+    if is_pascal(spec):
         return pascal_palette(), None
     path = os.fspath(spec)
     if os.path.isdir(path):

@@ -24,8 +24,9 @@ command-line face shared by the tools.
 
 Decoding: Pillow; gray images (--grayscale, or a 1-channel net) use Pillow's
 L = 0.299 R + 0.587 G + 0.114 B (OpenCV's weights, which convert_imageset
---gray and force_gray use); an alpha channel is dropped; 16-bit images are
-scaled to 0..255.  A mean image whose size differs from the input is centre
+--gray and force_gray use); an alpha channel is dropped; 16-bit images keep
+their high byte (value >> 8), as OpenCV's imread gives them to Caffe, so an
+image file gives the same pixels here as in a dataset's Datums.  A mean image whose size differs from the input is centre
 cropped when it is larger in both dimensions (Caffe's DataTransformer crops
 the mean with the image), else resized with `resize_image`.
 
@@ -41,6 +42,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from caffeish.errors import CaffeishError, ShapeError
+from caffeish.geometry import center_crop_offsets
 from caffeish.options import finite_float, parse_wxh
 from caffeish.transformer import Transformer, oversample, resize_image
 
@@ -60,46 +62,67 @@ def is_image_name(path):
 # ---------------------------------------------------------------------------- decoding
 
 
-def _from_pil(img, gray):
-    """A Pillow image -> float32 H x W x K in 0..255 (K = 1 when gray, else 3 RGB)."""
-    mode = img.mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        arr = np.asarray(img, dtype=np.float32)
-        if mode != "F":
-            arr = arr * np.float32(255.0 / 65535.0)
-        arr = arr[:, :, np.newaxis]
-        return arr if gray else np.repeat(arr, 3, axis=2)
-    if mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    img = img.convert("L" if gray else "RGB")  # drops alpha, expands palettes and 1-bit
-    arr = np.asarray(img, dtype=np.uint8).astype(np.float32)
-    return arr[:, :, np.newaxis] if arr.ndim == 2 else arr
+def pil_pixels(img, gray=False):
+    """A Pillow image -> uint8 H x W x K (K = 1 gray, else 3 RGB), the 8 bits OpenCV's imread gives Caffe.
 
-
-def decode(source, gray=False):
-    """Decode an image into float32 H x W x K pixels in 0..255 (K = 1 gray, else 3 RGB).
-
-    source: a path, a Pillow image, or an array (H x W or H x W x K; uint8
-    taken as 0..255, floats as pycaffe's [0, 1] images from load_image).
-    An unreadable file raises CaffeishError naming it.
+    convert_imageset and the ImageData layer read files with cv::imread in
+    IMREAD_COLOR or IMREAD_GRAYSCALE, which keep 8 bits of a 16-bit image:
+    libpng's png_set_strip_16, the high byte (value >> 8).  Pillow already
+    does that for 16-bit colour PNGs (mode RGB) but opens 16-bit gray as mode
+    I;16 with the full values (its own convert would clip them at 255), so
+    those are shifted here; mode I (32-bit) is taken as 16-bit values.  Mode F
+    (float) is rounded and clipped to 0..255.  Palettes and 1-bit images are
+    expanded and an alpha channel is dropped (imread's IMREAD_COLOR).
     """
+    mode = img.mode
+    if mode == "F":
+        arr = np.clip(np.rint(np.asarray(img, dtype=np.float32)), 0, 255).astype(np.uint8)
+    elif mode == "I" or mode.startswith("I;16"):
+        arr = (np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+    else:
+        if mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        arr = np.asarray(img.convert("L" if gray else "RGB"), dtype=np.uint8)
+        return arr[:, :, np.newaxis] if arr.ndim == 2 else arr
+    arr = arr[:, :, np.newaxis]
+    return arr if gray else np.repeat(arr, 3, axis=2)
+
+
+def _open(source, read):
+    """read(Pillow image) of a path or a Pillow image; an unreadable file raises CaffeishError naming it."""
     from PIL import Image
 
     if isinstance(source, Image.Image):
-        return _from_pil(source, gray)
-    if isinstance(source, np.ndarray):
-        return _from_array(source, gray)
+        return read(source)
     path = os.fspath(source)
     try:
         with Image.open(path) as img:
             img.load()
-            return _from_pil(img, gray)
+            return read(img)
     except FileNotFoundError:
         raise CaffeishError(f"{path}: no such image file") from None
     except IsADirectoryError:
         raise CaffeishError(f"{path}: is a folder, not an image") from None
     except (OSError, SyntaxError, ValueError) as e:  # Pillow: UnidentifiedImageError, truncated data
         raise CaffeishError(f"{path}: cannot read as an image: {e}") from None
+
+
+def decode_8bit(source, gray=False):
+    """A path or Pillow image -> uint8 H x W x K pixels (K = 1 gray, else 3 RGB), as `pil_pixels`."""
+    return _open(source, lambda img: pil_pixels(img, gray))
+
+
+def decode(source, gray=False):
+    """Decode an image into float32 H x W x K pixels in 0..255 (K = 1 gray, else 3 RGB).
+
+    source: a path, a Pillow image (both decoded as `pil_pixels`: the 8-bit
+    values Caffe's Datums hold), or an array (H x W or H x W x K; uint8 taken
+    as 0..255, floats as pycaffe's [0, 1] images from load_image).
+    An unreadable file raises CaffeishError naming it.
+    """
+    if isinstance(source, np.ndarray):
+        return _from_array(source, gray)
+    return decode_8bit(source, gray).astype(np.float32)
 
 
 def _from_array(arr, gray):
@@ -273,8 +296,8 @@ class Preprocess:
         mh, mw = m.shape[1:]
         if (mh, mw) == (h, w):
             return m
-        if mh >= h and mw >= w:
-            top, left = (mh - h) // 2, (mw - w) // 2
+        if mh >= h and mw >= w:  # cropped with the image's centre window, as Caffe's DataTransformer
+            top, left = center_crop_offsets((mh, mw), (h, w))
             return m[:, top:top + h, left:left + w]
         return resize_image(m.transpose(1, 2, 0), (h, w)).transpose(2, 0, 1)
 
@@ -354,7 +377,7 @@ def center_crop(x, hw):
     H, W = x.shape[:2]
     if h > H or w > W:
         raise ShapeError(f"cannot crop {h}x{w} out of an image of {H}x{W}")
-    top, left = (H - h) // 2, (W - w) // 2
+    top, left = center_crop_offsets((H, W), (h, w))
     return x[top:top + h, left:left + w]
 
 

@@ -357,3 +357,59 @@ def test_show_refuses_a_database_that_is_not_datums(tmp_path):
         main_raise(["dataset", "show", str(tmp_path / "db")])
     with pytest.raises(caffeish.CaffeishError, match="not an LMDB database"):
         main_raise(["dataset", "show", str(tmp_path)])
+
+
+def test_a_16_bit_image_gives_the_pixels_classify_sees(tmp_path):
+    """16-bit PNGs keep their high byte (cv::imread, as convert_imageset), in the Datums and in classify."""
+    from caffeish import preprocess
+
+    make_pairs(tmp_path, n=2)
+    deep = np.random.default_rng(5).integers(0, 65536, (H, W), dtype=np.uint16)
+    deep[0, :4] = [255, 256, 32768, 65535]
+    os.remove(tmp_path / "images" / "img00.png")
+    Image.fromarray(deep).save(tmp_path / "images" / "img00.png")  # a 16-bit gray PNG
+    out = tmp_path / "ds"
+    build_segmentation(tmp_path / "images", tmp_path / "labels", out, val_fraction=0)
+    key = next(k for k, stem in listing(out, "train") if stem == "img00")
+    with LmdbReader(out / "train_db" / "features") as f:
+        stored = datum_array(f.get(key))
+    assert stored.shape == (3, H, W) and stored[0, 0, :4].tolist() == [0, 1, 128, 255]
+    np.testing.assert_array_equal(stored, np.repeat((deep >> 8).astype(np.uint8)[np.newaxis], 3, axis=0))
+    seen = preprocess.decode(tmp_path / "images" / "img00.png")  # classify's / segment's pixels, RGB
+    np.testing.assert_array_equal(stored, seen[:, :, ::-1].transpose(2, 0, 1))
+
+
+def test_classification_takes_every_image_extension_classify_takes(tmp_path):
+    from caffeish.preprocess import IMAGE_EXTENSIONS
+    from caffeish.tools import dataset
+
+    assert dataset.IMAGE_EXTENSIONS is IMAGE_EXTENSIONS  # one list
+    gray = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5
+    for cls, name in (("a", "x.pnm"), ("a", "y.jpe"), ("b", "z.pbm")):
+        (tmp_path / "in" / cls).mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(gray)
+        (img.convert("1") if name.endswith(".pbm") else img.convert("RGB")).save(tmp_path / "in" / cls / name)
+    meta = dataset.build_classification(tmp_path / "in", tmp_path / "ds", val_fraction=0)
+    assert meta["splits"]["train"]["label_counts"] == {"0": 2, "1": 1}
+
+
+def test_force_does_not_take_a_folder_with_only_labels_txt_for_a_dataset(tmp_path):
+    """labels.txt is in model folders too (DIGITS jobs, caffeish stores): --force never replaces such a folder."""
+    from caffeish import dataset_meta
+
+    make_pairs(tmp_path, n=2)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "labels.txt").write_text("a\nb\n")
+    (model / "weights.caffemodel").write_bytes(b"x")
+    with pytest.raises(caffeish.CaffeishError, match="not a dataset folder"):
+        build_segmentation(tmp_path / "images", tmp_path / "labels", model, force=True)
+    assert sorted(p.name for p in model.iterdir()) == ["labels.txt", "weights.caffemodel"]
+    assert not dataset_meta.is_dataset(model) and dataset_meta.dataset_root(model / "db") is None
+    out = tmp_path / "ds"
+    build_segmentation(tmp_path / "images", tmp_path / "labels", out, val_fraction=0)
+    assert dataset_meta.dataset_root(out / "train_db" / "features") == str(out)
+    mean = read_binaryproto(str(out / "mean.binaryproto"))  # compute_image_mean's 1 x C x H x W
+    assert mean.shape == (1, 3, H, W)
+    colors = np.array([[int(v) for v in line.split()] for line in (out / "palette.txt").read_text().splitlines()])
+    np.testing.assert_array_equal(colors, pascal_palette(256)[:len(colors)])  # palette PNG labels: VOC's

@@ -395,3 +395,8 @@ def test_deploy_net_fed_from_a_dataset_subtracts_its_mean(tmp_path, capsys):
     assert "note:" not in captured.err
     hist, want = numpy_scores(items, w, b, (1, 2, 3), 0.5)
     check_metrics(json.loads(captured.out), hist, want, cm)
+    assert [c["name"] for c in json.loads(captured.out)["classes"]] == ["class0", "class1", "class2", "class3"]
+    # --mean-value is read by preprocess.parse_values, as classify and segment read it
+    for bad in ("1,x,3", ","):
+        assert main(argv + ["--mean-value", bad]) == 1
+        assert f"--mean-value: expected comma-separated numbers, got '{bad}'" in capsys.readouterr().err

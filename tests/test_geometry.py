@@ -403,3 +403,18 @@ def test_crop_offset_from_map_errors():
         g.crop_offset_from_map(g.CoordMap(Fraction(1), Fraction(3)))
     with pytest.raises(ShapeError, match="not an integer"):
         g.crop_offset_from_map(g.CoordMap(Fraction(1), Fraction(-1, 2)))
+
+
+# -- centre crop (DataTransformer at TEST, pycaffe's Classifier / oversample) ----------------------
+
+
+def test_center_crop_offsets_are_caffes_test_crop_and_pycaffes_centre():
+    assert g.center_crop_offsets((256, 256), (227, 227)) == (14, 14)  # AlexNet: 29 // 2
+    assert g.center_crop_offsets((375, 500), (227, 227)) == (74, 136)  # 148 // 2, 273 // 2
+    assert g.center_crop_offsets((5, 4), (5, 4)) == (0, 0)
+    for big_h, big_w, h, w in itertools.product(range(1, 8), repeat=4):
+        if h <= big_h and w <= big_w:  # pycaffe: int(dims / 2.0 - crop / 2.0)
+            want = (int(big_h / 2.0 - h / 2.0), int(big_w / 2.0 - w / 2.0))
+            assert g.center_crop_offsets((big_h, big_w), (h, w)) == want
+    with pytest.raises(ShapeError, match="cannot crop 5x4 out of 4x4"):
+        g.center_crop_offsets((4, 4), (5, 4))

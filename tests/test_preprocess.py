@@ -105,6 +105,55 @@ def test_decode_formats_and_errors(tmp_path):
     assert pp.decode(np.full((2, 2), 0.5)).tolist() == [[[127.5] * 3] * 2] * 2  # pycaffe's [0, 1] arrays
 
 
+def _png16(path, rgb):
+    """Write an H x W x 3 uint16 array as a 16-bit RGB PNG (Pillow cannot write one)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w, _ = rgb.shape
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgb)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+DEEP = np.array([[0, 255, 256, 511], [32767, 32768, 65280, 65535]], np.uint16)
+DEEP_8BIT = [[0, 0, 1, 1], [127, 128, 255, 255]]  # value >> 8: libpng's strip_16, what cv::imread keeps
+
+
+def test_16_bit_images_keep_their_high_byte_as_opencv_imread(tmp_path):
+    Image.fromarray(DEEP).save(tmp_path / "gray16.png")  # Pillow opens it as mode I;16, full values
+    with Image.open(tmp_path / "gray16.png") as img:
+        assert img.mode.startswith("I")
+    color = pp.decode(tmp_path / "gray16.png")
+    assert color.shape == (2, 4, 3) and (color == np.array(DEEP_8BIT)[:, :, None]).all()
+    assert pp.decode(tmp_path / "gray16.png", gray=True)[:, :, 0].tolist() == DEEP_8BIT
+    assert pp.decode_8bit(tmp_path / "gray16.png").dtype == np.uint8
+    _png16(tmp_path / "rgb16.png", np.stack([DEEP, DEEP[:, ::-1], 65535 - DEEP], axis=2))
+    rgb = pp.decode(tmp_path / "rgb16.png")
+    assert rgb[:, :, 0].tolist() == DEEP_8BIT and rgb[:, :, 1].tolist() == np.array(DEEP_8BIT)[:, ::-1].tolist()
+    assert rgb[:, :, 2].tolist() == ((65535 - DEEP) >> 8).tolist()
+    np.testing.assert_array_equal(pp.Preprocess().load(tmp_path / "rgb16.png", 3), rgb)
+
+
+def test_every_centre_crop_takes_one_window():
+    """preprocess's image and mean crops and the Data layer's crop use geometry.center_crop_offsets."""
+    from caffeish.data_transform import DataTransformer
+    from caffeish.geometry import center_crop_offsets
+    from caffeish.schema import TEST
+
+    x = np.arange(7 * 10, dtype=np.float32).reshape(7, 10, 1)
+    assert center_crop_offsets((7, 10), (4, 5)) == (1, 2)
+    np.testing.assert_array_equal(pp.center_crop(x, (4, 5)), x[1:5, 2:7])
+    np.testing.assert_array_equal(pp.Preprocess(mean=x.transpose(2, 0, 1)).mean_for((1, 4, 5)),
+                                  x[1:5, 2:7].transpose(2, 0, 1))
+    layer = DataTransformer(pb.TransformationParameter(crop_size=4), TEST, "test")
+    assert layer.offsets(7, 10) == (1, 3)
+    np.testing.assert_array_equal(layer.crop(x.transpose(2, 0, 1)), x[1:5, 3:7].transpose(2, 0, 1))
+
+
 def test_train_val_transform_param_and_relative_mean_file(tmp_path):
     proto = shared_path("models", "cifar10_quick_ikki", "examples", "prediction_example",
                         "prediction_example.prototxt")

@@ -152,6 +152,23 @@ def test_palettes():
     assert len({tuple(c) for c in p}) == 256
 
 
+def test_pascal_names_and_padding(tmp_path):
+    import pathlib
+
+    for spec in (None, "pascal", "VOC", pathlib.Path("Pascal")):
+        assert palettes.is_pascal(spec)
+        np.testing.assert_array_equal(palettes.load_palette(spec)[0], palettes.pascal_palette())
+    for spec in ("pascal.txt", str(tmp_path), np.zeros((3, 3), np.uint8)):
+        assert not palettes.is_pascal(spec)
+    own = np.array([[1, 2, 3], [4, 5, 6]], np.uint8)
+    padded = palettes.pad_with_pascal(own, 4)
+    assert padded.tolist() == [[1, 2, 3], [4, 5, 6]] + palettes.pascal_palette(4)[2:].tolist()
+    assert palettes.pad_with_pascal(own, 1).tolist() == [[1, 2, 3]]
+    np.testing.assert_array_equal(palettes.pad_with_pascal(None, 3), palettes.pascal_palette(3))
+    palettes.write_colormap(tmp_path / "p.txt", padded)
+    assert (tmp_path / "p.txt").read_text() == "1 2 3\n4 5 6\n0 128 0\n128 128 0\n"
+
+
 def test_colormap_errors(tmp_path):
     (tmp_path / "bad.txt").write_text("0 0 0\n1 2\n")
     with pytest.raises(CaffeishError, match=r"bad.txt:2: expected 'R G B \[name\]'"):

@@ -38,15 +38,15 @@ import threading
 
 import numpy as np
 
+from caffeish import dataset_meta, io, progress
 from caffeish import palette as palettes
-from caffeish import progress
 from caffeish.data_transform import resize_linear, resize_nearest
 from caffeish.datum import ENCODINGS, LmdbReader, LmdbWriter, datum_array, datum_encoding, make_datum
 from caffeish.errors import CaffeishError
 from caffeish.options import wxh_arg
+from caffeish.preprocess import IMAGE_EXTENSIONS, decode_8bit, is_image_name
 from caffeish.report import FORMATS, render
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".webp")
 KEY_FORMAT = "%08d"
 DEFAULT_IGNORE_LABEL = 255
 
@@ -155,15 +155,15 @@ def image_files(folder, what="--images"):
         raise DatasetError(f"{what} {folder}: not a folder")
     found = {}
     for name in sorted(os.listdir(folder)):
-        stem, ext = os.path.splitext(name)
+        stem = os.path.splitext(name)[0]
         path = os.path.join(folder, name)
-        if ext.lower() not in IMAGE_EXTENSIONS or not os.path.isfile(path):
+        if not is_image_name(name) or not os.path.isfile(path):
             continue
         if stem in found:
             raise DatasetError(f"{path}: two images with the stem '{stem}' in {folder} ({os.path.basename(found[stem])})")
         found[stem] = path
     if not found:
-        raise DatasetError(f"{what} {folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        raise DatasetError(f"{what} {folder}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return found
 
 
@@ -302,18 +302,14 @@ class LabelDecoder:
 def load_image(path, channels=3, resize=None):
     """An image file as C x H x W uint8 in Caffe's order (BGR) and its (W, H) before resizing.
 
-    With resize=(W, H) the pixels are resized as convert_imageset does
+    The pixels are classify's and segment's (caffeish.preprocess.decode_8bit:
+    what OpenCV's imread gives convert_imageset, 16-bit images included).
+    With resize=(W, H) they are resized as convert_imageset does
     (cv::resize INTER_LINEAR, see caffeish.data_transform.resize_linear).
     """
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB" if channels == 3 else "L")
-            size = img.size
-            arr = np.asarray(img)
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"{path}: cannot read the image ({e})") from None
+    arr = decode_8bit(path, gray=channels != 3)
+    size = (arr.shape[1], arr.shape[0])
+    arr = arr[:, :, 0] if channels != 3 else arr
     if resize and tuple(resize) != size:
         arr = resize_linear(arr, resize[1], resize[0])
     arr = arr[np.newaxis] if arr.ndim == 2 else arr[:, :, ::-1].transpose(2, 0, 1)
@@ -338,9 +334,6 @@ def resize_labels(labels, resize):
 
 
 # ---------------------------------------------------------------------------- the output folder
-
-
-DATASET_MARKERS = ("dataset.json", "train_db", "val_db")
 
 
 def _inside(path, folder):
@@ -383,8 +376,8 @@ def check_output(path, inputs=(), force=False):
         return
     if not force:
         raise DatasetError(f"{path}: already exists; choose another -o or pass --force to replace it")
-    if not any(name in entries for name in DATASET_MARKERS):
-        raise DatasetError(f"-o {path}: not a dataset folder (no {', '.join(DATASET_MARKERS)}); --force only "
+    if not dataset_meta.is_dataset(real):
+        raise DatasetError(f"-o {path}: not a dataset folder (no {', '.join(dataset_meta.MARKERS)}); --force only "
                            f"replaces datasets: remove it yourself or choose another -o")
 
 
@@ -534,7 +527,7 @@ def build_segmentation(images, labels, output, color_map=None, class_names=None,
         palette = dataset_palette(classes, colors, decoder.palette)
         names = list(names or [])[:classes] + [f"class{i}" for i in range(len(names or []), classes)]
         write_text(out.join("labels.txt"), names)
-        write_text(out.join("palette.txt"), [" ".join(str(int(v)) for v in rgb) for rgb in palette])
+        palettes.write_colormap(out.join("palette.txt"), palette)
         mean_info = write_mean(out, mean)
         meta = {
             "type": "segmentation",
@@ -649,12 +642,7 @@ def class_count(hist, colors, ignore_label):
 
 def dataset_palette(classes, colors, palette):
     """K x 3 colours: the colour map, else the labels' palette, padded with PASCAL VOC's colours."""
-    base = palettes.pascal_palette(classes)
-    src = colors if colors is not None else palette
-    if src is not None:
-        n = min(len(src), classes)
-        base[:n] = src[:n]
-    return base
+    return palettes.pad_with_pascal(colors if colors is not None else palette, classes)
 
 
 def write_mean(out, mean):
@@ -667,17 +655,9 @@ def write_mean(out, mean):
             note = (f"no mean.binaryproto: training images differ in size ({a} and {b} at {path}); "
                     f"use --resize for a mean image")
         return {"mean_file": None, "mean_value": None, "mean_note": note}
-    with open(out.join("mean.binaryproto"), "wb") as f:
-        f.write(pb_blob(value[np.newaxis]))
+    io.write_binaryproto(out.join("mean.binaryproto"), value[np.newaxis])
     return {"mean_file": "mean.binaryproto", "mean_value": [float(v) for v in value.mean(axis=(1, 2))],
             "mean_note": None}
-
-
-def pb_blob(array):
-    from caffeish import wire
-
-    record = wire.BlobRecord.from_array(np.asarray(array, dtype=np.float32))
-    return b"".join(bytes(c) for c in wire.encode_blob(record))
 
 
 def format_summary(meta):
@@ -708,7 +688,7 @@ def class_folders(images):
         files = []
         for root, dirs, names in os.walk(folder, followlinks=True):
             dirs.sort()
-            files += [os.path.join(root, n) for n in sorted(names) if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
+            files += [os.path.join(root, n) for n in sorted(names) if is_image_name(n)]
         if files:
             classes.append((name, files))
     if len(classes) < 1:
@@ -820,24 +800,11 @@ def find_databases(path):
     return found, path
 
 
-def dataset_root(db_path):
-    """The dataset folder holding a database (where labels.txt and palette.txt are), or None."""
-    folder = os.path.dirname(os.path.abspath(db_path))
-    for _ in range(3):
-        if os.path.isfile(os.path.join(folder, "dataset.json")) or os.path.isfile(os.path.join(folder, "labels.txt")):
-            return folder
-        folder = os.path.dirname(folder)
-    return None
-
-
 def read_palette(root, n):
-    """palette.txt of a dataset folder (K x 3), padded with PASCAL VOC's colours up to n."""
-    base = palettes.pascal_palette(max(n, 256))
+    """palette.txt of a dataset folder (K x 3), padded with PASCAL VOC's colours up to max(n, 256)."""
     path = os.path.join(root, "palette.txt") if root else None
-    if path and os.path.isfile(path):
-        colors, _ = palettes.read_colormap(path, "--color-map")
-        base[:len(colors)] = colors
-    return base
+    colors = palettes.read_colormap(path, "--color-map")[0] if path and os.path.isfile(path) else None
+    return palettes.pad_with_pascal(colors, max(n, 256))
 
 
 def scan_database(path, is_label_db):
@@ -858,9 +825,9 @@ def scan_database(path, is_label_db):
                 if arr.dtype == np.uint8:
                     pixels += np.bincount(arr.ravel(), minlength=256)
             elif datum.encoded:
-                import io
+                import io as pyio
 
-                with Image.open(io.BytesIO(datum.data)) as img:
+                with Image.open(pyio.BytesIO(datum.data)) as img:
                     mode_channels = {"L": 1, "1": 1, "RGBA": 4, "LA": 4}.get(img.mode, 3)
                     shape = (mode_channels, img.size[1], img.size[0])
             else:
@@ -874,7 +841,7 @@ def show_dataset(path, dump=None, fmt="table"):
     """Print each database's record count, shapes, encoding and label histogram; class frequencies
     (pixel shares) for label databases; with --dump N DIR, write sample images (labels colourized)."""
     databases, root = find_databases(path)
-    root = root if os.path.isfile(os.path.join(root, "labels.txt")) else dataset_root(databases[0][1])
+    root = root if os.path.isfile(os.path.join(root, "labels.txt")) else dataset_meta.dataset_root(databases[0][1])
     names = palettes.read_labels(os.path.join(root, "labels.txt")) if root and os.path.isfile(
         os.path.join(root, "labels.txt")) else []
     ignore = None

@@ -43,11 +43,12 @@ import sys
 
 import numpy as np
 
+from caffeish import dataset_meta, io, progress
 from caffeish import palette as palettes
-from caffeish import io, progress
 from caffeish.errors import CaffeishError, InputShapeRequired
 from caffeish.metrics import ConfusionMatrix
 from caffeish.options import add_gpu_option, device_from_args
+from caffeish.preprocess import parse_values
 from caffeish.report import FORMATS, render
 from caffeish.schema import TEST, pb
 
@@ -113,7 +114,8 @@ def run(args):
             net_path, weights, db=args.db, images=args.images, labels=args.labels, color_map=args.color_map,
             ignore_label=args.ignore_label, score=args.score, label=args.label, stages=args.stage,
             level=args.level, device=device, iterations=args.iterations,
-            mean_value=parse_values(args.mean_value), mean_file=args.mean_file, scale=args.scale)
+            mean_value=None if args.mean_value is None else list(parse_values(args.mean_value, "--mean-value")),
+            mean_file=args.mean_file, scale=args.scale)
         for line in result.get("notes", ()):
             print(f"note: {line}", file=sys.stderr)
         for line in segmentation_warnings(result):
@@ -136,13 +138,11 @@ def run_inputs(net_path, weights, args):
     """Every file and folder a segmentation run reads, as (option, path) pairs: the net, the weights,
     --db (and the dataset folder holding it), --images, --labels, --color-map, --mean-file, and the
     net's own data sources (and their dataset folders) -- nothing may be written over or inside them."""
-    from caffeish.tools.dataset import dataset_root
-
     pairs = [("NET", net_path), ("WEIGHTS", None if weights == "none" else weights), ("--db", args.db),
              ("--images", args.images), ("--labels", args.labels), ("--color-map", args.color_map),
              ("--mean-file", None if (args.mean_file or "").lower() == "none" else args.mean_file)]
     if args.db:
-        root = dataset_root(stage_databases(args.db)[0])
+        root = dataset_meta.dataset_root(stage_databases(args.db)[0])
         pairs.append(("{} (the dataset of --db)", root))
     try:
         net = io.read_net(net_path)
@@ -154,7 +154,7 @@ def run_inputs(net_path, weights, args):
         for source in filter(None, sources):
             pairs.append((f"layer '{layer.name}'", source))
             if layer.type == "Data" and source == layer.data_param.source:
-                pairs.append((f"{{}} (the dataset layer '{layer.name}' reads)", dataset_root(source)))
+                pairs.append((f"{{}} (the dataset layer '{layer.name}' reads)", dataset_meta.dataset_root(source)))
     return [(option, path) for option, path in pairs if path]
 
 
@@ -170,15 +170,6 @@ def check_confusion_path(path, inputs):
             raise CaffeishError(f"the confusion matrix would be written to {os.path.abspath(DEFAULT_CONFUSION)}, "
                                 f"inside the input folder {io.labelled_name(option, folder)}; pass --confusion "
                                 f"FILE (outside it) or --confusion none (nothing was written)")
-
-
-def parse_values(text):
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise CaffeishError(f"--mean-value: expected numbers like 104,117,123, got '{text}'") from None
 
 
 # ---------------------------------------------------------------------------- the net
@@ -388,7 +379,8 @@ def evaluate_segmentation(net_path, weights, db=None, images=None, labels=None, 
         iterations = math.ceil(total / batch)
     items = total if total is not None and iterations * batch >= total else iterations * batch
     source = label_node.param.data_param.source if label_node is not None and label_node.type == "Data" else None
-    known = dataset_info(source)
+    meta = dataset_of(source)
+    known = dataset_info(meta)
     ignore = pick_ignore(ignore_label, scorer, known[2])
     n = net.blob_shape(score)[1]
     cm = ConfusionMatrix(n, ignore)
@@ -402,7 +394,7 @@ def evaluate_segmentation(net_path, weights, db=None, images=None, labels=None, 
                 break
             _update(cm, scores[i], labs[i], f"record {done}", extra)
             done += 1
-    names = _class_names(source, n)
+    names = meta.names if meta else []
     return _result(cm, names, done, net_path, _root_blob(net, score)[0], _root_blob(net, label)[0], extra,
                    known)
 
@@ -440,20 +432,21 @@ def _update(cm, scores, label, where, out_of_range=None):
         out_of_range.add(label, cm.n, cm.ignore_label)
 
 
-def dataset_info(db_path):
-    """What the dataset holding db_path says: (class count, the file that says so, its ignore label).
+def dataset_of(db_path):
+    """The DatasetMeta of the dataset folder holding the database db_path, or None (none, or no such folder)."""
+    root = dataset_meta.dataset_root(db_path) if db_path else None
+    return dataset_meta.read(root) if root else None
+
+
+def dataset_info(meta):
+    """What a dataset says (a DatasetMeta or None): (class count, the file that says so, its ignore label).
 
     The count is dataset.json's classes, else labels.txt's lines (DIGITS); the
     ignore label is dataset.json's.  (None, None, None) outside a dataset folder.
     """
-    from caffeish import dataset_meta
-    from caffeish.tools.dataset import dataset_root
-
-    root = dataset_root(db_path) if db_path else None
-    if not root:
+    if meta is None:
         return None, None, None
-    known = dataset_meta.read(root)
-    return known.classes, known.classes_from, known.ignore_label
+    return meta.classes, meta.classes_from, meta.ignore_label
 
 
 def pick_ignore(ignore_label, scorer, dataset_ignore=None):
@@ -464,27 +457,16 @@ def pick_ignore(ignore_label, scorer, dataset_ignore=None):
     return net_ignore if net_ignore is not None else dataset_ignore
 
 
-def _class_names(db_path, n):
-    """Class names from the labels.txt of the dataset that holds db_path (else none)."""
-    from caffeish.tools.dataset import dataset_root
-
-    root = dataset_root(db_path) if db_path else None
-    if root and os.path.isfile(os.path.join(root, "labels.txt")):
-        return palettes.read_labels(os.path.join(root, "labels.txt"))
-    return []
-
-
 def _source_layers(net):
     """The filtered net's layers without bottoms that produce data, in order."""
     return [layer for layer in net.layer if not len(layer.bottom) and len(layer.top) and layer.type in (
         "Input", "Data", "ImageData", "HDF5Data", "MemoryData", "WindowData", "DummyData", "Python")]
 
 
-def _pairs_from_db(db):
-    """(image C x H x W, label H x W, where) from a features and a labels database, key by key."""
+def _pairs_from_db(db, features, labels):
+    """(image C x H x W, label H x W, where) from a features and a labels database (of --db), key by key."""
     from caffeish.datum import LmdbReader, datum_array
 
-    features, labels = stage_databases(db)
     if labels is None:
         raise CaffeishError(f"--db {db}: no labels database beside {features}")
     with LmdbReader(features) as fr, LmdbReader(labels) as lr:
@@ -545,9 +527,11 @@ def _evaluate_pairs(net_path, weights, db, images, labels, color_map, ignore_lab
     if no_mean:
         mean_file = None
     notes = []
+    databases = stage_databases(db) if db else None
+    meta = dataset_of(databases[0]) if db else None
     if data_layer.type == "Input" and db and mean_value is None and mean_file is None and scale is None \
             and not no_mean:
-        mean_file, mean_value, note = dataset_mean(db, data_layer.name)
+        mean_file, mean_value, note = dataset_mean(meta, data_layer.name)
         notes += [note] if note else []
     if no_mean or mean_value is not None or mean_file is not None:
         tp.ClearField("mean_value")
@@ -563,8 +547,8 @@ def _evaluate_pairs(net_path, weights, db, images, labels, color_map, ignore_lab
     if color is None and data_layer.type == "Input" and len(data_layer.input_param.shape):
         dims = data_layer.input_param.shape[0].dim
         color = (dims[1] == 3) if len(dims) > 1 and dims[1] in (1, 3) else None
-    pairs = _pairs_from_db(db) if db else _pairs_from_folders(images, labels, color_map)
-    known = dataset_info(stage_databases(db)[0]) if db else (None, None, None)
+    pairs = _pairs_from_db(db, *databases) if db else _pairs_from_folders(images, labels, color_map)
+    known = dataset_info(meta)
     if color_map:
 
         colors, map_names = palettes.read_colormap(color_map, "--color-map")
@@ -596,7 +580,7 @@ def _evaluate_pairs(net_path, weights, db, images, labels, color_map, ignore_lab
     if cm is None:
         raise CaffeishError("no image/label pairs to evaluate")
     if db:
-        names = _class_names(stage_databases(db)[0], cm.n)
+        names = meta.names if meta else []
     elif color_map:
         names = map_names or []
     else:
@@ -607,17 +591,13 @@ def _evaluate_pairs(net_path, weights, db, images, labels, color_map, ignore_lab
     return result
 
 
-def dataset_mean(db, input_name):
-    """(mean_file, mean_value, note) for a deploy net fed from --db: the mean the dataset's train/val net
-    subtracts (its mean.binaryproto, else the per-channel mean_value dataset.json records), since a
-    deploy net's Input layer has no transform_param to say it; (None, None, None) when it has none."""
-    from caffeish import dataset_meta
-    from caffeish.tools.dataset import dataset_root
-
-    root = dataset_root(stage_databases(db)[0])
-    if not root:
+def dataset_mean(known, input_name):
+    """(mean_file, mean_value, note) for a deploy net fed from --db (`known`: the DatasetMeta of its folder,
+    or None): the mean the dataset's train/val net subtracts (its mean.binaryproto, else the per-channel
+    mean_value dataset.json records), since a deploy net's Input layer has no transform_param to say it;
+    (None, None, None) when it has none."""
+    if known is None:
         return None, None, None
-    known = dataset_meta.read(root)
     tail = (f", as the dataset's train/val net does (the deploy net's Input layer '{input_name}' has no "
             f"transform_param); --mean-file none for no mean")
     if known.mean_file:
