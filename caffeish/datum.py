@@ -117,10 +117,12 @@ def decode_image(data, color=None, where="an encoded Datum"):
     except Exception as e:  # Pillow raises many types for undecodable data
         kind = image_format(data) or "image"
         raise CaffeishError(f"{where}: cannot decode its {kind} bytes ({e})") from None
-    if color is True:
-        img = img.convert("RGB")
-    elif color is False:
-        img = img.convert("L")
+    if color is not None:  # forced colour/grey: imdecode's IMREAD_COLOR / IMREAD_GRAYSCALE (16-bit -> high byte)
+        from caffeish.preprocess import pil_pixels
+
+        arr = pil_pixels(img, gray=not color)
+        arr = arr[:, :, ::-1] if arr.shape[2] == 3 else arr
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
     else:
         mode = img.mode
         if mode in ("I", "F") or mode.startswith("I;16"):

@@ -26,6 +26,7 @@ from caffeish import fillers
 from caffeish.data_transform import DataTransformer, resize_linear
 from caffeish.datum import BatchCursor, LmdbReader, NotDatumError, datum_array, datum_shape, parse_datum
 from caffeish.errors import CaffeishError, InputShapeRequired, ShapeError, UnsupportedError
+from caffeish.preprocess import decode_8bit
 from caffeish.registry import Layer, register
 from caffeish.schema import pb
 
@@ -511,8 +512,6 @@ class ImageData(FileBatchSourceLayer):
         return lines
 
     def read_batch(self):
-        from PIL import Image
-
         p = self.param.image_data_param
         if self.lines is None:
             self.lines = self.read_lines()
@@ -522,15 +521,13 @@ class ImageData(FileBatchSourceLayer):
             self.next_line = (self.next_line + 1) % len(self.lines)
             full = p.root_folder + path
             where = f"image '{full}' (listed in '{p.source}')"
-            try:
-                with Image.open(full) as img:
-                    img = img.convert("RGB" if p.is_color else "L")
-                    arr = np.asarray(img)
-            except (OSError, ValueError) as e:
-                raise CaffeishError(f"layer '{self.name}' (ImageData): cannot read {where}: {e}") from None
+            try:  # as cv::imread(IMREAD_COLOR / IMREAD_GRAYSCALE): 8 bits, a 16-bit image's high byte
+                arr = decode_8bit(full, gray=not p.is_color)
+            except CaffeishError as e:
+                raise CaffeishError(f"layer '{self.name}' (ImageData): {e} (listed in '{p.source}')") from None
             if p.new_height:
                 arr = resize_linear(arr, p.new_height, p.new_width)
-            arr = arr[np.newaxis] if arr.ndim == 2 else arr[:, :, ::-1].transpose(2, 0, 1)
+            arr = np.ascontiguousarray((arr[:, :, ::-1] if arr.shape[2] == 3 else arr).transpose(2, 0, 1))
             items.append((arr, float(label), where))
         return items
 

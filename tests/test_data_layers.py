@@ -202,6 +202,25 @@ def test_image_data_reads_its_list_with_resize(tmp_path):
     np.testing.assert_array_equal(resized.forward()["data"][0, 0], resize_linear(gray, 8, 3).astype(np.float32) * 2)
 
 
+def test_sixteen_bit_images_keep_their_high_byte_as_opencv_reads_them(tmp_path):
+    """cv::imread / imdecode with IMREAD_COLOR or IMREAD_GRAYSCALE keep 8 bits of a 16-bit PNG: value >> 8."""
+    values = np.array([[256, 32768, 65535, 511]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")  # mode I;16
+    want = (values >> 8).astype(np.float32)  # 1, 128, 255, 1
+    (tmp_path / "list.txt").write_text("deep.png 3\n")
+    text = (f'layer {{ name: "d" type: "ImageData" top: "data" top: "label" '
+            f'image_data_param {{ source: "{tmp_path}/list.txt" root_folder: "{tmp_path}/" batch_size: 1 '
+            f'is_color: false }} }}')
+    np.testing.assert_array_equal(net_of(text).forward()["data"][0, 0], want)
+    colour = net_of(text.replace("is_color: false", "is_color: true")).forward()["data"][0]
+    np.testing.assert_array_equal(colour, np.broadcast_to(want, (3,) + want.shape))
+    raw = (tmp_path / "deep.png").read_bytes()
+    np.testing.assert_array_equal(decode_image(raw, color=False)[0], want)
+    np.testing.assert_array_equal(decode_image(raw, color=True), np.broadcast_to(want, (3,) + want.shape))
+    with pytest.raises(CaffeishError, match="16-bit or float"):
+        decode_image(raw)  # unchanged (native) decoding: Caffe's DataTransformer takes 8-bit only
+
+
 def test_image_data_with_a_missing_image_names_it(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
     (tmp_path / "list.txt").write_text("a.png 0\ngone.png 1\n")
