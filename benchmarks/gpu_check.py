@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import caffeish  # noqa: E402
 from caffeish import backend  # noqa: E402
-from caffeish.metrics import relative_error  # noqa: E402
+from caffeish.metrics import compare_blobs, relative_error  # noqa: E402
 
 NETS = {
     "fcn8s": ("models/fcn/voc-fcn8s/deploy.prototxt", "fcn"),
@@ -92,24 +92,8 @@ def check_golden(device):
                                caffeish.TEST, keep=True, device=f"cuda:{device}")
             net.forward(**dict(np.load(folder / "inputs.npz")))
             expected = np.load(folder / "blobs.npz")
-            exact = set(meta.get("exact", []))
-            worst, bad = 0.0, []
-            for name in expected.files:
-                theirs = expected[name]
-                if name not in net._arrays:
-                    bad.append(f"{name}: missing")
-                    continue
-                ours = backend.to_numpy(net._arrays[name])
-                if tuple(ours.shape) != tuple(theirs.shape):
-                    bad.append(f"{name}: shape {tuple(ours.shape)} != {tuple(theirs.shape)}")
-                elif name in exact:
-                    if not np.array_equal(ours, theirs):
-                        bad.append(f"{name}: {int(np.sum(ours != theirs))} element(s) differ (must be exact)")
-                else:
-                    err = relative_error(ours, theirs)
-                    worst = max(worst, err)
-                    if not err <= meta["tolerance"]:
-                        bad.append(f"{name}: relative error {err:.3g} > {meta['tolerance']:g}")
+            get = lambda name: net._arrays.get(name)  # noqa: E731 (device arrays; compare_blobs copies them)
+            worst, bad = compare_blobs(get, expected, meta["tolerance"], set(meta.get("exact", [])))
             status = "ok" if not bad else "FAIL"
             say(f"  {case:24s} {status:4s} worst {worst:.2e} (tolerance {meta['tolerance']:g})"
                 + ("" if not bad else ": " + "; ".join(bad[:4])))

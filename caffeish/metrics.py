@@ -35,6 +35,36 @@ def relative_error(ours, reference):
     return float(np.max(np.abs(ours - reference)) / (np.max(np.abs(reference)) + 1e-12))
 
 
+def compare_blobs(get, expected, tolerance, exact=()):
+    """Compare blobs with recorded ones (a golden case's blobs.npz, `exact` from its meta.json).
+
+    get(name) gives our array for a blob (any backend) or None when we have no
+    such blob.  Returns (worst relative error, [one line per blob that fails]):
+    shapes must agree, `exact` blobs (pooling masks, argmax indices) must be
+    identical, the others within `tolerance` (relative_error)."""
+    from caffeish.backend import to_numpy
+
+    worst, failures = 0.0, []
+    for name in expected.files if hasattr(expected, "files") else expected:
+        theirs = np.asarray(expected[name])
+        ours = get(name)
+        if ours is None:
+            failures.append(f"{name}: missing from our net")
+            continue
+        ours = to_numpy(ours)
+        if tuple(ours.shape) != tuple(theirs.shape):
+            failures.append(f"{name}: shape {tuple(ours.shape)} != Caffe's {tuple(theirs.shape)}")
+        elif name in exact:
+            if not np.array_equal(ours, theirs):
+                failures.append(f"{name}: must match exactly; {int(np.sum(ours != theirs))} element(s) differ")
+        else:
+            err = relative_error(ours, theirs)
+            worst = max(worst, err)
+            if not err <= tolerance:
+                failures.append(f"{name}: relative error {err:.3g} > {tolerance:g}")
+    return worst, failures
+
+
 def confusion(label, pred, n, ignore_label=None):
     """The n x n int64 confusion matrix of label (ground truth) against pred (class indices), any shape."""
     label = np.asarray(label).ravel()

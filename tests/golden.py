@@ -12,8 +12,7 @@ import numpy as np
 from conftest import SHARED
 
 import caffeish
-from caffeish.backend import to_numpy
-from caffeish.metrics import relative_error
+from caffeish.metrics import compare_blobs
 
 GOLDEN = os.path.join(SHARED, "golden")
 
@@ -40,21 +39,5 @@ def run_case(case, **net_options):
 def blob_failures(net, meta, folder):
     """What differs from Caffe's recorded blobs, one line per blob (empty when all match)."""
     expected = np.load(os.path.join(folder, "blobs.npz"))
-    exact = set(meta.get("exact", []))
-    failures = []
-    for name in expected.files:
-        theirs = expected[name]
-        if name not in net.blobs:
-            failures.append(f"{name}: missing from our net")
-            continue
-        ours = to_numpy(net.blobs[name].data)
-        if tuple(ours.shape) != tuple(theirs.shape):
-            failures.append(f"{name}: shape {tuple(ours.shape)} != Caffe's {tuple(theirs.shape)}")
-        elif name in exact:
-            if not np.array_equal(ours, theirs):
-                failures.append(f"{name}: must match exactly; {int(np.sum(ours != theirs))} element(s) differ")
-        else:
-            err = relative_error(ours, theirs)
-            if not err <= meta["tolerance"]:
-                failures.append(f"{name}: relative error {err:.3g} > {meta['tolerance']:g}")
-    return failures
+    get = lambda name: net.blobs[name].data if name in net.blobs else None  # noqa: E731
+    return compare_blobs(get, expected, meta["tolerance"], set(meta.get("exact", [])))[1]
