@@ -49,13 +49,17 @@ def normalizer_ref(mode, outer, inner, valid):
 # -- SoftmaxWithLoss ------------------------------------------------------------------------
 
 
+def by_position(values, label, axis):
+    """values as (outer, classes, inner) and label as (outer, inner), Caffe's loss-layer view."""
+    outer = int(np.prod(values.shape[:axis]))
+    inner = int(np.prod(values.shape[axis + 1:]))
+    return values.reshape(outer, values.shape[axis], inner), label.reshape(outer, inner)
+
+
 def softmax_loss_ref(scores, label, axis, ignore, mode):
     prob = softmax_ref(scores, axis)
-    outer = int(np.prod(scores.shape[:axis]))
-    classes = scores.shape[axis]
-    inner = int(np.prod(scores.shape[axis + 1:]))
-    p3 = prob.reshape(outer, classes, inner)
-    lab = label.reshape(outer, inner)
+    p3, lab = by_position(prob, label, axis)
+    outer, classes, inner = p3.shape
     loss, count = 0.0, 0
     for i in range(outer):
         for j in range(inner):
@@ -126,11 +130,8 @@ def test_label_out_of_range_is_an_error():
 
 
 def accuracy_ref(scores, label, axis, top_k, ignore):
-    outer = int(np.prod(scores.shape[:axis]))
-    classes = scores.shape[axis]
-    inner = int(np.prod(scores.shape[axis + 1:]))
-    s3 = scores.reshape(outer, classes, inner)
-    lab = label.reshape(outer, inner)
+    s3, lab = by_position(scores, label, axis)
+    outer, classes, inner = s3.shape
     hits, count = 0, 0
     per_hit, per_count = [0] * classes, [0] * classes
     for i in range(outer):
@@ -270,12 +271,8 @@ def test_contrastive_loss(legacy):
 
 
 def infogain_ref(scores, label, h, axis, ignore, mode):
-    prob = softmax_ref(scores, axis)
-    outer = int(np.prod(scores.shape[:axis]))
-    classes = scores.shape[axis]
-    inner = int(np.prod(scores.shape[axis + 1:]))
-    p3 = prob.reshape(outer, classes, inner)
-    lab = label.reshape(outer, inner)
+    p3, lab = by_position(softmax_ref(scores, axis), label, axis)
+    outer, classes, inner = p3.shape
     loss, count = 0.0, 0
     for i in range(outer):
         for j in range(inner):
