@@ -106,6 +106,13 @@ extern "C" __global__ void conv_direct(const float* __restrict__ x, const float*
     }
 }
 
+// The input index whose tap `tap` of a Deconvolution lands on output index `out`
+// (out = in*stride - pad + tap*dilation), or -1 when no input position does.
+__device__ __forceinline__ int deconv_source(int out, int pad, int tap, int dilation, int stride, int in_size) {
+    const int s = out + pad - tap * dilation;
+    return (s < 0 || s % stride != 0 || s / stride >= in_size) ? -1 : s / stride;
+}
+
 // Deconvolution, second half: Caffe's col2im as a gather (no atomics).  col holds
 // W^T x per image: col[n, (c*KH + kh)*KW + kw, ih*IW + iw] for the output channels c.
 // Output (n, c, h, w) sums, in tap order, the entries whose tap lands on it:
@@ -124,13 +131,12 @@ extern "C" __global__ void col2im(const float* __restrict__ col, const float* __
         const float* src = col + nc * taps * positions;
         float val = 0.0f;
         for (int kh = 0; kh < kernel_h; ++kh) {
-            const int hs = h + pad_h - kh * dilation_h;
-            if (hs < 0 || hs % stride_h != 0 || hs / stride_h >= in_h) continue;
-            const int ih = hs / stride_h;
+            const int ih = deconv_source(h, pad_h, kh, dilation_h, stride_h, in_h);
+            if (ih < 0) continue;
             for (int kw = 0; kw < kernel_w; ++kw) {
-                const int ws = w + pad_w - kw * dilation_w;
-                if (ws < 0 || ws % stride_w != 0 || ws / stride_w >= in_w) continue;
-                val += src[(kh * kernel_w + kw) * positions + ih * in_w + ws / stride_w];
+                const int iw = deconv_source(w, pad_w, kw, dilation_w, stride_w, in_w);
+                if (iw < 0) continue;
+                val += src[(kh * kernel_w + kw) * positions + ih * in_w + iw];
             }
         }
         y[i] = has_bias ? val + bias[nc % channels] : val;
@@ -158,13 +164,12 @@ extern "C" __global__ void deconv_direct(const float* __restrict__ x, const floa
         const int c0 = (o / og) * cg;
         float val = 0.0f;
         for (int kh = 0; kh < kernel_h; ++kh) {
-            const int hs = h + pad_h - kh * dilation_h;
-            if (hs < 0 || hs % stride_h != 0 || hs / stride_h >= in_h) continue;
-            const int ih = hs / stride_h;
+            const int ih = deconv_source(h, pad_h, kh, dilation_h, stride_h, in_h);
+            if (ih < 0) continue;
             for (int kw = 0; kw < kernel_w; ++kw) {
-                const int ws = w + pad_w - kw * dilation_w;
-                if (ws < 0 || ws % stride_w != 0 || ws / stride_w >= in_w) continue;
-                const int at = ih * in_w + ws / stride_w;
+                const int iw = deconv_source(w, pad_w, kw, dilation_w, stride_w, in_w);
+                if (iw < 0) continue;
+                const int at = ih * in_w + iw;
                 float sum = 0.0f;
                 for (int ci = 0; ci < cg; ++ci) {
                     const int c = c0 + ci;
