@@ -1,8 +1,9 @@
 """Install caffeish as one package.
 
 The repository keeps its parts in top-level folders (proto/, layers/, kernels/,
-tools/) for readability; they are mapped into the single `caffeish` package so
-that nothing named `layers` or `tools` lands in site-packages.
+tools/) for readability; they are mapped into the single `caffeish` package
+(layers/ as caffeish.ops: pycaffe's `caffe.layers` is NetSpec's) so that nothing
+named `layers` or `tools` lands in site-packages.
 """
 from setuptools import setup
 
@@ -15,15 +16,23 @@ setup(
     python_requires=">=3.10",
     packages=[
         "caffeish",
+        "caffeish.formats",
+        "caffeish.graph",
+        "caffeish.runtime",
+        "caffeish.pycaffe",
+        "caffeish.data",
+        "caffeish.apps",
         "caffeish.proto",
-        "caffeish.layers",
+        "caffeish.ops",
         "caffeish.kernels",
         "caffeish.tools",
     ],
+    # Top-level folders installed inside the package; caffeish.FOLDERS maps the same names
+    # for a source checkout (tests/test_imports.py checks that the two agree).
     package_dir={
         "caffeish": "caffeish",
         "caffeish.proto": "proto",
-        "caffeish.layers": "layers",
+        "caffeish.ops": "layers",
         "caffeish.kernels": "kernels",
         "caffeish.tools": "tools",
     },
@@ -39,7 +48,7 @@ setup(
         "numpy>=2.0",
         "pillow>=10.0",
         "lmdb>=1.4",
-        # Progress bars for folders, datasets and downloads (caffeish/progress.py).
+        # Progress bars for folders, datasets and downloads (caffeish/apps/progress.py).
         "tqdm>=4.66",
     ],
     extras_require={
@@ -47,5 +56,5 @@ setup(
         # grpcio-tools compiles proto/caffe.proto in tests/test_schema.py.
         "test": ["pytest>=8.0", "grpcio-tools>=1.85.1"],
     },
-    entry_points={"console_scripts": ["caffeish = caffeish.cli:main"]},
+    entry_points={"console_scripts": ["caffeish = caffeish.tools.cli:main"]},
 )

@@ -93,7 +93,7 @@ def worker_prepare(spec):
     """Build the caffeish Net, randomize its parameters, save the caffemodel; report the output blob."""
     import numpy as np
 
-    from caffeish.net import Net
+    from caffeish.runtime.net import Net
 
     net = Net(spec["prototxt"], input_shapes={spec["input"]: tuple(spec["shape"])})
     rng = np.random.default_rng(spec["seed"])
@@ -112,7 +112,7 @@ def worker_prepare(spec):
 def worker_caffeish(spec):
     import numpy as np
 
-    from caffeish.net import Net
+    from caffeish.runtime.net import Net
 
     x = np.load(spec["input_file"])
     net = Net(spec["prototxt"], spec["weights"], input_shapes={spec["input"]: x.shape})
@@ -169,7 +169,7 @@ def run_worker(kind, spec, threads):
 
 def output_layer(prototxt, blob):
     """The name of the last layer that writes `blob` (OpenCV's forward() takes layer names)."""
-    from caffeish import io
+    from caffeish.formats import io
 
     net, _ = io.read_prototxt(prototxt)
     name = blob

@@ -40,8 +40,8 @@ SHARED = pathlib.Path(os.environ.get("CAFFEISH_SHARED", ROOT.parent / "shared"))
 sys.path.insert(0, str(ROOT))
 
 import caffeish  # noqa: E402
-from caffeish import backend  # noqa: E402
-from caffeish.metrics import compare_blobs, relative_error  # noqa: E402
+from caffeish.runtime import backend  # noqa: E402
+from caffeish.data.metrics import compare_blobs, relative_error  # noqa: E402
 
 NETS = {
     "fcn8s": ("models/fcn/voc-fcn8s/deploy.prototxt", "fcn"),
@@ -251,9 +251,9 @@ def time_nets(keys, batch, size, device, repeat):
 def time_kernels(batch, size, device, repeat):
     import cupy
 
-    from caffeish.geometry import ConvGeometry, pool_params
+    from caffeish.graph.geometry import ConvGeometry, pool_params
     from caffeish.kernels import gpu_kernels
-    from caffeish.schema import pb
+    from caffeish.formats.schema import pb
 
     backend.get("cupy")
     k = gpu_kernels()

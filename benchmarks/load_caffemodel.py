@@ -5,7 +5,7 @@
 Writes a caffemodel with random weights (a VGG-16-sized classifier head plus a
 few convolutions), then times, in the same run and with the page cache warm:
   * reading the file's bytes (open().read()),
-  * caffeish.io.read_caffemodel (layer definitions parsed, every blob a numpy array),
+  * caffeish.formats.io.read_caffemodel (layer definitions parsed, every blob a numpy array),
 and prints the medians and their ratio.  The bar is ratio <= 1.5.
 """
 import argparse
@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-from caffeish import io
-from caffeish.schema import pb
+from caffeish.formats import io
+from caffeish.formats.schema import pb
 
 
 def build(path, target_mb, seed=0):
@@ -90,7 +90,7 @@ def main(argv=None):
     ratio = t_load / t_bytes
     print(f"caffemodel: {size / 2**20:.0f} MiB, {len(expected)} layers")
     print(f"read bytes:            {t_bytes * 1000:8.1f} ms  ({size / 2**30 / t_bytes:.2f} GiB/s)")
-    print(f"caffeish.io.read_caffemodel: {t_load * 1000:8.1f} ms  ({size / 2**30 / t_load:.2f} GiB/s)")
+    print(f"caffeish.formats.io.read_caffemodel: {t_load * 1000:8.1f} ms  ({size / 2**30 / t_load:.2f} GiB/s)")
     print(f"ratio load/read: {ratio:.2f}  (bar: <= 1.5)  {'OK' if ratio <= 1.5 else 'OVER'}")
     return 0 if ratio <= 1.5 else 1
 

@@ -82,7 +82,7 @@ def run_segment(prototxt, weights, folder, out, threads):
     if threads:
         for var in THREAD_VARS:
             env[var] = str(threads)
-    cmd = [sys.executable, "-m", "caffeish.cli", "segment", str(prototxt), str(weights), str(folder),
+    cmd = [sys.executable, "-m", "caffeish.tools.cli", "segment", str(prototxt), str(weights), str(folder),
            "-o", str(out), "--timings"]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)

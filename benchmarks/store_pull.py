@@ -6,7 +6,7 @@ For each size it writes a store model (an Input and one InnerProduct layer
 whose weight makes the caffemodel SIZE MB; the caffemodel is written in 8 MiB
 pieces, never from one big array), builds the index, serves the store on
 loopback with caffeish's server (a thread of this process), and pulls it in a
-child process: `python -m caffeish.cli store pull URL NAME -o OUT` (download,
+child process: `python -m caffeish.tools.cli store pull URL NAME -o OUT` (download,
 sha256, re-validation of the net).  The child's peak resident memory comes from
 os.wait4's rusage (ru_maxrss), the same number `/usr/bin/time -v` reports.  A
 `store list` child gives the baseline (interpreter, numpy, caffeish imported).
@@ -22,10 +22,10 @@ import time
 
 import numpy as np
 
-from caffeish import wire
-from caffeish.schema import pb
-from caffeish.store import build_index
-from caffeish.store_server import StoreServer
+from caffeish.formats import wire
+from caffeish.formats.schema import pb
+from caffeish.apps.store import build_index
+from caffeish.apps.store_server import StoreServer
 
 PIECE = 8 << 20
 OUTPUTS = 1000
@@ -105,7 +105,7 @@ def main():
     sizes = [int(s) for s in args.sizes.split(",")]
     work = args.dir or tempfile.mkdtemp(prefix="caffeish-store-bench-")
     root = os.path.join(work, "store")
-    cli = [sys.executable, "-m", "caffeish.cli", "store"]
+    cli = [sys.executable, "-m", "caffeish.tools.cli", "store"]
     try:
         for mb in sizes:
             t0 = time.perf_counter()

@@ -26,8 +26,9 @@ DEFAULT_NET = os.path.join(ROOT, "..", "shared", "models", "bvlc_caffe", "models
 
 def random_weights(net_path, out, seed=0):
     """A caffemodel for `net_path` with N(0, 1/fan_in) weights (so activations stay in range)."""
-    from caffeish import io, surgery
-    from caffeish.graph import Graph
+    from caffeish.formats import io
+    from caffeish.apps import surgery
+    from caffeish.graph.graph import Graph
 
     net = io.read_net(net_path)
     graph = Graph(net)
@@ -35,7 +36,7 @@ def random_weights(net_path, out, seed=0):
     io.write_caffemodel(out, net, surgery.blob_lists(net, arrays))
 
 
-WRAPPER = ("import resource, sys; from caffeish.cli import main; rc = main(sys.argv[1:]); "
+WRAPPER = ("import resource, sys; from caffeish.tools.cli import main; rc = main(sys.argv[1:]); "
            "print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
 
 

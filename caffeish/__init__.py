@@ -1,38 +1,75 @@
-"""caffeish: a Caffe-compatible toolchain and runtime in Python."""
-import os as _os
+"""caffeish: a Caffe-compatible toolchain and runtime in Python.
 
-# setup.py maps the top-level folders proto/, layers/, kernels/ and tools/ into
-# this package.  When the package is imported straight from a source checkout
-# (e.g. `python -m pytest` puts the checkout first on sys.path), find them there.
+The package is laid out by stage; each stage imports only the ones before it
+(README's layout section, checked by tests/test_imports.py):
+
+    errors, values -> formats -> graph -> runtime (+ ops, kernels) -> pycaffe -> data -> apps -> tools
+
+This module is the public face over all of them, as pycaffe's `caffe` module:
+`import caffeish as caffe` gives Net, TEST/TRAIN, set_mode_cpu/gpu, Layer
+and caffe.io.
+"""
+import importlib.abc as _abc
+import importlib.util as _util
+import os as _os
+import sys as _sys
+
+# Top-level folders of the repository that setup.py installs inside this package
+# (its package_dir): import name under caffeish -> folder.  layers/ is `caffeish.ops`,
+# because pycaffe's `caffe.layers` is NetSpec's layer factory.
+FOLDERS = {"proto": "proto", "ops": "layers", "kernels": "kernels", "tools": "tools"}
+
 _here = _os.path.dirname(_os.path.abspath(__file__))
 _root = _os.path.dirname(_here)
+
+
+class _CheckoutFolders(_abc.MetaPathFinder):
+    """Finds caffeish.proto/ops/kernels/tools in a source checkout, where they are top-level folders.
+
+    Installed, they are real subpackages and this finder is not used.  Only the
+    names in FOLDERS are mapped, so nothing else at the top level (tests/,
+    benchmarks/) becomes importable as part of the package.
+    """
+
+    def find_spec(self, fullname, path=None, target=None):
+        parent, _, leaf = fullname.rpartition(".")
+        if parent != __name__ or leaf not in FOLDERS:
+            return None
+        folder = _os.path.join(_root, FOLDERS[leaf])
+        return _util.spec_from_file_location(fullname, _os.path.join(folder, "__init__.py"),
+                                             submodule_search_locations=[folder])
+
+
 if not _os.path.isdir(_os.path.join(_here, "proto")) and _os.path.isfile(
     _os.path.join(_root, "proto", "caffe_pb2.py")
 ):
-    __path__.append(_root)  # noqa: F821 (package __path__)
+    _sys.meta_path.insert(0, _CheckoutFolders())
 
 from caffeish.errors import CaffeishError  # noqa: E402,F401
-from caffeish.schema import TEST, TRAIN, pb  # noqa: E402,F401
+from caffeish.formats.schema import TEST, TRAIN, pb  # noqa: E402,F401
 
 __version__ = "0.1.0"
 
 # The runtime and pycaffe's module-level functions, so that `import caffeish as caffe` works.
-from caffeish import io  # noqa: E402,F401  (caffe.io: formats, Transformer, load_image)
-from caffeish.backend import set_device, set_mode_cpu, set_mode_gpu  # noqa: E402,F401
+from caffeish.pycaffe import io  # noqa: E402,F401  (caffe.io: formats, Transformer, load_image)
+from caffeish.runtime.backend import set_device, set_mode_cpu, set_mode_gpu  # noqa: E402,F401
+
+# `import caffeish.io` / `from caffeish.io import read_prototxt` keep working: caffeish.io is pycaffe's caffe.io.
+_sys.modules[__name__ + ".io"] = io
 
 
 def __getattr__(name):
     # caffeish.Net loads the runtime (layers, fillers) only when first used.
     if name == "Net":
-        from caffeish.net import Net
+        from caffeish.runtime.net import Net
 
         return Net
-    if name in ("classify", "segment"):  # inference on images (caffeish.inference), loaded when used
-        from caffeish import inference
+    if name in ("classify", "segment"):  # inference on images (caffeish.apps.inference), loaded when used
+        from caffeish.apps import inference
 
         return getattr(inference, name)
     if name == "Layer":  # pycaffe's caffe.Layer, the base class of Python layers
-        from caffeish.pycaffe import PythonLayer
+        from caffeish.runtime.blobs import PythonLayer
 
         return PythonLayer
     raise AttributeError(f"module 'caffeish' has no attribute {name!r}")

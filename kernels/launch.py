@@ -7,7 +7,7 @@ modules have the same `get_function(name)(grid, block, args)` face.  So the
 code below, argument marshalling and launch sizes included, is what runs on the
 device and what CI runs on the CPU.
 
-Output sizes and crop offsets come from caffeish.geometry (the layer's
+Output sizes and crop offsets come from caffeish.graph.geometry (the layer's
 geometry objects and `conv_output_shape`/`deconv_output_shape`); the launchers
 only turn them into grid sizes.  Scalars are passed as numpy int32/float32,
 exactly the C types of the kernel signatures (the harness checks this), and
@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from caffeish.errors import UnsupportedError
-from caffeish.geometry import conv_output_shape, deconv_output_shape, effective_kernel
+from caffeish.graph.geometry import conv_output_shape, deconv_output_shape, effective_kernel
 
 F32 = np.float32
 I32 = np.int32
@@ -271,7 +271,7 @@ class Kernels:
 
     # -- pooling ------------------------------------------------------------------------------
     def pool(self, x, geom, method, want_mask=False):
-        """Pool x (N, C, H, W) with a caffeish.geometry.PoolGeometry; returns (top, mask or None)."""
+        """Pool x (N, C, H, W) with a caffeish.graph.geometry.PoolGeometry; returns (top, mask or None)."""
         n, c, h, w = x.shape
         oh, ow = geom.out
         y = self._empty((n, c, oh, ow))
@@ -298,7 +298,7 @@ class Kernels:
     # -- crop ------------------------------------------------------------------------------------
     def crop(self, x, offsets, top_shape):
         """Caffe's Crop: top[idx] = x[idx + offsets], offsets and top shape from
-        caffeish.geometry.crop_offsets (one entry per axis)."""
+        caffeish.graph.geometry.crop_offsets (one entry per axis)."""
         xp = self.xp
         y = self._empty(top_shape)
         if y.size == 0:

@@ -2,14 +2,14 @@
 
 The channel axis is `convolution_param.axis` (default 1); every axis after it is
 spatial, so N-D convolution works the same way as 2-D.  The arithmetic lives in
-caffeish.geometry.
+caffeish.graph.geometry.
 """
 import math
 
-from caffeish.backend import kernels_for
-from caffeish.geometry import conv_output_shape, conv_params, deconv_output_shape, reported_by
-from caffeish.im2col import conv_forward, deconv_forward, im2col
-from caffeish.registry import Layer, register
+from caffeish.runtime.backend import kernels_for
+from caffeish.graph.geometry import conv_output_shape, conv_params, deconv_output_shape, reported_by
+from caffeish.runtime.im2col import conv_forward, deconv_forward, im2col
+from caffeish.graph.registry import Layer, register
 
 
 class _ConvGeometryLayer(Layer):
@@ -115,10 +115,10 @@ class Convolution(_ConvGeometryLayer):
     _gpu_kernel = "conv2d"  # caffeish.kernels.launch.Kernels method for 2-D on the GPU
 
     def forward(self, xp, bottoms, blobs):
-        """Each bottom with the shared weight (and bias) blobs; see caffeish.im2col.
+        """Each bottom with the shared weight (and bias) blobs; see caffeish.runtime.im2col.
 
         On the GPU, 2-D convolutions run our CUDA kernels (kernels/conv.cu); other
-        spatial ranks use the array code of caffeish.im2col with the GPU's `xp`.
+        spatial ranks use the array code of caffeish.runtime.im2col with the GPU's `xp`.
         """
         weight = blobs[0]
         bias = blobs[1] if self.bias_term else None

@@ -1,7 +1,7 @@
 """Crop: cut the data bottom to the reference bottom's size from `axis` on."""
-from caffeish.backend import kernels_for
-from caffeish.geometry import crop_offsets, reported_by
-from caffeish.registry import Layer, register
+from caffeish.runtime.backend import kernels_for
+from caffeish.graph.geometry import crop_offsets, reported_by
+from caffeish.graph.registry import Layer, register
 
 
 @register("Crop")

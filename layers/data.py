@@ -13,7 +13,7 @@ top alone gives the label top Caffe's label shape (N,).
 
 At run time Input tops are fed by the caller, DummyData fills its tops, and
 Data (LMDB) and ImageData read their files batch by batch with transform_param
-applied (caffeish.data_transform), as Caffe does at TEST, when their source
+applied (caffeish.runtime.data_transform), as Caffe does at TEST, when their source
 was readable at setup and the user gave no shape for their tops.  Otherwise,
 and for the other file readers (WindowData, HDF5Data, MemoryData), the tops
 are inputs the caller feeds, and `unsupported_reason` says why.
@@ -22,13 +22,13 @@ import os
 
 import numpy as np
 
-from caffeish import fillers
-from caffeish.data_transform import DataTransformer, resize_linear
-from caffeish.datum import BatchCursor, LmdbReader, NotDatumError, datum_array, datum_shape, parse_datum
+from caffeish.runtime import fillers
+from caffeish.runtime.data_transform import DataTransformer, resize_linear
+from caffeish.formats.datum import BatchCursor, LmdbReader, NotDatumError, datum_array, datum_shape, parse_datum
 from caffeish.errors import CaffeishError, InputShapeRequired, ShapeError, UnsupportedError
-from caffeish.preprocess import decode_8bit
-from caffeish.registry import Layer, register
-from caffeish.schema import pb
+from caffeish.formats.images import decode_8bit
+from caffeish.graph.registry import Layer, register
+from caffeish.formats.schema import pb
 
 MAX_BLOB_AXES = 32  # Caffe's kMaxBlobAxes
 FILLER_TYPES = ("constant", "gaussian", "positive_unitball", "uniform", "xavier", "msra", "bilinear")
@@ -343,7 +343,7 @@ class Data(FileBatchSourceLayer):
     at the end, as Caffe's DataLayer does at TEST: two Data layers over a
     features and a labels database with the same keys stay aligned record by
     record.  Raw (`data` bytes), `float_data` and encoded (PNG/JPEG) records
-    are read; transform_param applies (see caffeish.data_transform).  The
+    are read; transform_param applies (see caffeish.runtime.data_transform).  The
     shape of each batch is its first record's, as in Caffe.
     """
 

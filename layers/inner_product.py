@@ -4,8 +4,8 @@ import math
 import numpy as np
 
 from caffeish.errors import InputValueError
-from caffeish.registry import Layer, register
-from caffeish.layers.neuron import copy_filler
+from caffeish.graph.registry import Layer, register
+from caffeish.ops.neuron import copy_filler
 
 
 @register("InnerProduct")

@@ -15,11 +15,11 @@ import math
 
 import numpy as np
 
-from caffeish.registry import Layer, register
-from caffeish.schema import pb
+from caffeish.graph.registry import Layer, register
+from caffeish.formats.schema import pb
 
-from caffeish.layers.neuron import legacy_shape
-from caffeish.layers.routing import f32, softmax
+from caffeish.ops.neuron import legacy_shape
+from caffeish.ops.routing import f32, softmax
 
 FLT_MIN = np.float32(np.finfo(np.float32).tiny)  # SoftmaxWithLoss's log clamp
 LOG_THRESHOLD = np.float32(1e-20)  # Caffe's kLOG_THRESHOLD
@@ -231,7 +231,7 @@ class InfogainLoss(LossLayer):
         if len(bottoms) > 2:
             return xp.reshape(bottoms[2], (classes, classes))
         if self.matrix is None:
-            from caffeish.io import read_binaryproto
+            from caffeish.formats.io import read_binaryproto
 
             self.matrix = read_binaryproto(self.source).astype(np.float32, copy=False)
         if self.matrix.size != classes * classes:

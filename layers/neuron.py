@@ -7,8 +7,8 @@ its top is not its bottom.  PReLU is the only neuron layer that owns a blob
 """
 import numpy as np
 
-from caffeish.registry import Layer, register
-from caffeish.schema import TRAIN, pb
+from caffeish.graph.registry import Layer, register
+from caffeish.formats.schema import TRAIN, pb
 
 
 def layer_phase(param, phase):

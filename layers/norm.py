@@ -4,10 +4,10 @@ All keep the bottom's shape (MVN pads it to 4 axes, see below).  BatchNorm owns
 its running statistics; Scale and Bias own their operand when it is not given
 as a second bottom.
 """
-from caffeish.registry import Layer, register
-from caffeish.schema import TEST, pb
+from caffeish.graph.registry import Layer, register
+from caffeish.formats.schema import TEST, pb
 
-from caffeish.layers.neuron import (
+from caffeish.ops.neuron import (
     channel_view, constant_filler, copy_filler, f32, layer_phase, legacy_shape)
 
 

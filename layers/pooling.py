@@ -1,4 +1,4 @@
-"""Pooling and SPP (spatial pyramid pooling): 4-D bottoms, windows sized by caffeish.geometry.
+"""Pooling and SPP (spatial pyramid pooling): 4-D bottoms, windows sized by caffeish.graph.geometry.
 
 The forward pass loops over the kernel taps (kh*kw strided slices of a padded
 copy of the input), never over pixels, and visits the taps in Caffe's row-major
@@ -15,11 +15,11 @@ window order so that results match Caffe's sequential float32 arithmetic:
 """
 import numpy as np
 
-from caffeish.backend import kernels_for
+from caffeish.runtime.backend import kernels_for
 from caffeish.errors import ShapeError, UnsupportedError
-from caffeish.geometry import pool_params, reported_by, spp_pool_param
-from caffeish.registry import Layer, register
-from caffeish.schema import TRAIN, pb
+from caffeish.graph.geometry import pool_params, reported_by, spp_pool_param
+from caffeish.graph.registry import Layer, register
+from caffeish.formats.schema import TRAIN, pb
 
 FLT_MAX = float(np.finfo(np.float32).max)
 MAX, AVE, STOCHASTIC = pb.PoolingParameter.MAX, pb.PoolingParameter.AVE, pb.PoolingParameter.STOCHASTIC

@@ -11,7 +11,7 @@ LayerParameter, sets the instance's `param_str` and `phase`, and then:
 code decides the top shapes (`top[0].reshape(1, *image.shape)`), which may
 change from one forward to the next (fcn.berkeleyvision.org's VOCSegDataLayer
 loads one image of its own size per pass), and the runtime then reshapes the
-layers downstream.  Here the blobs are `caffeish.pycaffe.ArrayBlob`s over
+layers downstream.  Here the blobs are `caffeish.runtime.blobs.ArrayBlob`s over
 numpy arrays (on the GPU backend bottoms are copied to the host and tops
 back); bottoms are read-only views of the runtime's arrays, except where a top
 has its bottom's name (in place), where the two are one blob, as in Caffe.
@@ -48,9 +48,9 @@ import traceback
 
 import numpy as np
 
-from caffeish import backend as backends
+from caffeish.runtime import backend as backends
 from caffeish.errors import CaffeishError, ShapeError, UnsupportedError
-from caffeish.registry import Layer, register
+from caffeish.graph.registry import Layer, register
 
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -73,13 +73,13 @@ def caffe_resolves_to_caffeish():
         other_caffe = True
     added = [name for name in ("caffe", "caffe.io") if name not in sys.modules]
     sys.modules["caffe"] = caffeish
-    sys.modules.setdefault("caffe.io", caffeish.io)
+    sys.modules.setdefault("caffe.io", caffeish.formats.io)
     try:
         yield
     finally:
         if other_caffe:
             for name in added:
-                if sys.modules.get(name) in (caffeish, caffeish.io):
+                if sys.modules.get(name) in (caffeish, caffeish.formats.io):
                     del sys.modules[name]
 
 
@@ -147,7 +147,7 @@ class Python(Layer):
         return self._class
 
     def _load(self):
-        from caffeish.pycaffe import PythonLayer
+        from caffeish.runtime.blobs import PythonLayer
 
         what, module_name, class_name = self._describe(), self.module, self.layer_class
         if not module_name or not class_name:
@@ -220,7 +220,7 @@ class Python(Layer):
 
     def _instantiate(self, bottoms):
         """Build the user's layer and run setup() then reshape(), as Caffe's Layer::SetUp."""
-        from caffeish.pycaffe import ArrayBlob
+        from caffeish.runtime.blobs import ArrayBlob
 
         cls = self.user_class()
         try:
@@ -249,7 +249,7 @@ class Python(Layer):
 
     def _bind_bottoms(self, bottoms):
         """Blobs over the bottom arrays: read-only views, except an in-place pair (one blob, a copy)."""
-        from caffeish.pycaffe import ArrayBlob
+        from caffeish.runtime.blobs import ArrayBlob
 
         blobs = []
         tops = list(self.param.top)

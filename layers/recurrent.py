@@ -13,7 +13,7 @@ final hidden state(s) with expose_hidden.
 """
 import math
 
-from caffeish.registry import Layer, register
+from caffeish.graph.registry import Layer, register
 
 
 class _Recurrent(Layer):

@@ -13,9 +13,9 @@ from math import prod
 
 import numpy as np
 
-from caffeish.layers.data import declared_shape
-from caffeish.registry import Layer, register
-from caffeish.schema import pb
+from caffeish.ops.data import declared_shape
+from caffeish.graph.registry import Layer, register
+from caffeish.formats.schema import pb
 
 MAX_BLOB_AXES = 32  # Caffe's kMaxBlobAxes
 

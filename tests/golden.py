@@ -1,7 +1,7 @@
 """The golden cases of ../shared/golden: listing them, running one, comparing its blobs with Caffe's.
 
 Tolerance per blob: max|ours - caffe| / (max|caffe| + 1e-12) <= meta.json's
-`tolerance` (caffeish.metrics.relative_error); blobs listed in `exact`
+`tolerance` (caffeish.data.metrics.relative_error); blobs listed in `exact`
 (pooling masks, argmax indices) must be identical.
 """
 import json
@@ -12,7 +12,7 @@ import numpy as np
 from conftest import SHARED
 
 import caffeish
-from caffeish.metrics import compare_blobs
+from caffeish.data.metrics import compare_blobs
 
 GOLDEN = os.path.join(SHARED, "golden")
 

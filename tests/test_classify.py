@@ -9,10 +9,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 import caffeish
-from caffeish import io
-from caffeish.cli import main
+from caffeish.formats import io
+from caffeish.tools.cli import main
 from caffeish.errors import CaffeishError, GraphError, ShapeError
-from caffeish.preprocess import Preprocess
+from caffeish.data.preprocess import Preprocess
 from conftest import shared_path
 
 CIFAR_NET = ("models", "everpeace_caffe", "examples", "cifar10", "cifar10_quick.prototxt")
@@ -283,7 +283,7 @@ layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
 
 
 def test_an_image_the_net_refuses_fails_alone_and_its_batch_gets_results(tmp_path, capsys, monkeypatch):
-    from caffeish import inference
+    from caffeish.apps import inference
     (tmp_path / "embed.prototxt").write_text(EMBED_NET)
     folder = tmp_path / "gray"
     folder.mkdir()

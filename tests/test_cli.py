@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from caffeish import io
-from caffeish.cli import main
+from caffeish.formats import io
+from caffeish.tools.cli import main
 from conftest import ROOT, shared_path
 
 EXAMPLE = ROOT / "examples" / "lenet_deploy.prototxt"
@@ -16,7 +16,7 @@ EXAMPLE = ROOT / "examples" / "lenet_deploy.prototxt"
 
 def run_cli(*args):
     """Run the real command in a subprocess: exit code, stdout, stderr."""
-    p = subprocess.run([sys.executable, "-m", "caffeish.cli", *map(str, args)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "caffeish.tools.cli", *map(str, args)], capture_output=True, text=True)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -129,7 +129,7 @@ def test_upgrade_command_on_solver_with_v1_nets_inside(tmp_path):
     dst = tmp_path / "solver.prototxt"
     code, out, err = run_cli("upgrade", src, dst)
     assert code == 0, err
-    from caffeish.schema import pb
+    from caffeish.formats.schema import pb
     solver, _ = io.read_prototxt(dst, message=pb.SolverParameter())
     assert len(solver.net_param.layer) and not len(solver.net_param.layers)
     assert "net_param: " in out
@@ -158,7 +158,7 @@ def test_max_blob_bytes_takes_sizes(capsys):
 
 def test_every_size_option_reads_width_first():
     from caffeish.errors import CaffeishError
-    from caffeish.options import parse_wxh
+    from caffeish.values import parse_wxh
     assert parse_wxh("500x375") == (500, 375) and parse_wxh("256") == (256, 256)
     for bad in ("0x5", "5x", "axb", "1x2x3"):
         with pytest.raises(CaffeishError, match="--resize: expected WIDTHxHEIGHT"):

@@ -7,12 +7,12 @@ import pytest
 from PIL import Image
 
 import caffeish
-from caffeish.data_transform import DataTransformer, resize_linear
-from caffeish.datum import (BatchCursor, LmdbReader, LmdbWriter, NotDatumError, datum_array, decode_image,
+from caffeish.runtime.data_transform import DataTransformer, resize_linear
+from caffeish.formats.datum import (BatchCursor, LmdbReader, LmdbWriter, NotDatumError, datum_array, decode_image,
                             make_datum, parse_datum)
 from caffeish.errors import CaffeishError, ShapeError
-from caffeish.io import parse_text, write_binaryproto
-from caffeish.schema import pb
+from caffeish.formats.io import parse_text, write_binaryproto
+from caffeish.formats.schema import pb
 
 
 def write_db(path, values):

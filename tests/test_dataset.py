@@ -8,11 +8,11 @@ import pytest
 from PIL import Image
 
 import caffeish
-from caffeish.cli import main
-from caffeish.datum import LmdbReader, datum_array
-from caffeish.io import parse_text, read_binaryproto
-from caffeish.schema import pb
-from caffeish.palette import pascal_palette
+from caffeish.tools.cli import main
+from caffeish.formats.datum import LmdbReader, datum_array
+from caffeish.formats.io import parse_text, read_binaryproto
+from caffeish.formats.schema import pb
+from caffeish.data.palette import pascal_palette
 from caffeish.tools.dataset import build_segmentation
 
 W, H = 20, 16
@@ -324,7 +324,7 @@ def test_classification_refuses_mixed_sizes(tmp_path):
 
 
 def main_raise(argv):
-    from caffeish.cli import build_parser
+    from caffeish.tools.cli import build_parser
 
     args = build_parser().parse_args(argv)
     return args.run(args)
@@ -349,7 +349,7 @@ def test_show_prints_counts_and_class_frequencies_and_dumps(tmp_path, capsys):
 
 
 def test_show_refuses_a_database_that_is_not_datums(tmp_path):
-    from caffeish.datum import LmdbWriter
+    from caffeish.formats.datum import LmdbWriter
 
     with LmdbWriter(tmp_path / "db") as w:
         w.put(b"a", b'{"json": true}')
@@ -361,7 +361,7 @@ def test_show_refuses_a_database_that_is_not_datums(tmp_path):
 
 def test_a_16_bit_image_gives_the_pixels_classify_sees(tmp_path):
     """16-bit PNGs keep their high byte (cv::imread, as convert_imageset), in the Datums and in classify."""
-    from caffeish import preprocess
+    from caffeish.formats import images
 
     make_pairs(tmp_path, n=2)
     deep = np.random.default_rng(5).integers(0, 65536, (H, W), dtype=np.uint16)
@@ -375,12 +375,12 @@ def test_a_16_bit_image_gives_the_pixels_classify_sees(tmp_path):
         stored = datum_array(f.get(key))
     assert stored.shape == (3, H, W) and stored[0, 0, :4].tolist() == [0, 1, 128, 255]
     np.testing.assert_array_equal(stored, np.repeat((deep >> 8).astype(np.uint8)[np.newaxis], 3, axis=0))
-    seen = preprocess.decode(tmp_path / "images" / "img00.png")  # classify's / segment's pixels, RGB
+    seen = images.decode(tmp_path / "images" / "img00.png")  # classify's / segment's pixels, RGB
     np.testing.assert_array_equal(stored, seen[:, :, ::-1].transpose(2, 0, 1))
 
 
 def test_classification_takes_every_image_extension_classify_takes(tmp_path):
-    from caffeish.preprocess import IMAGE_EXTENSIONS
+    from caffeish.formats.images import IMAGE_EXTENSIONS
     from caffeish.tools import dataset
 
     assert dataset.IMAGE_EXTENSIONS is IMAGE_EXTENSIONS  # one list
@@ -395,7 +395,7 @@ def test_classification_takes_every_image_extension_classify_takes(tmp_path):
 
 def test_force_does_not_take_a_folder_with_only_labels_txt_for_a_dataset(tmp_path):
     """labels.txt is in model folders too (DIGITS jobs, caffeish stores): --force never replaces such a folder."""
-    from caffeish import dataset_meta
+    from caffeish.data import dataset_meta
 
     make_pairs(tmp_path, n=2)
     model = tmp_path / "model"

@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 
 import caffeish
-from caffeish.cli import main
-from caffeish.datum import LmdbWriter, make_datum
-from caffeish.io import read_caffemodel
-from caffeish.palette import pascal_palette
+from caffeish.tools.cli import main
+from caffeish.formats.datum import LmdbWriter, make_datum
+from caffeish.formats.io import read_caffemodel
+from caffeish.data.palette import pascal_palette
 from caffeish.tools.dataset import build_classification, build_segmentation
 
 

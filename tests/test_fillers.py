@@ -1,12 +1,12 @@
-"""caffeish.fillers against Caffe's filler semantics (semantics.md section 4) and a golden case."""
+"""caffeish.runtime.fillers against Caffe's filler semantics (semantics.md section 4) and a golden case."""
 import math
 
 import numpy as np
 import pytest
 
 from caffeish.errors import CaffeishError
-from caffeish.fillers import FillerError, bilinear_kernel, fan_in_out, fill
-from caffeish.schema import pb
+from caffeish.runtime.fillers import FillerError, bilinear_kernel, fan_in_out, fill
+from caffeish.formats.schema import pb
 from conftest import shared_path
 
 

@@ -6,11 +6,11 @@ import math
 import numpy as np
 import pytest
 
-from caffeish import registry
+from caffeish.graph import registry
 from caffeish.errors import ShapeError
-from caffeish.graph import Graph
-from caffeish.io import parse_text, read_prototxt, write_binaryproto
-from caffeish.schema import TEST, pb
+from caffeish.graph.graph import Graph
+from caffeish.formats.io import parse_text, read_prototxt, write_binaryproto
+from caffeish.formats.schema import TEST, pb
 from conftest import shared_path
 
 FLT_MIN = float(np.finfo(np.float32).tiny)

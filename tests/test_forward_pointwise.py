@@ -15,10 +15,10 @@ import pytest
 from google.protobuf import text_format
 
 from caffeish.errors import CaffeishError, ShapeError
-from caffeish.graph import Graph
-from caffeish.io import read_prototxt
-from caffeish.registry import create
-from caffeish.schema import TEST, TRAIN, pb
+from caffeish.graph.graph import Graph
+from caffeish.formats.io import read_prototxt
+from caffeish.graph.registry import create
+from caffeish.formats.schema import TEST, TRAIN, pb
 from conftest import shared_path
 
 NEURON_TYPES = {

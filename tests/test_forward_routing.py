@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from caffeish import registry
+from caffeish.graph import registry
 from caffeish.errors import CaffeishError, ShapeError, UnsupportedError
-from caffeish.graph import Graph
-from caffeish.io import parse_text, read_prototxt
-from caffeish.schema import TEST, pb
+from caffeish.graph.graph import Graph
+from caffeish.formats.io import parse_text, read_prototxt
+from caffeish.formats.schema import TEST, pb
 from conftest import shared_path
 
 ROUTING_TYPES = {

@@ -16,12 +16,12 @@ import pytest
 from google.protobuf import text_format
 
 from caffeish.errors import UnsupportedError
-from caffeish.fillers import fill
-from caffeish.graph import Graph
-from caffeish.im2col import conv_forward, deconv_forward
-from caffeish.io import read_prototxt
-from caffeish.registry import create
-from caffeish.schema import TEST, TRAIN, pb
+from caffeish.runtime.fillers import fill
+from caffeish.graph.graph import Graph
+from caffeish.runtime.im2col import conv_forward, deconv_forward
+from caffeish.formats.io import read_prototxt
+from caffeish.graph.registry import create
+from caffeish.formats.schema import TEST, TRAIN, pb
 from conftest import SHARED, shared_path
 
 FLT_MAX = float(np.finfo(np.float32).max)

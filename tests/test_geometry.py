@@ -1,4 +1,4 @@
-"""caffeish.geometry against semantics.md's worked examples and brute-force counts."""
+"""caffeish.graph.geometry against semantics.md's worked examples and brute-force counts."""
 import itertools
 import math
 from fractions import Fraction
@@ -6,9 +6,9 @@ from fractions import Fraction
 import pytest
 from google.protobuf import text_format
 
-from caffeish import geometry as g
+from caffeish.graph import geometry as g
 from caffeish.errors import ShapeError
-from caffeish.schema import pb
+from caffeish.formats.schema import pb
 from conftest import shared_path
 
 

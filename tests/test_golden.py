@@ -42,5 +42,5 @@ def test_golden_parameters_match_caffe(case):
     params = np.load(os.path.join(folder, "params.npz"))
     for key in params.files:
         layer, index = key.rsplit("/", 1)
-        ours = caffeish.backend.to_numpy(net.params[layer][int(index)].data)
+        ours = caffeish.runtime.backend.to_numpy(net.params[layer][int(index)].data)
         np.testing.assert_array_equal(ours.reshape(params[key].shape), params[key], err_msg=key)

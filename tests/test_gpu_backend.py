@@ -18,7 +18,7 @@ import golden
 from conftest import ROOT, shared_path
 
 import caffeish
-from caffeish import backend
+from caffeish.runtime import backend
 from caffeish.errors import UnsupportedError
 
 HAVE_CXX = shutil.which(os.environ.get("CXX", "g++")) is not None or bool(os.environ.get("CI"))
@@ -90,7 +90,7 @@ def test_set_mode_gpu_warns_and_stays_on_the_cpu(no_cupy):
 def test_cli_gpu_flag_without_gpu_prints_one_line(no_cupy, tmp_path, capsys):
     from PIL import Image
 
-    from caffeish import cli
+    from caffeish.tools import cli
 
     image = tmp_path / "digit.png"
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(image)
@@ -166,7 +166,7 @@ def test_device_net_returns_host_outputs_and_syncs_host_copies(tmp_path):
 @needs_cxx
 def test_device_path_handles_nd_convolution_and_several_bottoms():
     """3-D convolutions fall back to the array code with the device's xp; shared weights serve each bottom."""
-    from caffeish.schema import pb
+    from caffeish.formats.schema import pb
 
     net_param = pb.NetParameter()
     inp = net_param.layer.add(name="in", type="Input", top=["a", "b"])

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from caffeish import io
+from caffeish.formats import io
 from caffeish.errors import CaffeishError, GraphError, MemoryCapError, ShapeError, UnknownLayerTypeError
-from caffeish.graph import Graph, insert_splits
-from caffeish.schema import TEST, TRAIN, pb
+from caffeish.graph.graph import Graph, insert_splits
+from caffeish.formats.schema import TEST, TRAIN, pb
 from conftest import SHARED, shared_path
 
 

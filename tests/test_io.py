@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from caffeish import io, wire
+from caffeish.formats import io, wire
 from caffeish.errors import CaffeishError, CorruptFileError, ForkFieldError, ParseError
-from caffeish.schema import pb
+from caffeish.formats.schema import pb
 from conftest import SHARED, shared_path
 
 

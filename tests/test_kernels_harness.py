@@ -22,15 +22,15 @@ import numpy as np
 import pytest
 
 from caffeish.errors import ShapeError
-from caffeish.geometry import conv_output_shape, crop_offsets, deconv_output_shape, pool_params, ConvGeometry
-from caffeish.im2col import conv_forward, deconv_forward, im2col
-from caffeish.schema import pb
+from caffeish.graph.geometry import conv_output_shape, crop_offsets, deconv_output_shape, pool_params, ConvGeometry
+from caffeish.runtime.im2col import conv_forward, deconv_forward, im2col
+from caffeish.formats.schema import pb
 
 if shutil.which(os.environ.get("CXX", "g++")) is None and not os.environ.get("CI"):
     pytest.skip("no C++ compiler for the kernel harness (g++ or $CXX)", allow_module_level=True)
 
 from caffeish.kernels import harness, launch  # noqa: E402
-from caffeish.layers.pooling import pool_forward  # noqa: E402
+from caffeish.ops.pooling import pool_forward  # noqa: E402
 
 MIN_CASES = 200
 P = pb.PoolingParameter

@@ -13,8 +13,8 @@ import pytest
 from google.protobuf import text_format
 
 from caffeish.errors import ShapeError, UnsupportedError
-from caffeish.registry import create, registered_types
-from caffeish.schema import TEST, TRAIN, pb
+from caffeish.graph.registry import create, registered_types
+from caffeish.formats.schema import TEST, TRAIN, pb
 from conftest import SHARED, shared_path
 
 NEURON_TYPES = {

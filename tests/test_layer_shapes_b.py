@@ -11,9 +11,9 @@ import pytest
 from conftest import shared_path
 from google.protobuf import text_format
 
-from caffeish import registry
+from caffeish.graph import registry
 from caffeish.errors import InputShapeRequired, ShapeError, UnknownLayerTypeError
-from caffeish.schema import TEST, pb
+from caffeish.formats.schema import TEST, pb
 
 ROUTING_TYPES = {
     "Concat", "Slice", "Split", "Flatten", "Reshape", "Tile", "Reduction", "ArgMax",

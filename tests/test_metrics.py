@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from caffeish.errors import CaffeishError
-from caffeish.metrics import ConfusionMatrix, confusion, scores
+from caffeish.data.metrics import ConfusionMatrix, confusion, scores
 
 # rows: label, columns: prediction
 HIST = np.array([[3, 1, 0],

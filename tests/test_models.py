@@ -4,10 +4,11 @@ import csv
 
 import pytest
 
-from caffeish import io, weights
+from caffeish.formats import io
+from caffeish.graph import weights
 from caffeish.errors import CaffeishError, GraphError, InputShapeRequired, UnsupportedError
-from caffeish.graph import Graph
-from caffeish.schema import TEST, TRAIN
+from caffeish.graph.graph import Graph
+from caffeish.formats.schema import TEST, TRAIN
 from conftest import SHARED
 
 MODELS = SHARED / "models"
@@ -59,8 +60,8 @@ def test_bvlc_parseable_net_loads_and_deploy_nets_infer_shapes(rel):
 
 @pytest.mark.parametrize("rel", solver_rows(), ids=str)
 def test_solver_prototxts_parse(rel):
-    from caffeish.schema import pb
-    from caffeish.upgrade import upgrade_solver
+    from caffeish.formats.schema import pb
+    from caffeish.formats.upgrade import upgrade_solver
     solver, _ = io.read_prototxt(MODELS / rel, message=pb.SolverParameter())
     solver, _ = upgrade_solver(solver)
     assert solver.type

@@ -4,8 +4,8 @@ import pytest
 
 import caffeish
 from caffeish.errors import CaffeishError, GraphError, ShapeError, UnsupportedError, WeightError
-from caffeish.io import parse_text
-from caffeish.schema import pb
+from caffeish.formats.io import parse_text
+from caffeish.formats.schema import pb
 
 NET = """
 name: "small"
@@ -296,7 +296,7 @@ def test_allocator_tuning_runs_once_and_can_be_turned_off():
     import subprocess
     import sys
 
-    code = ("import caffeish.backend as b; first = b.tune_allocator(); "
+    code = ("import caffeish.runtime.backend as b; first = b.tune_allocator(); "
             "print(first, b.tune_allocator())")
     on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     first, second = on.stdout.split()

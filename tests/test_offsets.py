@@ -16,10 +16,11 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from caffeish import geometry, io
-from caffeish.cli import main
+from caffeish.graph import geometry
+from caffeish.formats import io
+from caffeish.tools.cli import main
 from caffeish.errors import GraphError, ShapeError
-from caffeish.schema import pb
+from caffeish.formats.schema import pb
 from caffeish.tools import offsets as O
 from conftest import shared_path
 
@@ -613,7 +614,7 @@ def _stack_prototxt(layers, size, batch, offsets=()):
 def _centres(layers, offsets, size, rng):
     """Run one impulse per input pixel; for each output pixel, the response-weighted mean
     input position (its centre in input coordinates), per axis."""
-    from caffeish.net import Net
+    from caffeish.runtime.net import Net
 
     net = Net(net_from(_stack_prototxt(layers, size, size * size, offsets)))
     for i, (kind, k, _, _, _) in enumerate(layers):
@@ -636,7 +637,7 @@ def _centres(layers, offsets, size, rng):
 
 
 def test_random_stacks_align_pixel_centres():
-    pytest.importorskip("caffeish.net")
+    pytest.importorskip("caffeish.runtime.net")
     rng = random.Random(20240607)
     checked, tries, shift_checked, kinds = 0, 0, False, set()
     while checked < 6:

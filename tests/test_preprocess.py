@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caffeish import io
-from caffeish import preprocess as pp
+from caffeish.formats import io
+from caffeish.data import preprocess as pp
+from caffeish.formats import images
 from caffeish.errors import CaffeishError, ShapeError
-from caffeish.schema import pb
-from caffeish.transformer import load_image
+from caffeish.formats.schema import pb
+from caffeish.pycaffe.transformer import load_image
+from caffeish.tools.options import add_preprocess_options, preprocess_from_args
 from conftest import shared_path
 
 
@@ -93,16 +95,16 @@ def test_decode_formats_and_errors(tmp_path):
     rgba = np.zeros((4, 4, 4), np.uint8)
     rgba[..., 0], rgba[..., 3] = 200, 10
     Image.fromarray(rgba).save(tmp_path / "a.png")
-    assert pp.decode(tmp_path / "a.png")[0, 0].tolist() == [200, 0, 0]  # alpha dropped
+    assert images.decode(tmp_path / "a.png")[0, 0].tolist() == [200, 0, 0]  # alpha dropped
     deep = np.full((3, 3), 65535, np.uint16)
     Image.fromarray(deep).save(tmp_path / "d.png")
-    assert pp.decode(tmp_path / "d.png", gray=True)[0, 0, 0] == pytest.approx(255.0)
+    assert images.decode(tmp_path / "d.png", gray=True)[0, 0, 0] == pytest.approx(255.0)
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     with pytest.raises(CaffeishError, match="bad.jpg: cannot read as an image"):
-        pp.decode(tmp_path / "bad.jpg")
+        images.decode(tmp_path / "bad.jpg")
     with pytest.raises(CaffeishError, match="nope.png: no such image file"):
-        pp.decode(tmp_path / "nope.png")
-    assert pp.decode(np.full((2, 2), 0.5)).tolist() == [[[127.5] * 3] * 2] * 2  # pycaffe's [0, 1] arrays
+        images.decode(tmp_path / "nope.png")
+    assert images.decode(np.full((2, 2), 0.5)).tolist() == [[[127.5] * 3] * 2] * 2  # pycaffe's [0, 1] arrays
 
 
 def _png16(path, rgb):
@@ -127,12 +129,12 @@ def test_16_bit_images_keep_their_high_byte_as_opencv_imread(tmp_path):
     Image.fromarray(DEEP).save(tmp_path / "gray16.png")  # Pillow opens it as mode I;16, full values
     with Image.open(tmp_path / "gray16.png") as img:
         assert img.mode.startswith("I")
-    color = pp.decode(tmp_path / "gray16.png")
+    color = images.decode(tmp_path / "gray16.png")
     assert color.shape == (2, 4, 3) and (color == np.array(DEEP_8BIT)[:, :, None]).all()
-    assert pp.decode(tmp_path / "gray16.png", gray=True)[:, :, 0].tolist() == DEEP_8BIT
-    assert pp.decode_8bit(tmp_path / "gray16.png").dtype == np.uint8
+    assert images.decode(tmp_path / "gray16.png", gray=True)[:, :, 0].tolist() == DEEP_8BIT
+    assert images.decode_8bit(tmp_path / "gray16.png").dtype == np.uint8
     _png16(tmp_path / "rgb16.png", np.stack([DEEP, DEEP[:, ::-1], 65535 - DEEP], axis=2))
-    rgb = pp.decode(tmp_path / "rgb16.png")
+    rgb = images.decode(tmp_path / "rgb16.png")
     assert rgb[:, :, 0].tolist() == DEEP_8BIT and rgb[:, :, 1].tolist() == np.array(DEEP_8BIT)[:, ::-1].tolist()
     assert rgb[:, :, 2].tolist() == ((65535 - DEEP) >> 8).tolist()
     np.testing.assert_array_equal(pp.Preprocess().load(tmp_path / "rgb16.png", 3), rgb)
@@ -140,9 +142,9 @@ def test_16_bit_images_keep_their_high_byte_as_opencv_imread(tmp_path):
 
 def test_every_centre_crop_takes_one_window():
     """preprocess's image and mean crops and the Data layer's crop use geometry.center_crop_offsets."""
-    from caffeish.data_transform import DataTransformer
-    from caffeish.geometry import center_crop_offsets
-    from caffeish.schema import TEST
+    from caffeish.runtime.data_transform import DataTransformer
+    from caffeish.graph.geometry import center_crop_offsets
+    from caffeish.formats.schema import TEST
 
     x = np.arange(7 * 10, dtype=np.float32).reshape(7, 10, 1)
     assert center_crop_offsets((7, 10), (4, 5)) == (1, 2)
@@ -172,28 +174,28 @@ def test_train_val_transform_param_and_relative_mean_file(tmp_path):
 
 def _args(*argv, keep_size=False):
     p = argparse.ArgumentParser()
-    pp.add_arguments(p, keep_size=keep_size)
+    add_preprocess_options(p, keep_size=keep_size)
     return p.parse_args(list(argv))
 
 
 def test_command_line_options(tmp_path):
-    spec = pp.from_args(_args("--mean-value", "104,117,123", "--scale", "0.5", "--raw-scale", "1",
+    spec = preprocess_from_args(_args("--mean-value", "104,117,123", "--scale", "0.5", "--raw-scale", "1",
                               "--channel-swap", "none", "--crop", "center", "--resize", "40x48"))
     assert spec.mean.tolist() == [104, 117, 123] and spec.scale == 0.5 and spec.raw_scale == 1
     assert spec.channel_swap is None and spec.crop == "center" and spec.resize == (48, 40)  # WxH -> (H, W)
     np.save(tmp_path / "m.npy", np.zeros((3, 8, 8)))
-    assert pp.from_args(_args("--mean", str(tmp_path / "m.npy")), keep_size=True).resize == "keep"
+    assert preprocess_from_args(_args("--mean", str(tmp_path / "m.npy")), keep_size=True).resize == "keep"
     with pytest.raises(CaffeishError, match="not both"):
-        pp.from_args(_args("--mean", "x.npy", "--mean-value", "1"))
+        preprocess_from_args(_args("--mean", "x.npy", "--mean-value", "1"))
     # Options win over the transform_param of --transform-from.
     proto = tmp_path / "tv.prototxt"
     proto.write_text('layer { name: "d" type: "Data" top: "data" top: "label" include { phase: TEST } '
                      'transform_param { scale: 0.25 mean_value: 7 crop_size: 4 } }\n'
                      'layer { name: "t" type: "Data" top: "data" top: "label" include { phase: TRAIN } '
                      'transform_param { scale: 9 } }\n')
-    spec = pp.from_args(_args("--transform-from", str(proto)))
+    spec = preprocess_from_args(_args("--transform-from", str(proto)))
     assert spec.scale == 0.25 and spec.mean.tolist() == [7] and spec.crop == "center"
-    assert pp.from_args(_args("--transform-from", str(proto), "--scale", "2")).scale == 2
+    assert preprocess_from_args(_args("--transform-from", str(proto), "--scale", "2")).scale == 2
 
 
 def test_centre_crop_with_resize_to_the_mean_size(tmp_path):
@@ -232,9 +234,9 @@ def test_non_finite_numbers_are_refused():
         with pytest.raises(CaffeishError, match=f"{field} must be a finite number"):
             pp.Preprocess(**{field: float("nan")})
     with pytest.raises(CaffeishError, match="--mean-value: the mean holds NaN"):
-        pp.from_args(_args("--mean-value", "1,nan,3"))
+        preprocess_from_args(_args("--mean-value", "1,nan,3"))
     for option in ("--scale", "--raw-scale"):
         with pytest.raises(SystemExit):
             _args(option, "inf")
     with pytest.raises(CaffeishError, match="channel swap 0,0,5 is not a permutation"):
-        pp.from_args(_args("--channel-swap", "0,0,5"))
+        preprocess_from_args(_args("--channel-swap", "0,0,5"))

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caffeish import transformer as cio
+from caffeish.pycaffe import io as cio
 from caffeish.errors import CaffeishError, ShapeError
-from caffeish.schema import pb
+from caffeish.formats.schema import pb
 
 # ---------------------------------------------------------------------------- Transformer
 

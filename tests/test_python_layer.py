@@ -17,9 +17,9 @@ from PIL import Image
 from conftest import shared_path
 
 import caffeish
-from caffeish.cli import main as cli
+from caffeish.tools.cli import main as cli
 from caffeish.errors import CaffeishError, ShapeError, UnsupportedError
-from caffeish.layers.python_layer import PythonLayerError
+from caffeish.ops.python_layer import PythonLayerError
 
 FLT_MIN = np.finfo(np.float32).tiny
 VOC_MEAN = (104.00699, 116.66877, 122.67892)  # the mean in voc-fcn8s/val.prototxt's param_str
@@ -472,7 +472,7 @@ def test_a_caffe_on_the_path_is_not_shadowed_afterwards(tmp_path, user_modules, 
 
 
 def test_layer_base_class_and_blobs():
-    from caffeish.pycaffe import ArrayBlob
+    from caffeish.runtime.blobs import ArrayBlob
 
     assert caffeish.Layer.__name__ == "PythonLayer"
     b = ArrayBlob()

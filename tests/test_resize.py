@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from caffeish.data_transform import linear_taps, resize_linear, resize_nearest
+from caffeish.runtime.data_transform import linear_taps, resize_linear, resize_nearest
 from caffeish.errors import CaffeishError
 
 

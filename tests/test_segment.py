@@ -9,13 +9,13 @@ import pytest
 from PIL import Image
 
 import caffeish
-from caffeish import inference
-from caffeish import palette as palettes
-from caffeish.cli import main
+from caffeish.apps import inference
+from caffeish.data import palette as palettes
+from caffeish.tools.cli import main
 from caffeish.errors import CaffeishError, GraphError, ShapeError
-from caffeish.io import parse_text
-from caffeish.preprocess import Preprocess
-from caffeish.schema import pb
+from caffeish.formats.io import parse_text
+from caffeish.data.preprocess import Preprocess
+from caffeish.formats.schema import pb
 from conftest import shared_path
 
 # conv1 pad 5 + pool 3/2 + conv 3 + pool 2/2 -> total stride 4; upscore kernel 7 stride 4;

@@ -12,8 +12,8 @@ import pytest
 from google.protobuf import text_format
 
 from caffeish.errors import ShapeError
-from caffeish.registry import create
-from caffeish.schema import TEST, pb
+from caffeish.graph.registry import create
+from caffeish.formats.schema import TEST, pb
 from conftest import SHARED, shared_path
 
 SPATIAL_TYPES = {"Convolution", "Deconvolution", "Im2col", "Pooling", "SPP", "Crop"}

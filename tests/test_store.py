@@ -10,9 +10,10 @@ import shutil
 
 import pytest
 
-from caffeish import cli, download, store
+from caffeish.tools import cli
+from caffeish.apps import download, store
 from caffeish.errors import CaffeishError
-from caffeish.store_server import StoreHandler, StoreServer
+from caffeish.apps.store_server import StoreHandler, StoreServer
 from test_store_models import (CLASSIFIER, FCN, copy_store, make_store, sha1, sha256, write_model)
 
 
@@ -335,7 +336,7 @@ def test_an_index_naming_files_outside_the_model_folder_is_refused(built_store, 
 
 
 def test_validation_reads_the_weights_without_copying_them(built_store):
-    from caffeish import io
+    from caffeish.formats import io
     path = os.path.join(built_store, "fcn", "weights.caffemodel")
     views, copies = io.read_caffemodel(path, copy=False), io.read_caffemodel(path)
     for (name, v), (_, c) in zip(views.arrays().items(), copies.arrays().items()):

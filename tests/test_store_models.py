@@ -11,8 +11,8 @@ import textwrap
 import numpy as np
 
 import caffeish
-from caffeish import io
-from caffeish.surgery_fcn import build_fcn
+from caffeish.formats import io
+from caffeish.apps.surgery_fcn import build_fcn
 from caffeish.tools import offsets
 
 CLASSIFIER = """\

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from caffeish.store_server import StoreServer, parse_range
+from caffeish.apps.store_server import StoreServer, parse_range
 
 
 @pytest.fixture(scope="module")

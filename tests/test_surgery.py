@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from caffeish import io, surgery
-from caffeish.cli import main
+from caffeish.formats import io
+from caffeish.apps import surgery
+from caffeish.tools.cli import main
 from caffeish.errors import CaffeishError, UnsupportedError, WeightError
-from caffeish.graph import Graph
-from caffeish.metrics import relative_error
-from caffeish.net import Net
-from caffeish.schema import pb
+from caffeish.graph.graph import Graph
+from caffeish.data.metrics import relative_error
+from caffeish.runtime.net import Net
+from caffeish.formats.schema import pb
 from conftest import shared_path
 
 V1_TYPES = {"Convolution": "CONVOLUTION", "Pooling": "POOLING", "InnerProduct": "INNER_PRODUCT", "ReLU": "RELU",

@@ -7,13 +7,14 @@ import sys
 import numpy as np
 import pytest
 
-from caffeish import io, surgery
-from caffeish.cli import main
+from caffeish.formats import io
+from caffeish.apps import surgery
+from caffeish.tools.cli import main
 from caffeish.errors import CaffeishError, ShapeError
-from caffeish.graph import Graph
-from caffeish.net import Net
-from caffeish.schema import TEST, TRAIN, pb
-from caffeish.surgery_fcn import build_fcn, default_train_val_path
+from caffeish.graph.graph import Graph
+from caffeish.runtime.net import Net
+from caffeish.formats.schema import TEST, TRAIN, pb
+from caffeish.apps.surgery_fcn import build_fcn, default_train_val_path
 from conftest import ROOT, shared_path
 from test_surgery import golden, shrunk, write_v1
 

@@ -13,8 +13,8 @@ from google.protobuf import text_format
 
 from conftest import shared_path
 from caffeish.errors import UpgradeError
-from caffeish.schema import pb
-from caffeish.upgrade import (LEGACY_TYPES, SOLVER_TYPES, V0_ROUTES, V1_PARAM_FIELDS,
+from caffeish.formats.schema import pb
+from caffeish.formats.upgrade import (LEGACY_TYPES, SOLVER_TYPES, V0_ROUTES, V1_PARAM_FIELDS,
                               needs_upgrade, upgrade_net, upgrade_solver)
 
 

@@ -6,9 +6,9 @@ import pytest
 
 from conftest import shared_path
 
-import caffeish.registry as registry
-from caffeish.io import parse_text
-from caffeish.schema import TEST, pb
+import caffeish.graph.registry as registry
+from caffeish.formats.io import parse_text
+from caffeish.formats.schema import TEST, pb
 
 FORMULAS = {  # the vectors' "expected" texts, as functions of the three bottoms
     "a*b*c": lambda a, b, c: a * b * c,

@@ -19,10 +19,13 @@ import sys
 
 import numpy as np
 
-from caffeish import palette, preprocess, progress, report
+from caffeish.data import palette
+from caffeish.apps import progress
+from caffeish.tools import report
 from caffeish.errors import CaffeishError
-from caffeish.inference import Classifier, find_images, image_error, open_net, top_classes
-from caffeish.options import add_gpu_option, device_from_args, finite_float, int_arg
+from caffeish.apps.inference import Classifier, find_images, image_error, open_net, top_classes
+from caffeish.tools.options import (add_gpu_option, add_preprocess_options, device_from_args, int_arg,
+                                    preprocess_from_args)
 
 FORMATS = ("table", "json", "csv")
 
@@ -42,7 +45,7 @@ def add_arguments(p):
                    help="average the 10 crops (corners, centre, mirrored) as Caffe's classify.py")
     p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=0,
                    help="filler seed when WEIGHTS is 'none'")
-    preprocess.add_arguments(p)
+    add_preprocess_options(p)
     add_gpu_option(p)
 
 
@@ -125,7 +128,7 @@ def run(args):
     if not images:
         raise CaffeishError("no images to classify in " + ", ".join(args.images))
     labels = palette.read_labels(args.labels) if args.labels else None
-    spec = preprocess.from_args(args)
+    spec = preprocess_from_args(args)
     weights = None if args.weights.lower() == "none" else args.weights
     net = open_net(args.net, weights, device_from_args(args), seed=args.seed)
     clf = Classifier(net, spec, args.blob, args.oversample)

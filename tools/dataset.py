@@ -38,14 +38,16 @@ import threading
 
 import numpy as np
 
-from caffeish import dataset_meta, io, progress
-from caffeish import palette as palettes
-from caffeish.data_transform import resize_linear, resize_nearest
-from caffeish.datum import ENCODINGS, LmdbReader, LmdbWriter, datum_array, datum_encoding, make_datum
+from caffeish.data import dataset_meta
+from caffeish.formats import io
+from caffeish.apps import progress
+from caffeish.data import palette as palettes
+from caffeish.runtime.data_transform import resize_linear, resize_nearest
+from caffeish.formats.datum import ENCODINGS, LmdbReader, LmdbWriter, datum_array, datum_encoding, make_datum
 from caffeish.errors import CaffeishError
-from caffeish.options import wxh_arg
-from caffeish.preprocess import IMAGE_EXTENSIONS, decode_8bit, is_image_name
-from caffeish.report import FORMATS, render
+from caffeish.tools.options import wxh_arg
+from caffeish.formats.images import IMAGE_EXTENSIONS, decode_8bit, is_image_name
+from caffeish.tools.report import FORMATS, render
 
 KEY_FORMAT = "%08d"
 DEFAULT_IGNORE_LABEL = 255
@@ -302,10 +304,10 @@ class LabelDecoder:
 def load_image(path, channels=3, resize=None):
     """An image file as C x H x W uint8 in Caffe's order (BGR) and its (W, H) before resizing.
 
-    The pixels are classify's and segment's (caffeish.preprocess.decode_8bit:
+    The pixels are classify's and segment's (caffeish.formats.images.decode_8bit:
     what OpenCV's imread gives convert_imageset, 16-bit images included).
     With resize=(W, H) they are resized as convert_imageset does
-    (cv::resize INTER_LINEAR, see caffeish.data_transform.resize_linear).
+    (cv::resize INTER_LINEAR, see caffeish.runtime.data_transform.resize_linear).
     """
     arr = decode_8bit(path, gray=channels != 3)
     size = (arr.shape[1], arr.shape[0])

@@ -43,14 +43,16 @@ import sys
 
 import numpy as np
 
-from caffeish import dataset_meta, io, progress
-from caffeish import palette as palettes
+from caffeish.data import dataset_meta
+from caffeish.formats import io
+from caffeish.apps import progress
+from caffeish.data import palette as palettes
 from caffeish.errors import CaffeishError, InputShapeRequired
-from caffeish.metrics import ConfusionMatrix
-from caffeish.options import add_gpu_option, device_from_args
-from caffeish.preprocess import parse_values
-from caffeish.report import FORMATS, render
-from caffeish.schema import TEST, pb
+from caffeish.data.metrics import ConfusionMatrix
+from caffeish.tools.options import add_gpu_option, device_from_args
+from caffeish.data.preprocess import parse_values
+from caffeish.tools.report import FORMATS, render
+from caffeish.formats.schema import TEST, pb
 
 LOSS_TYPES_WITH_LABEL = ("SoftmaxWithLoss", "Accuracy")
 DEFAULT_CONFUSION = "confusion_matrix.csv"
@@ -225,7 +227,7 @@ def set_sources(net, db):
 
 def build_net(net_path, weights, stages=None, level=0, device=None, db=None, input_shapes=None, runnable=True):
     """A caffeish Net at TEST with the right stages and sources; refuses one whose data layers cannot run."""
-    from caffeish.net import Net
+    from caffeish.runtime.net import Net
 
     net = io.read_net(net_path)
     if db:
@@ -367,7 +369,7 @@ def evaluate_segmentation(net_path, weights, db=None, images=None, labels=None, 
     _, label_node = _root_blob(net, label)
     total = None
     if label_node is not None and label_node.type == "Data":
-        from caffeish.datum import LmdbReader
+        from caffeish.formats.datum import LmdbReader
 
         with LmdbReader(label_node.param.data_param.source) as reader:
             total = len(reader)
@@ -465,7 +467,7 @@ def _source_layers(net):
 
 def _pairs_from_db(db, features, labels):
     """(image C x H x W, label H x W, where) from a features and a labels database (of --db), key by key."""
-    from caffeish.datum import LmdbReader, datum_array
+    from caffeish.formats.datum import LmdbReader, datum_array
 
     if labels is None:
         raise CaffeishError(f"--db {db}: no labels database beside {features}")
@@ -504,9 +506,9 @@ def _pairs_from_folders(images, labels, color_map):
 def _evaluate_pairs(net_path, weights, db, images, labels, color_map, ignore_label, score, label, stages,
                     level, device, mean_value, mean_file, scale):
     """Feed image/label pairs one at a time through the net's data inputs and score the predictions."""
-    from caffeish.data_transform import DataTransformer
-    from caffeish.graph import filter_net, make_state
-    from caffeish.net import Net
+    from caffeish.runtime.data_transform import DataTransformer
+    from caffeish.graph.graph import filter_net, make_state
+    from caffeish.runtime.net import Net
 
     param = io.read_net(net_path)
     stages = net_state(param, stages)

@@ -32,12 +32,14 @@ import os
 import re
 from fractions import Fraction
 
-from caffeish import geometry, io, report
+from caffeish.graph import geometry
+from caffeish.formats import io
+from caffeish.tools import report
 from caffeish.errors import CaffeishError, GraphError, ShapeError
-from caffeish.options import add_net_state_options
-from caffeish.graph import Graph, layer_included, make_state
-from caffeish.schema import TEST, pb
-from caffeish.upgrade import upgrade_net
+from caffeish.tools.options import add_net_state_options
+from caffeish.graph.graph import Graph, layer_included, make_state
+from caffeish.formats.schema import TEST, pb
+from caffeish.formats.upgrade import upgrade_net
 
 IDENTITY = geometry.identity()
 

@@ -38,13 +38,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from caffeish import palette as palettes
-from caffeish import preprocess, progress, report
+from caffeish.data import palette as palettes
+from caffeish.apps import progress
+from caffeish.tools import report
 from caffeish.errors import CaffeishError
-from caffeish.inference import (DEFAULT_MAX_MEMORY, OUTPUT_MARKER, PALETTE_PNG_CLASSES, Segmenter, class_colors,
+from caffeish.apps.inference import (DEFAULT_MAX_MEMORY, OUTPUT_MARKER, PALETTE_PNG_CLASSES, Segmenter, class_colors,
                                 class_map, find_images, image_error, label_picture, open_net)
-from caffeish.options import add_gpu_option, device_from_args, finite_float, int_arg, parse_wxh
-from caffeish.report import FORMATS
+from caffeish.tools.options import (add_gpu_option, add_preprocess_options, device_from_args, finite_float, int_arg,
+                                    preprocess_from_args)
+from caffeish.values import parse_wxh
+from caffeish.tools.report import FORMATS
 
 STAGES = ("decode", "preprocess", "forward", "argmax", "write")
 
@@ -71,7 +74,7 @@ def add_arguments(p):
     p.add_argument("--timings", action="store_true",
                    help="print the time spent in decode, preprocess, forward, argmax and write on stderr")
     p.add_argument("--format", choices=FORMATS, default="table", help="summary format (default table)")
-    preprocess.add_arguments(p, keep_size=True)
+    add_preprocess_options(p, keep_size=True)
     add_gpu_option(p)
 
 
@@ -319,7 +322,7 @@ def run(args):
     if not 0 <= args.overlay <= 1:
         raise CaffeishError(f"--overlay is an opacity between 0 and 1, got {args.overlay}")
     labels = palettes.read_labels(args.labels) if args.labels else None
-    spec = preprocess.from_args(args, keep_size=True)
+    spec = preprocess_from_args(args, keep_size=True)
     tile = parse_wxh(args.tile, "--tile")[::-1] if args.tile else None  # (height, width)
     weights = None if args.weights.lower() == "none" else args.weights
     t0 = time.perf_counter()

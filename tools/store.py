@@ -13,8 +13,9 @@ writes.  Serve it with `store serve` or any web server that honours ranges.
 """
 import sys
 
-from caffeish import download, report, store
-from caffeish.store_server import serve
+from caffeish.apps import download, store
+from caffeish.tools import report
+from caffeish.apps.store_server import serve
 
 LIST_COLUMNS = [("name", "name"), ("task", "task"), ("input_shape", "input"), ("classes", "classes"),
                 ("size", "size"), ("license", "license"), ("description", "description")]

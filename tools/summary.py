@@ -3,8 +3,10 @@
     caffeish summary NET.prototxt [WEIGHTS.caffemodel] [--input-shape data=1,3,500,500]
                      [--phase TRAIN|TEST] [--format table|markdown|json|csv]
 """
-from caffeish import io, report, weights
-from caffeish.graph import Graph
+from caffeish.formats import io
+from caffeish.tools import report
+from caffeish.graph import weights
+from caffeish.graph.graph import Graph
 
 COLUMNS = [
     ("name", "layer"),

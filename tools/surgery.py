@@ -42,12 +42,14 @@ a full disk cannot cause, would leave the earlier files in place.)
 import os
 import sys
 
-from caffeish import dataset_meta, io, report, wire
+from caffeish.data import dataset_meta
+from caffeish.formats import io, wire
+from caffeish.tools import report
 from caffeish.errors import CaffeishError
-from caffeish.options import input_shape_arg
-from caffeish import surgery
-from caffeish.options import int_arg
-from caffeish.surgery_fcn import INT32_MAX, UINT32_MAX, build_fcn, default_train_val_path
+from caffeish.tools.options import input_shape_arg
+from caffeish.apps import surgery
+from caffeish.tools.options import int_arg
+from caffeish.apps.surgery_fcn import INT32_MAX, UINT32_MAX, build_fcn, default_train_val_path
 
 SEED = int_arg(0, 2**32 - 1)  # numpy's seeds are non-negative
 

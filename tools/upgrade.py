@@ -4,10 +4,10 @@ The output has the same kind as the input (text for a prototxt, binary for a
 caffemodel, judged by content); every change is listed on stdout.  A solver
 prototxt is upgraded too (solver_type -> type), with the nets written inside it.
 """
-from caffeish import io
+from caffeish.formats import io
 from caffeish.errors import CaffeishError, ParseError
-from caffeish.schema import pb
-from caffeish.upgrade import upgrade_net, upgrade_solver
+from caffeish.formats.schema import pb
+from caffeish.formats.upgrade import upgrade_net, upgrade_solver
 
 SOLVER_NETS = ("net_param", "train_net_param")
 

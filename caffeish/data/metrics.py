@@ -42,7 +42,7 @@ def compare_blobs(get, expected, tolerance, exact=()):
     such blob.  Returns (worst relative error, [one line per blob that fails]):
     shapes must agree, `exact` blobs (pooling masks, argmax indices) must be
     identical, the others within `tolerance` (relative_error)."""
-    from caffeish.backend import to_numpy
+    from caffeish.runtime.backend import to_numpy
 
     worst, failures = 0.0, []
     for name in expected.files if hasattr(expected, "files") else expected:

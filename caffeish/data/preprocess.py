@@ -4,7 +4,7 @@ Caffe models expect what their Data layer gave them in training: Caffe's
 DataTransformer takes the Datum's uint8 pixels (BGR, as `convert_imageset`
 stores them through OpenCV), crops (centre crop at TEST), subtracts the mean
 (image or per-channel values) and multiplies by `scale`.  pycaffe's
-`caffe.io.Transformer` (caffeish/transformer.py) does the same to [0, 1] RGB
+`caffe.io.Transformer` (caffeish/pycaffe/transformer.py) does the same to [0, 1] RGB
 images in its own order: resize, transpose, channel swap, raw_scale, mean,
 input_scale.  A `Preprocess` is that pipeline with Caffe's defaults:
 
@@ -19,10 +19,10 @@ input_scale.  A `Preprocess` is that pipeline with Caffe's defaults:
 With raw_scale 255 (the default) the arithmetic is exactly Caffe's Data layer:
 (pixel - mean) * scale on the decoded 8-bit values.  `from_transform_param`
 maps a train/val prototxt's transform_param onto the spec, `transformer()`
-gives the equivalent pycaffe Transformer, `add_arguments`/`from_args` are the
-command-line face shared by the tools.
+gives the equivalent pycaffe Transformer; the command-line options that build
+one are caffeish.tools.options' `add_preprocess_options`/`preprocess_from_args`.
 
-Decoding: Pillow; gray images (--grayscale, or a 1-channel net) use Pillow's
+Decoding (caffeish.formats.images): Pillow; gray images (--grayscale, or a 1-channel net) use Pillow's
 L = 0.299 R + 0.587 G + 0.114 B (OpenCV's weights, which convert_imageset
 --gray and force_gray use); an alpha channel is dropped; 16-bit images keep
 their high byte (value >> 8), as OpenCV's imread gives them to Caffe, so an
@@ -42,105 +42,12 @@ from typing import Optional, Tuple
 import numpy as np
 
 from caffeish.errors import CaffeishError, ShapeError
-from caffeish.geometry import center_crop_offsets
-from caffeish.options import finite_float, parse_wxh
-from caffeish.transformer import Transformer, oversample, resize_image
+from caffeish.formats.images import decode
+from caffeish.graph.geometry import center_crop_offsets
+from caffeish.pycaffe.transformer import Transformer, oversample, resize_image
 
-IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
-    ".ppm", ".pgm", ".pbm", ".pnm",
-})
 CROP_MODES = ("none", "center")
 DEFAULT_CHANNEL_SWAP = (2, 1, 0)  # RGB -> BGR, what Caffe's models expect
-
-
-def is_image_name(path):
-    """Whether a file name has an image extension (folders are scanned for these)."""
-    return os.path.splitext(str(path))[1].lower() in IMAGE_EXTENSIONS
-
-
-# ---------------------------------------------------------------------------- decoding
-
-
-def pil_pixels(img, gray=False):
-    """A Pillow image -> uint8 H x W x K (K = 1 gray, else 3 RGB), the 8 bits OpenCV's imread gives Caffe.
-
-    convert_imageset and the ImageData layer read files with cv::imread in
-    IMREAD_COLOR or IMREAD_GRAYSCALE, which keep 8 bits of a 16-bit image:
-    libpng's png_set_strip_16, the high byte (value >> 8).  Pillow already
-    does that for 16-bit colour PNGs (mode RGB) but opens 16-bit gray as mode
-    I;16 with the full values (its own convert would clip them at 255), so
-    those are shifted here; mode I (32-bit) is taken as 16-bit values.  Mode F
-    (float) is rounded and clipped to 0..255.  Palettes and 1-bit images are
-    expanded and an alpha channel is dropped (imread's IMREAD_COLOR).
-    """
-    mode = img.mode
-    if mode == "F":
-        arr = np.clip(np.rint(np.asarray(img, dtype=np.float32)), 0, 255).astype(np.uint8)
-    elif mode == "I" or mode.startswith("I;16"):
-        arr = (np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
-    else:
-        if mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        arr = np.asarray(img.convert("L" if gray else "RGB"), dtype=np.uint8)
-        return arr[:, :, np.newaxis] if arr.ndim == 2 else arr
-    arr = arr[:, :, np.newaxis]
-    return arr if gray else np.repeat(arr, 3, axis=2)
-
-
-def _open(source, read):
-    """read(Pillow image) of a path or a Pillow image; an unreadable file raises CaffeishError naming it."""
-    from PIL import Image
-
-    if isinstance(source, Image.Image):
-        return read(source)
-    path = os.fspath(source)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return read(img)
-    except FileNotFoundError:
-        raise CaffeishError(f"{path}: no such image file") from None
-    except IsADirectoryError:
-        raise CaffeishError(f"{path}: is a folder, not an image") from None
-    except (OSError, SyntaxError, ValueError) as e:  # Pillow: UnidentifiedImageError, truncated data
-        raise CaffeishError(f"{path}: cannot read as an image: {e}") from None
-
-
-def decode_8bit(source, gray=False):
-    """A path or Pillow image -> uint8 H x W x K pixels (K = 1 gray, else 3 RGB), as `pil_pixels`."""
-    return _open(source, lambda img: pil_pixels(img, gray))
-
-
-def decode(source, gray=False):
-    """Decode an image into float32 H x W x K pixels in 0..255 (K = 1 gray, else 3 RGB).
-
-    source: a path, a Pillow image (both decoded as `pil_pixels`: the 8-bit
-    values Caffe's Datums hold), or an array (H x W or H x W x K; uint8 taken
-    as 0..255, floats as pycaffe's [0, 1] images from load_image).
-    An unreadable file raises CaffeishError naming it.
-    """
-    if isinstance(source, np.ndarray):
-        return _from_array(source, gray)
-    return decode_8bit(source, gray).astype(np.float32)
-
-
-def _from_array(arr, gray):
-    arr = np.asarray(arr)
-    if arr.ndim == 2:
-        arr = arr[:, :, np.newaxis]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise ShapeError(f"an image array is H x W, H x W x 1, 3 or 4; got shape {arr.shape}")
-    arr = arr[:, :, :3]
-    if arr.dtype == np.uint8:
-        x = arr.astype(np.float32)
-    else:
-        x = arr.astype(np.float32) * np.float32(255.0)
-    if gray and x.shape[2] == 3:
-        x = (x @ np.array([0.299, 0.587, 0.114], np.float32))[:, :, np.newaxis]
-    elif not gray and x.shape[2] == 1:
-        x = np.repeat(x, 3, axis=2)
-    return x
 
 
 def load_mean(path):
@@ -148,7 +55,7 @@ def load_mean(path):
 
     Returns (K,) or (K, H, W); leading axes of size 1 are dropped.
     """
-    from caffeish import io
+    from caffeish.formats import io
 
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -430,9 +337,9 @@ def from_transform_param(tp, base_dir=None, **overrides):
 
 def transform_param_of(path, phase="TEST"):
     """The transform_param of the data layer a train/val prototxt uses at `phase` (None when it has none)."""
-    from caffeish import io
-    from caffeish.graph import layer_included, make_state
-    from caffeish.schema import TEST, TRAIN
+    from caffeish.formats import io
+    from caffeish.graph.graph import layer_included, make_state
+    from caffeish.formats.schema import TEST, TRAIN
 
     net = io.read_net(os.fspath(path))
     state = make_state(net, TEST if phase == "TEST" else TRAIN, 0, ())
@@ -442,62 +349,3 @@ def transform_param_of(path, phase="TEST"):
     return None
 
 
-# ---------------------------------------------------------------------------- command line
-
-
-def add_arguments(p, keep_size=False):
-    """The preprocessing options every command shares."""
-    g = p.add_argument_group("preprocessing (Caffe's defaults: BGR, 0..255 pixels)")
-    g.add_argument("--mean", metavar="FILE", help="mean image or values: FILE.binaryproto or FILE.npy")
-    g.add_argument("--mean-value", metavar="B,G,R", help="per-channel mean values, e.g. 104,117,123")
-    g.add_argument("--scale", type=finite_float, default=None,
-                   help="multiply after the mean subtraction (transform_param.scale, e.g. 0.00390625)")
-    g.add_argument("--raw-scale", type=finite_float, default=None,
-                   help="value of a white pixel before the mean (default 255: the 8-bit values)")
-    g.add_argument("--channel-swap", metavar="2,1,0", default=None,
-                   help="channel order for color images (default 2,1,0: RGB -> BGR; 'none' keeps RGB)")
-    g.add_argument("--grayscale", action="store_true", default=None,
-                   help="load images as gray (the default for 1-channel nets)")
-    g.add_argument("--crop", choices=CROP_MODES, default=None,
-                   help="'none': resize to the net input; 'center': resize (--resize, or the mean image's "
-                        "size) then take the centre crop")
-    if not keep_size:
-        g.add_argument("--resize", metavar="WxH", default=None,
-                       help="resize images to WIDTHxHEIGHT (e.g. 256x256) before the centre crop (with --crop center)")
-    g.add_argument("--transform-from", metavar="TRAIN_VAL.prototxt",
-                   help="read scale, mean and crop from the TEST data layer's transform_param of this net")
-
-
-def from_args(args, keep_size=False):
-    """The Preprocess the command-line options ask for (explicit options win over --transform-from)."""
-    over = {}
-    if args.mean and args.mean_value:
-        raise CaffeishError("give the mean as --mean FILE or as --mean-value, not both")
-    if args.mean:
-        over["mean"] = load_mean(args.mean)
-        over["mean_source"] = f"mean file {args.mean}"
-    elif args.mean_value:
-        over["mean"] = np.array(parse_values(args.mean_value, "--mean-value"), np.float32)
-        over["mean_source"] = "--mean-value"
-    if args.scale is not None:
-        over["scale"] = args.scale
-    if args.raw_scale is not None:
-        over["raw_scale"] = args.raw_scale
-    if args.channel_swap is not None:
-        text = args.channel_swap.strip().lower()
-        over["channel_swap"] = None if text in ("none", "") else parse_values(text, "--channel-swap")
-    if args.grayscale:
-        over["grayscale"] = True
-    if args.crop is not None:
-        over["crop"] = args.crop
-    if keep_size:
-        over["resize"] = "keep"
-    elif getattr(args, "resize", None):
-        width, height = parse_wxh(args.resize, "--resize")
-        over["resize"] = (height, width)
-    if args.transform_from:
-        tp = transform_param_of(args.transform_from)
-        if tp is None:
-            raise CaffeishError(f"{args.transform_from}: no data layer with a transform_param at TEST")
-        return from_transform_param(tp, base_dir=os.path.dirname(os.path.abspath(args.transform_from)), **over)
-    return Preprocess(**over)

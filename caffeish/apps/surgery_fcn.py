@@ -2,7 +2,7 @@
 
 `build_fcn(classifier, model, classes=K)`:
 
-1. Convolutionalize (caffeish.surgery.convolutionalize, equivalence checked).
+1. Convolutionalize (caffeish.apps.surgery.convolutionalize, equivalence checked).
 2. Keep the layers that compute the classifier's last layer (its input blobs'
    ancestors), with the net's data layers turned into Input layers; drop what
    follows (Softmax "prob", losses, accuracy).
@@ -37,11 +37,12 @@ from fractions import Fraction
 
 import numpy as np
 
-from caffeish import dataset_meta, fillers
+from caffeish.data import dataset_meta
+from caffeish.runtime import fillers
 from caffeish.errors import CaffeishError, GraphError, ShapeError
-from caffeish.graph import Graph
-from caffeish.schema import TEST, TRAIN, pb
-from caffeish.surgery import (Report, bilinear_weights, blob_lists, convolutionalize, graph_nodes, load_model,
+from caffeish.graph.graph import Graph
+from caffeish.formats.schema import TEST, TRAIN, pb
+from caffeish.apps.surgery import (Report, bilinear_weights, blob_lists, convolutionalize, graph_nodes, load_model,
                               load_net, seeded_rng)
 
 UINT32_MAX = 2**32 - 1  # num_output, pad, kernel_size and batch_size are uint32 fields

@@ -21,7 +21,7 @@ Here:
     batched transactions and doubles the map size whenever it fills up.
 
 The numpy <-> Datum conversions of pycaffe (`caffe.io.array_to_datum`,
-`datum_to_array`) live in caffeish.transformer; this module builds on them.
+`datum_to_array`) live in caffeish.formats.arrays; this module builds on them.
 """
 import io
 import os
@@ -29,8 +29,8 @@ import os
 import numpy as np
 
 from caffeish.errors import CaffeishError
-from caffeish.schema import pb
-from caffeish.transformer import array_to_datum, datum_to_array
+from caffeish.formats.schema import pb
+from caffeish.formats.arrays import array_to_datum, datum_to_array
 
 ENCODINGS = ("none", "png", "jpg")
 IMAGE_MAGIC = (
@@ -118,7 +118,7 @@ def decode_image(data, color=None, where="an encoded Datum"):
         kind = image_format(data) or "image"
         raise CaffeishError(f"{where}: cannot decode its {kind} bytes ({e})") from None
     if color is not None:  # forced colour/grey: imdecode's IMREAD_COLOR / IMREAD_GRAYSCALE (16-bit -> high byte)
-        from caffeish.preprocess import pil_pixels
+        from caffeish.formats.images import pil_pixels
 
         arr = pil_pixels(img, gray=not color)
         arr = arr[:, :, ::-1] if arr.shape[2] == 3 else arr

@@ -8,14 +8,14 @@ with keep=True to keep them) say so instead of returning stale data.
 
 `PythonLayer` (exported as `caffeish.Layer`, pycaffe's `caffe.Layer`) and
 `ArrayBlob` are what a prototxt's Python layers see: their base class and
-their bottom/top blobs (run by caffeish.layers.python_layer).
+their bottom/top blobs (run by caffeish.ops.python_layer).
 """
 from collections import OrderedDict
 
 import numpy as np
 
 from caffeish.errors import GraphError
-from caffeish.graph import AUTOMATIC
+from caffeish.graph.graph import AUTOMATIC
 
 
 class Blob:
@@ -140,7 +140,7 @@ class LayerView:
 
 
 class PycaffeNetMixin:
-    """The pycaffe attributes of a Net (mixed into caffeish.net.Net)."""
+    """The pycaffe attributes of a Net (mixed into caffeish.runtime.net.Net)."""
 
     @property
     def blobs(self):
@@ -306,7 +306,7 @@ class PythonLayer:
     then `forward(bottom, top)` on every forward pass.  `bottom` and `top` are
     lists of blobs (`.data`, `.diff`, `.reshape(...)`, `.shape`, `.count`).
     `blobs` holds learnable parameters (`self.blobs.add_blob(...)`); caffeish
-    runs only layers that keep it empty.  See caffeish.layers.python_layer.
+    runs only layers that keep it empty.  See caffeish.ops.python_layer.
     """
 
     param_str = ""

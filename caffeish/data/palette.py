@@ -98,7 +98,7 @@ def pack_rgb(rgb):
 
 def write_colormap(path, colors, inputs=()):
     """Write (N, 3) colors as a DIGITS color-map text file, atomically."""
-    from caffeish import io
+    from caffeish.formats import io
 
     text = "".join(f"{r} {g} {b}\n" for r, g, b in np.asarray(colors, dtype=np.int64))
     with io.atomic_output(path, inputs) as f:

@@ -1,9 +1,9 @@
 """The Net runtime: allocate blobs, bind weights, run forward layer by layer.
 
-`Net(prototxt, weights=None, phase=TEST)` builds the graph (caffeish.graph),
-binds stored weights by layer name (caffeish.weights; layers missing from the
+`Net(prototxt, weights=None, phase=TEST)` builds the graph (caffeish.graph.graph),
+binds stored weights by layer name (caffeish.graph.weights; layers missing from the
 weights get their fillers), and runs each layer's `forward(xp, bottoms, blobs)`
-on a backend (caffeish.backend: numpy, or cupy for the GPU).
+on a backend (caffeish.runtime.backend: numpy, or cupy for the GPU).
 
 Blobs are names bound to arrays.  A layer returns fresh arrays (or views of its
 bottoms where Caffe shares data) and never writes into its inputs, so in-place
@@ -14,26 +14,27 @@ largest few live blobs, not the sum of all; `keep=True` (or a list of names)
 retains them for inspection.  Inputs and outputs are always kept.
 
 The pycaffe-compatible face (`net.blobs`, `net.params`, `net.layers`, ...) is
-in caffeish.pycaffe and is mixed into this class.
+in caffeish.runtime.blobs and is mixed into this class.
 """
 from collections import OrderedDict
 
 import numpy as np
 
-from caffeish import backend as backends
-from caffeish import fillers, io
+from caffeish.runtime import backend as backends
+from caffeish.runtime import fillers
+from caffeish.formats import io
 from caffeish.errors import CaffeishError, GraphError, ShapeError, UnsupportedError
-from caffeish.graph import AUTOMATIC, Graph, phase_value
-from caffeish.pycaffe import PycaffeNetMixin
-from caffeish.schema import TEST, pb
-from caffeish.weights import bind
+from caffeish.graph.graph import AUTOMATIC, Graph, phase_value
+from caffeish.runtime.blobs import PycaffeNetMixin
+from caffeish.formats.schema import TEST, pb
+from caffeish.graph.weights import bind
 
 
 def _load_net(network):
     """A NetParameter from a path (prototxt or binary) or a NetParameter (copied)."""
     if isinstance(network, pb.NetParameter):
         if len(network.layers):
-            from caffeish.upgrade import upgrade_net
+            from caffeish.formats.upgrade import upgrade_net
 
             network, _, _ = upgrade_net(network)
         copy = pb.NetParameter()
@@ -167,7 +168,7 @@ class Net(PycaffeNetMixin):
 
     def _own(self, array):
         """A loaded weight as an aligned, writable float32 array of this backend that only
-        this net holds.  caffeish.io gives each blob its own aligned array, which is used
+        this net holds.  caffeish.formats.io gives each blob its own aligned array, which is used
         as is; anything else (a float64 blob, a view) is copied, since unaligned arrays
         halve BLAS speed."""
         if (self.xp is np and array.dtype == np.float32 and _root(array).flags.owndata

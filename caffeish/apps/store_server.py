@@ -21,7 +21,7 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from caffeish.errors import CaffeishError
-from caffeish.store import INDEX, safe_name
+from caffeish.apps.store import INDEX, safe_name
 
 SEND_CHUNK = 1 << 20
 CONTENT_TYPES = {

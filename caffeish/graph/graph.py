@@ -13,9 +13,10 @@ net inputs (Input layers' tops) and outputs (blobs nobody consumed).
 """
 import os
 
-from caffeish import registry
+from caffeish.graph import registry
 from caffeish.errors import GraphError, MemoryCapError, ShapeError
-from caffeish.schema import TEST, TRAIN, pb
+from caffeish.formats.schema import TEST, TRAIN, pb
+from caffeish.values import parse_bytes
 
 # Caffe refuses blobs with more than INT_MAX elements; we also cap bytes.
 INT_MAX = 2**31 - 1
@@ -29,8 +30,6 @@ def default_max_blob_bytes():
     value = os.environ.get("CAFFEISH_MAX_BLOB_BYTES")
     if value is None:
         return DEFAULT_MAX_BLOB_BYTES
-    from caffeish.options import parse_bytes  # options imports this module
-
     return parse_bytes(value, "CAFFEISH_MAX_BLOB_BYTES")
 
 
@@ -201,17 +200,6 @@ def _count(shape):
     return n
 
 
-def parse_shape(text):
-    """'1,3,500,500' -> (1, 3, 500, 500)."""
-    try:
-        dims = tuple(int(x) for x in text.replace("x", ",").split(",") if x.strip())
-    except ValueError:
-        raise GraphError(f"bad shape '{text}': expected comma-separated integers like 1,3,224,224") from None
-    if not dims or any(d < 0 for d in dims):
-        raise GraphError(f"bad shape '{text}': expected non-negative comma-separated integers")
-    return dims
-
-
 class Graph:
     """A filtered, split-inserted, wired and shape-inferred net.
 
@@ -222,7 +210,7 @@ class Graph:
 
     def __init__(self, net, phase=TEST, level=0, stages=(), input_shapes=None, max_blob_bytes=None):
         if len(net.layers):
-            raise GraphError("this net still has V1 'layers'; read it with caffeish.io (which upgrades it)")
+            raise GraphError("this net still has V1 'layers'; read it with caffeish.formats.io (which upgrades it)")
         self.name = net.name
         self.state = make_state(net, phase, level, stages)
         self.phase = self.state.phase

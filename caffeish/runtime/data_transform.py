@@ -31,8 +31,8 @@ import warnings
 import numpy as np
 
 from caffeish.errors import CaffeishError, ShapeError
-from caffeish.geometry import center_crop_offsets
-from caffeish.schema import TEST
+from caffeish.graph.geometry import center_crop_offsets
+from caffeish.formats.schema import TEST
 
 
 class DataTransformer:
@@ -72,7 +72,7 @@ class DataTransformer:
         return None
 
     def _read_mean(self, path):
-        from caffeish import io
+        from caffeish.formats import io
 
         if not os.path.isfile(path):
             raise CaffeishError(f"{self.where}: mean_file '{path}' does not exist")

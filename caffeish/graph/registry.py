@@ -1,11 +1,12 @@
 """Layer registry: Caffe type name -> layer class.
 
-Each family module in `caffeish.layers` decorates its classes with
+Each family module in `caffeish.ops` (the layers/ folder) decorates its classes with
 `@register("TypeName")`.  `create(layer_param, phase)` instantiates the class for
 a LayerParameter, or raises UnknownLayerTypeError naming the layer, the type and
 the closest registered type.
 """
 import difflib
+import importlib
 
 from caffeish.errors import ShapeError, UnknownLayerTypeError, UnsupportedError
 
@@ -80,9 +81,15 @@ def create(layer_param, phase):
     return lookup(layer_param.type, layer_param.name)(layer_param, phase)
 
 
+# The layer families (the top-level layers/ folder, installed as caffeish.ops) register
+# their classes here when imported.  They run on the runtime (backends, im2col, our
+# kernels), which comes after the graph, so the graph loads them by name the first time a
+# type is looked up: the one import against the flow, a plug-in load (tests/test_imports.py).
+FAMILIES = "caffeish.ops"
+
+
 def _load_families():
-    # Importing the package registers every family module.
-    import caffeish.layers  # noqa: F401
+    importlib.import_module(FAMILIES)
 
 
 class Layer:

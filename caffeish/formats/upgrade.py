@@ -19,7 +19,7 @@ Caffe's fatal checks raise `UpgradeError`; the problems Caffe only logs ("not fu
 are reported as lines in the returned change list and the upgrade continues.
 """
 from caffeish.errors import UpgradeError
-from caffeish.schema import pb
+from caffeish.formats.schema import pb
 
 __all__ = [
     "LEGACY_TYPES", "V1_TO_CURRENT", "V0_TO_V1", "SOLVER_TYPES",

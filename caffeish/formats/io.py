@@ -5,7 +5,7 @@
   upgrades legacy V0/V1 nets, as Caffe's ReadNetParamsFromTextFileOrDie does.
 * `read_caffemodel(path)` reads a binary NetParameter of up to 2 GB.  Weight
   blobs never go through the protobuf library: they become numpy views over
-  the file's bytes (see caffeish.wire).  The layer definitions, stripped of
+  the file's bytes (see caffeish.formats.wire).  The layer definitions, stripped of
   their blobs, are parsed by protobuf and upgraded like a prototxt.
 * `read_binaryproto(path)` reads a BlobProto (mean file) into float32.
 * `write_prototxt`, `write_caffemodel` and `write_binaryproto` write atomically
@@ -24,12 +24,19 @@ import numpy as np
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
-from caffeish import wire
+from caffeish.formats import wire
 from caffeish.errors import CaffeishError, CorruptFileError, ForkFieldError, ParseError
-from caffeish.schema import pb
-from caffeish.upgrade import upgrade_net
+from caffeish.formats.schema import pb
+from caffeish.formats.upgrade import upgrade_net
 
 # Caffe raises the protobuf total-bytes limit to INT_MAX.
+__all__ = [
+    "Model", "parse_text", "read_prototxt", "is_binary_file", "read_net", "read_caffemodel", "read_binaryproto",
+    "atomic_output", "atomic_outputs", "labelled_name", "same_file", "inside_folder", "check_outputs",
+    "format_prototxt", "write_prototxt", "model_chunks", "serialize_model", "write_caffemodel",
+    "write_binaryproto", "MAX_BINARY_BYTES", "FORK_FIELDS",
+]
+
 MAX_BINARY_BYTES = 2**31 - 1
 
 # Net-level and layer-level field numbers (proto/caffe.proto).
@@ -611,20 +618,3 @@ def write_binaryproto(path, array, inputs=()):
     with atomic_output(path, inputs) as f:
         for c in wire.encode_blob(record):
             f.write(c)
-
-
-# pycaffe's caffe.io surface (Transformer, load_image, blobproto/datum helpers), so that
-# `import caffeish as caffe; caffe.io.Transformer(...)` works as in pycaffe.
-from caffeish.transformer import (  # noqa: E402,F401
-    Transformer,
-    array_to_blobproto,
-    array_to_datum,
-    arraylist_to_blobprotovector_str,
-    blobproto_to_array,
-    blobprotovector_str_to_arraylist,
-    caffe_pb2,
-    datum_to_array,
-    load_image,
-    oversample,
-    resize_image,
-)

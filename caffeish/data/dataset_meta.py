@@ -15,7 +15,7 @@ marker: DIGITS model folders and caffeish model stores hold one too, and
 import json
 import os
 
-from caffeish import palette
+from caffeish.data import palette
 from caffeish.errors import CaffeishError
 
 MARKERS = ("dataset.json", "train_db", "val_db")

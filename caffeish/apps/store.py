@@ -1,6 +1,6 @@
 """The model store format: model folders, their readme front matter, and index.json.
 
-A store is a directory (served as is over HTTP by caffeish.store_server) with
+A store is a directory (served as is over HTTP by caffeish.apps.store_server) with
 one folder per model and an index.json that `build_index` writes:
 
     STORE/index.json
@@ -30,9 +30,11 @@ import os
 import posixpath
 import re
 
-from caffeish import io, weights
+from caffeish.formats import io
+from caffeish.graph import weights
 from caffeish.errors import CaffeishError, CorruptFileError
-from caffeish.graph import Graph, parse_shape
+from caffeish.graph.graph import Graph
+from caffeish.values import parse_shape
 
 INDEX = "index.json"
 FORMAT = "caffeish-store"

@@ -1,6 +1,6 @@
 """Inference on images: `classify(net, images)` and `segment(net, image)`.
 
-classify: each image goes through the preprocessing spec (caffeish.preprocess)
+classify: each image goes through the preprocessing spec (caffeish.data.preprocess)
 to the net input's size, images are batched along the input's batch axis, and
 the probabilities are read from the last Softmax's top (or a named blob);
 `oversample=True` averages pycaffe's 10 crops, as Caffe's classify.py does.
@@ -22,12 +22,12 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from caffeish import backend as backends
-from caffeish import geometry
-from caffeish import palette as palettes
+from caffeish.runtime import backend as backends
+from caffeish.graph import geometry
+from caffeish.data import palette as palettes
 from caffeish.errors import CaffeishError, GraphError, ShapeError
-from caffeish.options import parse_bytes
-from caffeish.preprocess import Preprocess
+from caffeish.values import parse_bytes
+from caffeish.data.preprocess import Preprocess
 
 DEFAULT_MAX_MEMORY = 4 << 30  # bytes of blobs one segmentation forward may use before tiling
 
@@ -41,8 +41,8 @@ def open_net(net, weights=None, device=None, seed=0):
         if weights is not None:
             net.copy_from(weights)
         return net
-    from caffeish.net import Net
-    from caffeish.schema import TEST
+    from caffeish.runtime.net import Net
+    from caffeish.formats.schema import TEST
 
     return Net(net, weights, TEST, device=device, seed=seed)
 
@@ -175,7 +175,7 @@ def classify(net, images, weights=None, top_k=5, preprocess=None, blob=None, bat
     """Classify images (paths, PIL images or arrays; one or a list) -> Classification.
 
     net: a caffeish.Net or a prototxt path (then `weights`).  preprocess: a
-    caffeish.preprocess.Preprocess (default: BGR, 0..255, no mean).  blob: the
+    caffeish.data.preprocess.Preprocess (default: BGR, 0..255, no mean).  blob: the
     output to read (default the last Softmax's top).  labels: class names or a
     labels file.  An unreadable image raises CaffeishError naming it.
     """
@@ -222,7 +222,7 @@ class TileGeometry(NamedTuple):
 
 def _analysis_net(net):
     """The net's layers (as run) without include/exclude rules, for the offsets analysis."""
-    from caffeish.schema import pb
+    from caffeish.formats.schema import pb
 
     out = pb.NetParameter()
     out.CopyFrom(net.graph.filtered)
@@ -236,7 +236,7 @@ def tile_geometry(net, input_name, blob, input_shapes=None):
     """The TileGeometry of `blob` (an output at the input's resolution) over `input_name`.
 
     net: a caffeish Net, or a NetParameter / prototxt path (then `input_shapes`
-    as for caffeish.graph.Graph when its inputs have no shapes).
+    as for caffeish.graph.graph.Graph when its inputs have no shapes).
     """
     from caffeish.tools.offsets import Conflict, analyze
 
@@ -377,7 +377,7 @@ def label_picture(classes, colors):
 
 
 def _parse_memory(value):
-    """Bytes from 4G, 512M, 100K, 2.5GiB or a number (options.parse_bytes); None: the default."""
+    """Bytes from 4G, 512M, 100K, 2.5GiB or a number (values.parse_bytes); None: the default."""
     return DEFAULT_MAX_MEMORY if value is None else parse_bytes(value, "memory size")
 
 
@@ -571,7 +571,7 @@ def find_images(paths, exclude=()):
     (they hold OUTPUT_MARKER) are not searched, each with a note, so that
     pictures written inside an input folder are never taken for photos.
     """
-    from caffeish.preprocess import is_image_name
+    from caffeish.formats.images import is_image_name
 
     skip = {os.path.realpath(os.fspath(e)) for e in exclude}
     images, notes = [], []

@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 from caffeish.errors import FillerError
-from caffeish.schema import pb
+from caffeish.formats.schema import pb
 
 TYPES = ("constant", "gaussian", "positive_unitball", "uniform", "xavier", "msra", "bilinear")
 

@@ -8,8 +8,8 @@ import importlib
 import sys
 
 from caffeish.errors import CaffeishError
-from caffeish.options import add_net_state_options, bytes_arg
-from caffeish.report import FORMATS
+from caffeish.tools.options import add_net_state_options, bytes_arg
+from caffeish.tools.report import FORMATS
 
 # name -> (module in caffeish.tools, help).  Each module has add_arguments(parser) and run(args).
 TOOLS = {

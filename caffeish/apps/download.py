@@ -31,9 +31,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from caffeish import progress
+from caffeish.apps import progress
 from caffeish.errors import CaffeishError
-from caffeish.store import (INDEX, ChecksumError, check_file, check_net, find_model, hash_file, make_index,
+from caffeish.apps.store import (INDEX, ChecksumError, check_file, check_net, find_model, hash_file, make_index,
                             parse_index, write_index)
 
 CHUNK = 1 << 20

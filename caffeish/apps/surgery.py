@@ -23,9 +23,9 @@ by hand with pycaffe, as checked functions (the `caffeish surgery` commands):
   weights for Deconvolution layers (Caffe's `bilinear` filler, or FCN's
   per-channel diagonal form for a dense deconvolution).
 
-`caffeish.surgery_fcn.build_fcn` chains these into a segmentation FCN.
+`caffeish.apps.surgery_fcn.build_fcn` chains these into a segmentation FCN.
 Functions return new NetParameters and per-layer blob lists (aligned with the
-net's layers, ready for `caffeish.io.write_caffemodel`); inputs are never
+net's layers, ready for `caffeish.formats.io.write_caffemodel`); inputs are never
 modified.
 """
 import fnmatch
@@ -34,13 +34,15 @@ import os
 
 import numpy as np
 
-from caffeish import fillers, geometry, io
+from caffeish.runtime import fillers
+from caffeish.graph import geometry
+from caffeish.formats import io
 from caffeish.errors import CaffeishError, GraphError, ShapeError, UnsupportedError, WeightError
-from caffeish.graph import Graph, layer_included
-from caffeish.metrics import relative_error
-from caffeish.schema import TEST, pb
-from caffeish.upgrade import upgrade_net
-from caffeish.weights import bind, shape_equals
+from caffeish.graph.graph import Graph, layer_included
+from caffeish.data.metrics import relative_error
+from caffeish.formats.schema import TEST, pb
+from caffeish.formats.upgrade import upgrade_net
+from caffeish.graph.weights import bind, shape_equals
 
 TOLERANCE = 1e-5
 
@@ -75,7 +77,7 @@ def load_net(net):
 
 
 def load_model(model):
-    """A caffeish.io.Model from a path (V0/V1 files are upgraded), a Model, or None."""
+    """A caffeish.formats.io.Model from a path (V0/V1 files are upgraded), a Model, or None."""
     if model is None or isinstance(model, io.Model):
         return model
     return io.read_caffemodel(os.fspath(model))
@@ -253,7 +255,7 @@ def convolutionalize(net, model=None, input_shapes=None, verify=True, phase=TEST
     """Replace every InnerProduct by the equivalent Convolution.
 
     net: a prototxt/caffemodel path or a NetParameter (V0/V1 upgraded).  model:
-    a caffemodel path or caffeish.io.Model (or None: only the net changes).
+    a caffemodel path or caffeish.formats.io.Model (or None: only the net changes).
     input_shapes: {input blob: shape}, the classifier's input size (default:
     the net's own).  Returns (new net, blob lists aligned with its layers or
     None without a model, Report).  With verify, both nets run on the same
@@ -423,7 +425,7 @@ def verify_equivalence(src, out, arrays, conversions, report, input_shapes=None,
     report.checks; raises EquivalenceError when any differs by more than
     `tolerance` relative.
     """
-    from caffeish.net import Net  # the runtime imports layers; keep this module light to import
+    from caffeish.runtime.net import Net  # the runtime imports layers; keep this module light to import
 
     rng = seeded_rng(seed)
     tops = [n for n in conversions]

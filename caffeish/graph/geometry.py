@@ -25,7 +25,7 @@ from fractions import Fraction
 from typing import NamedTuple, Tuple
 
 from caffeish.errors import ShapeError
-from caffeish.schema import pb
+from caffeish.formats.schema import pb
 
 
 @contextmanager

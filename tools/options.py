@@ -1,0 +1,144 @@
+"""Command-line options and argparse types shared by the tools (net state, input shapes, --gpu, ranges)."""
+import argparse
+import math
+import os
+
+import numpy as np
+
+from caffeish.data import preprocess
+from caffeish.errors import CaffeishError
+from caffeish.values import parse_bytes, parse_shape, parse_wxh
+
+
+def input_shape_arg(text):
+    """argparse type for NAME=N,C,H,W -> (name, shape)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME=N,C,H,W, got '{text}'")
+    name, dims = text.split("=", 1)
+    try:
+        return name.strip(), parse_shape(dims)
+    except CaffeishError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_net_state_options(p, input_help="shape of an input blob, e.g. data=1,3,500,500 (repeatable)"):
+    """--phase, --stage, --level and --input-shape: the NetState and input shapes of the graph."""
+    p.add_argument("--phase", default="TEST", type=str.upper, choices=["TRAIN", "TEST"],
+                   help="net state phase used to filter layers (default TEST)")
+    p.add_argument("--stage", action="append", default=[], help="net state stage (repeatable)")
+    p.add_argument("--level", type=int, default=0, help="net state level (default 0)")
+    p.add_argument("--input-shape", action="append", type=input_shape_arg, default=[], metavar="NAME=N,C,H,W",
+                   help=input_help)
+
+
+def add_gpu_option(p):
+    """--gpu [ID]: run on a GPU (the CuPy kernels); without it, the CPU (numpy)."""
+    p.add_argument("--gpu", nargs="?", const=0, default=None, type=int, metavar="ID",
+                   help="run on GPU ID (default 0) with caffeish's CUDA kernels; needs CuPy and a GPU")
+
+
+def device_from_args(args):
+    """The Net(device=...) value that --gpu asks for: None (CPU) or "cuda:ID"."""
+    gpu = getattr(args, "gpu", None)
+    return None if gpu is None else f"cuda:{gpu}"
+
+
+def int_arg(minimum, maximum=None):
+    """An argparse type: an integer in [minimum, maximum] (argparse names the option when refused)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"at least {minimum}" if value < minimum else f"at most {maximum}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def finite_float(text):
+    """An argparse type: a finite float (nan and inf refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
+    return value
+
+
+def bytes_arg(text):
+    """An argparse type for sizes (parse_bytes)."""
+    try:
+        return parse_bytes(text)
+    except CaffeishError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+
+
+def wxh_arg(text):
+    """An argparse type for WIDTHxHEIGHT sizes (parse_wxh): (width, height)."""
+    try:
+        return parse_wxh(text)
+    except CaffeishError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+
+
+def add_preprocess_options(p, keep_size=False):
+    """The preprocessing options every command shares."""
+    g = p.add_argument_group("preprocessing (Caffe's defaults: BGR, 0..255 pixels)")
+    g.add_argument("--mean", metavar="FILE", help="mean image or values: FILE.binaryproto or FILE.npy")
+    g.add_argument("--mean-value", metavar="B,G,R", help="per-channel mean values, e.g. 104,117,123")
+    g.add_argument("--scale", type=finite_float, default=None,
+                   help="multiply after the mean subtraction (transform_param.scale, e.g. 0.00390625)")
+    g.add_argument("--raw-scale", type=finite_float, default=None,
+                   help="value of a white pixel before the mean (default 255: the 8-bit values)")
+    g.add_argument("--channel-swap", metavar="2,1,0", default=None,
+                   help="channel order for color images (default 2,1,0: RGB -> BGR; 'none' keeps RGB)")
+    g.add_argument("--grayscale", action="store_true", default=None,
+                   help="load images as gray (the default for 1-channel nets)")
+    g.add_argument("--crop", choices=preprocess.CROP_MODES, default=None,
+                   help="'none': resize to the net input; 'center': resize (--resize, or the mean image's "
+                        "size) then take the centre crop")
+    if not keep_size:
+        g.add_argument("--resize", metavar="WxH", default=None,
+                       help="resize images to WIDTHxHEIGHT (e.g. 256x256) before the centre crop (with --crop center)")
+    g.add_argument("--transform-from", metavar="TRAIN_VAL.prototxt",
+                   help="read scale, mean and crop from the TEST data layer's transform_param of this net")
+
+
+def preprocess_from_args(args, keep_size=False):
+    """The Preprocess the command-line options ask for (explicit options win over --transform-from)."""
+    over = {}
+    if args.mean and args.mean_value:
+        raise CaffeishError("give the mean as --mean FILE or as --mean-value, not both")
+    if args.mean:
+        over["mean"] = preprocess.load_mean(args.mean)
+        over["mean_source"] = f"mean file {args.mean}"
+    elif args.mean_value:
+        over["mean"] = np.array(preprocess.parse_values(args.mean_value, "--mean-value"), np.float32)
+        over["mean_source"] = "--mean-value"
+    if args.scale is not None:
+        over["scale"] = args.scale
+    if args.raw_scale is not None:
+        over["raw_scale"] = args.raw_scale
+    if args.channel_swap is not None:
+        text = args.channel_swap.strip().lower()
+        over["channel_swap"] = None if text in ("none", "") else preprocess.parse_values(text, "--channel-swap")
+    if args.grayscale:
+        over["grayscale"] = True
+    if args.crop is not None:
+        over["crop"] = args.crop
+    if keep_size:
+        over["resize"] = "keep"
+    elif getattr(args, "resize", None):
+        width, height = parse_wxh(args.resize, "--resize")
+        over["resize"] = (height, width)
+    if args.transform_from:
+        tp = preprocess.transform_param_of(args.transform_from)
+        if tp is None:
+            raise CaffeishError(f"{args.transform_from}: no data layer with a transform_param at TEST")
+        return preprocess.from_transform_param(tp, base_dir=os.path.dirname(os.path.abspath(args.transform_from)), **over)
+    return preprocess.Preprocess(**over)
