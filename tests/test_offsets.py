@@ -21,7 +21,7 @@ from caffeish.formats import io
 from caffeish.tools.cli import main
 from caffeish.errors import GraphError, ShapeError
 from caffeish.formats.schema import pb
-from caffeish.tools import offsets as O
+from caffeish.apps import offsets as O
 from conftest import shared_path
 
 ALEXNET_DEPLOY = ("models", "digits", "examples", "semantic-segmentation", "fcn_alexnet.deploy.prototxt")

@@ -13,7 +13,7 @@ import numpy as np
 import caffeish
 from caffeish.formats import io
 from caffeish.apps.surgery_fcn import build_fcn
-from caffeish.tools import offsets
+from caffeish.apps import offsets
 
 CLASSIFIER = """\
 name: "tiny_classifier"

@@ -236,9 +236,9 @@ def tile_geometry(net, input_name, blob, input_shapes=None):
     """The TileGeometry of `blob` (an output at the input's resolution) over `input_name`.
 
     net: a caffeish Net, or a NetParameter / prototxt path (then `input_shapes`
-    as for caffeish.graph.graph.Graph when its inputs have no shapes).
+    as for caffeish.graph.Graph when its inputs have no shapes).
     """
-    from caffeish.tools.offsets import Conflict, analyze
+    from caffeish.apps.offsets import Conflict, analyze
 
     if hasattr(net, "graph"):
         input_shapes = {n: net.blob_shape(n) for n in net.inputs}

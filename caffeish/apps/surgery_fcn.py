@@ -16,7 +16,7 @@
    score_fr, kernel 2S or 2S-1 (the first that makes the Crop offset a whole
    number: 63 for AlexNet, 64 for VGG-16), group K, no bias, lr_mult 0 and
    bilinear weights; then the Crop `score` to the data blob, its offset
-   computed by caffeish.tools.offsets (18 for AlexNet).
+   computed by caffeish.apps.offsets (18 for AlexNet).
 6. skips (e.g. ("pool4", "pool3")): FCN-16s/8s.  Per pool, coarse to fine: a x2
    (or xF) Deconvolution of the current scores, a zero-initialised 1x1 `score_<pool>`
    Convolution on the pool, a Crop `score_<pool>c` of it to the upsampled
@@ -134,7 +134,7 @@ def _net(name, layers):
 
 def _stride(net, blob):
     """The total stride S of `blob` relative to the net input (the offsets tool's cumulative scaling 1/S)."""
-    from caffeish.tools import offsets
+    from caffeish.apps import offsets
 
     rows = offsets.offset_table(net, to=blob)
     if not rows:
@@ -151,7 +151,7 @@ def _stride(net, blob):
 
 def _crop_result(net, crop_name):
     """(computed offset or None, error or None) of one Crop, from the offsets tool."""
-    from caffeish.tools import offsets
+    from caffeish.apps import offsets
 
     analysis = offsets.analyze(net)
     for crop in analysis.crops:
@@ -445,7 +445,7 @@ def _tag(blob):
 
 def _data_blob(net, inputs):
     """The net input that score_fr's coordinates come from (the Crop's reference)."""
-    from caffeish.tools import offsets
+    from caffeish.apps import offsets
 
     a = offsets.analyze(net)
     target = a.blob_id("score_fr")
@@ -477,7 +477,7 @@ def _skip_blobs(skips, body, probe):
 
 def _check(deploy, data_blob, classes, input_shapes):
     """The deploy net builds, its Crop offsets agree with the offsets tool, and `score` is N x K x H x W."""
-    from caffeish.tools import offsets
+    from caffeish.apps import offsets
 
     problems = offsets.check(deploy)
     if problems:
