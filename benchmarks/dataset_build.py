@@ -44,7 +44,7 @@ def generate(folder, n, width, height, seed=0):
 
 BUILD = """
 import json, resource, sys, time
-from caffeish.tools.dataset import build_segmentation
+from caffeish.apps.dataset import build_segmentation
 start = time.perf_counter()
 meta = build_segmentation(sys.argv[1], sys.argv[2], sys.argv[3], encoding=sys.argv[4], val_fraction=0.1)
 seconds = time.perf_counter() - start

@@ -13,7 +13,7 @@ from caffeish.formats.datum import LmdbReader, datum_array
 from caffeish.formats.io import parse_text, read_binaryproto
 from caffeish.formats.schema import pb
 from caffeish.data.palette import pascal_palette
-from caffeish.tools.dataset import build_segmentation
+from caffeish.apps.dataset import build_segmentation
 
 W, H = 20, 16
 COLORS = np.array([[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]], np.uint8)
@@ -278,7 +278,7 @@ def test_small_datasets_still_get_one_val_record(tmp_path, capsys):
     meta = json.loads((tmp_path / "ds" / "dataset.json").read_text())
     assert meta["splits"]["val"]["records"] == 1 and "rounds down" in meta["split_note"]
     # a single pair cannot be split; --val-fraction 0 means no val_db; both are noted
-    from caffeish.tools.dataset import split_pairs
+    from caffeish.apps.dataset import split_pairs
 
     assert [len(p) for p in split_pairs(list(range(1)), 0.1, 0)] == [1, 0]
     assert [len(p) for p in split_pairs(list(range(2)), 0.1, 0)] == [1, 1]
@@ -381,7 +381,7 @@ def test_a_16_bit_image_gives_the_pixels_classify_sees(tmp_path):
 
 def test_classification_takes_every_image_extension_classify_takes(tmp_path):
     from caffeish.formats.images import IMAGE_EXTENSIONS
-    from caffeish.tools import dataset
+    from caffeish.apps import dataset
 
     assert dataset.IMAGE_EXTENSIONS is IMAGE_EXTENSIONS  # one list
     gray = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5

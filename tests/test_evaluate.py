@@ -7,11 +7,12 @@ import pytest
 from PIL import Image
 
 import caffeish
+import caffeish.apps.evaluate
 from caffeish.tools.cli import main
 from caffeish.formats.datum import LmdbWriter, make_datum
 from caffeish.formats.io import read_caffemodel
 from caffeish.data.palette import pascal_palette
-from caffeish.tools.dataset import build_classification, build_segmentation
+from caffeish.apps.dataset import build_classification, build_segmentation
 
 
 def run_json(capsys, argv):
@@ -94,7 +95,7 @@ def test_a_digits_net_without_sources_reads_the_dataset_given(tmp_path, capsys):
     net_path = tmp_path / "digits.prototxt"
     net_path.write_text(DIGITS_NET)
     with pytest.raises(caffeish.CaffeishError, match="--db"):
-        caffeish.tools.evaluate.test_net(str(net_path), None)
+        caffeish.apps.evaluate.test_net(str(net_path), None)
     explicit = tmp_path / "explicit.prototxt"
     explicit.write_text(DIGITS_NET.replace("data_param {", f'data_param {{ backend: LMDB source: "{tmp_path}/ds/val_db"'))
     caffeish.Net(str(explicit), stages=["val"], seed=3).save(str(tmp_path / "w.caffemodel"))
@@ -214,7 +215,7 @@ def test_segmentation_table_and_size_mismatch(tmp_path, capsys):
     deploy.write_text(DEPLOY.replace("kernel_size: 1", "kernel_size: 3"))  # scores 2 pixels smaller
     caffeish.Net(str(deploy), seed=1).save(str(tmp_path / "w.caffemodel"))
     with pytest.raises(caffeish.CaffeishError, match="score blob is 14x18 but its label is 16x20"):
-        caffeish.tools.evaluate.evaluate_segmentation(str(deploy), str(tmp_path / "w.caffemodel"),
+        caffeish.apps.evaluate.evaluate_segmentation(str(deploy), str(tmp_path / "w.caffemodel"),
                                                       db=str(tmp_path / "ds"))
     deploy.write_text(DEPLOY)
     caffeish.Net(str(deploy), seed=1).save(str(tmp_path / "w.caffemodel"))

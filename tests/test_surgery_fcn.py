@@ -203,7 +203,7 @@ def seg_dataset(folder, sizes, classes=3):
     with greyscale labels 0..classes-1; half of them for val."""
     from PIL import Image
 
-    from caffeish.tools.dataset import build_segmentation
+    from caffeish.apps.dataset import build_segmentation
 
     rng = np.random.default_rng(7)
     (folder / "images").mkdir(parents=True)

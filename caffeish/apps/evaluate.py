@@ -1,0 +1,596 @@
+"""Evaluate: run a net's TEST phase like `caffe test` (test_net), or score a segmentation net
+(evaluate_segmentation); the library side of `caffeish evaluate`, whose command-line face is
+tools/evaluate.py.
+
+test_net (`caffeish evaluate NET WEIGHTS`) is `caffe test`: it builds the net
+at TEST, runs --iterations forward passes (its Data layers read the next batch
+each time, wrapping around at the end of the database) and reports the mean of
+every scalar output over the iterations, a loss output with its weight as
+Caffe does ("loss = 0.7 (* 1 = 0.7 loss)"), then their weighted sum.  --db
+fills in the sources of the Data layers from a dataset folder, as DIGITS does
+when it runs a job's net (DIGITS' prototxts leave `source` empty): the layer
+whose top is 'label' reads val_db/labels, the others val_db/features (a
+classification val_db for all).  A DIGITS net with 'val' stage rules gets the
+stage 'val' unless --stage says otherwise.
+
+evaluate_segmentation (`caffeish evaluate segmentation`) runs the net on
+image/label pairs and reports score.py's metrics (fcn.berkeleyvision.org):
+pixel accuracy, mean class accuracy, mean IU, frequency-weighted IU and each
+class's IU; the confusion matrix goes to a CSV file: --confusion FILE
+(replaced if it exists), else confusion_matrix.csv in the current folder, or
+confusion_matrix-1.csv, -2, ... when that name is taken (an existing file is
+never replaced unless named); the output says which.  Before any work, FILE is
+checked against every input: it may not be the net, the weights, --color-map
+or --mean-file, nor lie inside --db's dataset folder, --images, --labels or a
+folder the net's data layers read; nor be a folder, or lie in a folder that
+does not exist.  When the dataset's class count (dataset.json / labels.txt, or
+the colour map) differs from the score blob's channels, or labels hold values
+the score blob has no class for, a warning on stderr says so.  Pairs come from
+the net's own TEST Data layers, or from --db (a dataset folder or a stage
+folder with features/ and labels/) or --images / --labels folders, fed one
+pair at a time through the data layer's transform_param (or --mean-value /
+--mean-file / --scale for a deploy net); labels are cropped like the images.
+A deploy net fed from --db with none of those options subtracts the dataset's
+mean (its mean.binaryproto, else the per-channel mean dataset.json records),
+as the dataset's train/val net does, and says so on stderr; --mean-file none
+turns it off.
+"""
+import math
+import os
+
+import numpy as np
+
+from caffeish.data import dataset_meta
+from caffeish.formats import io
+from caffeish.apps import progress
+from caffeish.data import palette as palettes
+from caffeish.errors import CaffeishError, InputShapeRequired
+from caffeish.data.metrics import ConfusionMatrix
+from caffeish.formats.schema import TEST, pb
+
+LOSS_TYPES_WITH_LABEL = ("SoftmaxWithLoss", "Accuracy")
+DEFAULT_CONFUSION = "confusion_matrix.csv"
+
+
+def check_confusion_path(path, inputs):
+    """Refuse, before any work, a --confusion path that is an input, lies inside an input folder (a dataset
+    is never written into), is a folder or has no folder; the default name is only kept out of input
+    folders (it never replaces a file)."""
+    if path is not None:
+        io.check_outputs([("--confusion", path)], inputs)
+        return
+    for option, folder in inputs:
+        if io.inside_folder(DEFAULT_CONFUSION, folder):
+            raise CaffeishError(f"the confusion matrix would be written to {os.path.abspath(DEFAULT_CONFUSION)}, "
+                                f"inside the input folder {io.labelled_name(option, folder)}; pass --confusion "
+                                f"FILE (outside it) or --confusion none (nothing was written)")
+
+
+# ---------------------------------------------------------------------------- the net
+
+
+def uses_stage(net, stage):
+    rules = [r for layer in net.layer for r in list(layer.include) + list(layer.exclude)]
+    return any(stage in r.stage or stage in r.not_stage for r in rules)
+
+
+def net_state(net, stages):
+    """The stages to build with: the user's, else DIGITS' 'val' when the net's rules name it."""
+    if stages is not None:
+        return list(stages)
+    return ["val"] if uses_stage(net, "val") else []
+
+
+def stage_databases(db):
+    """(features, labels) LMDB paths of a dataset folder, a stage folder or one LMDB (labels may be None)."""
+    db = os.path.abspath(db)
+    if os.path.isfile(os.path.join(db, "data.mdb")):
+        return db, None
+    stage = db
+    for name in ("val_db", "test_db", "train_db"):
+        if os.path.isdir(os.path.join(db, name)):
+            stage = os.path.join(db, name)
+            break
+    if os.path.isfile(os.path.join(stage, "data.mdb")):
+        return stage, None
+    features, labels = os.path.join(stage, "features"), os.path.join(stage, "labels")
+    if not os.path.isdir(features):
+        raise CaffeishError(f"--db {db}: not an LMDB, a dataset folder (val_db/) or a stage folder (features/, labels/)")
+    return features, labels if os.path.isdir(labels) else None
+
+
+def set_sources(net, db):
+    """Point the net's Data layers at a dataset's databases (DIGITS' convention); returns the count."""
+    features, labels = stage_databases(db)
+    count = 0
+    for layer in net.layer:
+        if layer.type != "Data":
+            continue
+        is_label = layer.name == "label" or (len(layer.top) == 1 and layer.top[0] == "label")
+        if is_label and labels is None:
+            raise CaffeishError(f"--db {db}: layer '{layer.name}' reads labels, but there is no labels database")
+        layer.data_param.source = labels if is_label else features
+        layer.data_param.backend = pb.DataParameter.LMDB
+        count += 1
+    if not count:
+        raise CaffeishError(f"--db {db}: the net has no Data layers to read it")
+    return count
+
+
+def build_net(net_path, weights, stages=None, level=0, device=None, db=None, input_shapes=None, runnable=True):
+    """A caffeish Net at TEST with the right stages and sources; refuses one whose data layers cannot run."""
+    from caffeish.runtime.net import Net
+
+    net = io.read_net(net_path)
+    if db:
+        set_sources(net, db)
+    stages = net_state(net, stages)
+    try:
+        built = Net(net, weights=None if weights in (None, "none") else weights, phase=TEST, level=level,
+                    stages=stages, device=device, input_shapes=input_shapes)
+    except InputShapeRequired as e:
+        raise CaffeishError(f"{net_path}: {e}; to read a dataset, pass --db DATASET") from None
+    built.source = net_path
+    if runnable:
+        fed = [t for t in built.input_names]
+        if fed:
+            raise CaffeishError(
+                f"{net_path}: the TEST net has inputs {fed} that nothing reads (Input layers, or data layers "
+                f"whose files are not here); evaluate needs Data layers that read a database (--db DATASET)"
+            )
+    return built
+
+
+def output_loss_weights(net):
+    """{output blob: loss weight} as Caffe's Net assigns them (a loss layer's first top: 1)."""
+    weights = {}
+    for node in net.nodes:
+        for j, top in enumerate(node.tops):
+            if j < len(node.param.loss_weight):
+                w = node.param.loss_weight[j]
+            else:
+                w = 1.0 if node.type.endswith("Loss") and j == 0 else 0.0
+            weights[top] = float(w)
+    return weights
+
+
+# ---------------------------------------------------------------------------- caffe test
+
+
+def test_net(net_path, weights, iterations=50, db=None, stages=None, level=0, device=None):
+    """`caffe test`: the mean of each scalar output over `iterations` TEST forward passes."""
+    if iterations < 1:
+        raise CaffeishError("--iterations must be at least 1")
+    net = build_net(net_path, weights, stages, level, device, db)
+    outputs = list(net.outputs)
+    sums = {name: 0.0 for name in outputs}
+    skipped = {}
+    for _ in progress.bar(range(iterations), total=iterations, desc="test", unit="batch"):
+        out = net.forward()
+        for name in outputs:
+            value = np.asarray(out[name])
+            if value.size != 1:
+                skipped[name] = tuple(value.shape)
+                continue
+            sums[name] += float(value.reshape(()))
+    loss_weights = output_loss_weights(net)
+    rows = []
+    loss = 0.0
+    for name in outputs:
+        if name in skipped:
+            continue
+        mean = sums[name] / iterations
+        w = loss_weights.get(name, 0.0)
+        loss += w * mean
+        rows.append({"output": name, "mean": mean, "loss_weight": w})
+    return {"net": net_path, "weights": weights, "iterations": iterations, "outputs": rows, "loss": loss,
+            "skipped": skipped}
+
+
+# ---------------------------------------------------------------------------- segmentation
+
+
+def find_blobs(net, score=None, label=None):
+    """(score blob, label blob or None, layer reading the label) from the loss/accuracy layer or the outputs."""
+    scorer = next((n for n in net.nodes if n.type in LOSS_TYPES_WITH_LABEL and len(n.bottoms) >= 2), None)
+    if label is None and scorer is not None:
+        label = scorer.bottoms[1]
+    if score is None:
+        if scorer is not None:
+            score = scorer.bottoms[0]
+        else:
+            outs = [o for o in net.outputs if len(net.blob_shape(o)) == 4]
+            if len(outs) != 1:
+                raise CaffeishError(f"cannot tell the score blob among the outputs {net.outputs}; pass --score BLOB")
+            score = outs[0]
+    known = set(net.graph.blob_shapes)
+    for what, blob in (("score", score), ("label", label)):
+        if blob is not None and blob not in known:
+            raise CaffeishError(f"--{what} {blob}: no such blob in the TEST net")
+    return score, label, scorer
+
+
+def _root_blob(net, blob):
+    """Follow Split layers back to the blob a data layer produced."""
+    producers = {t: n for n in net.nodes for t in n.tops}
+    node = producers.get(blob)
+    while node is not None and node.type == "Split":
+        blob = node.bottoms[0]
+        node = producers.get(blob)
+    return blob, node
+
+
+def default_ignore(scorer):
+    if scorer is None:
+        return None
+    p = scorer.param
+    if scorer.type == "SoftmaxWithLoss" and p.loss_param.HasField("ignore_label"):
+        return p.loss_param.ignore_label
+    if scorer.type == "Accuracy" and p.accuracy_param.HasField("ignore_label"):
+        return p.accuracy_param.ignore_label
+    return None
+
+
+def evaluate_segmentation(net_path, weights, db=None, images=None, labels=None, color_map=None,
+                          ignore_label=None, score=None, label=None, stages=None, level=0, device=None,
+                          iterations=None, mean_value=None, mean_file=None, scale=None):
+    """score.py's metrics of a segmentation net over a dataset; returns a dict with the confusion matrix."""
+    if db or images:
+        return _evaluate_pairs(net_path, weights, db, images, labels, color_map, ignore_label, score, label,
+                               stages, level, device, mean_value, mean_file, scale)
+    net = build_net(net_path, weights, stages, level, device)
+    score, label, scorer = find_blobs(net, score, label)
+    if label is None:
+        raise CaffeishError(f"{net_path}: no label blob (no SoftmaxWithLoss/Accuracy layer); pass --label BLOB, "
+                            f"or --db / --images with --labels")
+    _, label_node = _root_blob(net, label)
+    total = None
+    if label_node is not None and label_node.type == "Data":
+        from caffeish.formats.datum import LmdbReader
+
+        with LmdbReader(label_node.param.data_param.source) as reader:
+            total = len(reader)
+    batch = net.blob_shape(label)[0]
+    if iterations is None:
+        if total is None:
+            raise CaffeishError(f"cannot tell how many records the label blob '{_root_blob(net, label)[0]}' has "
+                                f"(it is not read by a Data layer); pass --iterations N")
+        iterations = math.ceil(total / batch)
+    items = total if total is not None and iterations * batch >= total else iterations * batch
+    source = label_node.param.data_param.source if label_node is not None and label_node.type == "Data" else None
+    meta = dataset_of(source)
+    known = dataset_info(meta)
+    ignore = pick_ignore(ignore_label, scorer, known[2])
+    n = net.blob_shape(score)[1]
+    cm = ConfusionMatrix(n, ignore)
+    extra = OutOfRange()
+    done = 0
+    for _ in progress.bar(range(iterations), total=iterations, desc="evaluate", unit="batch"):
+        out = net.forward(blobs=[score, label])
+        scores, labs = np.asarray(out[score]), np.asarray(out[label])
+        for i in range(scores.shape[0]):
+            if done == items:
+                break
+            _update(cm, scores[i], labs[i], f"record {done}", extra)
+            done += 1
+    names = meta.names if meta else []
+    return _result(cm, names, done, net_path, _root_blob(net, score)[0], _root_blob(net, label)[0], extra,
+                   known)
+
+
+class OutOfRange:
+    """Label pixels that are neither the ignore label nor a class of the score blob (score.py drops them)."""
+
+    def __init__(self):
+        self.pixels = 0
+        self.low = self.high = None
+
+    def add(self, label, n, ignore):
+        bad = (label < 0) | (label >= n)
+        if ignore is not None:
+            bad &= label != ignore
+        count = int(np.count_nonzero(bad))
+        if count:
+            values = label[bad]
+            low, high = float(values.min()), float(values.max())
+            self.pixels += count
+            self.low = low if self.low is None else min(self.low, low)
+            self.high = high if self.high is None else max(self.high, high)
+
+
+def _update(cm, scores, label, where, out_of_range=None):
+    pred = scores.argmax(axis=0)
+    label = np.asarray(label)
+    if label.ndim == 3:
+        label = label[0]
+    if label.shape != pred.shape:
+        raise CaffeishError(f"{where}: the score blob is {pred.shape[0]}x{pred.shape[1]} but its label is "
+                            f"{label.shape[0]}x{label.shape[1]} (HxW); crop the scores to the input (a Crop layer)")
+    cm.update(label, pred)
+    if out_of_range is not None:
+        out_of_range.add(label, cm.n, cm.ignore_label)
+
+
+def dataset_of(db_path):
+    """The DatasetMeta of the dataset folder holding the database db_path, or None (none, or no such folder)."""
+    root = dataset_meta.dataset_root(db_path) if db_path else None
+    return dataset_meta.read(root) if root else None
+
+
+def dataset_info(meta):
+    """What a dataset says (a DatasetMeta or None): (class count, the file that says so, its ignore label).
+
+    The count is dataset.json's classes, else labels.txt's lines (DIGITS); the
+    ignore label is dataset.json's.  (None, None, None) outside a dataset folder.
+    """
+    if meta is None:
+        return None, None, None
+    return meta.classes, meta.classes_from, meta.ignore_label
+
+
+def pick_ignore(ignore_label, scorer, dataset_ignore=None):
+    """--ignore-label (-1: none), else the loss/accuracy layer's ignore_label, else the dataset's."""
+    if ignore_label is not None:
+        return None if ignore_label < 0 else ignore_label
+    net_ignore = default_ignore(scorer)
+    return net_ignore if net_ignore is not None else dataset_ignore
+
+
+def _source_layers(net):
+    """The filtered net's layers without bottoms that produce data, in order."""
+    return [layer for layer in net.layer if not len(layer.bottom) and len(layer.top) and layer.type in (
+        "Input", "Data", "ImageData", "HDF5Data", "MemoryData", "WindowData", "DummyData", "Python")]
+
+
+def _pairs_from_db(db, features, labels):
+    """(image C x H x W, label H x W, where) from a features and a labels database (of --db), key by key."""
+    from caffeish.formats.datum import LmdbReader, datum_array
+
+    if labels is None:
+        raise CaffeishError(f"--db {db}: no labels database beside {features}")
+    with LmdbReader(features) as fr, LmdbReader(labels) as lr:
+        if len(fr) != len(lr):
+            raise CaffeishError(f"--db {db}: {features} holds {len(fr):,} records but {labels} holds {len(lr):,}")
+        yield len(fr)
+        for i, ((fkey, fdatum), (lkey, ldatum)) in enumerate(zip(fr.datums(), lr.datums())):
+            if fkey != lkey:
+                raise CaffeishError(f"--db {db}: record {i} has key {fkey!r} in features but {lkey!r} in labels; "
+                                    f"the two databases are not aligned")
+            yield (lambda color, fd=fdatum, k=fkey: datum_array(fd, color, fr.where(k)),
+                   datum_array(ldatum, None, lr.where(lkey))[0], lr.where(lkey))
+
+
+def _pairs_from_folders(images, labels, color_map):
+    from caffeish.apps.dataset import LabelDecoder, load_image, pair_folders
+
+    colors = palettes.read_colormap(color_map, "--color-map")[0] if color_map else None
+    decoder = LabelDecoder(colors)
+    pairs = pair_folders(images, labels)
+    yield len(pairs)
+    for _, image_path, label_path in pairs:
+        lab = decoder(label_path)
+
+        def image(color, path=image_path, shape=lab.shape, label_path=label_path):
+            arr, size = load_image(path, 1 if color is False else 3)
+            if (size[1], size[0]) != shape:
+                raise CaffeishError(f"{path} is {size[0]}x{size[1]} but its label image {label_path} is "
+                                    f"{shape[1]}x{shape[0]} (WxH)")
+            return arr
+
+        yield image, lab, label_path
+
+
+def _evaluate_pairs(net_path, weights, db, images, labels, color_map, ignore_label, score, label, stages,
+                    level, device, mean_value, mean_file, scale):
+    """Feed image/label pairs one at a time through the net's data inputs and score the predictions."""
+    from caffeish.runtime.data_transform import DataTransformer
+    from caffeish.graph.graph import filter_net, make_state
+    from caffeish.runtime.net import Net
+
+    param = io.read_net(net_path)
+    stages = net_state(param, stages)
+    filtered = filter_net(param, make_state(param, TEST, level, stages))
+    scorer = next((layer for layer in filtered.layer if layer.type in LOSS_TYPES_WITH_LABEL
+                   and len(layer.bottom) >= 2), None)
+    label_blob = label or (scorer.bottom[1] if scorer is not None else None)
+    sources = _source_layers(filtered)
+    data_layer = next((layer for layer in sources if label_blob not in layer.top), None)
+    if data_layer is None:
+        raise CaffeishError(f"{net_path}: no data input layer (Input or Data) at TEST")
+    data_blob = data_layer.top[0]
+    label_fed = any(label_blob in layer.top for layer in sources)
+    tp = pb.TransformationParameter()
+    if data_layer.type != "Input":
+        tp.CopyFrom(data_layer.transform_param)
+    no_mean = isinstance(mean_file, str) and mean_file.lower() == "none"
+    if no_mean:
+        mean_file = None
+    notes = []
+    databases = stage_databases(db) if db else None
+    meta = dataset_of(databases[0]) if db else None
+    if data_layer.type == "Input" and db and mean_value is None and mean_file is None and scale is None \
+            and not no_mean:
+        mean_file, mean_value, note = dataset_mean(meta, data_layer.name)
+        notes += [note] if note else []
+    if no_mean or mean_value is not None or mean_file is not None:
+        tp.ClearField("mean_value")
+        tp.ClearField("mean_file")
+        if mean_value is not None:
+            tp.mean_value.extend(mean_value)
+        if mean_file is not None:
+            tp.mean_file = mean_file
+    if scale is not None:
+        tp.scale = scale
+    transform = DataTransformer(tp, TEST, f"layer '{data_layer.name}' transform_param")
+    color = transform.color
+    if color is None and data_layer.type == "Input" and len(data_layer.input_param.shape):
+        dims = data_layer.input_param.shape[0].dim
+        color = (dims[1] == 3) if len(dims) > 1 and dims[1] in (1, 3) else None
+    pairs = _pairs_from_db(db, *databases) if db else _pairs_from_folders(images, labels, color_map)
+    known = dataset_info(meta)
+    if color_map:
+
+        colors, map_names = palettes.read_colormap(color_map, "--color-map")
+        known = (len(colors), color_map, None)
+    total = next(pairs)
+    net = cm = None
+    extra = OutOfRange()
+    count = 0
+    for image_of, lab, where in progress.bar(pairs, total=total, desc="evaluate", unit="img"):
+        x = transform(image_of(color), where)
+        y = transform.crop(lab)
+        feed = {data_blob: x[np.newaxis]}
+        if label_fed:
+            feed[label_blob] = y[np.newaxis, np.newaxis].astype(np.float32)
+        if net is None:
+            shapes = {k: v.shape for k, v in feed.items()}
+            try:
+                net = Net(param, weights=None if weights in (None, "none") else weights, phase=TEST,
+                          level=level, stages=stages, device=device, input_shapes=shapes)
+            except InputShapeRequired as e:
+                raise CaffeishError(f"{net_path}: {e}") from None
+            score_blob, _, node = find_blobs(net, score, label_blob if label_fed else None)
+            ignore = pick_ignore(ignore_label, node, known[2])
+            n = net.blob_shape(score_blob)[1]
+            cm = ConfusionMatrix(n, ignore)
+        out = net.forward(blobs=[score_blob], **feed)
+        _update(cm, np.asarray(out[score_blob])[0], y, where, extra)
+        count += 1
+    if cm is None:
+        raise CaffeishError("no image/label pairs to evaluate")
+    if db:
+        names = meta.names if meta else []
+    elif color_map:
+        names = map_names or []
+    else:
+        names = []
+    result = _result(cm, names, count, net_path, _root_blob(net, score_blob)[0],
+                     label_blob if label_fed else None, extra, known)
+    result["notes"] = notes
+    return result
+
+
+def dataset_mean(known, input_name):
+    """(mean_file, mean_value, note) for a deploy net fed from --db (`known`: the DatasetMeta of its folder,
+    or None): the mean the dataset's train/val net subtracts (its mean.binaryproto, else the per-channel
+    mean_value dataset.json records), since a deploy net's Input layer has no transform_param to say it;
+    (None, None, None) when it has none."""
+    if known is None:
+        return None, None, None
+    tail = (f", as the dataset's train/val net does (the deploy net's Input layer '{input_name}' has no "
+            f"transform_param); --mean-file none for no mean")
+    if known.mean_file:
+        return known.mean_file, None, f"subtracting the dataset's mean {known.mean_file}" + tail
+    if known.mean_value:
+        values = ",".join(f"{v:g}" for v in known.mean_value)
+        return None, known.mean_value, f"subtracting the dataset's per-channel mean {values}" + tail
+    return None, None, None
+
+
+def _result(cm, names, count, net_path, score, label, out_of_range=None, known=(None, None, None)):
+    s = cm.scores()
+    classes = []
+    for i in range(cm.n):
+        classes.append({"class": i, "name": names[i] if i < len(names) else str(i), "pixels": int(s["pixels"][i]),
+                        "predicted": int(s["predicted"][i]), "accuracy": _num(s["class_accuracy"][i]),
+                        "iu": _num(s["iu"][i])})
+    return {"net": net_path, "score": score, "label": label, "images": count, "classes": classes,
+            "pixel_accuracy": _num(s["pixel_accuracy"]), "mean_accuracy": _num(s["mean_accuracy"]),
+            "mean_iu": _num(s["mean_iu"]), "fwavacc": _num(s["fwavacc"]), "ignored_pixels": cm.ignored,
+            "ignore_label": cm.ignore_label, "confusion": cm.hist,
+            "out_of_range_pixels": out_of_range.pixels if out_of_range else 0,
+            "out_of_range_labels": [out_of_range.low, out_of_range.high] if out_of_range and out_of_range.pixels
+            else None,
+            "dataset_classes": known[0], "dataset_classes_from": known[1]}
+
+
+def _label_range(low, high):
+    text = [f"{v:g}" for v in (low, high)]
+    return text[0] if low == high else f"{text[0]}..{text[1]}"
+
+
+def segmentation_warnings(result):
+    """Lines for stderr: the dataset's class count differs from the score blob's channels, or labels hold
+    values that are no class of the score blob (so they go unscored)."""
+    n = len(result["classes"])
+    lines = []
+    known = result.get("dataset_classes")
+    if known is not None and known != n:
+        lines.append(f"the dataset has {known} classes ({result['dataset_classes_from']}) but the score blob "
+                     f"'{result['score']}' has {n} channels; labels {n} and above are not scored, and the "
+                     f"metrics are not those of the dataset's classes")
+    elif result.get("out_of_range_pixels"):
+        low, high = result["out_of_range_labels"]
+        line = (f"{result['out_of_range_pixels']:,} label pixels have values {_label_range(low, high)}, which "
+                f"the score blob '{result['score']}' ({n} channels) has no class for; they are not scored")
+        if low == high == 255 and result["ignore_label"] is None:
+            line += " (if 255 marks borders, as in PASCAL VOC, say so with --ignore-label 255)"
+        lines.append(line)
+    return lines
+
+
+def _num(v):
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+def free_name(path):
+    """`path` if no file has that name, else the first free 'stem-1.ext', 'stem-2.ext', ..."""
+    stem, ext = os.path.splitext(path)
+    candidate, i = path, 0
+    while os.path.lexists(candidate):
+        i += 1
+        candidate = f"{stem}-{i}{ext}"
+    return candidate
+
+
+def write_confusion(path, result, replace=True, inputs=()):
+    """The confusion matrix as CSV: one row per label class, one column per predicted class; returns the
+    path written.  `replace=False` (or no path: DEFAULT_CONFUSION) never replaces an existing file: it
+    takes the next free name (free_name), claimed with an exclusive link so two runs cannot collide."""
+    import csv
+    import io as pyio
+
+    names = [c["name"] for c in result["classes"]]
+    buf = pyio.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["label \\ predicted"] + names)
+    for name, row in zip(names, result["confusion"]):
+        w.writerow([name] + [int(v) for v in row])
+    data = buf.getvalue().encode("utf-8")
+    if replace and path:
+        with io.atomic_output(path, inputs) as f:
+            f.write(data)
+        return path
+    return _write_new(path or DEFAULT_CONFUSION, data)
+
+
+def _write_new(path, data):
+    """Write `data` to a file of a free name like `path` (never replacing a file); returns its name."""
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".confusion-", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise CaffeishError(f"cannot write the confusion matrix into {folder} ({e.strerror}); pass "
+                            f"--confusion FILE, or --confusion none") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        while True:
+            target = free_name(path)
+            try:
+                os.link(tmp, target)  # fails, rather than replaces, if the name was taken meanwhile
+                return target
+            except FileExistsError:
+                continue
+            except OSError:  # no hard links here: exclusive create instead
+                try:
+                    with open(target, "xb") as f:
+                        f.write(data)
+                    return target
+                except FileExistsError:
+                    continue
+    finally:
+        os.unlink(tmp)
