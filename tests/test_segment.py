@@ -286,12 +286,12 @@ def test_bad_images_are_counted_and_outdir_is_never_half_written(files, capsys, 
 
 
 def test_a_failed_write_in_the_writer_thread_stops_the_run_and_leaves_outdir_as_it_was(files, monkeypatch):
-    from caffeish.tools import segment as segment_tool
+    from caffeish.apps import segment as segment_lib
     tmp, folder, _ = files
     out = tmp / "out"
     out.mkdir()
     (out / "keep.txt").write_text("unrelated")
-    real = segment_tool._save_png
+    real = segment_lib._save_png
     writes = []
 
     def disk_full(img, path):
@@ -300,7 +300,7 @@ def test_a_failed_write_in_the_writer_thread_stops_the_run_and_leaves_outdir_as_
             raise CaffeishError("simulated: no space left on device")
         real(img, path)
 
-    monkeypatch.setattr(segment_tool, "_save_png", disk_full)
+    monkeypatch.setattr(segment_lib, "_save_png", disk_full)
     args = ["segment", str(tmp / "fcn.prototxt"), "none", str(folder), "-o", str(out)]
     assert main(args) == 1
     assert sorted(os.listdir(out)) == ["keep.txt"]
@@ -399,7 +399,7 @@ def test_channel_swap_of_the_wrong_length_is_refused(net, files):
 
 
 def test_output_names_never_collide():
-    from caffeish.tools.segment import output_names
+    from caffeish.apps.segment import output_names
     images = [(f"in/{n}", n) for n in ("a.jpg", "a.png", "a_overlay.png", "a_png.png", "sub/b.png")]
     images += [("other/a.png", "a.png"), ("other/A.png", "A.png")]  # the same name in a second folder argument
     plan = output_names(images, npy=True, overlay=True)

@@ -415,7 +415,7 @@ def test_cli_refused_output_writes_nothing(classifier_copy, argv, message, capsy
 
 
 def test_write_all_is_all_or_nothing(tmp_path):
-    from caffeish.tools import surgery as tool
+    from caffeish.apps import surgery_files as tool
 
     def failing():
         yield b"partial "
@@ -432,7 +432,7 @@ def test_write_all_is_all_or_nothing(tmp_path):
 def test_write_all_renames_only_after_every_file_is_written(tmp_path, monkeypatch):
     """Every temp file is complete and synced before the first rename (no file is renamed while a later
     one is still being written); a rename failing removes the temps not yet renamed."""
-    from caffeish.tools import surgery as tool
+    from caffeish.apps import surgery_files as tool
 
     real_replace, renames = os.replace, []
 

@@ -39,17 +39,15 @@ then renamed into place one after the other, so a refused or failed run leaves
 no new file behind.  (Only a rename itself failing after an earlier one, which
 a full disk cannot cause, would leave the earlier files in place.)
 """
-import os
 import sys
 
-from caffeish.data import dataset_meta
-from caffeish.formats import io, wire
-from caffeish.tools import report
-from caffeish.errors import CaffeishError
-from caffeish.tools.options import input_shape_arg
 from caffeish.apps import surgery
-from caffeish.tools.options import int_arg
-from caffeish.apps.surgery_fcn import INT32_MAX, UINT32_MAX, build_fcn, default_train_val_path
+from caffeish.apps.surgery_files import (bilinear_file, convolutionalize_files, fcn_files, output_paths,
+                                         transplant_file)
+from caffeish.apps.surgery_fcn import INT32_MAX, UINT32_MAX
+from caffeish.errors import CaffeishError
+from caffeish.tools import report
+from caffeish.tools.options import input_shape_arg, int_arg
 
 SEED = int_arg(0, 2**32 - 1)  # numpy's seeds are non-negative
 
@@ -156,65 +154,10 @@ def _print_checks(rep, fmt):
     print(report.render(columns, rows, fmt), end="")
 
 
-def _outputs(args, weights_given, what):
-    outs = list(args.output)
-    if len(outs) > 2:
-        raise CaffeishError(f"-o takes OUT.prototxt and optionally OUT.caffemodel, got {len(outs)} paths")
-    proto = outs[0]
-    if len(outs) == 2:
-        if not weights_given:
-            raise CaffeishError(f"-o names a caffemodel, but no {what} caffemodel was given to convert")
-        return proto, outs[1]
-    if weights_given:
-        stem = proto[:-len(".prototxt")] if proto.endswith(".prototxt") else proto
-        return proto, stem + ".caffemodel"
-    return proto, None
-
-
-def _inputs(*paths):
-    return [p for p in paths if p]
-
-
-_same_file = io.same_file
-check_outputs = io.check_outputs  # an output that is an input, inside an input folder, a folder, ... is refused
-
-
-def prototxt_file(path, net):
-    """(path, bytes chunks) of a text NetParameter, for write_all."""
-    return path, [io.format_prototxt(net).encode("utf-8")]
-
-
-def caffemodel_file(path, net, blobs):
-    """(path, bytes chunks) of a binary NetParameter with its blobs, for write_all."""
-    chunks = io.model_chunks(net, blobs)
-    total = wire.chunks_size(chunks)
-    if total > io.MAX_BINARY_BYTES:
-        raise CaffeishError(f"{path}: the model would be {total} bytes, over Caffe's 2 GB limit")
-    return path, chunks
-
-
-def write_all(files, inputs):
-    """Write [(path, chunks)] all or nothing: checked first, each staged as a temp file beside its
-    destination, every temp written and synced, and only then all renamed into place (io.atomic_outputs).
-    A failure while writing (a chunk generator raising, a full disk) leaves no destination touched and
-    removes the temps; only a rename failing after an earlier one succeeded leaves the earlier files."""
-    check_outputs([path for path, _ in files], inputs)
-    with io.atomic_outputs([path for path, _ in files], inputs) as outs:
-        for f, (_, chunks) in zip(outs, files):
-            for c in chunks:
-                f.write(c)
-
-
 def run_convolutionalize(args):
-    proto_out, model_out = _outputs(args, args.weights is not None, "input")
-    inputs = _inputs(args.net, args.weights)
-    check_outputs([proto_out, model_out], inputs)
-    net, blobs, rep = surgery.convolutionalize(args.net, args.weights, input_shapes=_shapes(args),
-                                               verify=not args.no_verify, seed=args.seed)
-    files = [prototxt_file(proto_out, net)]
-    if model_out:
-        files.append(caffemodel_file(model_out, net, blobs))
-    write_all(files, inputs)
+    proto_out, model_out = output_paths(args.output, args.weights is not None, "input")
+    rep = convolutionalize_files(args.net, args.weights, proto_out, model_out, input_shapes=_shapes(args),
+                                 verify=not args.no_verify, seed=args.seed)
     _print_report(rep, args.format, totals={"layer": "total (net)", "params": rep.params_after})
     _print_checks(rep, args.format)
     if _human(args.format):
@@ -224,12 +167,8 @@ def run_convolutionalize(args):
 
 def run_transplant(args):
     mapping = surgery.parse_map(args.map)
-    inputs = _inputs(args.src_net, args.src_weights, args.dst_net)
-    check_outputs([args.output], inputs)
-    net, blobs, rep = surgery.transplant(args.src_net, args.src_weights, args.dst_net, mapping=mapping,
-                                         allow_partial=args.allow_partial, input_shapes=_shapes(args),
-                                         seed=args.seed)
-    write_all([caffemodel_file(args.output, net, blobs)], inputs)
+    rep = transplant_file(args.src_net, args.src_weights, args.dst_net, args.output, mapping=mapping,
+                          allow_partial=args.allow_partial, input_shapes=_shapes(args), seed=args.seed)
     _print_report(rep, args.format)
     if _human(args.format):
         print(f"wrote {args.output}")
@@ -238,11 +177,8 @@ def run_transplant(args):
 
 def run_bilinear(args):
     patterns = [p.strip() for item in args.layers for p in item.split(",") if p.strip()]
-    inputs = _inputs(args.net, args.weights)
-    check_outputs([args.output], inputs)
-    net, blobs, rep = surgery.bilinear(args.net, args.weights, layers=patterns or None, form=args.form,
-                                       input_shapes=_shapes(args))
-    write_all([caffemodel_file(args.output, net, blobs)], inputs)
+    rep = bilinear_file(args.net, args.weights, args.output, layers=patterns or None, form=args.form,
+                        input_shapes=_shapes(args))
     _print_report(rep, args.format)
     if _human(args.format):
         print(f"wrote {args.output}")
@@ -262,26 +198,14 @@ def _ignore_label(text):
 
 
 def run_fcn(args):
-    proto_out, model_out = _outputs(args, args.weights is not None, "classifier")
-    train_val_out = args.train_val or default_train_val_path(proto_out)
-    if _same_file(train_val_out, proto_out):
-        raise CaffeishError(f"the train/val net would overwrite the deploy net '{proto_out}'; give --train-val "
-                            "(nothing was written)")
-    inputs = _inputs(args.net, args.weights)
-    dataset = os.path.abspath(args.dataset) if args.dataset else None
-    if dataset:
-        dataset_meta.check_folder(args.dataset)
-    check_outputs([proto_out, train_val_out, model_out], inputs + ([("--dataset", args.dataset)] if dataset else []))
+    proto_out, model_out = output_paths(args.output, args.weights is not None, "classifier")
     skips = [s for s in args.skip.split(",") if s.strip()]
-    fcn = build_fcn(args.net, args.weights, classes=args.classes, skips=skips, pad=args.pad,
-                    upscore_kernel=args.upscore_kernel, keep_classes=args.keep_classes,
-                    input_shapes=_shapes(args), verify=not args.no_verify, dataset=dataset,
-                    mean_file=None if args.no_mean else "auto", batch_size=args.batch_size,
-                    ignore_label=_ignore_label(args.ignore_label), seed=args.seed)
-    files = [prototxt_file(proto_out, fcn.deploy), prototxt_file(train_val_out, fcn.train_val)]
-    if model_out:
-        files.append(caffemodel_file(model_out, fcn.deploy, fcn.blobs))
-    write_all(files, inputs)
+    fcn, train_val_out = fcn_files(args.net, args.weights, proto_out, model_out, train_val_out=args.train_val,
+                                   dataset=args.dataset, classes=args.classes, skips=skips, pad=args.pad,
+                                   upscore_kernel=args.upscore_kernel, keep_classes=args.keep_classes,
+                                   input_shapes=_shapes(args), verify=not args.no_verify,
+                                   mean_file=None if args.no_mean else "auto", batch_size=args.batch_size,
+                                   ignore_label=_ignore_label(args.ignore_label), seed=args.seed)
     for line in fcn.warnings:
         print(f"warning: {line}", file=sys.stderr)
     if fcn.conv_report is not None and _human(args.format):

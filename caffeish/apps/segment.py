@@ -1,0 +1,271 @@
+"""Segment a folder of images into OUTDIR: the library behind `caffeish segment`.
+
+`segment_images(seg, images, outdir)` runs a `Segmenter` (caffeish.apps.inference)
+over [(path, relative name)] and writes, mirroring the folders given:
+  NAME.png          mode P PNG of class indices, colored by the palette (beyond
+                    256 classes: a 16-bit gray PNG of the indices)
+  NAME_overlay.png  the image blended with the class colors (`legend` adds the
+                    classes present, with their names and shares)
+  NAME.npy          the raw scores, C x H x W float32 (`npy`)
+Everything is written to a temporary folder first and moved into OUTDIR at the
+end (`staging`), so OUTDIR never holds a half-written run; input files are never
+replaced (`check_outdir`, and outputs that would replace an input are refused).
+Output names never collide (`output_names`: a.png and a_overlay.png: the second
+is written as a_overlay_png.png and a_overlay_png_overlay.png).  OUTDIR gets a
+hidden marker file, OUTPUT_MARKER (unless it holds input images): folders holding
+it are skipped by `find_images`, so pictures written inside an input folder are
+never taken for photos.  An image that cannot be read or run is named through
+`warn` and counted; the others go on.  The seconds spent in each of STAGES are
+returned for --timings.
+"""
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from caffeish.apps import progress
+from caffeish.apps.inference import (OUTPUT_MARKER, PALETTE_PNG_CLASSES, class_colors, class_map, image_error,
+                                     label_picture)
+from caffeish.data import palette as palettes
+from caffeish.errors import CaffeishError
+
+STAGES = ("decode", "preprocess", "forward", "argmax", "write")
+
+
+def output_names(images, npy, overlay):
+    """[relative output paths] per image (NAME.png, NAME_overlay.png, NAME.npy), no two alike.
+
+    Each image's stem is its relative name without the extension.  When one
+    of its outputs is already taken (a.jpg and a.png; a.png and a_overlay.png,
+    whose overlay would be a_overlay.png too; the same name in two folder
+    arguments), the extension is added to the stem (a_png), then a number
+    (a_png_2, ...), until none of its outputs is taken: deterministic, in the
+    order of `images`.  Names are compared case-folded, so that no output
+    replaces another on a case-insensitive file system either.
+    """
+    used, plan = set(), []
+
+    def names_for(stem):
+        names = [stem + ".png"]
+        if overlay:
+            names.append(stem + "_overlay.png")
+        if npy:
+            names.append(stem + ".npy")
+        return names
+
+    for path, rel in images:
+        for stem in _stems(*os.path.splitext(rel)):
+            names = names_for(stem)
+            if not any(name.casefold() in used for name in names):
+                break
+        used.update(name.casefold() for name in names)
+        plan.append(names)
+    return plan
+
+
+def _stems(stem, ext):
+    """a, then a_png, a_png_2, a_png_3, ... for a.png (a, a_2, ... without an extension)."""
+    yield stem
+    tag = ext.lstrip(".")
+    base = f"{stem}_{tag}" if tag else stem
+    if tag:
+        yield base
+    n = 2
+    while True:
+        yield f"{base}_{n}"
+        n += 1
+
+
+def _check_inputs(images, plan, outdir):
+    """Refuse to run when an output would replace one of the input images."""
+    inputs = {os.path.realpath(p) for p, _ in images}
+    for names in plan:
+        for n in names:
+            target = os.path.realpath(os.path.join(outdir, n))
+            if target in inputs:
+                raise CaffeishError(f"{os.path.join(outdir, n)} would replace an input image; "
+                                    "choose another output folder")
+
+
+def _holds_inputs(outdir, images):
+    """Whether one of the input images lies in OUTDIR or below it."""
+    top = os.path.join(os.path.realpath(outdir), "")
+    return any(os.path.realpath(p).startswith(top) for p, _ in images)
+
+
+def check_outdir(outdir):
+    """Refuse, before any image runs, an OUTDIR that cannot take the pictures.
+
+    OUTDIR must be a folder we may write in, or not exist yet with its nearest
+    existing ancestor a folder we may write in (the missing folders are created
+    when the run is staged)."""
+    if os.path.lexists(outdir) and not os.path.isdir(outdir):
+        raise CaffeishError(f"output folder {outdir} exists and is not a folder")
+    if os.path.isdir(outdir):
+        if not os.access(outdir, os.W_OK | os.X_OK):
+            raise CaffeishError(f"output folder {outdir}: no permission to write in it")
+        return
+    ancestor = os.path.dirname(os.path.abspath(outdir))
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise CaffeishError(f"cannot create output folder {outdir}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CaffeishError(f"cannot create output folder {outdir}: no permission to write in {ancestor}")
+
+
+def _save_png(img, path):
+    img.save(path, format="PNG", compress_level=1)
+
+
+@contextlib.contextmanager
+def staging(outdir):
+    """A temporary folder beside OUTDIR; on success its files move into OUTDIR (created if needed).
+
+    On failure the temporary folder goes, and so do the folders above OUTDIR
+    that were created for it: OUTDIR and its surroundings stay as they were."""
+    outdir = os.path.abspath(outdir)
+    parent = os.path.dirname(outdir)
+    created = []  # missing ancestors, outermost first
+    ancestor = parent
+    while not os.path.lexists(ancestor):
+        created.insert(0, ancestor)
+        ancestor = os.path.dirname(ancestor)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        stage = tempfile.mkdtemp(prefix=f".{os.path.basename(outdir)}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        _remove_empty(created)
+        raise CaffeishError(f"cannot create output folder {outdir}: {e.strerror or e}") from None
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        _remove_empty(created)
+        raise
+    if not os.path.exists(outdir):
+        os.replace(stage, outdir)
+        return
+    if not os.path.isdir(outdir):
+        shutil.rmtree(stage, ignore_errors=True)
+        raise CaffeishError(f"output folder {outdir} exists and is not a folder")
+    for root, _, files in os.walk(stage):
+        dest = os.path.join(outdir, os.path.relpath(root, stage))
+        os.makedirs(dest, exist_ok=True)
+        for f in files:
+            os.replace(os.path.join(root, f), os.path.join(dest, f))
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def _remove_empty(folders):
+    """Remove the folders this run created (innermost first), where still empty."""
+    for folder in reversed(folders):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+
+
+class _Clock:
+    def __init__(self):
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self._t = time.perf_counter()
+
+    def lap(self, stage):
+        now = time.perf_counter()
+        self.seconds[stage] += now - self._t
+        self._t = now
+
+
+def segment_images(seg, images, outdir, colors_spec="pascal", labels=None, overlay=0.6, legend=False,
+                   npy=False, warn=None):
+    """Segment `images` ([(path, relative name)]) into outdir; returns (rows, failed, seconds per stage).
+
+    An image that cannot be read, preprocessed or run (a CaffeishError: a bad
+    file, a size the net refuses) is named through `warn`, counted in `failed`,
+    and the others go on.  Anything else (a failed write, an interrupt, a bug)
+    stops the run with OUTDIR as it was."""
+    plan = output_names(images, npy, overlay > 0)
+    _check_inputs(images, plan, outdir)
+    check_outdir(outdir)
+    base_colors, dataset_labels = palettes.load_palette(colors_spec)
+    labels = labels if labels is not None else dataset_labels
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    rows, failed, colors = [], 0, None
+    clock = _Clock()
+    pending = None
+    with staging(outdir) as stage, progress.bar(total=len(images), desc="segment", unit="img") as bar, \
+            ThreadPoolExecutor(max_workers=1) as writer:
+        if not _holds_inputs(outdir, images):  # an input folder written into stays an input folder
+            with open(os.path.join(stage, OUTPUT_MARKER), "w") as f:
+                f.write("written by caffeish segment: folders holding this file are not searched for images\n")
+        for (path, _), names in zip(images, plan):
+            clock.lap("write")  # the bar and bookkeeping count with writing
+            try:
+                shown, classes, scores = _segment_one(seg, path, npy, clock)
+            except CaffeishError as e:
+                failed += 1
+                bar.clear()
+                warn(f"caffeish segment: error: {image_error(path, e)}")
+                bar.update(1)
+                continue
+            n_classes = seg.n_classes
+            if colors is None:
+                colors = class_colors(colors_spec, base_colors, n_classes)
+                if n_classes > PALETTE_PNG_CLASSES:
+                    warn(f"caffeish segment: note: the net scores {n_classes} classes, more than a palette "
+                         f"PNG's {PALETTE_PNG_CLASSES}: NAME.png holds the class indices as 16-bit gray "
+                         "(mode I;16, no colors); the overlay shows them in color")
+            if pending is not None:
+                pending.result()  # one image is written while the next one is decoded and run
+            clock.lap("write")
+            pending = writer.submit(_write_outputs, stage, names, classes, colors, shown,
+                                    overlay, labels, legend, scores if npy else None)
+            present = np.flatnonzero(np.bincount(classes.ravel(), minlength=n_classes))
+            rows.append({
+                "image": path, "size": f"{classes.shape[1]}x{classes.shape[0]}",
+                "classes": [labels[c] if labels is not None and c < len(labels) else int(c) for c in present],
+                "outputs": [os.path.join(outdir, n) for n in names],
+            })
+            bar.update(1)
+        if pending is not None:
+            pending.result()
+        clock.lap("write")
+    return rows, failed, clock.seconds
+
+
+def _segment_one(seg, path, npy, clock):
+    """(picture, classes, scores or None) of one image: decode, preprocess, forward, argmax."""
+    pixels = seg.load(path)
+    clock.lap("decode")
+    shown, x = seg.prepare(path, pixels)
+    clock.lap("preprocess")
+    if seg.tile_size(x.shape[1:]) is None:
+        scores = seg.scores(x)
+        clock.lap("forward")
+        classes = class_map(scores)
+    else:  # tiles: classes per tile, the scores only for --npy
+        classes, scores = seg.run(x, keep_scores=npy)
+        clock.lap("forward")
+    clock.lap("argmax")
+    return shown, classes, scores
+
+
+def _write_outputs(stage, names, classes, colors, shown, overlay, labels, legend, scores):
+    """One image's files (class PNG, overlay PNG, scores .npy) into the staging folder.
+
+    Runs in a writer thread: PNG encoding and numpy's BLAS both release the GIL,
+    so writing one image overlaps with the next image's forward pass."""
+    for n in names:
+        os.makedirs(os.path.dirname(os.path.join(stage, n)), exist_ok=True)
+    _save_png(label_picture(classes, colors), os.path.join(stage, names[0]))
+    if overlay > 0:
+        img = palettes.overlay_image(shown, classes, colors, overlay, labels, legend)
+        _save_png(img, os.path.join(stage, names[1]))
+    if scores is not None:
+        np.save(os.path.join(stage, names[-1]), scores)
