@@ -124,7 +124,7 @@ def test_committed_module_matches_proto(tmp_path):
                 field.ClearField("json_name")
                 if field.type == field.TYPE_FLOAT and field.HasField("default_value"):
                     field.default_value = repr(float(np.float32(field.default_value)))
-    assert compiled == committed, "proto/caffe_pb2.py is stale: regenerate it (see caffeish/schema.py)"
+    assert compiled == committed, "proto/caffe_pb2.py is stale: regenerate it (see caffeish/formats/schema.py)"
 
 
 def _all_messages(messages):

@@ -35,7 +35,7 @@ class Binding:
 
 
 def bind(graph, model, source="weights"):
-    """Match `model` (caffeish.formats.io.Model) to `graph` (caffeish.graph.graph.Graph) and check every shape."""
+    """Match `model` (caffeish.formats.io.Model) to `graph` (caffeish.graph.Graph) and check every shape."""
     stored = model.layer_blobs()
     arrays = {}
     missing = []
