@@ -58,18 +58,31 @@ from caffeish.runtime.backend import set_device, set_mode_cpu, set_mode_gpu  # n
 _sys.modules[__name__ + ".io"] = io
 
 
+# pycaffe's `caffe` module names that load part of the library, resolved when first used
+# so that `import caffeish` stays light: name -> (module, attribute).
+_LAZY = {
+    "Net": ("caffeish.runtime.net", "Net"),
+    "Layer": ("caffeish.runtime.blobs", "PythonLayer"),  # caffe.Layer, the base class of Python layers
+    "classify": ("caffeish.apps.inference", "classify"),
+    "segment": ("caffeish.apps.inference", "segment"),
+    # NetSpec: `from caffe import layers as L, params as P` (not our layer families: caffeish.ops)
+    "NetSpec": ("caffeish.pycaffe.net_spec", "NetSpec"),
+    "layers": ("caffeish.pycaffe.net_spec", "layers"),
+    "params": ("caffeish.pycaffe.net_spec", "params"),
+    "to_proto": ("caffeish.pycaffe.net_spec", "to_proto"),
+    "Classifier": ("caffeish.pycaffe.classifier", "Classifier"),
+    "Detector": ("caffeish.pycaffe.detector", "Detector"),
+}
+# pycaffe's module-level functions from its `_caffe` extension (caffeish.pycaffe._caffe).
+for _name in ("layer_type_list", "has_nccl", "set_random_seed", "init_log", "log", "solver_count",
+              "set_solver_count", "solver_rank", "set_solver_rank", "set_multiprocess", "Timer", "NCCL"):
+    _LAZY[_name] = ("caffeish.pycaffe._caffe", _name)
+
+
 def __getattr__(name):
-    # caffeish.Net loads the runtime (layers, fillers) only when first used.
-    if name == "Net":
-        from caffeish.runtime.net import Net
+    if name in _LAZY:
+        import importlib
 
-        return Net
-    if name in ("classify", "segment"):  # inference on images (caffeish.apps.inference), loaded when used
-        from caffeish.apps import inference
-
-        return getattr(inference, name)
-    if name == "Layer":  # pycaffe's caffe.Layer, the base class of Python layers
-        from caffeish.runtime.blobs import PythonLayer
-
-        return PythonLayer
+        module, attribute = _LAZY[name]
+        return getattr(importlib.import_module(module), attribute)
     raise AttributeError(f"module 'caffeish' has no attribute {name!r}")
