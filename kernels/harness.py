@@ -152,6 +152,7 @@ class HarnessFunction:
             pointee = _POINTEES[ctype.replace("const ", "").rstrip("*").strip()]
             if not isinstance(value, np.ndarray):
                 raise TypeError(f"{where}: expected an array, got {type(value).__name__}")
+            value = np.ndarray.view(value, np.ndarray)  # the strict backend's arrays hide flags and ctypes
             if value.dtype != pointee or not value.flags.c_contiguous:
                 raise TypeError(f"{where}: expected a C-contiguous {np.dtype(pointee)} array, got "
                                 f"{value.dtype} contiguous={value.flags.c_contiguous}")

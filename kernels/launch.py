@@ -299,7 +299,6 @@ class Kernels:
     def crop(self, x, offsets, top_shape):
         """Caffe's Crop: top[idx] = x[idx + offsets], offsets and top shape from
         caffeish.graph.geometry.crop_offsets (one entry per axis)."""
-        xp = self.xp
         y = self._empty(top_shape)
         if y.size == 0:
             return y

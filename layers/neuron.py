@@ -91,10 +91,14 @@ class ReLU(NeuronLayer):
         return [xp.maximum(x, 0) + self.negative_slope * xp.minimum(x, 0)]
 
     def forward_in_place(self, xp, x, blobs):
-        """The same values written into x (the runtime calls this only when x is its own)."""
+        """The same values written into x (the runtime calls this only when x is its own).
+
+        Leaky: x *= (negative_slope where x < 0, else 1), in float32.  x * 1 is x exactly (NaN and
+        -0 too), so this equals multiplying the negatives alone; CuPy's ufuncs take no `where=`."""
         if self.negative_slope == 0:
             return [xp.maximum(x, 0, out=x)]
-        xp.multiply(x, xp.float32(self.negative_slope), out=x, where=x < 0)
+        factor = xp.where(x < 0, f32(self.negative_slope), f32(1))
+        xp.multiply(x, factor, out=x)
         return [x]
 
 

@@ -1,9 +1,11 @@
 """The GPU backend without a GPU: clear errors, no CuPy import, and the GPU code path on the CPU.
 
-The "harness" backend runs the layers' GPU branch (our CUDA kernels, compiled
-for the CPU by caffeish.kernels.harness) with numpy arrays, so a whole net
-through that path is checked against Caffe's recorded blobs here; on a real
-GPU, benchmarks/gpu_check.py does the same with CuPy.
+The "strict" backend runs the layers' GPU branch (our CUDA kernels, compiled
+for the CPU by caffeish.kernels.harness) with an array module that refuses what
+CuPy refuses (caffeish.kernels.strict), so a whole net through that path is
+checked against Caffe's recorded blobs here, and a numpy-only call on it fails
+as it would on a GPU.  On a machine with a GPU the golden nets also run on CuPy
+itself (as benchmarks/gpu_check.py does).
 """
 import os
 import shutil
@@ -116,29 +118,53 @@ def test_gpu_check_reports_no_gpu_and_exits_cleanly():
     assert proc.stdout.startswith("gpu_check: no GPU present: CuPy is not installed")
 
 
-# -- the GPU code path on the CPU (harness backend) ------------------------------------------
+# -- the GPU code path on the CPU (strict backend) -------------------------------------------
 
 
-GOLDEN_CASES = ["conv", "deconv", "deconv_bilinear_filler", "pool", "crop", "alexnet_tiny", "fcn8s_tiny",
-                "fcn_alexnet_tiny", "googlenet_tiny", "mobilenet_tiny", "squeezenet11_tiny", "resnet50_tiny"]
+# Every golden case (../shared/golden), the single-family ones too (activations, losses, ...).
+GOLDEN_CASES = ["activations", "alexnet_tiny", "conv", "crop", "deconv", "deconv_bilinear_filler", "fcn8s_tiny",
+                "fcn_alexnet_tiny", "googlenet_tiny", "inner_product", "lenet_real_weights", "losses", "misc",
+                "mobilenet_tiny", "normalization", "pool", "resnet50_tiny", "routing", "squeezenet11_tiny"]
+GPU_REASON = backend.gpu_unavailable_reason()
+
+
+def test_golden_case_list_is_complete():
+    assert not golden.cases() or sorted(golden.cases()) == GOLDEN_CASES
 
 
 @needs_cxx
 @pytest.mark.parametrize("case", GOLDEN_CASES)
 def test_golden_nets_through_the_gpu_code_path(case):
-    """Each layer's GPU branch (our kernels for Convolution, Deconvolution, Pooling, Crop) matches Caffe."""
+    """Each layer's GPU branch (our kernels for Convolution, Deconvolution, Pooling, Crop; CuPy's rules
+    for every other layer's array calls) matches Caffe."""
     shared_path("golden", case)  # skips with a clear reason when ../shared is absent
-    net, meta, folder = golden.run_case(case, backend="harness")
+    net, meta, folder = golden.run_case(case, backend="strict")
     assert backend.kernels_for(net.xp) is not None
     failures = golden.blob_failures(net, meta, folder)
     assert not failures, f"{case}: " + "; ".join(failures)
+
+
+@pytest.mark.skipif(GPU_REASON is not None, reason=f"needs a GPU with CuPy: {GPU_REASON}")
+def test_golden_nets_on_a_real_gpu():
+    """On a GPU machine: every golden case on CuPy itself matches Caffe."""
+    shared_path("golden")
+    failures = {}
+    for case in GOLDEN_CASES:
+        try:
+            net, meta, folder = golden.run_case(case, device="cuda")
+            bad = golden.blob_failures(net, meta, folder)
+        except Exception as exc:  # noqa: BLE001 (report every case, not the first)
+            bad = [f"{type(exc).__name__}: {exc}"]
+        if bad:
+            failures[case] = bad
+    assert not failures, failures
 
 
 @needs_cxx
 def test_device_net_returns_host_outputs_and_syncs_host_copies(tmp_path):
     """forward() hands back numpy arrays; host copies of inputs and params written by the
     caller reach the device before the next forward (pycaffe's .data semantics)."""
-    net = caffeish.Net(LENET, None, caffeish.TEST, backend="harness", seed=3)
+    net = caffeish.Net(LENET, None, caffeish.TEST, backend="strict", seed=3)
     cpu = caffeish.Net(LENET, None, caffeish.TEST, seed=3)
     x = np.random.default_rng(0).random(net.blob_shape("data"), dtype=np.float32)
     out = net.forward(data=x)
@@ -154,7 +180,7 @@ def test_device_net_returns_host_outputs_and_syncs_host_copies(tmp_path):
     got = net.forward()["prob"]
     np.testing.assert_allclose(got, cpu.forward(data=x[::-1])["prob"], rtol=1e-5, atol=1e-7)
     assert not net._host  # copies are handed back once synced
-    np.testing.assert_array_equal(net._params["ip2"][0], cpu.params["ip2"][0].data)
+    np.testing.assert_array_equal(backend.to_numpy(net._params["ip2"][0]), cpu.params["ip2"][0].data)
 
     net.host_param("ip1", 1)[...] = 7.0  # synced by save()
     path = tmp_path / "w.caffemodel"
@@ -181,7 +207,7 @@ def test_device_path_handles_nd_convolution_and_several_bottoms():
     cp.bias_filler.type = "gaussian"
     rng = np.random.default_rng(1)
     a, b = (rng.standard_normal((1, 2, 5, 6, 7)).astype(np.float32) for _ in range(2))
-    dev = caffeish.Net(net_param, None, caffeish.TEST, backend="harness", seed=1).forward(a=a, b=b)
+    dev = caffeish.Net(net_param, None, caffeish.TEST, backend="strict", seed=1).forward(a=a, b=b)
     cpu = caffeish.Net(net_param, None, caffeish.TEST, seed=1).forward(a=a, b=b)
     for name in ("ya", "yb"):
         np.testing.assert_allclose(dev[name], cpu[name], rtol=1e-5, atol=1e-5)

@@ -4,8 +4,10 @@ Layers compute with the array module they are given (`xp`), so the same
 forward code runs on either.  pycaffe's `set_mode_cpu()`, `set_mode_gpu()` and
 `set_device()` choose the default backend of the Nets built afterwards.
 Convolution, Deconvolution, Pooling and Crop ask `kernels_for(xp)` for our CUDA
-kernels and use them when there are some (cupy, and the CPU "harness" backend
-that tests them); every other layer is written with `xp` array operations.
+kernels and use them when there are some (cupy, and the CPU "harness" and
+"strict" backends that test them); every other layer is written with `xp` array
+operations, which must be ones CuPy has: the "strict" backend
+(caffeish.kernels.strict) refuses the numpy-only ones.
 """
 import ctypes
 import os
@@ -118,12 +120,17 @@ def gpu_unavailable_reason():
 
 
 def get(name=None):
-    """The array module for a backend name ("numpy", "cupy", "harness") or, given None, the current mode.
+    """The array module for a backend name ("numpy", "cupy", "harness", "strict") or, given None, the current mode.
 
     "cupy" selects the GPU set by set_device() (or Net(device="cuda:N")) and
     binds our CUDA kernels to it.  "harness" is numpy with the GPU code path:
     the layers call our CUDA kernels compiled for the CPU (caffeish.kernels.harness;
     needs a C++ compiler, slow, for testing the GPU runtime without a GPU).
+    "strict" is the harness with an array module that refuses what CuPy refuses
+    (caffeish.kernels.strict: ufunc where=, functions and arguments CuPy lacks,
+    host arrays mixed with device ones, object arrays), so that the tests catch
+    numpy-only calls on the GPU path; its arrays come back to the host with
+    to_numpy(), as CuPy's do.
     """
     if name is None:
         name = "cupy" if _state["mode"] == "gpu" else "numpy"
@@ -145,6 +152,11 @@ def get(name=None):
 
         _kernel_sets[id(harness.XP)] = harness.kernels()
         return harness.XP
+    if name == "strict":
+        from caffeish.kernels import strict
+
+        _kernel_sets[id(strict.XP)] = strict.kernels()
+        return strict.XP
     raise UnsupportedError(f"unknown backend '{name}': use 'numpy' or 'cupy'")
 
 
@@ -159,9 +171,17 @@ def kernels_for(xp):
     return _kernel_sets.get(id(xp))
 
 
+def is_host(array):
+    """Whether `array` is a host (numpy) array.  CuPy's arrays are not, and neither are the strict
+    backend's: a numpy subclass standing for device arrays, so `isinstance(a, np.ndarray)` cannot
+    tell host from device (it is true for them); their `.get()` copies them to the host."""
+    return isinstance(array, np.ndarray) and not callable(getattr(array, "get", None))
+
+
 def to_numpy(array):
-    """A numpy array for any backend's array (a no-op for numpy arrays)."""
-    if isinstance(array, np.ndarray):
+    """A numpy array for any backend's array (a no-op for host arrays; cupy's and the strict
+    backend's device arrays are copied with .get())."""
+    if is_host(array):
         return array
     get_host = getattr(array, "get", None)
     return get_host() if get_host is not None else np.asarray(array)

@@ -126,7 +126,6 @@ def conv_forward(xp, x, weight, bias, geom, group, out, budget=COL_BUDGET):
     cg, og = c // g, o // g
     kernel = tuple(geom.kernel)
     k = math.prod(kernel)
-    p = math.prod(out)
     y = xp.empty((n, o) + tuple(out), dtype=np.float32)
     if y.size == 0:
         return y
