@@ -95,7 +95,7 @@ def worker_prepare(spec):
 
     from caffeish.runtime.net import Net
 
-    net = Net(spec["prototxt"], input_shapes={spec["input"]: tuple(spec["shape"])})
+    net = Net(spec["prototxt"], input_shapes={spec["input"]: tuple(spec["shape"])}, keep=False)
     rng = np.random.default_rng(spec["seed"])
     for layer, blobs in net.params.items():
         for blob in blobs:
@@ -115,7 +115,7 @@ def worker_caffeish(spec):
     from caffeish.runtime.net import Net
 
     x = np.load(spec["input_file"])
-    net = Net(spec["prototxt"], spec["weights"], input_shapes={spec["input"]: x.shape})
+    net = Net(spec["prototxt"], spec["weights"], input_shapes={spec["input"]: x.shape}, keep=False)  # as the tools run nets
     after_load, load_peak = _rss_kb(), _peak_kb()
     extra = spec["compare"][1:]
     times, out = _time_forward(lambda: net.forward(blobs=extra, **{spec["input"]: x}), spec["repeat"])

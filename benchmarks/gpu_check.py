@@ -115,7 +115,7 @@ def build_net(key, batch, size, device, seed=0):
     side = 227 if kind == "classifier" else size
     shape = (batch, 3, side, side)
     net = caffeish.Net(str(SHARED / path), None, caffeish.TEST, input_shapes={"data": shape},
-                       device=f"cuda:{device}")
+                       device=f"cuda:{device}", keep=False)  # as segment/classify run nets
     rs = cupy.random.RandomState(seed)
     for layer, arrays in net._params.items():
         for i, arr in enumerate(arrays):

@@ -59,3 +59,47 @@ class FillerError(CaffeishError):
 
 class InputValueError(CaffeishError):
     """An input value a layer cannot use (an Embed index or a label out of range, ...)."""
+
+
+# -- errors that are also the built-in exception pycaffe raises in the same place, so that
+# scripts written for pycaffe (`except KeyError`, `except RuntimeError`, ...) catch them.
+
+
+class UnknownLayerError(GraphError, ValueError):
+    """A layer name the net does not have (pycaffe: list.index raises ValueError)."""
+
+
+class UnknownBlobError(GraphError, KeyError):
+    """A blob name the net does not have (pycaffe: net.blobs[name] raises KeyError)."""
+
+    def __str__(self):  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+class BlobShapeError(ShapeError, ValueError):
+    """A blob shape that cannot be (negative or non-integer dimensions, too many axes, a shape
+    that would change a layer's parameters)."""
+
+
+class FileOpenError(CaffeishError, RuntimeError):
+    """A net or weights file that cannot be opened (pycaffe: RuntimeError 'Could not open file')."""
+
+
+class InputArrayError(CaffeishError, RuntimeError):
+    """Arrays that set_input_arrays (MemoryData) refuses, as pycaffe's checks do (RuntimeError)."""
+
+
+class ArgumentError(CaffeishError, TypeError, ValueError):
+    """A bad argument to a pycaffe function (a seed that is not an unsigned 32-bit integer, ...)."""
+
+
+class NCCLError(UnsupportedError, RuntimeError):
+    """NCCL (multi-GPU training) is not available: caffeish is a single-process runtime."""
+
+
+class MissingDependencyError(UnsupportedError, ImportError):
+    """An optional Python package that a feature needs is not installed (h5py for HDF5 weights)."""
+
+
+class LayerIndexError(GraphError, IndexError):
+    """A layer index outside the net (pycaffe's net._forward(start, end) takes indices)."""

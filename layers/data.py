@@ -250,9 +250,10 @@ class DummyData(SourceLayer):
     """Filler-made tops: dummy_data_param.shape, or the legacy num/channels/height/width.
 
     Each field is given once for all tops or once per top; so are the data_fillers
-    (or not at all: constant 0).  Caffe fills constant tops once and refills the
-    others at every forward; here every forward fills them anew, from the layer's
-    own random generator (Caffe's random values cannot be reproduced).
+    (or not at all: constant 0).  As in Caffe, constant tops are filled once (what a
+    script writes into them stays, until their shape changes) and the others anew at
+    every forward, from the layer's own random generator (Caffe's random values
+    cannot be reproduced).
     """
 
     min_tops = 1
@@ -260,6 +261,7 @@ class DummyData(SourceLayer):
     def __init__(self, param, phase):
         super().__init__(param, phase)
         self.rng = np.random.default_rng()
+        self._filled = {}  # top index -> (xp, the array a constant filler filled: kept, not refilled)
 
     def forward(self, xp, bottoms, blobs):
         specs = list(self.param.dummy_data_param.data_filler)
@@ -267,10 +269,12 @@ class DummyData(SourceLayer):
         for i, (top, shape) in enumerate(zip(self.param.top, self.current_shapes())):
             spec = specs[0 if len(specs) == 1 else i] if specs else None
             what = f"layer '{self.name}' (DummyData) top '{top}'"
-            if spec is None:
-                tops.append(xp.zeros(shape, dtype=xp.float32))
-            elif spec.type == "constant" and spec.sparse == -1:
-                tops.append(xp.full(shape, spec.value, dtype=xp.float32))
+            if spec is None or (spec.type == "constant" and spec.sparse == -1):
+                kept_xp, kept = self._filled.get(i, (None, None))
+                if kept_xp is not xp or tuple(kept.shape) != tuple(shape):
+                    kept = xp.full(shape, spec.value if spec is not None else 0, dtype=xp.float32)
+                    self._filled[i] = (xp, kept)
+                tops.append(kept)
             else:
                 tops.append(xp.asarray(fillers.fill(spec, shape, self.rng, what=what)))
         return tops
@@ -310,13 +314,33 @@ class DummyData(SourceLayer):
 
 @register("MemoryData")
 class MemoryData(BatchSourceLayer):
-    """Arrays handed in by the caller: data (batch_size, channels, height, width), label (batch_size,)."""
+    """Arrays handed in by the caller: data (batch_size, channels, height, width), label (batch_size,).
+
+    pycaffe's net.set_input_arrays(data, labels) gives the layer N items (the Net
+    checks them as pycaffe does); each forward then takes the next batch_size of
+    them, wrapping around, as views of the caller's arrays (Caffe's Reset and
+    set_cpu_data: nothing is copied and transform_param does not apply).  Until
+    then its tops are net inputs the caller feeds (forward(data=..., label=...)).
+    """
 
     exact_tops = 2
     unsupported_reason = (
-        "its batches are handed in through pycaffe's set_input_arrays, which the caffeish runtime "
-        "does not offer; replace it with an Input layer and pass the arrays as net inputs"
+        "its batches come from pycaffe's net.set_input_arrays(data, labels), or its tops are fed like "
+        "an Input layer's: net.forward(data=..., label=...)"
     )
+    _data = _labels = None
+    _pos = 0
+
+    def reset(self, data, labels):
+        """Caffe's MemoryDataLayer::Reset: serve `data` (N, C, H, W) and `labels` (N, 1, 1, 1) from item 0."""
+        self._data, self._labels, self._pos = data, labels.reshape(len(labels)), 0
+
+    def next_batch(self):
+        """The (data, label) views of the next batch_size items; the position wraps at N."""
+        n = self.param.memory_data_param.batch_size
+        lo = self._pos
+        self._pos = (lo + n) % len(self._data)
+        return [self._data[lo:lo + n], self._labels[lo:lo + n]]
 
     def top_shapes(self):
         p = self.param.memory_data_param

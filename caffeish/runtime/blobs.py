@@ -3,8 +3,14 @@
 pycaffe exposes a net as ordered dicts of blobs and parameter lists, plus
 `forward(**inputs)`.  Here they are thin views over the Net's arrays: a
 `Blob.data` is the live array (writing into it changes the net), as in pycaffe.
-Blobs that the runtime freed after their last use (the default; build the Net
-with keep=True to keep them) say so instead of returning stale data.
+A Net keeps every blob, as Caffe does; one built with keep=False (or a list of
+names) frees intermediates after their last use, and their Blobs say so
+instead of returning stale data.  `.diff` arrays are kept per blob (host
+numpy arrays, zeros until written): no backward pass runs here.
+
+A Python layer's parameter blobs (`self.blobs.add_blob(...)` in its setup) are
+its own ArrayBlobs: `net.params[name]` and `net.layers[i].blobs` are that very
+list, and `net.layers[i]` is the layer object itself, as in pycaffe.
 
 `PythonLayer` (exported as `caffeish.Layer`, pycaffe's `caffe.Layer`) and
 `ArrayBlob` are what a prototxt's Python layers see: their base class and
@@ -14,8 +20,10 @@ from collections import OrderedDict
 
 import numpy as np
 
-from caffeish.errors import GraphError
+from caffeish.errors import BlobShapeError, GraphError
 from caffeish.graph.graph import AUTOMATIC
+
+MAX_BLOB_AXES = 32  # Caffe's kMaxBlobAxes
 
 
 class Blob:
@@ -33,17 +41,17 @@ class Blob:
         if self.name not in arrays:
             if self.name in net._freed:
                 raise GraphError(
-                    f"blob '{self.name}' was freed after its last use during forward (intermediate blobs "
-                    f"are not kept by default): build the Net with keep=True, keep=['{self.name}'], or "
-                    f"ask forward(blobs=['{self.name}'])"
+                    f"blob '{self.name}' was freed after its last use during forward (this Net was built "
+                    f"with keep=False or a list of names, to save memory): build it with keep=True (the "
+                    f"default), keep=['{self.name}'], or ask forward(blobs=['{self.name}'])"
                 )
             arrays[self.name] = net.xp.zeros(self.shape, dtype="float32")
         return net.host_data(self.name)  # the live array on the CPU; a synced host copy on the GPU
 
     @property
     def diff(self):
-        """Gradients are not computed by this runtime (inference only): zeros of the blob's shape."""
-        return self._net.xp.zeros(self.shape, dtype="float32")
+        """The blob's diff: a host array of its shape, zeros until written (no backward runs here)."""
+        return self._net._diff(("blob", self.name), self.shape)
 
     @property
     def shape(self):
@@ -59,7 +67,8 @@ class Blob:
     def _legacy(self, i):
         shape = self.shape
         if len(shape) > 4:
-            raise GraphError(f"blob '{self.name}' has {len(shape)} axes; num/channels/height/width need at most 4")
+            raise BlobShapeError(
+                f"blob '{self.name}' has {len(shape)} axes; num/channels/height/width need at most 4 (use .shape)")
         return (tuple(shape) + (1,) * 4)[i] if i < len(shape) else 1
 
     num = property(lambda self: self._legacy(0))
@@ -69,10 +78,9 @@ class Blob:
 
     def reshape(self, *shape):
         """Give the blob a new shape (zeros); call net.reshape() to propagate an input's new shape."""
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = tuple(shape[0])
-        shape = tuple(int(d) for d in shape)
+        shape = _shape_arg(shape, f"blob '{self.name}'")
         net = self._net
+        net._host.pop(("blob", self.name), None)  # a GPU net's host copy of the old shape is stale
         net._arrays[self.name] = net.xp.zeros(shape, dtype="float32")
         net._shapes[self.name] = shape
         net._freed.discard(self.name)
@@ -95,11 +103,11 @@ class ParamBlob:
 
     @property
     def diff(self):
-        return self._net.xp.zeros(self.shape, dtype="float32")
+        return self._net._diff(("param", self.layer, self.index), self.shape)
 
     @property
     def shape(self):
-        return tuple(self.data.shape)
+        return tuple(self._net._params[self.layer][self.index].shape)
 
     @property
     def count(self):
@@ -115,9 +123,8 @@ class ParamBlob:
         return f"{self.layer}/{self.index}"
 
     def reshape(self, *shape):
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = tuple(shape[0])
-        self._net._params[self.layer][self.index] = self._net.xp.zeros(tuple(int(d) for d in shape), "float32")
+        shape = _shape_arg(shape, f"parameter {self.index} of layer '{self.layer}'")
+        self._net._params[self.layer][self.index] = self._net.xp.zeros(shape, "float32")
 
     def __repr__(self):
         return f"ParamBlob({self.layer!r}, {self.index}, shape={self.shape})"
@@ -132,7 +139,7 @@ class LayerView:
         self.type = node.type
         self.bottom = list(node.bottoms)
         self.top = [t for t in node.tops if t != AUTOMATIC]
-        self.blobs = [ParamBlob(net, node.name, i) for i in range(len(net._params.get(node.name, [])))]
+        self.blobs = net._param_blobs(node.name)
         self.phase = net.phase
 
     def __repr__(self):
@@ -142,27 +149,70 @@ class LayerView:
 class PycaffeNetMixin:
     """The pycaffe attributes of a Net (mixed into caffeish.runtime.net.Net)."""
 
+    # -- blobs, layers and parameters, in Caffe's orders ------------------------------
+    @property
+    def _blob_names(self):
+        """Every blob name, in the order Caffe's Net creates them (a layer's new tops, layer by layer)."""
+        names = {}
+        for node in self.nodes:
+            for t in node.tops:
+                if t != AUTOMATIC:
+                    names.setdefault(t, None)
+        return list(names)
+
+    @property
+    def _blobs(self):
+        return [Blob(self, name) for name in self._blob_names]
+
     @property
     def blobs(self):
         """OrderedDict of blob name -> Blob, in the order the layers produce them."""
-        out = OrderedDict()
+        return OrderedDict(zip(self._blob_names, self._blobs))
+
+    @property
+    def _blob_loss_weights(self):
+        """The loss weight of each blob (in _blob_names order), as Caffe's Net records them: a
+        layer's loss_weight for each top, 1 for a loss layer's first top when none is given, 0
+        otherwise; a later in-place layer's value replaces an earlier one's."""
+        weights = {}
         for node in self.nodes:
-            for t in node.tops:
-                if t != AUTOMATIC and t not in out:
-                    out[t] = Blob(self, t)
-        return out
+            for j, t in enumerate(node.tops):
+                if t != AUTOMATIC:
+                    weights[t] = self._loss_weight(node, j)
+        return [weights[name] for name in self._blob_names]
+
+    @property
+    def blob_loss_weights(self):
+        """OrderedDict of blob name -> loss weight (pycaffe's net.blob_loss_weights)."""
+        return OrderedDict(zip(self._blob_names, self._blob_loss_weights))
+
+    def _param_blobs(self, layer):
+        """A layer's parameter blobs as pycaffe shows them (a Python layer's own list)."""
+        own = self._python_blobs.get(layer)
+        if own is not None:
+            return own
+        return [ParamBlob(self, layer, i) for i in range(len(self._params.get(layer, [])))]
 
     @property
     def params(self):
-        """OrderedDict of layer name -> [ParamBlob, ...] for the layers that own parameters."""
-        return OrderedDict(
-            (node.name, [ParamBlob(self, node.name, i) for i in range(len(self._params[node.name]))])
-            for node in self.nodes if self._params.get(node.name)
-        )
+        """OrderedDict of layer name -> [param blob, ...] for the layers that own parameters."""
+        self._sync_python_params()
+        out = OrderedDict()
+        for node in self.nodes:
+            blobs = self._param_blobs(node.name)
+            if len(blobs):
+                out[node.name] = blobs
+        return out
 
     @property
     def layers(self):
-        return [LayerView(self, node) for node in self.nodes]
+        """One object per layer (pycaffe's net.layers): a Python layer's own object, else a view."""
+        self._sync_python_params()
+        out = []
+        for node in self.nodes:
+            instance = getattr(node.layer, "instance", None) if node.type == "Python" else None
+            out.append(instance if instance is not None else LayerView(self, node))
+        return out
 
     @property
     def _layer_names(self):
@@ -170,7 +220,8 @@ class PycaffeNetMixin:
 
     @property
     def layer_dict(self):
-        return OrderedDict((view.name, view) for view in self.layers)
+        """OrderedDict of layer name -> layer (pycaffe's net.layer_dict)."""
+        return OrderedDict(zip(self._layer_names, self.layers))
 
     @property
     def top_names(self):
@@ -180,9 +231,18 @@ class PycaffeNetMixin:
     def bottom_names(self):
         return OrderedDict((n.name, list(n.bottoms)) for n in self.nodes)
 
-    @property
-    def _blob_names(self):
-        return list(self.blobs)
+    def _blob_index(self):
+        return {name: i for i, name in enumerate(self._blob_names)}
+
+    def _top_ids(self, i):
+        """The blob indices of layer i's tops (pycaffe's net._top_ids)."""
+        index = self._blob_index()
+        return [index[t] for t in self.nodes[i].tops if t != AUTOMATIC]
+
+    def _bottom_ids(self, i):
+        """The blob indices of layer i's bottoms (pycaffe's net._bottom_ids)."""
+        index = self._blob_index()
+        return [index[b] for b in self.nodes[i].bottoms]
 
     @property
     def inputs(self):
@@ -192,6 +252,19 @@ class PycaffeNetMixin:
     def outputs(self):
         return [b for b in self.graph.outputs if b != AUTOMATIC]
 
+    @property
+    def _inputs(self):
+        """The blob indices of net.inputs."""
+        index = self._blob_index()
+        return [index[name] for name in self.inputs]
+
+    @property
+    def _outputs(self):
+        """The blob indices of net.outputs."""
+        index = self._blob_index()
+        return [index[name] for name in self.outputs]
+
+    # -- forward -------------------------------------------------------------------------
     def forward(self, blobs=None, start=None, end=None, **kwargs):
         """pycaffe's forward: inputs as keyword arrays (or already in net.blobs[...].data).
 
@@ -202,12 +275,13 @@ class PycaffeNetMixin:
         return self.forward_outputs(kwargs or None, start, end, blobs or ())
 
     def forward_all(self, blobs=None, **kwargs):
-        """pycaffe's forward_all: run over inputs of any batch size, one net batch at a time."""
-        import numpy as np
+        """pycaffe's forward_all: run over inputs of any batch size, one net batch at a time.
 
+        The last batch is padded with zeros and the padding dropped from the
+        results, as pycaffe does; the batch size is the net's first blob's."""
         if not kwargs:
             return self.forward(blobs=blobs)
-        batch = self.blob_shape(self.inputs[0])[0]
+        batch = self.blob_shape(self._blob_names[0])[0] if self._blob_names else 1
         total = len(next(iter(kwargs.values())))
         results = {}
         for lo in range(0, total, batch):
@@ -220,17 +294,36 @@ class PycaffeNetMixin:
                 results.setdefault(k, []).append(np.array(v[:n]))
         return OrderedDict((k, np.concatenate(v)) for k, v in results.items())
 
+    # -- MemoryData --------------------------------------------------------------------
+    def set_input_arrays(self, data, labels):
+        """pycaffe's set_input_arrays: hand a MemoryData layer (the net's first layer) its arrays.
+
+        data: float32, C-contiguous, (N, channels, height, width); labels:
+        float32, (N,) or (N, 1, 1, 1); N a multiple of the layer's batch_size.
+        Each forward then takes the next batch_size items (wrapping around),
+        without copying them: the arrays must stay unchanged while in use.
+        """
+        if isinstance(labels, np.ndarray) and labels.ndim == 1:
+            labels = np.ascontiguousarray(labels[:, np.newaxis, np.newaxis, np.newaxis])
+        return self._set_input_arrays(data, labels)
+
 
 # ---------------------------------------------------------------------------- Python layers
 
 
-def _shape_arg(shape):
-    """pycaffe's reshape arguments: reshape(1, 3, H, W) (or one tuple), as a tuple of ints >= 0."""
-    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+def _shape_arg(shape, what="blob"):
+    """pycaffe's reshape arguments: reshape(1, 3, H, W) (or one tuple), as a tuple of ints >= 0
+    (BlobShapeError, a ValueError, otherwise)."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, np.ndarray)):
         shape = tuple(shape[0])
+    for d in shape:
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)):
+            raise BlobShapeError(f"{what}: reshape{tuple(shape)}: dimensions must be integers, got {d!r}")
     dims = tuple(int(d) for d in shape)
     if any(d < 0 for d in dims):
-        raise GraphError(f"reshape{dims}: a blob dimension cannot be negative")
+        raise BlobShapeError(f"{what}: reshape{dims}: a blob dimension cannot be negative")
+    if len(dims) > MAX_BLOB_AXES:
+        raise BlobShapeError(f"{what}: reshape to {len(dims)} axes; Caffe's blobs have at most {MAX_BLOB_AXES}")
     return dims
 
 
@@ -290,10 +383,10 @@ class ArrayBlob:
 
 
 class LayerBlobs(list):
-    """pycaffe's `layer.blobs` of a Python layer: a list with `add_blob(*shape)`."""
+    """pycaffe's `layer.blobs` of a Python layer: a list with `add_blob(*shape)` (a zero blob)."""
 
     def add_blob(self, *shape):
-        self.append(ArrayBlob(_shape_arg(shape)))
+        self.append(ArrayBlob(_shape_arg(shape, "add_blob")))
 
 
 class PythonLayer:
@@ -322,6 +415,10 @@ class PythonLayer:
         if blobs is None:
             blobs = self.__dict__["_blobs"] = LayerBlobs()
         return blobs
+
+    @property
+    def type(self):
+        return "Python"
 
     def setup(self, bottom, top):
         pass

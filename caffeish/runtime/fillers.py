@@ -20,12 +20,19 @@ the way Caffe's filler.hpp does (semantics.md section 4):
 Every filler except gaussian rejects sparse != -1, and Caffe refuses to fill an
 empty blob.  Random fillers cannot reproduce Caffe's random numbers (Caffe uses
 boost's generators); only their distributions match.
+
+The global random stream (`set_global_seed`, pycaffe's `caffe.set_random_seed`)
+stands for Caffe's global RNG: once seeded, Nets built without their own seed
+draw their fillers and random layers from it, one stream for all of them, so a
+script that seeds and then builds its nets in the same order gets the same
+values every run.  Seeding again restarts the stream, for the nets already built
+too (their Dropout/DummyData draws come from it), as in Caffe.
 """
 import math
 
 import numpy as np
 
-from caffeish.errors import FillerError
+from caffeish.errors import ArgumentError, FillerError
 from caffeish.formats.schema import pb
 
 TYPES = ("constant", "gaussian", "positive_unitball", "uniform", "xavier", "msra", "bilinear")
@@ -140,3 +147,80 @@ def _gaussian(rng, mean, std, shape, where):
     out *= np.float32(std)
     out += np.float32(mean)
     return out
+
+
+# -- the global random stream (Caffe's Caffe::set_random_seed) ------------------------------------
+
+
+class GlobalRNG:
+    """A numpy Generator that follows the latest `set_global_seed` (what Nets hold as their rng)."""
+
+    generator = None
+
+    def __getattr__(self, name):
+        if GlobalRNG.generator is None:
+            raise AttributeError(name)
+        return getattr(GlobalRNG.generator, name)
+
+    def __repr__(self):
+        return f"GlobalRNG({GlobalRNG.generator!r})"
+
+
+_GLOBAL = GlobalRNG()
+UINT_MAX = 2 ** 32 - 1
+
+
+def set_global_seed(seed):
+    """Seed the global stream (seed: an integer 0..2**32-1, Caffe's unsigned int)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ArgumentError(f"set_random_seed: the seed must be an integer, got {seed!r}")
+    if not 0 <= int(seed) <= UINT_MAX:
+        raise ArgumentError(f"set_random_seed: the seed must be in 0..{UINT_MAX} (Caffe's unsigned int), got {seed}")
+    GlobalRNG.generator = np.random.default_rng(int(seed))
+
+
+def global_rng():
+    """The global stream once `set_global_seed` was called, else None."""
+    return _GLOBAL if GlobalRNG.generator is not None else None
+
+
+# Layers whose first blob is a weight that must not be constant: with every weight equal, every output
+# channel computes the same thing (and zeros make the layer's output ignore its input).
+WEIGHT_TYPES = ("Convolution", "Deconvolution", "InnerProduct", "Embed")
+
+
+def constant_value(spec):
+    """The one value a filler gives every element (0 for no filler: Caffe's zeros), or None when it
+    draws different values (gaussian, xavier, msra, bilinear, ...)."""
+    if spec is None:
+        return 0.0
+    if spec.type == "constant":
+        return float(spec.value)
+    if spec.type == "gaussian" and spec.std == 0:
+        return float(spec.mean)
+    if spec.type == "uniform" and spec.min == spec.max:
+        return float(spec.min)
+    return None
+
+
+def constant_filler(spec):
+    """How a filler gives one value to every element ("constant 0", "no filler: zeros", ...), or None when
+    it draws different values (constant_value decides)."""
+    if constant_value(spec) is None:
+        return None
+    if spec is None:
+        return "no filler: zeros"
+    if spec.type == "gaussian":
+        return f"gaussian with std 0: constant {spec.mean:g}"
+    if spec.type == "uniform":
+        return f"uniform from {spec.min:g} to {spec.max:g}: constant"
+    return f"constant {spec.value:g}"
+
+
+def constant_weights(node):
+    """The constant_filler description of a layer's weight filler when the layer is a WEIGHT_TYPES layer whose
+    weights a constant filler gives, else None."""
+    if node.type not in WEIGHT_TYPES or not node.param_shapes:
+        return None
+    specs = node.layer.fillers()
+    return constant_filler(specs[0] if specs else None)

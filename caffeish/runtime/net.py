@@ -8,14 +8,21 @@ on a backend (caffeish.runtime.backend: numpy, or cupy for the GPU).
 Blobs are names bound to arrays.  A layer returns fresh arrays (or views of its
 bottoms where Caffe shares data) and never writes into its inputs, so in-place
 layers simply rebind their top name, and the tops of a Split all name the same
-array, which is Caffe's semantics without copies.  By default an intermediate
-blob is dropped as soon as no later layer reads it, so peak memory is about the
-largest few live blobs, not the sum of all; `keep=True` (or a list of names)
-retains them for inspection.  Inputs and outputs are always kept.
+array, which is Caffe's semantics without copies.  Every blob is kept after a
+forward, as in Caffe (`net.blobs['conv1'].data`).  `keep=False` saves memory
+instead: an intermediate blob is dropped as soon as no later layer reads it, so
+peak memory is about the largest few live blobs, not the sum of all (a list of
+names keeps those too); inputs and outputs are always kept.  The tools that own
+their nets (classify, segment, evaluate, surgery's check) use keep=False.
 
 The pycaffe-compatible face (`net.blobs`, `net.params`, `net.layers`, ...) is
-in caffeish.runtime.blobs and is mixed into this class.
+in caffeish.runtime.blobs and is mixed into this class; the rest of pycaffe's
+Net is here: forward hooks (`before_forward`/`after_forward`), `_forward`,
+`share_with`, `save_hdf5`/`load_hdf5` (h5py, optional), `_set_input_arrays`
+(MemoryData), and the parameter blobs of Python layers.
 """
+import os
+import tempfile
 from collections import OrderedDict
 
 import numpy as np
@@ -23,7 +30,9 @@ import numpy as np
 from caffeish.runtime import backend as backends
 from caffeish.runtime import fillers
 from caffeish.formats import io
-from caffeish.errors import CaffeishError, GraphError, ShapeError, UnsupportedError
+from caffeish.errors import (ArgumentError, BlobShapeError, CaffeishError, FileOpenError, GraphError,
+                             InputArrayError, LayerIndexError, MissingDependencyError, ShapeError,
+                             UnknownBlobError, UnknownLayerError, UnsupportedError, WeightError)
 from caffeish.graph.graph import AUTOMATIC, Graph, phase_value
 from caffeish.runtime.blobs import PycaffeNetMixin
 from caffeish.formats.schema import TEST, pb
@@ -42,8 +51,38 @@ def _load_net(network):
         return copy, "<NetParameter>"
     if isinstance(network, bytes):
         network = network.decode()
-    net = io.read_net(str(network))
-    return net, str(network)
+    network = os.fspath(network)
+    check_file(network)
+    net = io.read_net(network)
+    return net, network
+
+
+def check_file(path):
+    """pycaffe's CheckFile: a file that cannot be opened is a RuntimeError (FileOpenError)."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise FileOpenError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def is_hdf5(path):
+    """Whether `path` holds HDF5 (Caffe's .caffemodel.h5), judged by content as Caffe does."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(io.HDF5_SIGNATURE)) == io.HDF5_SIGNATURE
+    except OSError:
+        return False
+
+
+def _h5py(what):
+    try:
+        import h5py
+    except ImportError:
+        raise MissingDependencyError(
+            f"{what}: HDF5 weights need the h5py package, which is not installed (pip install h5py); "
+            f"net.save / binary .caffemodel files need nothing more") from None
+    return h5py
 
 
 def _root(array):
@@ -55,19 +94,22 @@ class Net(PycaffeNetMixin):
     """A runnable Caffe net.
 
     network: prototxt path (or a NetParameter).  weights: caffemodel path(s)
-    (or None: every parameter comes from its filler).  phase: TEST or TRAIN.
-    keep: False (free intermediates), True (keep every blob) or a list of names.
+    (binary or HDF5; or None: every parameter comes from its filler).  phase:
+    TEST or TRAIN.  keep: True (keep every blob, as Caffe: the default), False
+    (free intermediates after their last use) or a list of names to keep.
     input_shapes: {input blob: shape} overriding the prototxt's shapes.
     backend: "numpy", "cupy" or None (caffeish.set_mode_cpu/gpu decides).
     device: "cpu", "cuda" or "cuda:N" (overrides backend; N selects the GPU).
-    seed: the fillers' random seed, so that an unweighted net is reproducible.
+    seed: the random seed of the fillers and random layers, so that an
+    unweighted net is reproducible.  None: the global stream when
+    caffeish.set_random_seed was called (pycaffe's), else 0.
 
     pycaffe's positional forms work too: Net(proto, TEST), Net(proto, weights,
     TEST), Net(proto, TEST, weights=...), Net(network_file=..., phase=...).
     """
 
-    def __init__(self, network=None, *args, weights=None, phase=None, level=0, stages=(), keep=False,
-                 input_shapes=None, backend=None, seed=0, max_blob_bytes=None, network_file=None,
+    def __init__(self, network=None, *args, weights=None, phase=None, level=0, stages=(), keep=True,
+                 input_shapes=None, backend=None, seed=None, max_blob_bytes=None, network_file=None,
                  device=None):
         if network is None:
             network = network_file
@@ -85,7 +127,7 @@ class Net(PycaffeNetMixin):
                 raise CaffeishError(f"Net: weights given twice ({weights!r} and {arg!r})")
         self.phase = phase_value(TEST if phase is None else phase)
         net, self.source = _load_net(network)
-        self.graph = Graph(net, self.phase, level, stages, input_shapes, max_blob_bytes)
+        self.graph = Graph(net, self.phase, level, () if stages is None else stages, input_shapes, max_blob_bytes)
         self.name = self.graph.name
         if device is not None:
             backend = backends.for_device(device)
@@ -105,19 +147,30 @@ class Net(PycaffeNetMixin):
                              for t in n.tops]
         self._provided = set()  # data-layer tops the caller has given values (or touched .data)
         self._check_runnable()
-        self._keep_all = keep is True
+        self._keep_all = keep is True or keep is None
         self._keep = set() if keep in (True, False, None) else set(keep)
         unknown = self._keep - set(self.graph.blob_shapes)
         if unknown:
-            raise GraphError(f"keep names unknown blob(s) {sorted(unknown)}")
-        self.rng = np.random.default_rng(seed)
+            raise UnknownBlobError(f"keep names unknown blob(s) {sorted(unknown)}")
+        self.rng = np.random.default_rng(seed) if seed is not None else (fillers.global_rng()
+                                                                           or np.random.default_rng(0))
         for node in self.nodes:  # random layers (DummyData fillers, Dropout at TRAIN) draw from the Net's seed
             if hasattr(node.layer, "rng"):
                 node.layer.rng = self.rng
         self._params = OrderedDict()  # layer name -> [array, ...]
+        self._sharers = set()  # (layer, index) of parameters that share another layer's (ParamSpec.name)
+        # Python layers' own parameter lists (self.blobs in their setup): their arrays are the Net's.
+        self._python_blobs = {n.name: n.layer.instance.blobs for n in self.nodes
+                              if n.type == "Python" and getattr(n.layer, "instance", None) is not None}
+        self._diffs = {}  # pycaffe's .diff arrays, made on first use
+        self._before_forward, self._after_forward = [], []
+        self._memory = {}  # MemoryData layers that set_input_arrays gave arrays: name -> layer
         paths = [weights] if isinstance(weights, (str, bytes)) or hasattr(weights, "__fspath__") else list(weights or [])
+        paths = [os.fsdecode(p) for p in paths]
+        for path in paths:
+            check_file(path)
         self.missing_weights, self.unused_weights = [], []
-        binding = self._bind(paths[0]) if paths else None
+        binding = self._bind(paths[0]) if paths and not is_hdf5(paths[0]) else None
         self._init_params(binding.arrays if binding else None)
         self._shapes = dict(self.graph.blob_shapes)
         self._arrays = {}
@@ -125,7 +178,7 @@ class Net(PycaffeNetMixin):
         self._node_index = {n.name: i for i, n in enumerate(self.nodes)}
         self._last_use = self._compute_last_use()
         self._alloc_inputs()
-        for path in paths[1:]:
+        for path in paths[0 if paths and binding is None else 1:]:
             self.copy_from(path)
 
     # -- construction ----------------------------------------------------------------
@@ -147,16 +200,28 @@ class Net(PycaffeNetMixin):
                 continue
             specs = node.layer.fillers()
             stored = loaded.get(node.name)
+            python = self._python_blobs.get(node.name)  # the layer's own blobs hold its values
             arrays = []
             for i, shape in enumerate(node.param_shapes):
                 spec_name = node.param.param[i].name if i < len(node.param.param) else ""
                 if spec_name and spec_name in owners:
                     arr = self._shared(node, i, shape, spec_name, owners[spec_name])
+                    if python is not None:
+                        if not backends.is_host(arr):
+                            raise UnsupportedError(
+                                f"layer '{node.name}' (Python): parameter {i} shares '{spec_name}' with a layer "
+                                f"on the GPU; a Python layer's parameters live on the host")
+                        python[i].bind(arr)
                     if stored is not None:
-                        arr[...] = self.xp.asarray(stored[i]).reshape(arr.shape)
+                        self._write_param(arr, stored[i])
                     arrays.append(arr)
+                    self._sharers.add((node.name, i))
                     continue
-                if stored is not None:
+                if python is not None:
+                    arr = python[i].data
+                    if stored is not None:
+                        self._write_param(arr, stored[i])
+                elif stored is not None:
                     arr = self._own(stored[i])
                 else:
                     filler = specs[i] if i < len(specs) else None
@@ -165,6 +230,20 @@ class Net(PycaffeNetMixin):
                 if spec_name:
                     owners[spec_name] = (arr, node.name)
             self._params[node.name] = arrays
+
+    def _write_param(self, target, value):
+        """Copy `value` into the parameter array `target` (a host array for a Python layer's)."""
+        if self.xp is np or backends.is_host(target):
+            target[...] = np.asarray(backends.to_numpy(value)).reshape(target.shape)
+        else:
+            target[...] = self.xp.asarray(value).reshape(target.shape)
+
+    def _sync_python_params(self):
+        """Python layers' parameter arrays, as their blobs hold them now (a blob the layer
+        reshaped, or that share_with bound, has a new array)."""
+        for name, blobs in self._python_blobs.items():
+            if len(blobs) or name in self._params:
+                self._params[name] = [blob.data for blob in blobs]
 
     def _own(self, array):
         """A loaded weight as an aligned, writable float32 array of this backend that only
@@ -210,20 +289,61 @@ class Net(PycaffeNetMixin):
         return binding
 
     def copy_from(self, path):
-        """Load a caffemodel into the matching layers (by name), as Caffe's CopyTrainedLayersFrom."""
+        """Load weights into the matching layers (by name), as Caffe's CopyTrainedLayersFrom: a
+        binary caffemodel, or HDF5 (judged by content, as Caffe does; see load_hdf5)."""
+        path = os.fsdecode(path)
+        check_file(path)
+        if is_hdf5(path):
+            return self.load_hdf5(path)
         self._sync_host()
+        self._sync_python_params()
         binding = self._bind(path)
         for name, arrays in binding.arrays.items():
             targets = self._params.get(name)
             if targets is None:
                 continue
             for target, arr in zip(targets, arrays):
-                target[...] = self.xp.asarray(arr)
+                self._write_param(target, arr)
         return binding
 
     def param_arrays(self, layer):
         """The parameter arrays of a layer (the live ones: writing them changes the net)."""
+        self._sync_python_params()
         return self._params[layer]
+
+    def share_with(self, other):
+        """pycaffe's share_with (Caffe's ShareTrainedLayersWith): every layer of `other` whose
+        name this net has must have as many parameter blobs, each of exactly the same shape;
+        this net's blobs then use the other's arrays (writing one changes both).  Layers of
+        `other` missing here are ignored.  Checked in full before anything is shared."""
+        if not isinstance(other, Net):
+            raise ArgumentError(f"share_with: expected a Net, got {type(other).__name__}")
+        if other.xp is not self.xp:
+            raise UnsupportedError("share_with: both nets must run on the same device (CPU or GPU)")
+        for net in (self, other):
+            net._sync_host()
+            net._sync_python_params()
+        pairs = []
+        for node in other.nodes:
+            if node.name not in self._node_index:
+                continue
+            source, target = other._params.get(node.name, []), self._params.get(node.name, [])
+            if len(source) != len(target):
+                raise WeightError(
+                    f"share_with: layer '{node.name}' has {len(source)} parameter blob(s) in the other net and "
+                    f"{len(target)} here (Caffe: Incompatible number of blobs)")
+            for j, (s, t) in enumerate(zip(source, target)):
+                if tuple(s.shape) != tuple(t.shape):
+                    raise WeightError(
+                        f"share_with: cannot share parameter {j} of layer '{node.name}': shape mismatch, "
+                        f"{tuple(s.shape)} in the other net, {tuple(t.shape)} here")
+                pairs.append((node.name, j, s))
+        for name, j, array in pairs:
+            python = self._python_blobs.get(name)
+            if python is not None:
+                python[j].bind(array if backends.is_host(array) else backends.to_numpy(array))
+            self._params[name][j] = array
+        self._sync_python_params()
 
     # -- shapes --------------------------------------------------------------------------
     def reshape(self, **shapes):
@@ -231,7 +351,8 @@ class Net(PycaffeNetMixin):
         self._sync_host()
         for name, shape in shapes.items():
             if name not in self.input_names:
-                raise GraphError(f"reshape: '{name}' is not an input of this net; inputs are {self.input_names}")
+                raise UnknownBlobError(
+                    f"reshape: '{name}' is not an input of this net; inputs are {self.input_names}")
             shape = tuple(int(d) for d in shape)
             if tuple(self._arrays[name].shape) != shape:
                 self._arrays[name] = self.xp.zeros(shape, dtype=np.float32)
@@ -260,11 +381,11 @@ class Net(PycaffeNetMixin):
                 del self._arrays[name]
 
     def _check_params(self, node, bottom_shapes):
-        if not node.param_shapes:
+        if not node.param_shapes or node.type == "Python":  # a Python layer's blobs are its own business
             return
         now = [tuple(int(d) for d in s) for s in node.layer.param_shapes(bottom_shapes)]
         if now != node.param_shapes:
-            raise ShapeError(
+            raise BlobShapeError(
                 f"layer '{node.name}' ({node.type}): the new input shape {bottom_shapes} would change "
                 f"its parameter shapes from {node.param_shapes} to {now}; Caffe refuses this "
                 f"(an InnerProduct's input size is fixed by its weights)"
@@ -279,7 +400,8 @@ class Net(PycaffeNetMixin):
     def _set_inputs(self, inputs):
         for name, value in inputs.items():
             if name not in self.input_names:
-                raise GraphError(f"forward: '{name}' is not an input of this net; inputs are {self.input_names}")
+                raise UnknownBlobError(
+                    f"forward: '{name}' is not an input of this net; inputs are {self.input_names}")
             arr = self.xp.array(value, dtype=np.float32, order="C", copy=True)
             self._arrays[name] = arr
             self._provided.add(name)
@@ -301,6 +423,7 @@ class Net(PycaffeNetMixin):
         if self._host:
             self._sync_host(skip={t for n in self.nodes[first:last + 1] if n.name not in self._fed_nodes
                                   for t in n.tops})
+        self._sync_python_params()
         if inputs:
             self._set_inputs(inputs)
         if first > last:
@@ -315,18 +438,29 @@ class Net(PycaffeNetMixin):
         self._freed.clear()
         xp = self.xp
         arrays = self._arrays
+        given = set(inputs or ())
+        hooks = bool(self._before_forward or self._after_forward)
         for i in range(first, last + 1):
             node = self.nodes[i]
+            if hooks:
+                self._run_hooks(self._before_forward, i)
             if node.name in self._fed_nodes:
+                if node.name in self._memory and not given.intersection(node.tops):
+                    self._serve_memory(node)
+                if hooks:
+                    self._run_hooks(self._after_forward, i)
                 continue
             try:
                 bottoms = [arrays[b] for b in node.bottoms]
             except KeyError as e:
                 raise GraphError(
                     f"layer '{node.name}' ({node.type}): bottom blob {e} is not available: it was freed "
-                    f"after its last use or never computed; build the Net with keep=True to run from "
-                    f"a middle layer"
+                    f"after its last use (keep=False) or never computed; build the Net with keep=True "
+                    f"(the default) to run from a middle layer"
                 ) from None
+            for t in node.tops:  # the previous pass's value is not needed: let its memory go first
+                if t not in node.bottoms:
+                    arrays.pop(t, None)
             shapes = [tuple(b.shape) for b in bottoms]
             if shapes != node.bottom_shapes:
                 node.top_shapes = [tuple(s) for s in node.layer.reshape(shapes)]
@@ -351,7 +485,103 @@ class Net(PycaffeNetMixin):
                     if self._last_use.get(b) == i and b not in kept and b not in node.tops:
                         arrays.pop(b, None)
                         self._freed.add(b)
+            if hooks:
+                self._run_hooks(self._after_forward, i)
         return arrays
+
+    # -- pycaffe's forward hooks ---------------------------------------------------------
+    def before_forward(self, callback):
+        """pycaffe's before_forward: call `callback(i)` before layer i runs, on every forward."""
+        if not callable(callback):
+            raise ArgumentError(f"before_forward: expected a callable, got {type(callback).__name__}")
+        self._before_forward.append(callback)
+
+    def after_forward(self, callback):
+        """pycaffe's after_forward: call `callback(i)` after layer i ran, on every forward."""
+        if not callable(callback):
+            raise ArgumentError(f"after_forward: expected a callable, got {type(callback).__name__}")
+        self._after_forward.append(callback)
+
+    def _run_hooks(self, callbacks, i):
+        for callback in callbacks:
+            callback(i)
+        if self._host:  # on the GPU: what a hook wrote into net.blobs[...].data reaches the device
+            self._sync_host()
+
+    def _forward(self, start, end):
+        """pycaffe's net._forward(start, end): run layers start..end (indices, inclusive) and
+        return the loss, the sum of each loss-weighted top times its weight (Caffe's ForwardFromTo)."""
+        count = len(self.nodes)
+        for what, i in (("start", start), ("end", end)):
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < count:
+                raise LayerIndexError(f"_forward: {what} {i!r} is not a layer index (0..{count - 1})")
+        arrays = self.run(start=self.nodes[start].name, end=self.nodes[end].name)
+        loss = 0.0
+        for node in self.nodes[start:end + 1]:
+            for j, top in enumerate(node.tops):
+                weight = self._loss_weight(node, j)
+                if weight and top in arrays:
+                    loss += weight * float(backends.to_numpy(arrays[top]).sum(dtype=np.float64))
+        return loss
+
+    def _loss_weight(self, node, j):
+        """Caffe's loss weight of top j of `node`: its loss_weight entry, or 1 for a loss layer's
+        first top when the layer gives none, else 0."""
+        weights = node.param.loss_weight
+        if len(weights):
+            return float(weights[j]) if j < len(weights) else 0.0
+        from caffeish.ops.loss import LossLayer
+
+        return 1.0 if j == 0 and isinstance(node.layer, LossLayer) else 0.0
+
+    def _diff(self, key, shape):
+        """The .diff array pycaffe shows for a blob or parameter (host zeros until written)."""
+        shape = tuple(shape)
+        array = self._diffs.get(key)
+        if array is None or array.shape != shape:
+            array = self._diffs[key] = np.zeros(shape, dtype=np.float32)
+        return array
+
+    # -- MemoryData ----------------------------------------------------------------------
+    def _set_input_arrays(self, data, labels):
+        """pycaffe's _set_input_arrays: checks as pycaffe's (RuntimeError: InputArrayError), then
+        the net's first layer, a MemoryData, serves batch_size items of them per forward."""
+        if not self.nodes or self.nodes[0].type != "MemoryData":
+            raise InputArrayError("set_input_arrays may only be called if the first layer is a MemoryDataLayer")
+        node = self.nodes[0]
+        p = node.param.memory_data_param
+        for name, array, dims in (("data array", data, (p.channels, p.height, p.width)),
+                                  ("labels array", labels, (1, 1, 1))):
+            if not isinstance(array, np.ndarray):
+                raise InputArrayError(f"{name} must be a numpy array, got {type(array).__name__}")
+            if not array.flags.c_contiguous:
+                raise InputArrayError(f"{name} must be C contiguous (np.ascontiguousarray)")
+            if array.ndim != 4:
+                raise InputArrayError(f"{name} must be 4-d, got shape {array.shape}")
+            if array.dtype != np.float32:
+                raise InputArrayError(f"{name} must be float32, got {array.dtype}")
+            for axis, what in ((1, "number of channels"), (2, "height"), (3, "width")):
+                if array.shape[axis] != dims[axis - 1]:
+                    raise InputArrayError(
+                        f"{name} has wrong {what}: {array.shape[axis]}, the layer '{node.name}' "
+                        f"(memory_data_param) has {dims[axis - 1]}")
+        if data.shape[0] != labels.shape[0]:
+            raise InputArrayError(
+                f"data and labels must have the same first dimension, got {data.shape[0]} and {labels.shape[0]}")
+        if data.shape[0] % p.batch_size != 0:
+            raise InputArrayError(
+                f"first dimensions of input arrays must be a multiple of batch size ({p.batch_size}), "
+                f"got {data.shape[0]}")
+        node.layer.reset(data, labels)
+        self._memory[node.name] = node.layer
+        self._provided.update(t for t in node.tops if t != AUTOMATIC)
+
+    def _serve_memory(self, node):
+        for name, array in zip(node.tops, node.layer.next_batch()):
+            if name != AUTOMATIC:
+                self._arrays[name] = array if self.xp is np else self.xp.asarray(array)
+                self._shapes[name] = tuple(array.shape)
+                self._freed.discard(name)
 
     def _exclusive(self, name, array):
         """True when `array` (the blob `name`) may be overwritten: its memory belongs to
@@ -375,7 +605,7 @@ class Net(PycaffeNetMixin):
         blobs = list(blobs or ())
         unknown = [b for b in blobs if b not in self._shapes]
         if unknown:
-            raise GraphError(f"forward: unknown blob(s) {unknown}")
+            raise UnknownBlobError(f"forward: unknown blob(s) {unknown}")
         arrays = self.run(inputs, start, end, keep=blobs)
         names = self.graph.outputs if end is None else [t for t in self.nodes[self._layer_index(end)].tops
                                                          if t != AUTOMATIC]
@@ -387,8 +617,8 @@ class Net(PycaffeNetMixin):
     def _layer_index(self, name):
         try:
             return self._node_index[name]
-        except KeyError:
-            raise GraphError(f"no layer named '{name}' in net '{self.name}'") from None
+        except (KeyError, TypeError):
+            raise UnknownLayerError(f"no layer named {name!r} in net '{self.name}'") from None
 
     # -- saving ---------------------------------------------------------------------------
     def to_proto(self):
@@ -407,12 +637,108 @@ class Net(PycaffeNetMixin):
         return net
 
     def save(self, path):
-        """Write the weights as a caffemodel (atomically), as pycaffe's net.save."""
+        """Write the weights as a caffemodel (atomically), as pycaffe's net.save.
+
+        Needs nothing but the net itself (the prototxt it was built from may be gone);
+        refuses only to overwrite that prototxt while it exists."""
+        path = os.fsdecode(path)
         self._sync_host()
+        self._sync_python_params()
+        self._refuse_source(path)
         net = self.to_proto()
         blobs = [[backends.to_numpy(a) for a in self._params.get(node.name, [])] for node in self.nodes]
-        inputs = [self.source] if self.source and not self.source.startswith("<") else []
-        io.write_caffemodel(str(path), net, blobs, inputs=inputs)
+        io.write_caffemodel(path, net, blobs)
+
+    def _refuse_source(self, path):
+        source = self.source
+        if source and not source.startswith("<") and os.path.exists(source) and io.same_file(path, source):
+            raise CaffeishError(
+                f"{path}: refusing to overwrite an input file (the net's prototxt); choose another output path")
+
+    def save_hdf5(self, path):
+        """pycaffe's save_hdf5 (Caffe's Net::ToHDF5): a group /data/<layer> for every layer, holding
+        one float32 dataset per parameter blob the layer owns, named by its index ('0', '1').
+        Parameters shared by name (ParamSpec.name) are written by their owner only.  Needs h5py;
+        written atomically."""
+        h5py = _h5py("save_hdf5")
+        path = os.fsdecode(path)
+        self._sync_host()
+        self._sync_python_params()
+        self._refuse_source(path)
+        seen = set()
+        for node in self.nodes:
+            if "/" in node.name or node.name in (".", ""):
+                raise UnsupportedError(
+                    f"save_hdf5: layer name {node.name!r} cannot be an HDF5 group name (Caffe's ToHDF5 fails on "
+                    f"it too); save a binary caffemodel with net.save")
+            if node.name in seen:
+                raise UnsupportedError(f"save_hdf5: two layers are named '{node.name}'; HDF5 groups need unique names")
+            seen.add(node.name)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            with h5py.File(tmp, "w") as f:
+                data = f.create_group("data")
+                for node in self.nodes:
+                    group = data.create_group(node.name)
+                    for j, array in enumerate(self._params.get(node.name, [])):
+                        if (node.name, j) not in self._sharers:
+                            group.create_dataset(str(j), data=np.asarray(backends.to_numpy(array), dtype=np.float32))
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def load_hdf5(self, path):
+        """pycaffe's load_hdf5 (Caffe's CopyTrainedLayersFromHDF5): for each group /data/<layer> whose
+        layer this net has, dataset '<j>' goes into parameter j; the shape must be the same, a group
+        may not hold more blobs than the layer has, and only a parameter shared by name may be
+        absent.  Groups of other layers are ignored.  Checked in full before anything is written."""
+        h5py = _h5py("load_hdf5")
+        path = os.fsdecode(path)
+        check_file(path)
+        self._sync_host()
+        self._sync_python_params()
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise FileOpenError(f"{path}: cannot read as HDF5 weights: {e}") from None
+        updates = []
+        with f:
+            data = f.get("data")
+            if not isinstance(data, h5py.Group):
+                raise WeightError(f"{path}: no group 'data'; Caffe's HDF5 weights hold /data/<layer>/<index>")
+            for name in data:
+                if name not in self._node_index:
+                    continue
+                group = data[name]
+                targets = self._params.get(name, [])
+                if not isinstance(group, h5py.Group) or len(group) > len(targets):
+                    held = len(group) if isinstance(group, h5py.Group) else "no group but"
+                    raise WeightError(
+                        f"{path}: layer '{name}': the file holds {held} blob(s), the net's layer has "
+                        f"{len(targets)} (Caffe: Incompatible number of blobs)")
+                for j, target in enumerate(targets):
+                    dataset = group.get(str(j))
+                    if dataset is None:
+                        if (name, j) in self._sharers:
+                            continue
+                        raise WeightError(f"{path}: layer '{name}': blob {j} is missing (Caffe: Incompatible "
+                                          f"number of blobs)")
+                    if not isinstance(dataset, h5py.Dataset) or dataset.dtype.kind not in "fiu":
+                        raise WeightError(f"{path}: /data/{name}/{j} is not a float or integer dataset")
+                    if tuple(dataset.shape) != tuple(target.shape):
+                        raise WeightError(
+                            f"{path}: layer '{name}': blob {j} has shape {tuple(dataset.shape)} in the file, but "
+                            f"the net expects {tuple(target.shape)}")
+                    updates.append((target, np.asarray(dataset[()], dtype=np.float32)))
+        for target, array in updates:
+            self._write_param(target, array)
 
     # -- host copies (GPU nets) ----------------------------------------------------------
     def host_data(self, name):
@@ -435,7 +761,7 @@ class Net(PycaffeNetMixin):
     def host_param(self, layer, index):
         """Parameter blob `index` of `layer` as a numpy array (a host copy on the GPU, as host_data)."""
         arr = self._params[layer][index]
-        if self.xp is np:
+        if self.xp is np or backends.is_host(arr):  # a Python layer's parameters live on the host
             return arr
         key = ("param", layer, index)
         if key not in self._host:
