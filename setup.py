@@ -53,8 +53,13 @@ setup(
     ],
     extras_require={
         "gpu": ["cupy-cuda12x>=13.0"],
-        # grpcio-tools compiles proto/caffe.proto in tests/test_schema.py.
-        "test": ["pytest>=8.0", "grpcio-tools>=1.85.1"],
+        # caffe.draw (pycaffe's draw_net) draws through pydot; PNG/SVG also need Graphviz's `dot`.
+        "draw": ["pydot>=1.4.2"],
+        # Net.save_hdf5/load_hdf5 and HDF5 weights.
+        "hdf5": ["h5py>=3.8"],
+        # grpcio-tools compiles proto/caffe.proto in tests/test_schema.py; BVLC's own pycaffe tests
+        # (tests/test_peer_pycaffe.py) import six and use h5py and pydot.
+        "test": ["pytest>=8.0", "grpcio-tools>=1.85.1", "six>=1.16", "h5py>=3.8", "pydot>=1.4.2"],
     },
     entry_points={"console_scripts": ["caffeish = caffeish.tools.cli:main"]},
 )
