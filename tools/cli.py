@@ -22,7 +22,11 @@ TOOLS = {
     "dataset": ("dataset", "build and inspect DIGITS-style LMDB datasets (segmentation, classification)"),
     "evaluate": ("evaluate", "run a TEST-phase net like `caffe test`; segmentation metrics (mean IU, ...)"),
     "store": ("store", "model store: build, serve, list, pull and verify pretrained nets"),
+    "run": ("run", "run an unchanged pycaffe script (`import caffe`) on caffeish"),
 }
+# Tools whose errors from a Python layer's own code reach the user as the script's own
+# exceptions would (`run` executes a user's script: its exceptions pass through).
+PASS_THROUGH = ("run",)
 
 
 def _summary_options(p):
@@ -52,7 +56,12 @@ def main(argv=None):
     if hasattr(args, "input_shape"):
         args.input_shape = dict(args.input_shape)
     try:
-        return args.run(args)
+        if args.tool in PASS_THROUGH:
+            return args.run(args)
+        from caffeish.ops.python_layer import user_errors_as_caffeish
+
+        with user_errors_as_caffeish():  # a Python layer's exception: one line naming the layer
+            return args.run(args)
     except CaffeishError as e:
         print(f"caffeish {args.tool}: error: {e}", file=sys.stderr)
         return 1
