@@ -320,3 +320,51 @@ def test_an_image_the_net_refuses_fails_alone_and_its_batch_gets_results(tmp_pat
     monkeypatch.setattr(inference.Classifier, "predict", lambda self, p: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         main(args)
+
+
+# -- issue 15 ---------------------------------------------------------------------------------------------
+
+def _gray_folder(tmp_path, names=("a.png", "b.png", "c.png")):
+    folder = tmp_path / "gray"
+    folder.mkdir()
+    for i, name in enumerate(names):
+        Image.fromarray(np.array([[i, 2 * i], [3, 4]], np.uint8)).save(folder / name)
+    return folder
+
+
+def test_layers_left_at_a_constant_weight_filler_are_warned_about_once(tmp_path, capsys):
+    import re
+
+    (tmp_path / "bare.prototxt").write_text(re.sub(r'(inner_product_param \{ num_output: 4) weight_filler \{[^}]*\}',
+                                                   r"\1", EMBED_NET))
+    folder = _gray_folder(tmp_path)
+    assert main(["classify", str(tmp_path / "bare.prototxt"), "none", str(folder)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1, err
+    assert ("caffeish classify: warning: WEIGHTS is 'none' and the layers 'fc' are left at a constant weight filler "
+            "(0): their outputs do not depend on the image") in err
+    (tmp_path / "embed.prototxt").write_text(EMBED_NET)
+    assert main(["classify", str(tmp_path / "embed.prototxt"), "none", str(folder)]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_failure_every_image_hits_is_said_once_and_stops_the_run(tmp_path, capsys, monkeypatch):
+    """A net that fails on a blank image as on the image (every input has the net's shape, so every image
+    would fail): said once, and the run stops; an unreadable file is still named on its own."""
+    from caffeish.apps import inference
+    (tmp_path / "embed.prototxt").write_text(EMBED_NET)
+    folder = _gray_folder(tmp_path, ("a.png", "b.png", "c.png", "d.png"))
+    (folder / "0_bad.png").write_bytes(b"not a png")
+    calls = []
+
+    def broken(self, prepared):
+        calls.append(len(prepared))
+        raise ShapeError("layer 'fc' (InnerProduct): the net is broken")
+
+    monkeypatch.setattr(inference.Classifier, "predict", broken)
+    assert main(["classify", str(tmp_path / "embed.prototxt"), "none", str(folder), "--batch-size", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "0_bad.png: cannot read as an image" in err[0]
+    assert err[1:] == [f"caffeish classify: error: {folder / 'a.png'}: layer 'fc' (InnerProduct): the net is broken "
+                       f"(a blank image fails the same way, so every image would: stopped after 2 of 5 images)"]
+    assert calls == [1, 1]  # the batch (a.png alone after 0_bad.png), then the blank image: no more

@@ -163,3 +163,30 @@ def test_every_size_option_reads_width_first():
     for bad in ("0x5", "5x", "axb", "1x2x3"):
         with pytest.raises(CaffeishError, match="--resize: expected WIDTHxHEIGHT"):
             parse_wxh(bad, "--resize")
+
+
+def test_one_spelling_per_option_in_every_subcommand(capsys):
+    """--mean FILE (alias --mean-file), --mean-value B,G,R and --ignore-label N|none (-1: none) read the
+    same in classify, segment and evaluate (tools/options.py)."""
+    import pytest
+
+    from caffeish.tools.cli import build_parser
+    from caffeish.tools.options import IGNORE_LABEL_FROM_NET
+
+    parser = build_parser()
+    commands = (["classify", "n", "w", "i"], ["segment", "n", "w", "i", "-o", "o"],
+                ["evaluate", "segmentation", "n", "w"])
+    for argv in commands:
+        for flag in ("--mean", "--mean-file"):
+            args = parser.parse_args(argv + [flag, "m.binaryproto"])
+            assert args.mean == "m.binaryproto" and args.mean_value is None
+        assert parser.parse_args(argv + ["--mean-value", "1,2,3"]).mean_value == "1,2,3"
+    evaluate = ["evaluate", "segmentation", "n", "w"]
+    assert parser.parse_args(evaluate).ignore_label is IGNORE_LABEL_FROM_NET
+    for text, want in (("255", 255), ("0", 0), ("none", None), ("None", None), ("-1", None)):
+        assert parser.parse_args(evaluate + ["--ignore-label", text]).ignore_label == want
+    for bad, message in (("x", "expected an integer or 'none', got 'x'"),
+                         ("4294967296", "Caffe's ignore_label is a 32-bit integer, got 4294967296")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(evaluate + ["--ignore-label", bad])
+        assert f"argument --ignore-label: {message}" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """caffeish evaluate: `caffe test` on Data-layer nets, and segmentation metrics, against numpy."""
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -226,7 +227,7 @@ def test_segmentation_table_and_size_mismatch(tmp_path, capsys):
     assert "mean accuracy / mean IU" in text and "frequency-weighted IU" in text and f"confusion matrix: {cm}" in text
 
 
-def test_default_confusion_file_never_replaces_one(tmp_path, capsys, monkeypatch):
+def test_the_confusion_matrix_is_written_only_when_asked_for(tmp_path, capsys, monkeypatch):
     seg_dataset(tmp_path, n=2)
     deploy = tmp_path / "deploy.prototxt"
     deploy.write_text(DEPLOY)
@@ -235,22 +236,25 @@ def test_default_confusion_file_never_replaces_one(tmp_path, capsys, monkeypatch
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    (work / "confusion_matrix.csv").write_text("mine\n")
     argv = ["evaluate", "segmentation", str(deploy), weights, "--db", str(tmp_path / "ds")]
-    for expected in ("confusion_matrix-1.csv", "confusion_matrix-2.csv"):
-        assert main(argv) == 0
-        assert f"confusion matrix: {expected}" in capsys.readouterr().out
-        assert next(csv.reader(open(work / expected)))[0] == "label \\ predicted"
-    assert (work / "confusion_matrix.csv").read_text() == "mine\n"
-    # an explicit --confusion FILE is what the user asked for: replaced
-    assert main(argv + ["--confusion", "confusion_matrix.csv", "--format", "csv"]) == 0
+    for extra in ([], ["--confusion", "none"], ["--confusion", "NONE"]):  # 'none': what old scripts pass
+        assert main(argv + extra) == 0
+        out = capsys.readouterr().out
+        assert "confusion matrix" not in out and "mean accuracy / mean IU" in out
+        assert run_json(capsys, argv + extra)["confusion_csv"] is None
+    assert os.listdir(work) == []
+    # --confusion FILE: written (replaced when it exists), with the mode the umask gives
+    (work / "cm.csv").write_text("old\n")
+    old = os.umask(0o022)
+    try:
+        assert main(argv + ["--confusion", "cm.csv", "--format", "csv"]) == 0
+    finally:
+        os.umask(old)
     captured = capsys.readouterr()
-    assert "confusion matrix: confusion_matrix.csv" in captured.err  # not in the CSV on stdout
-    assert (work / "confusion_matrix.csv").read_text().startswith("label \\ predicted")
-    assert main(argv + ["--confusion", "none"]) == 0
-    assert "confusion matrix:" not in capsys.readouterr().out
-    assert sorted(p.name for p in work.iterdir()) == [
-        "confusion_matrix-1.csv", "confusion_matrix-2.csv", "confusion_matrix.csv"]  # no temp files
+    assert "confusion matrix: cm.csv" in captured.err  # not in the CSV on stdout
+    assert next(csv.reader(open(work / "cm.csv")))[0] == "label \\ predicted"
+    assert (work / "cm.csv").stat().st_mode & 0o777 == 0o644
+    assert os.listdir(work) == ["cm.csv"]  # no temp files
 
 
 def test_warns_when_the_score_blob_has_fewer_classes_than_the_dataset(tmp_path, capsys):
@@ -312,6 +316,8 @@ def test_confusion_path_is_checked_against_every_input_before_evaluating(tmp_pat
     def evaluated(*args, **kwargs):
         raise AssertionError("evaluated before the confusion path was checked")
 
+    real = caffeish.tools.evaluate.evaluate_segmentation
+
     monkeypatch.setattr(caffeish.tools.evaluate, "evaluate_segmentation", evaluated)
     db = ["--db", str(ds)]
     folders = ["--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels")]
@@ -326,7 +332,8 @@ def test_confusion_path_is_checked_against_every_input_before_evaluating(tmp_pat
         (ds, db, f"--confusion {ds}: is a folder"),
         (tmp_path / "images" / "cm.csv", folders, "lies inside the input folder --images"),
         (tmp_path / "colors.txt", folders + ["--color-map", str(tmp_path / "colors.txt")], "(--color-map "),
-        (tmp_path / "mean.binaryproto", db + ["--mean-file", str(tmp_path / "mean.binaryproto")], "(--mean-file "),
+        (tmp_path / "mean.binaryproto", db + ["--mean-file", str(tmp_path / "mean.binaryproto")], "(--mean "),
+        (tmp_path / "mean.binaryproto", db + ["--mean", str(tmp_path / "mean.binaryproto")], "(--mean "),
     ]
     before = _digests(tmp_path)
     for confusion, extra, message in cases:
@@ -334,10 +341,10 @@ def test_confusion_path_is_checked_against_every_input_before_evaluating(tmp_pat
         assert main(["evaluate", "segmentation", str(net), str(weights), "--confusion", str(confusion)] + extra) == 1
         err = capsys.readouterr().err
         assert message in err and "(nothing was written)" in err and len(err.strip().splitlines()) == 1, err
-    # The default name in the current folder is kept out of input folders too.
+    # Without --confusion nothing is written, wherever the current folder is (inside the dataset too).
     monkeypatch.chdir(ds)
-    assert main(["evaluate", "segmentation", str(deploy), str(weights)] + db) == 1
-    assert f"inside the input folder --db {ds}; pass --confusion FILE" in capsys.readouterr().err
+    monkeypatch.setattr(caffeish.tools.evaluate, "evaluate_segmentation", real)
+    assert main(["evaluate", "segmentation", str(deploy), str(weights)] + db) == 0
     assert _digests(tmp_path) == before  # nothing written, no temp file left
 
 
@@ -381,11 +388,11 @@ def test_deploy_net_fed_from_a_dataset_subtracts_its_mean(tmp_path, capsys):
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert f"note: subtracting the dataset's mean {ds}/mean.binaryproto" in captured.err
-    assert "--mean-file none for no mean" in captured.err
+    assert "--mean none for no mean" in captured.err
     hist, want = numpy_scores(items, w, b, mean, 1.0)
     check_metrics(json.loads(captured.out), hist, want, cm)
-    # --mean-file none: the raw pixels, no note
-    assert main(argv + ["--mean-file", "none"]) == 0
+    # --mean none (also spelled --mean-file none): the raw pixels, no note
+    assert main(argv + ["--mean", "none"]) == 0
     captured = capsys.readouterr()
     assert "note:" not in captured.err
     hist, want = numpy_scores(items, w, b, (0, 0, 0), 1.0)
@@ -401,3 +408,120 @@ def test_deploy_net_fed_from_a_dataset_subtracts_its_mean(tmp_path, capsys):
     for bad in ("1,x,3", ","):
         assert main(argv + ["--mean-value", bad]) == 1
         assert f"--mean-value: expected comma-separated numbers, got '{bad}'" in capsys.readouterr().err
+
+
+# -- issue 15 ---------------------------------------------------------------------------------------------
+
+FILLED = DEPLOY.replace("kernel_size: 1 }", 'kernel_size: 1 weight_filler { type: "gaussian" std: 1 } '
+                                           'bias_filler { type: "gaussian" std: 0.5 } }')
+ARGMAX = 'layer { name: "argmax" type: "ArgMax" bottom: "score" top: "classes" argmax_param { axis: 1 } }\n'
+
+
+def test_an_argmax_output_is_scored_through_the_scores_it_reads(tmp_path, capsys):
+    """A deploy net whose only output is an ArgMax over the channels (a label map, one channel): its
+    argmax is that of the scores it reads, so those are scored; any other one-channel blob is refused."""
+    pairs = seg_dataset(tmp_path)
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text(FILLED + ARGMAX)
+    weights = str(tmp_path / "w.caffemodel")
+    caffeish.Net(str(deploy), seed=4).save(weights)
+    w, b = read_caffemodel(weights).arrays()["score"]
+    cm = tmp_path / "cm.csv"
+    argv = ["evaluate", "segmentation", str(deploy), weights, "--images", str(tmp_path / "images"), "--labels",
+            str(tmp_path / "labels"), "--mean-value", "1,2,3", "--scale", "0.5", "--confusion", str(cm),
+            "--ignore-label", "255", "--format", "json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert ("note: 'classes' is a label map (ArgMax 'argmax' over the channels): scoring the 4-channel blob "
+            "'score' it reads, whose argmax it is") in captured.err
+    assert "warning" not in captured.err
+    out = json.loads(captured.out)
+    assert out["score"] == "score" and len(out["classes"]) == 4
+    hist, want = numpy_scores(list(pairs.values()), w, b, (1, 2, 3), 0.5)
+    check_metrics(out, hist, want, cm)
+    # --score naming the label map is walked back the same way
+    assert main(argv + ["--score", "classes"]) == 0
+    check_metrics(json.loads(capsys.readouterr().out), hist, want, cm)
+    # a one-channel score blob: refused in one line, nothing written
+    cm.unlink()
+    deploy.write_text(FILLED.replace("num_output: 4", "num_output: 1"))
+    caffeish.Net(str(deploy), seed=4).save(weights)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert ("the score blob 'score' has one channel (1x1x16x20): its argmax is class 0 at every pixel; pass "
+            "--score BLOB naming the blob with one channel per class") in err
+    assert len(err.strip().splitlines()) == 1 and not cm.exists()
+
+
+TRAIN_VAL = """
+layer {{ name: "data" type: "Data" top: "data" include {{ phase: TEST }}
+  transform_param {{ mean_file: "{mean}" }}
+  data_param {{ source: "val_db/features" batch_size: 1 backend: LMDB }} }}
+layer {{ name: "label" type: "Data" top: "label" include {{ phase: TEST }}
+  data_param {{ source: "val_db/labels" batch_size: 1 backend: LMDB }} }}
+layer {{ name: "score" type: "Convolution" bottom: "data" top: "score"
+  convolution_param {{ num_output: 4 kernel_size: 1 weight_filler {{ type: "gaussian" std: 1 }}
+                       bias_filler {{ type: "gaussian" std: 0.5 }} }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" top: "loss"
+  loss_param {{ ignore_label: 255 normalize: false }} }}
+"""
+
+
+def test_a_relative_mean_file_is_found_in_the_dataset_given_with_db(tmp_path, capsys, monkeypatch):
+    """What `surgery fcn` writes without --dataset: sources and mean_file relative to where caffe runs.
+    With --db the mean is the dataset's own mean.binaryproto, whatever the current folder."""
+    pairs = seg_dataset(tmp_path)
+    ds = tmp_path / "ds"
+    (tmp_path / "nets").mkdir()
+    net = tmp_path / "nets" / "train_val.prototxt"
+    net.write_text(TRAIN_VAL.format(mean="mean.binaryproto"))
+    weights = str(tmp_path / "nets" / "w.caffemodel")
+    caffeish.Net(str(net), input_shapes={"data": (1, 3, 16, 20), "label": (1, 1, 16, 20)}, seed=2).save(weights)
+    w, b = read_caffemodel(weights).arrays()["score"]
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    val = [line.split()[1].rsplit("/", 1)[1][:-4] for line in (ds / "val.txt").read_text().splitlines()]
+    train = [pairs[line.split()[1].rsplit("/", 1)[1][:-4]] for line in (ds / "train.txt").read_text().splitlines()]
+    mean = np.mean([rgb[:, :, ::-1].astype(np.float64) for rgb, _ in train], axis=0).astype(np.float32)
+    hist, want = numpy_scores([pairs[s] for s in val], w, b, mean, 1.0)
+    cm = tmp_path / "cm.csv"
+    argv = ["evaluate", "segmentation", str(net), weights, "--db", str(ds), "--confusion", str(cm)]
+    out = run_json(capsys, argv)
+    check_metrics(out, hist, want, cm)
+    # caffe test on the same net and dataset
+    assert main(["evaluate", str(net), weights, "--db", str(ds), "--iterations", "2"]) == 0
+    assert "loss = " in capsys.readouterr().out
+    # beside the net, when the dataset has none of that name
+    (tmp_path / "nets" / "other.binaryproto").write_bytes((ds / "mean.binaryproto").read_bytes())
+    net.write_text(TRAIN_VAL.format(mean="other.binaryproto"))
+    check_metrics(run_json(capsys, argv), hist, want, cm)
+    # found nowhere: one line naming the places tried and what to pass
+    net.write_text(TRAIN_VAL.format(mean="missing.binaryproto"))
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert (f"layer 'data': transform_param mean_file 'missing.binaryproto' not found (looked for "
+            f"{ds}/missing.binaryproto, {tmp_path}/nets/missing.binaryproto, {tmp_path}/work/missing.binaryproto); "
+            f"pass --mean FILE (or --mean none)") in err and len(err.strip().splitlines()) == 1
+    assert main(argv + ["--mean", str(ds / "mean.binaryproto")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(net), weights, "--db", str(ds), "--iterations", "1"]) == 1
+    assert "give its full path in the net's transform_param" in capsys.readouterr().err
+
+
+def test_ignore_label_none_and_its_old_spelling(tmp_path, capsys):
+    seg_dataset(tmp_path, n=2)
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text(FILLED)
+    weights = str(tmp_path / "w.caffemodel")
+    caffeish.Net(str(deploy), seed=1).save(weights)
+    argv = ["evaluate", "segmentation", str(deploy), weights, "--db", str(tmp_path / "ds")]
+    default = run_json(capsys, argv)
+    assert default["ignore_label"] == 255 and default["ignored_pixels"] == 12  # dataset.json's; one val image
+    for spelling in ("none", "-1"):
+        out = run_json(capsys, argv + ["--ignore-label", spelling])
+        assert out["ignore_label"] is None and out["ignored_pixels"] == 12 and out["out_of_range_pixels"] == 12
+    assert default["out_of_range_pixels"] == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--ignore-label", "x"])
+    assert exit_info.value.code == 2
+    assert "argument --ignore-label: expected an integer or 'none', got 'x'" in capsys.readouterr().err

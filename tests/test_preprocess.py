@@ -240,3 +240,19 @@ def test_non_finite_numbers_are_refused():
             _args(option, "inf")
     with pytest.raises(CaffeishError, match="channel swap 0,0,5 is not a permutation"):
         preprocess_from_args(_args("--channel-swap", "0,0,5"))
+
+
+def test_mean_file_alias_and_mean_none(tmp_path):
+    """--mean-file is --mean (one spelling for every subcommand); --mean none drops a mean, even the one
+    --transform-from reads."""
+    np.save(tmp_path / "m.npy", np.full((3, 8, 8), 5.0))
+    spec = preprocess_from_args(_args("--mean-file", str(tmp_path / "m.npy")))
+    assert spec.mean.shape == (3, 8, 8) and spec.mean_source == f"mean file {tmp_path / 'm.npy'}"
+    proto = tmp_path / "tv.prototxt"
+    proto.write_text('layer { name: "d" type: "Data" top: "data" top: "label" include { phase: TEST } '
+                     'transform_param { scale: 0.25 mean_value: 7 } }\n')
+    assert preprocess_from_args(_args("--transform-from", str(proto))).mean.tolist() == [7]
+    spec = preprocess_from_args(_args("--transform-from", str(proto), "--mean", "none"))
+    assert spec.mean is None and spec.scale == 0.25
+    with pytest.raises(CaffeishError, match="not both"):
+        preprocess_from_args(_args("--mean", "none", "--mean-value", "1"))

@@ -205,6 +205,7 @@ def test_tiled_equals_untiled(net):
     np.testing.assert_array_equal(whole, _reference(net, arr))
     g = seg.geometry()
     assert g.stride == (4, 4) and g.margin == (8, 8) and g.offset == (0, 0)
+    seg.max_work = None  # tiles far smaller than sensible, to test every seam
     for tile in ((20, 20), (24, 36), (40, 28), (61, 30)):
         seg.tile = tile
         spans = [inference.tile_spans(n, t, m, s) for n, t, m, s in zip(x.shape[1:], tile, g.margin, g.stride)]
@@ -226,7 +227,7 @@ def test_automatic_tiling_under_a_memory_budget(net, tmp_path):
     assert tile is not None and tile[0] < x.shape[1]
     res = caffeish.segment(net, arr, preprocess=Preprocess(mean=MEAN), max_memory=60_000)
     np.testing.assert_array_equal(res.classes, _reference(net, arr).argmax(axis=0))
-    with pytest.raises(ShapeError, match="too small.*at least 20"):
+    with pytest.raises(ShapeError, match=r"too small.*at least 76x76 \(at most 2x the work\)"):
         caffeish.segment(net, arr, tile=(12, 12))
 
 
@@ -309,10 +310,11 @@ def test_a_failed_write_in_the_writer_thread_stops_the_run_and_leaves_outdir_as_
 
 def test_cli_tiles_give_the_untiled_pictures(files):
     tmp, folder, _ = files
-    base = ["segment", str(tmp / "fcn.prototxt"), "none", str(folder / "a.png"), "--seed", "7", "--npy"]
+    Image.fromarray(_big_picture((150, 190))).save(tmp / "a.png")
+    base = ["segment", str(tmp / "fcn.prototxt"), "none", str(tmp / "a.png"), "--seed", "7", "--npy"]
     assert main(base + ["-o", str(tmp / "whole")]) == 0
-    assert main(base + ["-o", str(tmp / "tiled"), "--tile", "20x24"]) == 0
-    assert main(base[:-1] + ["-o", str(tmp / "tiled_classes"), "--tile", "20x24"]) == 0  # classes only
+    assert main(base + ["-o", str(tmp / "tiled"), "--tile", "80x96"]) == 0
+    assert main(base[:-1] + ["-o", str(tmp / "tiled_classes"), "--tile", "80x96"]) == 0  # classes only
     with Image.open(tmp / "whole" / "a.png") as whole:
         want = np.asarray(whole)
     for out in ("tiled", "tiled_classes"):
@@ -528,3 +530,202 @@ def test_an_unusable_outdir_is_refused_before_any_image_runs(files, capsys, monk
     monkeypatch.setattr(inference.Segmenter, "load", lambda self, image: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main(base + [str(tmp / "new" / "deeper" / "out")]) == 130
     assert not (tmp / "new").exists()
+
+
+# -- issue 15 ---------------------------------------------------------------------------------------------
+
+ARGMAX = 'layer { name: "argmax" type: "ArgMax" bottom: "score" top: "label" argmax_param { axis: 1 } }\n'
+ONE_CHANNEL = ('layer { name: "one" type: "Convolution" bottom: "score" top: "one" convolution_param { '
+               'num_output: 1 kernel_size: 1 weight_filler { type: "gaussian" std: 1 } } }\n')
+
+
+def test_an_argmax_output_gives_the_classes_of_the_scores_it_reads(net, files, capsys):
+    """A deploy net ending in ArgMax (a label map, one channel): its classes are those of the scores it
+    reads, never class 0 everywhere; any other one-channel blob is refused, once."""
+    tmp, folder, arrays = files
+    (tmp / "argmax.prototxt").write_text(FCN + ARGMAX)
+    out = tmp / "out"
+    assert main(["segment", str(tmp / "argmax.prototxt"), "none", str(folder), "-o", str(out), "--seed", "7",
+                 "--mean-value", "104,117,123"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("'label' is a label map (ArgMax 'argmax' over the channels)") == 1
+    assert "5-channel blob 'score'" in err
+    for name in ("a", "b"):
+        with Image.open(out / f"{name}.png") as png:
+            np.testing.assert_array_equal(np.asarray(png), _reference(net, arrays[name + ".png"]).argmax(axis=0))
+    (tmp / "one.prototxt").write_text(FCN + ONE_CHANNEL)
+    assert main(["segment", str(tmp / "one.prototxt"), "none", str(folder), "-o", str(tmp / "one")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("blob 'one' has one channel") == 1 and len(err.strip().splitlines()) == 1, err
+    assert "its argmax is class 0 at every pixel" in err and not (tmp / "one").exists()
+
+
+def test_layers_left_at_a_constant_weight_filler_are_warned_about_once(files, capsys):
+    import re
+
+    tmp, folder, _ = files
+    (tmp / "bare.prototxt").write_text(re.sub(r'weight_filler \{ type: "gaussian" std: [0-9.]+ \}', "", FCN))
+    assert main(["segment", str(tmp / "bare.prototxt"), "none", str(folder), "-o", str(tmp / "out")]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1, err
+    assert ("caffeish segment: warning: WEIGHTS is 'none' and the layers 'conv1', 'conv2', 'score_fr' are left at "
+            "a constant weight filler (0)") in warnings[0]
+    assert "upscore" not in warnings[0]  # its bilinear filler is not constant
+    # Fillers in the prototxt: nothing to say.
+    assert main(["segment", str(tmp / "fcn.prototxt"), "none", str(folder), "-o", str(tmp / "out2")]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_failure_every_image_hits_is_said_once_and_stops_the_run(tmp_path, capsys):
+    """A net that is not fully convolutional (an InnerProduct) refuses every size but its own: the first
+    image's error is said, the second image fails the same way (as a blank image does), and the run
+    stops there, with nothing written; a bad file is still named per image."""
+    fixed = FCN.replace('layer { name: "upscore"', 'layer { name: "fc" type: "InnerProduct" bottom: "score_fr" '
+                        'top: "fc" inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }\n'
+                        'layer { name: "upscore"')
+    (tmp_path / "fixed.prototxt").write_text(fixed)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    (folder / "0_bad.png").write_bytes(b"not a png")
+    for i, hw in enumerate([(40, 50), (45, 44), (30, 61), (50, 50)]):
+        Image.fromarray(_picture(rng, hw)).save(folder / f"img{i}.png")
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "fixed.prototxt"), "none", str(folder), "-o", str(out),
+                 "--blob", "score"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3, err
+    assert "0_bad.png: cannot read as an image" in err[0]
+    assert f"{folder / 'img0.png'}: layer 'fc' (InnerProduct)" in err[1]
+    assert (f"caffeish segment: error: {folder / 'img1.png'} fails as {folder / 'img0.png'} did (above), and so "
+            f"does a blank image of their sizes: the net cannot run these images; stopped after 3 of 5 images, "
+            f"nothing written") == err[2]
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["fixed.prototxt", "images"]
+
+
+def _modes(root):
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in [root, *root.rglob("*")]}
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_outdir_and_its_files_follow_the_umask(files, mask):
+    tmp, folder, _ = files
+    old = os.umask(mask)
+    try:
+        assert main(["segment", str(tmp / "fcn.prototxt"), "none", str(folder), "-o", str(tmp / "new" / "dir"),
+                     "--npy"]) == 0
+    finally:
+        os.umask(old)
+    modes = _modes(tmp / "new")
+    assert modes.pop(".") == modes.pop("dir") == 0o777 & ~mask
+    assert set(modes.values()) == {0o666 & ~mask}, modes  # the pictures, the scores, the marker
+
+
+SLOW_SEGMENT = """
+import sys, time
+from caffeish.apps import inference
+real = inference.Segmenter.scores
+def slow(self, x):
+    time.sleep(0.2)
+    return real(self, x)
+inference.Segmenter.scores = slow
+from caffeish.tools.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_leaves_no_staging_folder_and_outdir_as_it_was(files):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tmp, folder, arrays = files
+    for i in range(30):
+        Image.fromarray(arrays["a.png"]).save(folder / f"more{i}.png")
+    out = tmp / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SEGMENT, "segment", str(tmp / "fcn.prototxt"), "none",
+                             str(folder), "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    staged = []
+    while not staged and time.time() < deadline and proc.poll() is None:
+        staged = [p for p in tmp.iterdir() if p.name.startswith(".out.") and p.name.endswith(".tmp")]
+        if staged and not list(staged[0].iterdir()):  # wait for the first picture in the staging folder
+            staged = []
+        time.sleep(0.05)
+    assert staged and proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert b"Traceback" not in err
+    assert sorted(p.name for p in tmp.iterdir()) == ["fcn.prototxt", "images", "labels.txt", "out"]
+    assert sorted(os.listdir(out)) == ["keep.txt"]
+
+
+BIG = (150, 190)  # H x W of the picture the tiling tests cut
+
+
+def test_tiles_too_small_for_the_net_are_refused_with_the_smallest_sensible_one(files, capsys):
+    """The tiny FCN needs 8 pixels of context on each side of a tile: tiles of 20x24 would cost several
+    times the untiled work; the smallest sensible tile keeps it within 2x and gives the untiled pictures."""
+    import re
+
+    tmp, folder, _ = files
+    Image.fromarray(_big_picture(BIG)).save(tmp / "big.png")
+    base = ["segment", str(tmp / "fcn.prototxt"), "none", str(tmp / "big.png"), "--seed", "7"]
+    assert main(base + ["-o", str(tmp / "small"), "--tile", "20x24"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and not (tmp / "small").exists(), err
+    match = re.search(r"tiles of 20x24 \(WxH\) are too small for this net: each needs 8x8 pixels of context on "
+                      r"each side \(its receptive field\), so they would cost ([0-9.]+)x the work per pixel of an "
+                      r"untiled run; use tiles of at least (\d+)x(\d+) \(at most 2x the work\), or no tiles", err)
+    assert match and float(match[1]) > 2, err
+    least = (int(match[3]), int(match[2]))  # (h, w)
+    seg = inference.Segmenter(_net(), tile=least)
+    seg.score_blob(BIG)
+    g, model = seg.geometry(), seg.work_model()
+    assert seg.smallest_tile() == least and least[0] < BIG[0] and least[1] < BIG[1]
+    assert model.inner_work(least, g.margin) <= 2 < model.inner_work((least[0] - 4, least[1] - 4), g.margin)
+    spans = [inference.tile_spans(n, t, m, s) for n, t, m, s in zip(BIG, least, g.margin, g.stride)]
+    assert len(spans[0]) * len(spans[1]) > 1 and model.plan_work(BIG, spans) <= 2
+    for n, t, m, s in zip(BIG, least, g.margin, g.stride):  # every tile within the size, origins on the grid
+        rows = inference.tile_spans(n, t, m, s)
+        assert all(r1 - r0 <= t and r0 % s == 0 for r0, r1, _, _ in rows)
+        assert rows[0][2] == 0 and rows[-1][3] == n and all(a[3] == b[2] for a, b in zip(rows, rows[1:]))
+    assert main(base + ["-o", str(tmp / "whole")]) == 0
+    tile = f"--tile={least[1]}x{least[0]}"
+    assert main(base + ["-o", str(tmp / "tiled"), tile]) == 0
+    with Image.open(tmp / "whole" / "big.png") as whole, Image.open(tmp / "tiled" / "big.png") as tiled:
+        np.testing.assert_array_equal(np.asarray(tiled), np.asarray(whole))
+
+
+def test_each_tile_shows_on_the_progress_bar(files, capsys, monkeypatch):
+    tmp, _, _ = files
+    Image.fromarray(_big_picture(BIG)).save(tmp / "big.png")
+    monkeypatch.setenv("CAFFEISH_PROGRESS", "1")
+    assert main(["segment", str(tmp / "fcn.prototxt"), "none", str(tmp / "big.png"), "-o", str(tmp / "out"),
+                 "--tile", "88x88"]) == 0
+    err = capsys.readouterr().err
+    assert f"tiles of {BIG[1]}x{BIG[0]}:" in err and "0/6 [" in err, err  # 2 rows of 3
+
+
+def test_digits_fcn_alexnet_tiles_stay_within_twice_the_untiled_work():
+    """FCN-Alexnet needs 224 pixels of context per side (and pads its input by 100): tiles of 480x480 on a
+    1200x900 image would run ~1100 forwards; they are refused, and the smallest sensible tile costs at
+    most twice the untiled work on any image."""
+    proto = shared_path("models", "digits", "examples", "semantic-segmentation", "fcn_alexnet.deploy.prototxt")
+    seg = inference.Segmenter(caffeish.Net(str(proto), None, caffeish.TEST), tile=(480, 480))
+    seg.score_blob((480, 480))
+    with pytest.raises(inference.NetShapeError, match=r"tiles of 480x480 .* too small .* at least (\d+)x\1"):
+        seg.check_tile((900, 1200))
+    model, g = seg.work_model(), seg.geometry()
+    least = seg.smallest_tile()
+    for h, w in ((900, 1200), (3000, 4000), (least[0] + 1, 2 * least[1] + 50)):
+        spans = [inference.tile_spans(n, t, m, s) for n, t, m, s in zip((h, w), least, g.margin, g.stride)]
+        assert model.plan_work((h, w), spans) <= 2.05, (h, w)
+    seg.net.reshape(data=(1, 3, 900, 1200))  # the model is the net's own count of multiply-accumulates
+    macs = sum(int(n.layer.macs(n.bottom_shapes, n.top_shapes)) for n in seg.net.nodes if n.bottoms)
+    assert model(900, 1200) == pytest.approx(macs, rel=0.02)  # up to the pooling's rounding

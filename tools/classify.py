@@ -11,12 +11,15 @@ resized to the net input and batched.  The probabilities come from the last
 Softmax (or --blob).  `--format json` writes JSON Lines, one object per image,
 as each batch finishes.  An image that cannot be read or run is named on
 stderr; the others go on (a batch that fails is run again image by image),
-and the exit status is 1 with a count at the end.
+and the exit status is 1 with a count at the end; a failure of the net itself
+(a blank image fails the same way) is said once and stops the run.  WEIGHTS
+'none' with layers left at a constant weight filler is warned about.
 """
 import sys
 
 from caffeish.apps.classify import ResultWriter, classify_images, value_key_of
-from caffeish.apps.inference import Classifier, find_images, open_net
+from caffeish.apps.inference import (Classifier, constant_weight_layers, constant_weight_warning, find_images,
+                                     open_net)
 from caffeish.data import palette
 from caffeish.errors import CaffeishError
 from caffeish.tools import report
@@ -55,6 +58,9 @@ def run(args):
     spec = preprocess_from_args(args)
     weights = None if args.weights.lower() == "none" else args.weights
     net = open_net(args.net, weights, device_from_args(args), seed=args.seed)
+    warning = constant_weight_warning(constant_weight_layers(net, weights is not None), weights is not None)
+    if warning:
+        print(f"caffeish classify: warning: {warning}", file=sys.stderr)
     clf = Classifier(net, spec, args.blob, args.oversample)
     writer = ResultWriter(args.format, labels, value_key_of(clf))
     failed = classify_images(clf, images, writer, args.batch_size, args.top_k)

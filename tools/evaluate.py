@@ -2,23 +2,26 @@
 
   caffeish evaluate NET.prototxt WEIGHTS [--iterations 50] [--db DATASET] [--gpu]
   caffeish evaluate segmentation NET.prototxt WEIGHTS [--db DATASET | --images DIR --labels DIR]
-                    [--ignore-label 255] [--format table|json|csv] [--confusion FILE.csv | none]
+                    [--ignore-label N|none] [--mean FILE|none | --mean-value B,G,R] [--scale S]
+                    [--format table|json|csv] [--confusion FILE.csv]
 
 The command-line face: options, checks of the arguments and of --confusion
 against every input before any work, and the results printed as a table,
-markdown, JSON or CSV.  What the two forms compute, and how the confusion
-matrix file is named, is caffeish.apps.evaluate (test_net,
+markdown, JSON or CSV.  The confusion matrix is written only with --confusion
+FILE.  What the two forms compute is caffeish.apps.evaluate (test_net,
 evaluate_segmentation, write_confusion), callable from Python.
 """
+import os
 import sys
 
-from caffeish.apps.evaluate import (DEFAULT_CONFUSION, _label_range, check_confusion_path, evaluate_segmentation,
+from caffeish.apps.evaluate import (_label_range, check_confusion_path, evaluate_segmentation,
                                     segmentation_warnings, stage_databases, test_net, write_confusion)
+from caffeish.apps.inference import terminated_as_exit
 from caffeish.data import dataset_meta
-from caffeish.data.preprocess import parse_values
 from caffeish.errors import CaffeishError
 from caffeish.formats import io
-from caffeish.tools.options import add_gpu_option, device_from_args
+from caffeish.tools.options import (IGNORE_LABEL_FROM_NET, add_gpu_option, add_ignore_label_option, add_mean_options,
+                                    device_from_args, finite_float, mean_from_args)
 from caffeish.tools.report import FORMATS, render
 
 
@@ -38,22 +41,22 @@ def add_arguments(p):
     seg.add_argument("--images", metavar="DIR", help="folder of images (with --labels)")
     seg.add_argument("--labels", metavar="DIR", help="folder of label images, paired with --images by file stem")
     seg.add_argument("--color-map", metavar="FILE", help="DIGITS colour map for RGB label images")
-    seg.add_argument("--ignore-label", type=int, default=None,
-                     help="a label value not scored (default: the loss layer's ignore_label; labels outside "
-                          "[0, classes) are never scored, as in score.py); -1 for none")
+    add_ignore_label_option(seg, IGNORE_LABEL_FROM_NET,
+                            help="a label value not scored (default: the loss layer's ignore_label, else the "
+                                 "dataset's; labels outside [0, classes) are never scored, as in score.py); "
+                                 "'none' for none (-1 too)")
     seg.add_argument("--score", metavar="BLOB", help="the score blob (default: the loss or accuracy layer's "
                                                    "first bottom, else the net's one output)")
     seg.add_argument("--label", metavar="BLOB", help="the net's label blob (default: the loss layer's second bottom)")
-    seg.add_argument("--mean-value", metavar="B,G,R", help="subtract these per-channel values (deploy nets)")
-    seg.add_argument("--mean-file", metavar="FILE", help="subtract this mean.binaryproto (deploy nets); 'none' for "
-                                                       "no mean. Default with --db and a deploy net: the "
-                                                       "dataset's mean (unless --mean-value or --scale is given)")
-    seg.add_argument("--scale", type=float, help="multiply the input by this, after the mean (deploy nets)")
+    add_mean_options(seg, file_help="subtract this mean.binaryproto instead of the data layer's ('none': no mean; "
+                                    "--mean-file is the same option). Default with --db and a deploy net: the "
+                                    "dataset's mean (unless --mean-value or --scale is given)",
+                     value_help="subtract these per-channel values instead of the data layer's mean")
+    seg.add_argument("--scale", type=finite_float, help="multiply the input by this, after the mean (deploy nets)")
     seg.add_argument("--confusion", metavar="FILE.csv", default=None,
-                     help="write the confusion matrix to FILE (replaced if it exists; never an input, nor inside "
-                          "an input folder such as the dataset: checked before evaluating); 'none' for no file. "
-                          f"Default: {DEFAULT_CONFUSION} in the current folder, or {DEFAULT_CONFUSION[:-4]}-1.csv, "
-                          "-2, ... when that exists (never replaced)")
+                     help="also write the confusion matrix to FILE as CSV (replaced if it exists; never an input, "
+                          "nor inside an input folder such as the dataset: checked before evaluating). Without "
+                          "it, no file is written ('none' is the same)")
     p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
 
 
@@ -72,41 +75,49 @@ def run(args):
             raise CaffeishError("give --images and --labels together")
         if args.db and args.images:
             raise CaffeishError("give --db or --images/--labels, not both")
-        write = (args.confusion or "").lower() != "none"
-        inputs = run_inputs(net_path, weights, args) if write else []
-        if write:
-            check_confusion_path(args.confusion, inputs)
-        result = evaluate_segmentation(
-            net_path, weights, db=args.db, images=args.images, labels=args.labels, color_map=args.color_map,
-            ignore_label=args.ignore_label, score=args.score, label=args.label, stages=args.stage,
-            level=args.level, device=device, iterations=args.iterations,
-            mean_value=None if args.mean_value is None else list(parse_values(args.mean_value, "--mean-value")),
-            mean_file=args.mean_file, scale=args.scale)
-        for line in result.get("notes", ()):
-            print(f"note: {line}", file=sys.stderr)
-        for line in segmentation_warnings(result):
-            print(f"warning: {line}", file=sys.stderr)
-        confusion = None
-        if write:
-            confusion = write_confusion(args.confusion, result, replace=args.confusion is not None,
-                                        inputs=[path for _, path in inputs])
-            if args.format in ("csv", "markdown"):  # table and json name it in their output
-                print(f"confusion matrix: {confusion}", file=sys.stderr)
-        sys.stdout.write(format_segmentation(result, args.format, confusion))
-        return 0
+        confusion = args.confusion if (args.confusion or "none").lower() != "none" else None
+        mean_file, mean_value, no_mean = mean_from_args(args)
+        inputs = run_inputs(net_path, weights, args, mean_file) if confusion else []
+        if confusion:
+            check_confusion_path(confusion, inputs)
+        ignore = args.ignore_label
+        ignore = None if ignore is IGNORE_LABEL_FROM_NET else -1 if ignore is None else ignore  # library: -1 none
+        with terminated_as_exit():
+            return _segmentation(args, net_path, weights, device, ignore, mean_file, mean_value, no_mean,
+                                 confusion, inputs)
     result = test_net(net_path, weights, iterations=50 if args.iterations is None else args.iterations,
                       db=args.db, stages=args.stage, level=args.level, device=device)
     sys.stdout.write(format_test(result, args.format))
     return 0
 
 
-def run_inputs(net_path, weights, args):
+def _segmentation(args, net_path, weights, device, ignore, mean_file, mean_value, no_mean, confusion, inputs):
+    """Evaluate, print the notes and warnings, write --confusion FILE, print the results."""
+    result = evaluate_segmentation(
+        net_path, weights, db=args.db, images=args.images, labels=args.labels, color_map=args.color_map,
+        ignore_label=ignore, score=args.score, label=args.label, stages=args.stage,
+        level=args.level, device=device, iterations=args.iterations,
+        mean_value=None if mean_value is None else list(mean_value),
+        mean_file="none" if no_mean else mean_file, scale=args.scale)
+    for line in result.get("notes", ()):
+        print(f"note: {line}", file=sys.stderr)
+    for line in segmentation_warnings(result):
+        print(f"warning: {line}", file=sys.stderr)
+    if confusion:
+        write_confusion(confusion, result, inputs=[path for _, path in inputs if os.path.exists(path)])
+        if args.format in ("csv", "markdown"):  # table and json name it in their output
+            print(f"confusion matrix: {confusion}", file=sys.stderr)
+    sys.stdout.write(format_segmentation(result, args.format, confusion))
+    return 0
+
+
+def run_inputs(net_path, weights, args, mean_file=None):
     """Every file and folder a segmentation run reads, as (option, path) pairs: the net, the weights,
-    --db (and the dataset folder holding it), --images, --labels, --color-map, --mean-file, and the
+    --db (and the dataset folder holding it), --images, --labels, --color-map, --mean, and the
     net's own data sources (and their dataset folders) -- nothing may be written over or inside them."""
     pairs = [("NET", net_path), ("WEIGHTS", None if weights == "none" else weights), ("--db", args.db),
              ("--images", args.images), ("--labels", args.labels), ("--color-map", args.color_map),
-             ("--mean-file", None if (args.mean_file or "").lower() == "none" else args.mean_file)]
+             ("--mean", mean_file)]
     if args.db:
         root = dataset_meta.dataset_root(stage_databases(args.db)[0])
         pairs.append(("{} (the dataset of --db)", root))

@@ -1,4 +1,11 @@
-"""Command-line options and argparse types shared by the tools (net state, input shapes, --gpu, ranges)."""
+"""Command-line options and argparse types shared by the tools (net state, input shapes, --gpu, ranges).
+
+One spelling per idea, for every subcommand: the mean is `--mean FILE` (also
+spelled `--mean-file`; 'none' for no mean) or `--mean-value B,G,R`
+(`add_mean_options`, `mean_from_args`), and the label a loss or metric
+skips is `--ignore-label N|none` (-1 is also none: `ignore_label_arg`,
+`add_ignore_label_option`).
+"""
 import argparse
 import math
 import os
@@ -86,11 +93,60 @@ def wxh_arg(text):
         raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
 
 
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+NO_MEAN = "none"
+IGNORE_LABEL_FROM_NET = object()  # add_ignore_label_option(default=...): not given, the net's or dataset's own
+
+
+def add_mean_options(p, file_help=None, value_help=None):
+    """--mean FILE (alias --mean-file; 'none': no mean) and --mean-value B,G,R, in every subcommand.
+
+    Both stay text (args.mean, args.mean_value): mean_from_args reads them, so a bad value is a
+    one-line error naming the option."""
+    p.add_argument("--mean", "--mean-file", dest="mean", metavar="FILE",
+                   help=file_help or "subtract this mean: FILE.binaryproto or FILE.npy ('none' for no mean; "
+                                     "--mean-file is the same option)")
+    p.add_argument("--mean-value", metavar="B,G,R",
+                   help=value_help or "subtract these per-channel values, e.g. 104,117,123 (one value: every channel)")
+
+
+def mean_from_args(args):
+    """(mean file or None, mean values or None, no_mean) from --mean / --mean-value; both given is an error."""
+    mean = getattr(args, "mean", None)
+    values = getattr(args, "mean_value", None)
+    no_mean = mean is not None and mean.strip().lower() == NO_MEAN
+    if mean is not None and values is not None:
+        raise CaffeishError("give the mean as --mean FILE or as --mean-value, not both")
+    parsed = None if values is None else preprocess.parse_values(values, "--mean-value")
+    return (None if no_mean else mean), parsed, no_mean
+
+
+def ignore_label_arg(text):
+    """argparse type for --ignore-label N|none: a 32-bit integer, or None for 'none' (and -1, its old spelling)."""
+    if str(text).strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got '{text}'") from None
+    if not INT32_MIN <= value <= INT32_MAX:
+        raise argparse.ArgumentTypeError(f"Caffe's ignore_label is a 32-bit integer, got {value}")
+    return None if value == -1 else value
+
+
+def add_ignore_label_option(p, default=255, help=None):
+    """--ignore-label N|none (-1: none).  `default`: 255, None (none), or IGNORE_LABEL_FROM_NET for
+    "not given" (the command then takes the net's or the dataset's own)."""
+    if help is None:
+        shown = "none" if default is None else "the net's" if default is IGNORE_LABEL_FROM_NET else default
+        help = f"a label value that is not a class and is not scored (default {shown}; 'none' for none, -1 too)"
+    p.add_argument("--ignore-label", type=ignore_label_arg, default=default, metavar="N|none", help=help)
+
+
 def add_preprocess_options(p, keep_size=False):
     """The preprocessing options every command shares."""
     g = p.add_argument_group("preprocessing (Caffe's defaults: BGR, 0..255 pixels)")
-    g.add_argument("--mean", metavar="FILE", help="mean image or values: FILE.binaryproto or FILE.npy")
-    g.add_argument("--mean-value", metavar="B,G,R", help="per-channel mean values, e.g. 104,117,123")
+    add_mean_options(g)
     g.add_argument("--scale", type=finite_float, default=None,
                    help="multiply after the mean subtraction (transform_param.scale, e.g. 0.00390625)")
     g.add_argument("--raw-scale", type=finite_float, default=None,
@@ -112,13 +168,14 @@ def add_preprocess_options(p, keep_size=False):
 def preprocess_from_args(args, keep_size=False):
     """The Preprocess the command-line options ask for (explicit options win over --transform-from)."""
     over = {}
-    if args.mean and args.mean_value:
-        raise CaffeishError("give the mean as --mean FILE or as --mean-value, not both")
-    if args.mean:
-        over["mean"] = preprocess.load_mean(args.mean)
-        over["mean_source"] = f"mean file {args.mean}"
-    elif args.mean_value:
-        over["mean"] = np.array(preprocess.parse_values(args.mean_value, "--mean-value"), np.float32)
+    mean_file, mean_value, no_mean = mean_from_args(args)
+    if no_mean:
+        over["mean"] = None  # also drops --transform-from's mean
+    elif mean_file:
+        over["mean"] = preprocess.load_mean(mean_file)
+        over["mean_source"] = f"mean file {mean_file}"
+    elif mean_value is not None:
+        over["mean"] = np.array(mean_value, np.float32)
         over["mean_source"] = "--mean-value"
     if args.scale is not None:
         over["scale"] = args.scale

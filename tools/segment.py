@@ -16,7 +16,9 @@ to OUTDIR, mirroring the folders given:
 Palettes: PASCAL VOC's (its scheme continued past 256 classes), a DIGITS
 color-map file (one 'R G B' line per class) or a dataset folder's palette.txt
 (and labels.txt).  Images whose blobs would pass --max-memory are run in tiles
-that give exactly the untiled classes.
+that give exactly the untiled classes.  Each tile carries the net's receptive-field
+margin, so a --tile too small for the net (costing more than twice the untiled
+work) is refused with the smallest sensible size; a bar shows the tiles.
 Everything is written to a temporary folder first and moved into OUTDIR at the
 end, so OUTDIR never holds a half-written run; input files are never replaced.
 Output names never collide (a.png and a_overlay.png: the second is written as
@@ -26,12 +28,15 @@ holds input images): folders holding it are skipped when searching folders,
 so pictures written inside an input folder are never taken for photos.
 An image that cannot be read or run (a bad file, a size the net refuses) is
 named on stderr, the others go on, and the exit status is 1 with a count at
-the end.
+the end; a failure of the net itself is said once and stops the run.  WEIGHTS
+'none' with layers left at a constant weight filler is warned about.  Ctrl-C
+and SIGTERM leave OUTDIR as it was.
 """
 import sys
 import time
 
-from caffeish.apps.inference import DEFAULT_MAX_MEMORY, Segmenter, find_images, open_net
+from caffeish.apps.inference import (DEFAULT_MAX_MEMORY, Segmenter, constant_weight_layers,
+                                     constant_weight_warning, find_images, open_net, terminated_as_exit)
 from caffeish.apps.segment import STAGES, check_outdir, segment_images
 from caffeish.data import palette as palettes
 from caffeish.errors import CaffeishError
@@ -56,7 +61,8 @@ def add_arguments(p):
     p.add_argument("--npy", action="store_true", help="also write the raw scores as NAME.npy (C x H x W)")
     p.add_argument("--blob", help="score blob (default: last Softmax, else 'score', else the output "
                                   "of the input's size)")
-    p.add_argument("--tile", metavar="WxH", help="run in tiles of WxH input pixels (same result as untiled)")
+    p.add_argument("--tile", metavar="WxH", help="run in tiles of WxH input pixels (same result as untiled; "
+                                                 "refused when too small for the net's receptive field)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help=f"tile images whose blobs would pass SIZE (default {DEFAULT_MAX_MEMORY >> 30}G)")
     p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=0,
@@ -83,10 +89,18 @@ def run(args):
     weights = None if args.weights.lower() == "none" else args.weights
     t0 = time.perf_counter()
     net = open_net(args.net, weights, device_from_args(args), seed=args.seed)
-    seg = Segmenter(net, spec, args.blob, tile, args.max_memory)
+    warning = constant_weight_warning(constant_weight_layers(net, weights is not None), weights is not None)
+    if warning:
+        print(f"caffeish segment: warning: {warning}", file=sys.stderr)
+    seg = Segmenter(net, spec, args.blob, tile, args.max_memory,
+                    warn=lambda message: print(f"caffeish segment: note: {message}", file=sys.stderr))
+    if tile is not None:  # a tile too small for the net: refused before any image runs
+        seg.score_blob(tile)
+        seg.check_tile()
     setup = time.perf_counter() - t0
-    rows, failed, seconds = segment_images(seg, images, args.output, args.palette, labels, args.overlay,
-                                           args.legend, args.npy)
+    with terminated_as_exit():
+        rows, failed, seconds = segment_images(seg, images, args.output, args.palette, labels, args.overlay,
+                                               args.legend, args.npy)
     columns = [("image", "image"), ("size", "size"), ("classes", "classes present"), ("outputs", "outputs")]
     sys.stdout.write(report.render(columns, rows, args.format))
     if args.timings:

@@ -4,7 +4,10 @@
 over [(path, relative name)] in batches and hands each image's top classes to
 `writer` as its batch finishes.  An image that cannot be read or run is named
 through `warn` and counted; the others go on (a batch that fails is run again
-image by image, `predict_each`).  `ResultWriter` streams the results to a text
+image by image, `predict_each`).  An image that fails alone while none has run
+yet, when a blank image fails the same way, is the net's failure, not the
+image's: every image would hit it, so it is said once (NetFailure) and the run
+stops.  `ResultWriter` streams the results to a text
 stream as JSON Lines (one object per image) or CSV, or collects the rows of a
 table for the caller to render at the end.
 """
@@ -15,7 +18,7 @@ import sys
 import numpy as np
 
 from caffeish.apps import progress
-from caffeish.apps.inference import image_error, top_classes
+from caffeish.apps.inference import NetFailure, image_error, same_failure, top_classes
 from caffeish.errors import CaffeishError
 
 
@@ -74,22 +77,23 @@ def predict_each(clf, paths, prepared, fail):
 
     When the batch fails (a CaffeishError: an input the net refuses), each
     image is run alone, so that only the images that fail themselves go to
-    `fail(path, error)` and the others of the batch still get results; the
-    common path stays one forward per batch."""
+    `fail(path, error, x, ran)` (ran: how many of the batch ran before it) and
+    the others of the batch still get results; the common path stays one
+    forward per batch."""
     if not prepared:
         return []
     try:
         return list(zip(paths, clf.predict(prepared)))
     except CaffeishError as e:
         if len(prepared) == 1:
-            fail(paths[0], e)
+            fail(paths[0], e, prepared[0], 0)
             return []
     results = []
     for path, x in zip(paths, prepared):
         try:
             results.append((path, clf.predict([x])[0]))
         except CaffeishError as e:
-            fail(path, e)
+            fail(path, e, x, len(results))
     return results
 
 
@@ -100,10 +104,15 @@ def classify_images(clf, images, writer, batch_size=16, top_k=5, warn=None):
     An image that cannot be read, preprocessed or run (a CaffeishError) is
     named through `warn` (default: stderr) and counted; the others go on."""
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
-    failed = 0
+    failed = done = 0
 
-    def fail(path, error):
+    def fail(path, error, x=None, ran=0):
         nonlocal failed
+        if isinstance(error, NetFailure):
+            raise error
+        if x is not None and not (done or ran) and same_failure(lambda blank: clf.predict([blank]), np.zeros_like(x), error):
+            raise NetFailure(f"{image_error(path, error)} (a blank image fails the same way, so every image would: "
+                             f"stopped after {failed + 1} of {len(images)} images)") from None
         failed += 1
         bar.clear()
         warn(f"caffeish classify: error: {image_error(path, error)}")
@@ -120,6 +129,7 @@ def classify_images(clf, images, writer, batch_size=16, top_k=5, warn=None):
                     continue
                 batch.append(path)
             results = predict_each(clf, batch, prepared, fail)
+            done += len(results)
             if results:
                 top, values = top_classes(np.stack([row for _, row in results]), top_k)
                 for (path, _), t, v in zip(results, top, values):

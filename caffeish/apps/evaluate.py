@@ -16,24 +16,31 @@ stage 'val' unless --stage says otherwise.
 evaluate_segmentation (`caffeish evaluate segmentation`) runs the net on
 image/label pairs and reports score.py's metrics (fcn.berkeleyvision.org):
 pixel accuracy, mean class accuracy, mean IU, frequency-weighted IU and each
-class's IU; the confusion matrix goes to a CSV file: --confusion FILE
-(replaced if it exists), else confusion_matrix.csv in the current folder, or
-confusion_matrix-1.csv, -2, ... when that name is taken (an existing file is
-never replaced unless named); the output says which.  Before any work, FILE is
-checked against every input: it may not be the net, the weights, --color-map
-or --mean-file, nor lie inside --db's dataset folder, --images, --labels or a
-folder the net's data layers read; nor be a folder, or lie in a folder that
-does not exist.  When the dataset's class count (dataset.json / labels.txt, or
-the colour map) differs from the score blob's channels, or labels hold values
-the score blob has no class for, a warning on stderr says so.  Pairs come from
-the net's own TEST Data layers, or from --db (a dataset folder or a stage
-folder with features/ and labels/) or --images / --labels folders, fed one
-pair at a time through the data layer's transform_param (or --mean-value /
---mean-file / --scale for a deploy net); labels are cropped like the images.
-A deploy net fed from --db with none of those options subtracts the dataset's
-mean (its mean.binaryproto, else the per-channel mean dataset.json records),
-as the dataset's train/val net does, and says so on stderr; --mean-file none
-turns it off.
+class's IU; the confusion matrix goes to a CSV file only when asked for:
+--confusion FILE (replaced if it exists; 'none' is accepted and writes
+nothing).  Before any work, FILE is checked against every input: it may not be
+the net, the weights, --color-map or --mean, nor lie inside --db's dataset
+folder, --images, --labels or a folder the net's data layers read; nor be a
+folder, or lie in a folder that does not exist.  When the dataset's class count
+(dataset.json / labels.txt, or the colour map) differs from the score blob's
+channels, or labels hold values the score blob has no class for, a warning on
+stderr says so.  Pairs come from the net's own TEST Data layers, or from --db
+(a dataset folder or a stage folder with features/ and labels/) or --images /
+--labels folders, fed one pair at a time through the data layer's
+transform_param (or --mean-value / --mean / --scale for a deploy net); labels
+are cropped like the images.  A deploy net fed from --db with none of those
+options subtracts the dataset's mean (its mean.binaryproto, else the
+per-channel mean dataset.json records), as the dataset's train/val net does,
+and says so on stderr; --mean none turns it off.  A relative transform_param
+mean_file is looked up as Caffe users expect (`resolve_mean_file`): with --db
+in the dataset folder, then beside the net, then in the current folder;
+without --db in the current folder (where caffe runs), then in the folder of
+the dataset the layer reads, then beside the net.
+
+The score blob is the loss or accuracy layer's first bottom, else the net's one
+4-D output.  An ArgMax over the channels (a deploy net ending in a label map)
+is walked back to the scores it reads, with a note; any other blob of one
+channel is refused (its argmax is class 0 at every pixel).
 """
 import math
 import os
@@ -43,27 +50,19 @@ import numpy as np
 from caffeish.data import dataset_meta
 from caffeish.formats import io
 from caffeish.apps import progress
+from caffeish.apps.inference import channel_argmax
 from caffeish.data import palette as palettes
 from caffeish.errors import CaffeishError, InputShapeRequired
 from caffeish.data.metrics import ConfusionMatrix
 from caffeish.formats.schema import TEST, pb
 
 LOSS_TYPES_WITH_LABEL = ("SoftmaxWithLoss", "Accuracy")
-DEFAULT_CONFUSION = "confusion_matrix.csv"
 
 
 def check_confusion_path(path, inputs):
     """Refuse, before any work, a --confusion path that is an input, lies inside an input folder (a dataset
-    is never written into), is a folder or has no folder; the default name is only kept out of input
-    folders (it never replaces a file)."""
-    if path is not None:
-        io.check_outputs([("--confusion", path)], inputs)
-        return
-    for option, folder in inputs:
-        if io.inside_folder(DEFAULT_CONFUSION, folder):
-            raise CaffeishError(f"the confusion matrix would be written to {os.path.abspath(DEFAULT_CONFUSION)}, "
-                                f"inside the input folder {io.labelled_name(option, folder)}; pass --confusion "
-                                f"FILE (outside it) or --confusion none (nothing was written)")
+    is never written into), is a folder or has no folder."""
+    io.check_outputs([("--confusion", path)], inputs)
 
 
 # ---------------------------------------------------------------------------- the net
@@ -117,6 +116,51 @@ def set_sources(net, db):
     return count
 
 
+def _dataset_folder(db):
+    """The folder a relative mean_file is looked up in for --db: the dataset folder holding its databases
+    (else the --db folder itself)."""
+    return dataset_meta.dataset_root(stage_databases(db)[0]) or os.path.abspath(db)
+
+
+def resolve_mean_file(path, layer, net_path, db=None, hint=None):
+    """Where a data layer's relative transform_param.mean_file is, as Caffe users expect: with --db in the
+    dataset folder (where `caffeish dataset` writes mean.binaryproto), then beside the net, then in the
+    current folder; without --db in the current folder (where caffe runs), then in the folder of the dataset
+    the layer reads, then beside the net.  Absolute paths are kept; a file found nowhere is an error naming
+    every place tried and what to pass instead."""
+    if not path or os.path.isabs(path):
+        return path
+    beside_net = os.path.dirname(os.path.abspath(net_path))
+    if db:
+        folders = [_dataset_folder(db), beside_net, os.getcwd()]
+    else:
+        source = layer.data_param.source if layer.type == "Data" else ""
+        folders = [os.getcwd(), dataset_meta.dataset_root(source) if source else None, beside_net]
+    tried = []
+    for folder in folders:
+        candidate = os.path.normpath(os.path.join(folder, path)) if folder else None
+        if candidate and candidate not in tried:
+            if os.path.isfile(candidate):
+                return candidate
+            tried.append(candidate)
+    hint = hint or ("pass --mean FILE (or --mean none)" if db else
+                    "pass --db DATASET (the folder holding it), or --mean FILE with --db / --images")
+    raise CaffeishError(f"layer '{layer.name}': transform_param mean_file '{path}' not found (looked for "
+                        f"{', '.join(tried)}); {hint}")
+
+
+def resolve_mean_files(net, net_path, db=None, stages=None, level=0):
+    """resolve_mean_file for every data layer of a NetParameter that runs at TEST (in place)."""
+    from caffeish.graph.graph import layer_included, make_state
+
+    state = make_state(net, TEST, level, net_state(net, stages))
+    hint = "give its full path in the net's transform_param" + ("" if db else ", or pass --db DATASET")
+    for layer in net.layer:
+        if layer.transform_param.mean_file and layer_included(layer, state):
+            layer.transform_param.mean_file = resolve_mean_file(layer.transform_param.mean_file, layer, net_path,
+                                                                db, hint)
+
+
 def build_net(net_path, weights, stages=None, level=0, device=None, db=None, input_shapes=None, runnable=True):
     """A caffeish Net at TEST with the right stages and sources; refuses one whose data layers cannot run."""
     from caffeish.runtime.net import Net
@@ -124,10 +168,11 @@ def build_net(net_path, weights, stages=None, level=0, device=None, db=None, inp
     net = io.read_net(net_path)
     if db:
         set_sources(net, db)
+    resolve_mean_files(net, net_path, db, stages, level)
     stages = net_state(net, stages)
     try:
         built = Net(net, weights=None if weights in (None, "none") else weights, phase=TEST, level=level,
-                    stages=stages, device=device, input_shapes=input_shapes)
+                    stages=stages, device=device, input_shapes=input_shapes, keep=False)
     except InputShapeRequired as e:
         raise CaffeishError(f"{net_path}: {e}; to read a dataset, pass --db DATASET") from None
     built.source = net_path
@@ -190,11 +235,15 @@ def test_net(net_path, weights, iterations=50, db=None, stages=None, level=0, de
 # ---------------------------------------------------------------------------- segmentation
 
 
-def find_blobs(net, score=None, label=None):
-    """(score blob, label blob or None, layer reading the label) from the loss/accuracy layer or the outputs."""
+def find_blobs(net, score=None, label=None, notes=None):
+    """(score blob, label blob or None, layer reading the label) from the loss/accuracy layer or the outputs.
+
+    A score blob that an ArgMax over the channels wrote (a label map) is replaced by the ArgMax's bottom,
+    with a line in `notes`; any other score blob of one channel is refused."""
     scorer = next((n for n in net.nodes if n.type in LOSS_TYPES_WITH_LABEL and len(n.bottoms) >= 2), None)
     if label is None and scorer is not None:
         label = scorer.bottoms[1]
+    given = score is not None
     if score is None:
         if scorer is not None:
             score = scorer.bottoms[0]
@@ -207,7 +256,26 @@ def find_blobs(net, score=None, label=None):
     for what, blob in (("score", score), ("label", label)):
         if blob is not None and blob not in known:
             raise CaffeishError(f"--{what} {blob}: no such blob in the TEST net")
-    return score, label, scorer
+    return _class_scores(net, score, given, notes), label, scorer
+
+
+def _class_scores(net, score, given, notes):
+    """The blob to take the argmax of: `score`, or the bottom of the ArgMax that wrote it; never one of
+    a single channel (its argmax is 0 everywhere: every pixel would be scored as class 0)."""
+    node = channel_argmax(net, score)
+    if node is not None:
+        bottom = _root_blob(net, node.bottoms[0])[0]
+        if notes is not None:
+            notes.append(f"'{score}' is a label map (ArgMax '{node.name}' over the channels): scoring the "
+                         f"{net.blob_shape(node.bottoms[0])[1]}-channel blob '{bottom}' it reads, whose argmax "
+                         f"it is")
+        return node.bottoms[0]
+    shape = net.blob_shape(score)
+    if len(shape) < 2 or shape[1] == 1:
+        how = "--score" if given else "the score blob"
+        raise CaffeishError(f"{how} '{score}' has one channel ({'x'.join(map(str, shape))}): its argmax is class 0 "
+                            f"at every pixel; pass --score BLOB naming the blob with one channel per class")
+    return score
 
 
 def _root_blob(net, blob):
@@ -239,7 +307,8 @@ def evaluate_segmentation(net_path, weights, db=None, images=None, labels=None, 
         return _evaluate_pairs(net_path, weights, db, images, labels, color_map, ignore_label, score, label,
                                stages, level, device, mean_value, mean_file, scale)
     net = build_net(net_path, weights, stages, level, device)
-    score, label, scorer = find_blobs(net, score, label)
+    notes = []
+    score, label, scorer = find_blobs(net, score, label, notes)
     if label is None:
         raise CaffeishError(f"{net_path}: no label blob (no SoftmaxWithLoss/Accuracy layer); pass --label BLOB, "
                             f"or --db / --images with --labels")
@@ -274,8 +343,10 @@ def evaluate_segmentation(net_path, weights, db=None, images=None, labels=None, 
             _update(cm, scores[i], labs[i], f"record {done}", extra)
             done += 1
     names = meta.names if meta else []
-    return _result(cm, names, done, net_path, _root_blob(net, score)[0], _root_blob(net, label)[0], extra,
-                   known)
+    result = _result(cm, names, done, net_path, _root_blob(net, score)[0], _root_blob(net, label)[0], extra,
+                     known)
+    result["notes"] = notes
+    return result
 
 
 class OutOfRange:
@@ -329,7 +400,7 @@ def dataset_info(meta):
 
 
 def pick_ignore(ignore_label, scorer, dataset_ignore=None):
-    """--ignore-label (-1: none), else the loss/accuracy layer's ignore_label, else the dataset's."""
+    """--ignore-label (negative: none), else the loss/accuracy layer's ignore_label, else the dataset's."""
     if ignore_label is not None:
         return None if ignore_label < 0 else ignore_label
     net_ignore = default_ignore(scorer)
@@ -421,6 +492,8 @@ def _evaluate_pairs(net_path, weights, db, images, labels, color_map, ignore_lab
             tp.mean_file = mean_file
     if scale is not None:
         tp.scale = scale
+    if tp.mean_file and mean_file is None:  # the data layer's own: found as Caffe users expect
+        tp.mean_file = resolve_mean_file(tp.mean_file, data_layer, net_path, db)
     transform = DataTransformer(tp, TEST, f"layer '{data_layer.name}' transform_param")
     color = transform.color
     if color is None and data_layer.type == "Input" and len(data_layer.input_param.shape):
@@ -446,10 +519,10 @@ def _evaluate_pairs(net_path, weights, db, images, labels, color_map, ignore_lab
             shapes = {k: v.shape for k, v in feed.items()}
             try:
                 net = Net(param, weights=None if weights in (None, "none") else weights, phase=TEST,
-                          level=level, stages=stages, device=device, input_shapes=shapes)
+                          level=level, stages=stages, device=device, input_shapes=shapes, keep=False)
             except InputShapeRequired as e:
                 raise CaffeishError(f"{net_path}: {e}") from None
-            score_blob, _, node = find_blobs(net, score, label_blob if label_fed else None)
+            score_blob, _, node = find_blobs(net, score, label_blob if label_fed else None, notes)
             ignore = pick_ignore(ignore_label, node, known[2])
             n = net.blob_shape(score_blob)[1]
             cm = ConfusionMatrix(n, ignore)
@@ -478,7 +551,7 @@ def dataset_mean(known, input_name):
     if known is None:
         return None, None, None
     tail = (f", as the dataset's train/val net does (the deploy net's Input layer '{input_name}' has no "
-            f"transform_param); --mean-file none for no mean")
+            f"transform_param); --mean none for no mean")
     if known.mean_file:
         return known.mean_file, None, f"subtracting the dataset's mean {known.mean_file}" + tail
     if known.mean_value:
@@ -534,20 +607,9 @@ def _num(v):
     return None if math.isnan(v) else v
 
 
-def free_name(path):
-    """`path` if no file has that name, else the first free 'stem-1.ext', 'stem-2.ext', ..."""
-    stem, ext = os.path.splitext(path)
-    candidate, i = path, 0
-    while os.path.lexists(candidate):
-        i += 1
-        candidate = f"{stem}-{i}{ext}"
-    return candidate
-
-
-def write_confusion(path, result, replace=True, inputs=()):
-    """The confusion matrix as CSV: one row per label class, one column per predicted class; returns the
-    path written.  `replace=False` (or no path: DEFAULT_CONFUSION) never replaces an existing file: it
-    takes the next free name (free_name), claimed with an exclusive link so two runs cannot collide."""
+def write_confusion(path, result, inputs=()):
+    """The confusion matrix as CSV, written atomically to `path` (replaced if it exists; never one of
+    `inputs`): one row per label class, one column per predicted class.  Returns the path."""
     import csv
     import io as pyio
 
@@ -557,40 +619,6 @@ def write_confusion(path, result, replace=True, inputs=()):
     w.writerow(["label \\ predicted"] + names)
     for name, row in zip(names, result["confusion"]):
         w.writerow([name] + [int(v) for v in row])
-    data = buf.getvalue().encode("utf-8")
-    if replace and path:
-        with io.atomic_output(path, inputs) as f:
-            f.write(data)
-        return path
-    return _write_new(path or DEFAULT_CONFUSION, data)
-
-
-def _write_new(path, data):
-    """Write `data` to a file of a free name like `path` (never replacing a file); returns its name."""
-    import tempfile
-
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".confusion-", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise CaffeishError(f"cannot write the confusion matrix into {folder} ({e.strerror}); pass "
-                            f"--confusion FILE, or --confusion none") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        while True:
-            target = free_name(path)
-            try:
-                os.link(tmp, target)  # fails, rather than replaces, if the name was taken meanwhile
-                return target
-            except FileExistsError:
-                continue
-            except OSError:  # no hard links here: exclusive create instead
-                try:
-                    with open(target, "xb") as f:
-                        f.write(data)
-                    return target
-                except FileExistsError:
-                    continue
-    finally:
-        os.unlink(tmp)
+    with io.atomic_output(path, inputs) as f:
+        f.write(buf.getvalue().encode("utf-8"))
+    return path

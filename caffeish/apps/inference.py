@@ -8,21 +8,34 @@ the probabilities are read from the last Softmax's top (or a named blob);
 segment: a fully convolutional net takes any size, so the net is reshaped to
 each image, run forward, and the argmax over the class axis of the score
 blob gives the class of every pixel.  Images too large for memory are cut
-into tiles whose results equal the untiled ones (see `TileGeometry`).
+into tiles whose results equal the untiled ones (see `TileGeometry`); tiles
+carry the net's receptive-field margin, so tiles too small for the net are
+refused (or, chosen for memory, named with their cost): `tile_work`.
+
+Errors: a CaffeishError about one image (a bad file, a size the net refuses)
+lets a folder run go on; a `NetFailure` is the net's and every image would hit
+it, so a run stops at once (`same_failure` tells one from the other by running
+a blank input).
 
 Both take a caffeish.Net (or a prototxt path plus `weights=`) and return numpy
 arrays; `Segmentation` also renders PIL pictures (palette PNG, overlay, legend).
 The `caffeish classify` / `caffeish segment` commands are thin faces over them.
 """
+import contextlib
 import dataclasses
 import math
 import os
+import signal
+import sys
+import threading
 from fractions import Fraction
 from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from caffeish.apps import progress
 from caffeish.runtime import backend as backends
+from caffeish.runtime import fillers
 from caffeish.graph import geometry
 from caffeish.data import palette as palettes
 from caffeish.errors import CaffeishError, GraphError, ShapeError
@@ -30,6 +43,83 @@ from caffeish.values import parse_bytes
 from caffeish.data.preprocess import Preprocess
 
 DEFAULT_MAX_MEMORY = 4 << 30  # bytes of blobs one segmentation forward may use before tiling
+MAX_TILE_WORK = 2.0  # tiles may cost at most this many times the work of an untiled forward
+
+
+class NetFailure(CaffeishError):
+    """A failure of the net (or of the options) rather than of one image: every image would hit it,
+    so a run over many images says it once and stops."""
+
+
+class NetShapeError(ShapeError, NetFailure):
+    pass
+
+
+class NetGraphError(GraphError, NetFailure):
+    pass
+
+
+def same_failure(run, blank, error):
+    """Whether `run(blank)` (a neutral input of the failing image's shape) fails with the same message as
+    `error`: then the image's pixels are not the cause, the net is (at that shape)."""
+    try:
+        run(blank)
+    except CaffeishError as e:
+        return str(e) == str(error)
+    return False
+
+
+@contextlib.contextmanager
+def terminated_as_exit():
+    """While inside, SIGTERM raises SystemExit(143) in the main thread, as Ctrl-C raises KeyboardInterrupt,
+    so that the cleanups of staging folders and temp files run; a second SIGTERM during them is ignored.
+    The previous handler comes back on leaving (a no-op outside the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)
+
+
+
+
+def constant_weight_layers(net, weights_given):
+    """[(layer, type, value)] of the layers whose weights were left at a constant filler (Caffe's default
+    when a prototxt gives no weight_filler): every such layer when no caffemodel was given, else those
+    missing from it.  Their outputs do not depend on the image (all zero for the default, 0)."""
+    missing = set(net.missing_weights) if weights_given else None
+    out = []
+    for node in net.nodes:
+        if node.type not in fillers.WEIGHT_TYPES or not node.param_shapes:
+            continue
+        if missing is not None and node.name not in missing:
+            continue
+        specs = node.layer.fillers()
+        value = fillers.constant_value(specs[0] if specs else None)
+        if value is not None:
+            out.append((node.name, node.type, value))
+    return out
+
+
+def constant_weight_warning(layers, weights_given):
+    """The warning line for constant_weight_layers (None when there are none)."""
+    if not layers:
+        return None
+    names = ", ".join(f"'{name}'" for name, _, _ in layers[:6]) + (f" and {len(layers) - 6} more"
+                                                                    if len(layers) > 6 else "")
+    values = ", ".join(sorted({f"{v:g}" for _, _, v in layers}))
+    lead = "layers missing from WEIGHTS" if weights_given else "WEIGHTS is 'none' and the layers"
+    return (f"{lead} {names} are left at a constant weight filler ({values}): their outputs do not depend on "
+            f"the image, so every result is the same and meaningless; give a caffemodel, or weight fillers "
+            f"(gaussian, xavier, msra) in the prototxt")
 
 
 # ---------------------------------------------------------------------------- the net
@@ -44,7 +134,7 @@ def open_net(net, weights=None, device=None, seed=0):
     from caffeish.runtime.net import Net
     from caffeish.formats.schema import TEST
 
-    return Net(net, weights, TEST, device=device, seed=seed)
+    return Net(net, weights, TEST, device=device, seed=seed, keep=False)
 
 
 def data_input(net):
@@ -301,21 +391,71 @@ def tile_geometry(net, input_name, blob, input_shapes=None):
 def tile_spans(n, tile, margin, stride):
     """[(input start, input end, keep start, keep end)] covering 0..n along one axis.
 
-    Kept regions step by the largest multiple of `stride` that fits in
-    tile - 2 * margin; each tile reads `margin` more pixels on each inner side
-    (clipped at the image border, where the untiled net sees the same border).
+    Each tile reads at most `tile` pixels: the part it keeps plus `margin` pixels of context on each
+    inner side; a tile at a border of the image needs none on that side (the untiled net sees the
+    same border), so it keeps more.  Kept parts start on multiples of `stride`; the fewest tiles
+    are used.
     """
     if tile >= n:
         return [(0, n, 0, n)]
-    step = (tile - 2 * margin) // stride * stride
-    if step <= 0:
-        raise ShapeError(f"a tile of {tile} pixels is too small: this net needs {margin} pixels of context on "
-                         f"each side and origins on multiples of {stride}; use at least {2 * margin + stride}")
-    spans = []
-    for keep0 in range(0, n, step):
-        keep1 = min(keep0 + step, n)
-        spans.append((max(0, keep0 - margin), min(n, keep1 + margin), keep0, keep1))
-    return spans
+    edge = (tile - margin) // stride * stride  # kept by a tile at a border
+    inner = (tile - 2 * margin) // stride * stride  # kept by a tile inside
+    if edge <= 0 or (inner <= 0 and 2 * edge < n):
+        raise NetShapeError(f"a tile of {tile} pixels is too small: this net needs {margin} pixels of context on "
+                            f"each side and origins on multiples of {stride}; use at least {2 * margin + stride}")
+    cuts = [0, edge]
+    while n - cuts[-1] > tile - margin:
+        cuts.append(cuts[-1] + inner)
+    cuts.append(n)
+    return [(max(0, k0 - margin), min(n, k1 + margin), k0, k1) for k0, k1 in zip(cuts, cuts[1:])]
+
+
+class WorkModel(NamedTuple):
+    """Multiply-accumulates of one forward at H x W input pixels: a*H*W + b*H + c*W + d (a convolutional
+    net's count is this up to rounding; fitted from four shapes).  Gives the work of tiles, and the
+    smallest tiles whose work stays within MAX_TILE_WORK of the untiled forward's."""
+
+    a: float
+    b: float
+    c: float
+    d: float
+
+    def __call__(self, h, w):
+        return max(self.a * h * w + self.b * h + self.c * w + self.d, 1.0)
+
+    def plan_work(self, hw, spans):
+        """The work of running the tiles spans = (rows, cols) over an image of size hw, as a multiple of
+        running it whole."""
+        rows, cols = spans
+        total = sum(self(r1 - r0, c1 - c0) for r0, r1, _, _ in rows for c0, c1, _, _ in cols)
+        return total / self(*hw)
+
+    def inner_work(self, tile, margin):
+        """The work of a tile inside a large image per pixel it keeps, as a multiple of an untiled
+        forward's per pixel (the worst case: context on all four sides)."""
+        kept = [t - 2 * m for t, m in zip(tile, margin)]
+        if min(kept) <= 0:
+            return math.inf
+        return self(*tile) / (self.a * kept[0] * kept[1])
+
+
+def tile_work(net, input_name, channels, geometry):
+    """The WorkModel of a net (None when its work does not grow with the input's area)."""
+    s = max(geometry.stride)
+    low = -(-(2 * max(geometry.margin) + 8 * s) // s) * s
+    high = 2 * low
+    f = {}
+    for h in (low, high):
+        for w in (low, high):
+            net.reshape(**{input_name: (1, channels, h, w)})
+            f[h, w] = float(sum(int(n.layer.macs(n.bottom_shapes, n.top_shapes)) for n in net.nodes if n.bottoms))
+    d = high - low
+    a = (f[high, high] - f[low, high] - f[high, low] + f[low, low]) / (d * d)
+    if a <= 0:
+        return None
+    b = (f[high, low] - f[low, low]) / d - a * low
+    c = (f[low, high] - f[low, low]) / d - a * low
+    return WorkModel(a, b, c, f[low, low] - a * low * low - b * low - c * low)
 
 
 # ---------------------------------------------------------------------------- segment
@@ -385,18 +525,29 @@ class Segmenter(_ImageRunner):
     """Runs a fully convolutional net on images of any size (used by `segment` and the CLI).
 
     tile: None (automatic: tiles only when the blobs of one forward would pass
-    max_memory bytes) or (h, w) tile size in input pixels.
+    max_memory bytes) or (h, w) tile size in input pixels.  Tiles carry the
+    net's receptive-field margin, so small ones are mostly overhead: a tile
+    whose work per kept pixel passes max_work (MAX_TILE_WORK; None: no limit)
+    times the untiled forward's is refused (NetShapeError naming the smallest
+    sensible tile), and automatic tiles that memory makes that small are run
+    with a note through `warn` (default: stderr).  Images of several tiles
+    show a progress bar of their tiles.
     """
 
-    def __init__(self, net, preprocess=None, blob=None, tile=None, max_memory=None):
+    def __init__(self, net, preprocess=None, blob=None, tile=None, max_memory=None, warn=None):
         # Fully convolutional: every image keeps its size (the caller's spec is not modified).
         super().__init__(net, dataclasses.replace(preprocess if preprocess is not None else Preprocess(),
                                                   resize="keep"))
         self.blob = check_blob(net, blob) if blob else None
+        self._chosen = False  # the score blob checked (an ArgMax walked back, one channel refused)
         self.tile = tile
         self.max_memory = _parse_memory(max_memory)
+        self.max_work = MAX_TILE_WORK
+        self.warn = warn or (lambda message: print(f"note: {message}", file=sys.stderr))
         self._geometry = None
         self._per_pixel = None
+        self._work = False  # the WorkModel, once fitted (None: none)
+        self._warned = set()
         self.n_classes = None  # channels of the score blob, known after the first image
 
     def prepare(self, image, pixels=None):
@@ -414,22 +565,36 @@ class Segmenter(_ImageRunner):
         return {n: self.net.blob_shape(n) for n in self.net.graph.blob_shapes}
 
     def score_blob(self, hw):
-        """The blob holding per-pixel class scores for an input of size hw."""
-        if self.blob is not None:
+        """The blob holding per-pixel class scores for an input of size hw.
+
+        An ArgMax over the channels (a label map) gives way to the scores it reads, with a note; a blob
+        of one channel is refused (NetGraphError): its argmax would be class 0 at every pixel."""
+        if self._chosen:
             return self.blob
         shapes = self._shape_at(hw)
-        fits = [n for n in self.net.outputs if len(shapes[n]) == 4 and tuple(shapes[n][2:]) == tuple(hw)]
-        softmax = [n.tops[0] for n in self.net.nodes if n.type == "Softmax" and n.tops and n.tops[0] in fits]
-        named = [n for n in fits if n == "score"]
-        choice = (softmax[-1:] or named or fits[:1])
-        if not choice:
-            outs = ", ".join(f"{n} ({_fmt_shape(shapes[n])})" for n in self.net.outputs)
-            raise GraphError(
-                f"net '{self.net.name}' has no Softmax or score output of the input's size {_fmt_shape(hw)} "
-                f"(outputs: {outs}); choose a blob with --blob NAME, or use a net that upsamples its "
-                f"scores to the input (Deconvolution + Crop); blobs: "
-                + ", ".join(f"{n} ({_fmt_shape(s)})" for n, s in shapes.items()))
-        self.blob = choice[0]
+        if self.blob is None:
+            fits = [n for n in self.net.outputs if len(shapes[n]) == 4 and tuple(shapes[n][2:]) == tuple(hw)]
+            softmax = [n.tops[0] for n in self.net.nodes if n.type == "Softmax" and n.tops and n.tops[0] in fits]
+            named = [n for n in fits if n == "score"]
+            choice = (softmax[-1:] or named or fits[:1])
+            if not choice:
+                outs = ", ".join(f"{n} ({_fmt_shape(shapes[n])})" for n in self.net.outputs)
+                raise NetGraphError(
+                    f"net '{self.net.name}' has no Softmax or score output of the input's size {_fmt_shape(hw)} "
+                    f"(outputs: {outs}); choose a blob with --blob NAME, or use a net that upsamples its "
+                    f"scores to the input (Deconvolution + Crop); blobs: "
+                    + ", ".join(f"{n} ({_fmt_shape(s)})" for n, s in shapes.items()))
+            self.blob = choice[0]
+        node = channel_argmax(self.net, self.blob)
+        if node is not None:
+            self.warn(f"'{self.blob}' is a label map (ArgMax '{node.name}' over the channels): taking the "
+                      f"classes from the {shapes[node.bottoms[0]][1]}-channel blob '{node.bottoms[0]}' it reads")
+            self.blob = node.bottoms[0]
+        shape = shapes[self.blob]
+        if len(shape) < 2 or shape[1] == 1:
+            raise NetGraphError(f"blob '{self.blob}' has one channel ({_fmt_shape(shape)}): its argmax is class 0 "
+                                f"at every pixel; choose the blob with one channel per class with --blob NAME")
+        self._chosen = True
         return self.blob
 
     # -- memory and tiles ----------------------------------------------------------------
@@ -437,6 +602,64 @@ class Segmenter(_ImageRunner):
         if self._geometry is None:
             self._geometry = tile_geometry(self.net, self.input, self.blob)
         return self._geometry
+
+    def work_model(self):
+        """The net's WorkModel (None when it cannot be fitted: the net refuses the sizes, or its work
+        does not grow with the input)."""
+        if self._work is False:
+            try:
+                self._work = tile_work(self.net, self.input, self.channels, self.geometry())
+            except CaffeishError:
+                self._work = None
+        return self._work
+
+    def smallest_tile(self):
+        """(h, w): the smallest tiles whose work per kept pixel stays within max_work times the untiled
+        forward's, inside a large image (None: no limit, or no WorkModel)."""
+        model = self.work_model()
+        if model is None or self.max_work is None:
+            return None
+        g = self.geometry()
+        s = max(g.stride)
+
+        def tile(k):
+            return tuple(-(-(k + 2 * m) // st) * st for m, st in zip(g.margin, g.stride))
+
+        def fits(k):
+            return model.inner_work(tile(k), g.margin) <= self.max_work
+
+        high = s
+        while not fits(high):
+            if high > 1 << 20:
+                return None
+            high *= 2
+        low = high // 2
+        while high - low > s:  # the smallest kept size (a multiple of s) that fits
+            mid = (low + high) // 2 // s * s
+            if mid <= low:
+                break
+            low, high = (low, mid) if fits(mid) else (mid, high)
+        return tile(high)
+
+    def check_tile(self, hw=None):
+        """Refuse (NetShapeError) the explicit tile when it is smaller than smallest_tile() along an axis
+        the image of size hw is cut along (every axis when hw is None)."""
+        if self.tile is None:
+            return
+        least = self.smallest_tile()
+        if least is None:
+            return
+        axes = [ax for ax in range(2) if hw is None or self.tile[ax] < hw[ax]]
+        if any(self.tile[ax] < least[ax] for ax in axes):
+            g = self.geometry()
+            work = self.work_model().inner_work(self.tile, g.margin)
+            cost = ("more work than they keep" if math.isinf(work)
+                    else f"{work:.1f}x the work per pixel of an untiled run")
+            raise NetShapeError(
+                f"tiles of {self.tile[1]}x{self.tile[0]} (WxH) are too small for this net: each needs "
+                f"{g.margin[1]}x{g.margin[0]} pixels of context on each side (its receptive field), so they "
+                f"would cost {cost}; use tiles of at least {least[1]}x{least[0]} (at most {self.max_work:g}x "
+                f"the work), or no tiles")
 
     def _peak_per_pixel(self, hw):
         """Bytes per input pixel of one forward: the two largest blobs plus 16 MiB of im2col
@@ -455,7 +678,11 @@ class Segmenter(_ImageRunner):
     def tile_size(self, hw):
         """The (h, w) tile for an image of size hw, or None to run it whole."""
         if self.tile is not None:
-            return None if (self.tile[0] >= hw[0] and self.tile[1] >= hw[1]) else tuple(self.tile)
+            if self.tile[0] >= hw[0] and self.tile[1] >= hw[1]:
+                return None
+            self.score_blob(hw)
+            self.check_tile(hw)
+            return tuple(self.tile)
         self.score_blob(hw)
         per_pixel = self._peak_per_pixel(hw)
         if per_pixel * hw[0] * hw[1] <= self.max_memory:
@@ -466,7 +693,26 @@ class Segmenter(_ImageRunner):
         for ax in range(2):
             least = 2 * g.margin[ax] + g.stride[ax]
             sizes.append(max(least, side // g.stride[ax] * g.stride[ax]))
+        self._note_small_tiles(hw, tuple(sizes), per_pixel)
         return tuple(sizes)
+
+    def _note_small_tiles(self, hw, tile, per_pixel):
+        """Say once when the tiles that fit max_memory are mostly overhead for this net."""
+        least = self.smallest_tile()
+        if least is None or "memory" in self._warned:
+            return
+        tiled = [ax for ax in range(2) if tile[ax] < hw[ax]]
+        if all(tile[ax] >= least[ax] for ax in tiled):
+            return
+        self._warned.add("memory")
+        g = self.geometry()
+        spans = [tile_spans(n, t, m, s) for n, t, m, s in zip(hw, tile, g.margin, g.stride)]
+        work = self.work_model().plan_work(hw, spans)
+        need = per_pixel * least[0] * least[1]
+        self.warn(f"tiles of {tile[1]}x{tile[0]} keep a {hw[1]}x{hw[0]} image under the memory limit of "
+                  f"{self.max_memory / (1 << 30):.3g} GiB, but with this net's context of {g.margin[1]} pixels "
+                  f"they cost {work:.1f}x the untiled work; tiles of {least[1]}x{least[0]} would stay within "
+                  f"{self.max_work:g}x (about {need / (1 << 30):.3g} GiB: raise --max-memory)")
 
     # -- running ------------------------------------------------------------------------
     def scores(self, x):
@@ -490,21 +736,23 @@ class Segmenter(_ImageRunner):
         rows = tile_spans(hw[0], tile[0], g.margin[0], g.stride[0])
         cols = tile_spans(hw[1], tile[1], g.margin[1], g.stride[1])
         classes = result = None
-        for r0, r1, k0, k1 in rows:
-            for c0, c1, j0, j1 in cols:
-                part = _outputs(self.net, {self.input: x[np.newaxis, :, r0:r1, c0:c1]}, blob)[0]
-                if tuple(part.shape[1:]) != (r1 - r0, c1 - c0):
-                    raise ShapeError(f"blob '{blob}' is {_fmt_shape(part.shape)} for a tile of "
-                                     f"{r1 - r0}x{c1 - c0}; tiling needs scores at the input's size")
-                kept = part[:, k0 - r0:k1 - r0, j0 - c0:j1 - c0]
-                self.n_classes = part.shape[0]
-                if classes is None:
-                    classes = np.empty(hw, dtype=class_map(part[:, :1, :1]).dtype)
+        with progress.bar(total=len(rows) * len(cols), desc=f"tiles of {hw[1]}x{hw[0]}", unit="tile") as bar:
+            for r0, r1, k0, k1 in rows:
+                for c0, c1, j0, j1 in cols:
+                    part = _outputs(self.net, {self.input: x[np.newaxis, :, r0:r1, c0:c1]}, blob)[0]
+                    if tuple(part.shape[1:]) != (r1 - r0, c1 - c0):
+                        raise ShapeError(f"blob '{blob}' is {_fmt_shape(part.shape)} for a tile of "
+                                         f"{r1 - r0}x{c1 - c0}; tiling needs scores at the input's size")
+                    kept = part[:, k0 - r0:k1 - r0, j0 - c0:j1 - c0]
+                    self.n_classes = part.shape[0]
+                    if classes is None:
+                        classes = np.empty(hw, dtype=class_map(part[:, :1, :1]).dtype)
+                        if keep_scores:
+                            result = np.empty((part.shape[0],) + hw, dtype=np.float32)
+                    classes[k0:k1, j0:j1] = class_map(kept)
                     if keep_scores:
-                        result = np.empty((part.shape[0],) + hw, dtype=np.float32)
-                classes[k0:k1, j0:j1] = class_map(kept)
-                if keep_scores:
-                    result[:, k0:k1, j0:j1] = kept
+                        result[:, k0:k1, j0:j1] = kept
+                    bar.update(1)
         return classes, result
 
     def run(self, x, keep_scores=True):
@@ -516,6 +764,20 @@ class Segmenter(_ImageRunner):
         if classes is None:
             classes = class_map(scores)
         return classes, scores
+
+
+def channel_argmax(net, blob):
+    """The ArgMax layer (a node) that wrote `blob` as a label map, the argmax over the channels of an
+    N x C x H x W blob (axis 1, top_k 1, no max values), or None."""
+    producers = {t: n for n in net.nodes for t in n.tops}
+    node = producers.get(blob)
+    if node is None or node.type != "ArgMax" or not node.bottoms:
+        return None
+    p = node.param.argmax_param
+    ndim = len(net.blob_shape(node.bottoms[0]))
+    if ndim == 4 and p.HasField("axis") and p.axis in (1, 1 - ndim) and p.top_k == 1 and not p.out_max_val:
+        return node
+    return None
 
 
 def class_map(scores):

@@ -15,11 +15,15 @@ is written as a_overlay_png.png and a_overlay_png_overlay.png).  OUTDIR gets a
 hidden marker file, OUTPUT_MARKER (unless it holds input images): folders holding
 it are skipped by `find_images`, so pictures written inside an input folder are
 never taken for photos.  An image that cannot be read or run is named through
-`warn` and counted; the others go on.  The seconds spent in each of STAGES are
-returned for --timings.
+`warn` and counted; the others go on.  A failure of the net rather than of the
+images (a NetFailure, or two images in a row that fail the same way while a
+blank image of their sizes fails too, before any image ran) stops the run at
+once with OUTDIR as it was.  The folders created follow the umask, as the
+files do.  The seconds spent in each of STAGES are returned for --timings.
 """
 import contextlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -29,8 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from caffeish.apps import progress
-from caffeish.apps.inference import (OUTPUT_MARKER, PALETTE_PNG_CLASSES, class_colors, class_map, image_error,
-                                     label_picture)
+from caffeish.apps.inference import (OUTPUT_MARKER, PALETTE_PNG_CLASSES, NetFailure, class_colors, class_map,
+                                     image_error, label_picture, same_failure)
 from caffeish.data import palette as palettes
 from caffeish.errors import CaffeishError
 
@@ -139,6 +143,7 @@ def staging(outdir):
     try:
         os.makedirs(parent, exist_ok=True)
         stage = tempfile.mkdtemp(prefix=f".{os.path.basename(outdir)}.", suffix=".tmp", dir=parent)
+        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp's 0700 would become OUTDIR's mode
     except OSError as e:
         _remove_empty(created)
         raise CaffeishError(f"cannot create output folder {outdir}: {e.strerror or e}") from None
@@ -160,6 +165,12 @@ def staging(outdir):
         for f in files:
             os.replace(os.path.join(root, f), os.path.join(dest, f))
     shutil.rmtree(stage, ignore_errors=True)
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove_empty(folders):
@@ -199,16 +210,29 @@ def segment_images(seg, images, outdir, colors_spec="pascal", labels=None, overl
     rows, failed, colors = [], 0, None
     clock = _Clock()
     pending = None
+    blank_failure = None  # (image, message pattern) of a failure a blank image shares, while none has run
     with staging(outdir) as stage, progress.bar(total=len(images), desc="segment", unit="img") as bar, \
             ThreadPoolExecutor(max_workers=1) as writer:
         if not _holds_inputs(outdir, images):  # an input folder written into stays an input folder
             with open(os.path.join(stage, OUTPUT_MARKER), "w") as f:
                 f.write("written by caffeish segment: folders holding this file are not searched for images\n")
-        for (path, _), names in zip(images, plan):
+        for i, ((path, _), names) in enumerate(zip(images, plan)):
             clock.lap("write")  # the bar and bookkeeping count with writing
+            x = None
             try:
-                shown, classes, scores = _segment_one(seg, path, npy, clock)
+                shown, x = _prepare_one(seg, path, clock)
+                classes, scores = _run_one(seg, x, npy, clock)
+            except NetFailure:
+                raise
             except CaffeishError as e:
+                if x is not None and not rows and same_failure(seg.scores, np.zeros_like(x), e):
+                    pattern = re.sub(r"\d+", "#", str(e))
+                    if blank_failure is not None and blank_failure[1] == pattern:
+                        raise NetFailure(
+                            f"{path} fails as {blank_failure[0]} did (above), and so does a blank image of their "
+                            f"sizes: the net cannot run these images; stopped after {i + 1} of {len(images)} "
+                            f"images, nothing written") from None
+                    blank_failure = (path, pattern)
                 failed += 1
                 bar.clear()
                 warn(f"caffeish segment: error: {image_error(path, e)}")
@@ -239,12 +263,17 @@ def segment_images(seg, images, outdir, colors_spec="pascal", labels=None, overl
     return rows, failed, clock.seconds
 
 
-def _segment_one(seg, path, npy, clock):
-    """(picture, classes, scores or None) of one image: decode, preprocess, forward, argmax."""
+def _prepare_one(seg, path, clock):
+    """(picture, net input) of one image: decode, preprocess."""
     pixels = seg.load(path)
     clock.lap("decode")
     shown, x = seg.prepare(path, pixels)
     clock.lap("preprocess")
+    return shown, x
+
+
+def _run_one(seg, x, npy, clock):
+    """(classes, scores or None) of one prepared image: forward, argmax."""
     if seg.tile_size(x.shape[1:]) is None:
         scores = seg.scores(x)
         clock.lap("forward")
@@ -253,7 +282,7 @@ def _segment_one(seg, path, npy, clock):
         classes, scores = seg.run(x, keep_scores=npy)
         clock.lap("forward")
     clock.lap("argmax")
-    return shown, classes, scores
+    return classes, scores
 
 
 def _write_outputs(stage, names, classes, colors, shown, overlay, labels, legend, scores):
