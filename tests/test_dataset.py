@@ -413,3 +413,69 @@ def test_force_does_not_take_a_folder_with_only_labels_txt_for_a_dataset(tmp_pat
     assert mean.shape == (1, 3, H, W)
     colors = np.array([[int(v) for v in line.split()] for line in (out / "palette.txt").read_text().splitlines()])
     np.testing.assert_array_equal(colors, pascal_palette(256)[:len(colors)])  # palette PNG labels: VOC's
+
+
+# ---------------------------------------------------------------------------- class names
+
+
+def _gray_pairs_up_to_7(root):
+    """Three grey label images with values 0..7 (and VOC's 255 boundary); returns the pixel count per value."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rng = np.random.default_rng(3)
+    counts = np.zeros(256, np.int64)
+    for i in range(3):
+        classes = rng.integers(0, 8, (H, W)).astype(np.uint8)
+        classes[0, :2] = 255
+        Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(root / "images" / f"i{i}.png")
+        Image.fromarray(classes, "L").save(root / "labels" / f"i{i}.png")
+        counts += np.bincount(classes.ravel(), minlength=256)
+    names = root / "names.txt"
+    names.write_text("background\nroad\ntree\nbuilding\ncar\n")
+    return counts, str(names)
+
+
+def test_label_values_past_the_class_names_are_an_error_naming_them_with_their_pixels(tmp_path, capsys):
+    counts, names = _gray_pairs_up_to_7(tmp_path)
+    out = tmp_path / "ds"
+    args = ["dataset", "segmentation", "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"),
+            "-o", str(out), "--class-names", names]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"--class-names {names} names 5 classes (0..4) but the labels hold values" in err
+    for v in (5, 6, 7):
+        assert f"{v} ({counts[v]:,} pixels)" in err
+    assert "(4 " not in err and "255 (" not in err and "--allow-extra-classes" in err
+    assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".ds")]
+    # Allowed: a warning with the same counts, and the extra classes get placeholder names.
+    assert main(args + ["--allow-extra-classes"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and f"7 ({counts[7]:,} pixels)" in err and "class5..class7" in err
+    assert (out / "labels.txt").read_text().split() == ["background", "road", "tree", "building", "car",
+                                                         "class5", "class6", "class7"]
+
+
+def test_every_named_class_is_a_class_even_when_no_label_holds_it(tmp_path):
+    make_pairs(tmp_path, kind="gray")  # values 0..3
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"c{i}\n" for i in range(6)))
+    meta = build_segmentation(tmp_path / "images", tmp_path / "labels", tmp_path / "ds", class_names=str(names))
+    assert meta["classes"] == [f"c{i}" for i in range(6)] and meta["warnings"] == []
+    assert len((tmp_path / "ds" / "palette.txt").read_text().splitlines()) == 6
+
+
+@pytest.mark.parametrize("value, stored", [("none", None), ("-1", None), ("NONE", None), ("0", 0), ("255", 255)])
+def test_ignore_label_spellings(tmp_path, value, stored):
+    make_pairs(tmp_path, kind="gray")
+    assert main(["dataset", "segmentation", "--images", str(tmp_path / "images"), "--labels",
+                 str(tmp_path / "labels"), "-o", str(tmp_path / "ds"), "--ignore-label", value]) == 0
+    assert json.loads((tmp_path / "ds" / "dataset.json").read_text())["ignore_label"] == stored
+
+
+@pytest.mark.parametrize("value", ["x", "2147483648"])
+def test_ignore_label_out_of_range_is_refused_by_name(tmp_path, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["dataset", "segmentation", "--images", "i", "--labels", "l", "-o", str(tmp_path / "ds"),
+              "--ignore-label", value])
+    assert e.value.code == 2 and "argument --ignore-label" in capsys.readouterr().err

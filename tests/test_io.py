@@ -4,7 +4,6 @@ import pathlib
 
 import numpy as np
 import pytest
-from google.protobuf import text_format
 
 from caffeish.formats import io, wire
 from caffeish.errors import CaffeishError, CorruptFileError, ForkFieldError, ParseError
@@ -275,3 +274,97 @@ def test_prototxt_with_byte_order_mark(tmp_path):
     p.write_bytes(b"\xef\xbb\xbfname: \"n\"\n")
     net, _ = io.read_prototxt(p)
     assert net.name == "n"
+
+
+# ---------------------------------------------------------------------------- what a file is
+
+
+LENET = pathlib.Path(__file__).resolve().parent.parent / "examples" / "lenet_deploy.prototxt"
+
+
+@pytest.fixture
+def swapped_files(tmp_path):
+    """A lenet prototxt, its caffemodel (from fillers) and a PNG and a JPEG image."""
+    from PIL import Image
+
+    import caffeish
+    weights = tmp_path / "lenet.caffemodel"
+    caffeish.Net(str(LENET), caffeish.TEST, seed=0).save(str(weights))
+    png, jpg = tmp_path / "x.png", tmp_path / "x.jpg"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(png)
+    Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(jpg)
+    return str(LENET), str(weights), str(png), str(jpg)
+
+
+def test_a_caffemodel_or_an_image_where_the_net_goes_is_named_as_such(swapped_files):
+    net, weights, png, jpg = swapped_files
+    with pytest.raises(ParseError, match=r"lenet.caffemodel: this is a binary file \(a caffemodel\?\), not a "
+                                         r"prototxt; are the net and the weights given in the wrong order\?"):
+        io.read_net(weights)
+    with pytest.raises(ParseError, match="this is a binary file"):
+        io.read_prototxt(weights)
+    for image, kind in ((png, "PNG"), (jpg, "JPEG")):
+        with pytest.raises(ParseError, match=f"x.{image[-3:]}: this is a {kind} image, not a prototxt"):
+            io.read_net(image)
+    # Asked for explicitly, a caffemodel's own layer list is a net.
+    assert [l.name for l in io.read_net(weights, caffemodel=True).layer][:2] == ["data", "conv1"]
+
+
+def test_a_prototxt_or_an_image_where_the_weights_go_is_named_as_such(swapped_files):
+    net, weights, png, jpg = swapped_files
+    with pytest.raises(CorruptFileError, match=r"lenet_deploy.prototxt: this is a text file \(a prototxt\?\), not a "
+                                               r"caffemodel; are the net and the weights given in the wrong order\?"):
+        io.read_caffemodel(net)
+    with pytest.raises(CorruptFileError, match="x.png: this is a PNG image, not a caffemodel"):
+        io.read_caffemodel(png)
+    with pytest.raises(CorruptFileError, match="x.jpg: this is a JPEG image, not a binaryproto"):
+        io.read_binaryproto(jpg)
+    with pytest.raises(CorruptFileError, match="not a binaryproto"):
+        io.read_binaryproto(net)
+
+
+def test_every_tool_says_the_net_and_weights_are_swapped(swapped_files, tmp_path, capsys):
+    """summary used to say "unknown bottom blob 'data'" (the caffemodel's layers read as the net)."""
+    import caffeish
+    from caffeish.tools.cli import main
+    net, weights, png, _ = swapped_files
+    deploy_without_input = tmp_path / "w.caffemodel"  # Caffe writes no `input:` fields into a caffemodel
+    model = io.read_caffemodel(weights)
+    io.write_caffemodel(deploy_without_input, model.net, model.blobs)
+    for argv in (["summary", str(deploy_without_input), net], ["summary", weights, net],
+                 ["classify", weights, net, png], ["segment", weights, net, png, "-o", str(tmp_path / "out")],
+                 ["offsets", weights]):
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "wrong order" in err and "unknown bottom" not in err, (argv, err)
+    assert main(["summary", net, png]) == 1
+    assert "x.png: this is a PNG image, not a caffemodel" in capsys.readouterr().err
+    with pytest.raises(CaffeishError, match="wrong order"):
+        caffeish.Net(weights, net, caffeish.TEST)
+    with pytest.raises(CaffeishError, match="wrong order"):
+        caffeish.Net(net, net, caffeish.TEST)
+
+
+def test_file_kind():
+    assert io.file_kind("x", b"")[0] == "empty"
+    assert io.file_kind("x", b"\x89PNG\r\n\x1a\n....") == ("image", "PNG")
+    assert io.file_kind("x", b"BM" + bytes(12) + (40).to_bytes(4, "little")) == ("image", "BMP")
+    assert io.file_kind("x", b"RIFF\0\0\0\0WEBPVP8 ") == ("image", "WebP")
+    assert io.file_kind("x", b"P6\n2 2\n255\n") == ("image", "PNM")
+    assert io.file_kind("x", b'name: "x"\nlayer {}\n') == ("text", None)
+    assert io.file_kind("x", pb.NetParameter(name="x", layer=[pb.LayerParameter(name="a")]).SerializeToString()) \
+        == ("binary", None)
+
+
+def test_atomic_outputs_accept_inputs_that_no_longer_exist(tmp_path):
+    # A net's prototxt deleted since it was read (or a relative data source) is no reason to fail.
+    out = tmp_path / "out.bin"
+    out.write_bytes(b"old")
+    with io.atomic_output(out, inputs=[tmp_path / "gone.prototxt"]) as f:
+        f.write(b"new")
+    with io.atomic_outputs([tmp_path / "a.bin"], inputs=[tmp_path / "gone.prototxt"]) as files:
+        files[0].write(b"a")
+    assert out.read_bytes() == b"new" and (tmp_path / "a.bin").read_bytes() == b"a"
+    with pytest.raises(CaffeishError, match="refusing to overwrite an input"):
+        with io.atomic_output(out, inputs=[out]) as f:
+            f.write(b"x")

@@ -360,3 +360,75 @@ def test_pull_memory_does_not_grow_with_the_file(tmp_path):
             tracemalloc.stop()
     assert os.path.getsize(tmp_path / "out" / "weights.caffemodel") > 24 << 20
     assert peak < 8 << 20, f"peak Python allocations {peak / 2**20:.1f} MiB while pulling a 24 MiB file"
+
+
+# ---------------------------------------------------------------------------- one pull per folder
+
+
+def test_two_pulls_into_one_folder_at_once_the_second_says_another_is_running(built_store, tmp_path, capsys):
+    """The first pull stalls in the middle of the weights; a second pull into the same folder stops at once
+    saying another pull is running (it used to write the same .part files and both failed as 'corrupt')."""
+    import threading
+
+    stalled, go_on = threading.Event(), threading.Event()
+
+    class Stall(StoreHandler):
+        def send_body(self, f, length):
+            if self.path.endswith("weights.caffemodel") and not stalled.is_set():
+                self.wfile.write(f.read(length // 2))
+                self.wfile.flush()
+                stalled.set()
+                go_on.wait(30)
+                length -= length // 2
+            super().send_body(f, length)
+
+    out = tmp_path / "fcn"
+    first = {}
+
+    def pull_first():
+        try:
+            first["result"] = download.pull(srv.url, "fcn", str(out), retry_wait=0)
+        except BaseException as e:  # reported by the main thread
+            first["error"] = e
+
+    with StoreServer(built_store, port=0, handler=Stall) as srv:
+        thread = threading.Thread(target=pull_first)
+        thread.start()
+        try:
+            assert stalled.wait(30), "the first pull never reached the weights"
+            assert cli.main(["store", "pull", srv.url, "fcn", "-o", str(out)]) == 1
+            err = capsys.readouterr().err
+            assert "another `caffeish store pull` into this folder is running" in err and str(out) in err
+            assert err.count("\n") == 1 and "corrupt" not in err
+            with pytest.raises(CaffeishError, match="another `caffeish store pull`"):
+                download.pull(built_store, "fcn", str(out))  # from a directory store too
+        finally:
+            go_on.set()
+            thread.join(60)
+    assert "error" not in first, first.get("error")
+    assert first["result"]["name"] == "fcn"
+    _assert_same_files(built_store, "fcn", str(out))  # no lock file or part left behind
+    # The folder is free again.
+    assert download.pull(built_store, "fcn", str(out))["bytes"] == 0
+
+
+def test_a_lock_file_left_by_a_killed_pull_does_not_block(built_store, tmp_path):
+    out = tmp_path / "fcn"
+    out.mkdir()
+    (out / download.LOCK).write_bytes(b"")
+    download.pull(built_store, "fcn", str(out))
+    _assert_same_files(built_store, "fcn", str(out))
+
+
+@pytest.mark.parametrize("planted", [download.LOCK, ".weights.caffemodel.part"])
+def test_a_symlink_planted_as_the_lock_or_a_part_is_not_followed(built_store, tmp_path, capsys, planted):
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"keep me")
+    out = tmp_path / "fcn"
+    out.mkdir()
+    os.symlink(victim, out / planted)
+    assert cli.main(["store", "pull", built_store, "fcn", "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{planted}: is a symbolic link" in err and "refusing to follow it" in err
+    assert victim.read_bytes() == b"keep me" and os.path.islink(out / planted)
+    assert not os.path.exists(out / "weights.caffemodel")

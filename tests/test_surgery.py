@@ -402,7 +402,9 @@ def classifier_copy(tmp_path):
     # A folder or a missing folder as an output: refused before the first file is staged.
     (["convolutionalize", "cls.prototxt", "cls.caffemodel", "-o", "sub"], "sub: is a folder"),
     (["fcn", "cls.prototxt", "cls.caffemodel", "--classes", "3", "-o", "f.prototxt", "--train-val",
-      "missing/tv.prototxt"], "does not exist"),
+      "cls.caffemodel/tv.prototxt"], "cls.caffemodel is not a folder"),
+    (["fcn", "cls.prototxt", "cls.caffemodel", "--classes", "3", "-o", "new/f.prototxt", "--train-val",
+      "cls.caffemodel/tv.prototxt"], "cls.caffemodel is not a folder"),  # and new/ is not created
 ])
 def test_cli_refused_output_writes_nothing(classifier_copy, argv, message, capsys, monkeypatch):
     monkeypatch.chdir(classifier_copy)
@@ -470,3 +472,82 @@ def test_negative_seed_is_refused(classifier_copy, op, capsys, monkeypatch):
         surgery.convolutionalize("cls.prototxt", seed=-1)
     with pytest.raises(CaffeishError, match="seed must be a non-negative integer"):
         surgery.transplant("cls.prototxt", "cls.caffemodel", "cls.prototxt", seed=-2)
+
+
+# -- issue 15: transplant names what got nothing; surgery creates its output folders --------------------------
+
+
+def _renamed_fcn(tmp_path, fillers=False):
+    """alexnet_tiny convolutionalized with fc6/fc7/fc8 renamed fc6-conv/fc7-conv/fc8-conv (DIGITS' naming);
+    their weight fillers constant 0 (none given), or gaussian with `fillers`."""
+    net, _, _ = surgery.convolutionalize(golden("alexnet_tiny", "net.prototxt"), verify=False)
+    for layer in net.layer:
+        if layer.name in ("fc6", "fc7", "fc8"):
+            layer.name += "-conv"
+            if fillers:
+                layer.convolution_param.weight_filler.type = "gaussian"
+                layer.convolution_param.weight_filler.std = 0.01
+    path = tmp_path / "fcn_renamed.prototxt"
+    io.write_prototxt(path, net)
+    return path
+
+
+def test_transplant_names_the_layers_that_got_nothing_and_warns_about_constant_ones(tmp_path, capsys):
+    src, weights = golden("alexnet_tiny", "net.prototxt"), golden("alexnet_tiny", "weights.caffemodel")
+    dst, out = _renamed_fcn(tmp_path), tmp_path / "out.caffemodel"
+    assert main(["surgery", "transplant", str(src), str(weights), str(dst), "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "note: got nothing from the source, kept their fillers: fc6-conv, fc7-conv, fc8-conv" in captured.out
+    warnings = captured.err.splitlines()
+    assert len(warnings) == 3 and all(w.startswith("warning: layer 'fc") for w in warnings)
+    assert ("warning: layer 'fc6-conv' (Convolution) got no weights from the source and keeps its filler "
+            "(constant 0): its outputs do not depend on its input; the source's unused layer fc6 has weights of "
+            "that size: --map fc6=fc6-conv") in warnings
+    stored = io.read_caffemodel(out).arrays()
+    assert not stored["fc8-conv"][0].any()  # what the warning is about
+    # Mapped, nothing is left behind and nothing is warned about.
+    assert main(["surgery", "transplant", str(src), str(weights), str(dst), "-o", str(out), "--map", "fc6=fc6-conv",
+                 "--map", "fc7=fc7-conv", "--map", "fc8=fc8-conv"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "got nothing" not in captured.out
+    # A random filler is reported but not warned about.
+    _, _, report = surgery.transplant(src, weights, _renamed_fcn(tmp_path, fillers=True))
+    assert report.empty == ["fc6-conv", "fc7-conv", "fc8-conv"] and report.warnings == []
+
+
+@pytest.mark.parametrize("spec, how", [
+    (None, "no filler: zeros"), (pb.FillerParameter(), "constant 0"), (pb.FillerParameter(value=0.5), "constant 0.5"),
+    (pb.FillerParameter(type="gaussian", std=0, mean=1), "gaussian with std 0: constant 1"),
+    (pb.FillerParameter(type="uniform", min=2, max=2), "uniform from 2 to 2: constant"),
+    (pb.FillerParameter(type="gaussian", std=0.1), None), (pb.FillerParameter(type="xavier"), None),
+    (pb.FillerParameter(type="bilinear"), None)])
+def test_constant_filler(spec, how):
+    assert surgery.constant_filler(spec) == how
+
+
+def test_surgery_creates_missing_output_folders(classifier_copy, capsys, monkeypatch):
+    monkeypatch.chdir(classifier_copy)
+    src, weights = golden("alexnet_tiny", "net.prototxt"), golden("alexnet_tiny", "weights.caffemodel")
+    assert main(["surgery", "convolutionalize", "cls.prototxt", "cls.caffemodel", "-o", "a/b/fcn.prototxt",
+                 "--no-verify"]) == 0
+    assert sorted(os.listdir("a/b")) == ["fcn.caffemodel", "fcn.prototxt"]
+    assert main(["surgery", "transplant", str(src), str(weights), "a/b/fcn.prototxt", "-o", "c/t.caffemodel"]) == 0
+    assert main(["surgery", "bilinear", str(golden("fcn_alexnet_tiny", "net.prototxt")), "-o", "d/e/b.caffemodel"]) == 0
+    assert main(["surgery", "fcn", "cls.prototxt", "cls.caffemodel", "--classes", "3", "-o", "f/fcn.prototxt",
+                 "--train-val", "g/h/tv.prototxt", "--no-verify"]) == 0
+    assert os.path.isfile("c/t.caffemodel") and os.path.isfile("d/e/b.caffemodel")
+    assert sorted(os.listdir("f")) == ["fcn.caffemodel", "fcn.prototxt"] and os.listdir("g/h") == ["tv.prototxt"]
+    capsys.readouterr()
+
+
+def test_a_failed_write_removes_the_folders_it_created(tmp_path):
+    from caffeish.apps import surgery_files as tool
+
+    def failing():
+        yield b"partial "
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        tool.write_all([(str(tmp_path / "new" / "a.prototxt"), [b"name: 'a'\n"]),
+                        (str(tmp_path / "new" / "deeper" / "b.caffemodel"), failing())], inputs=[])
+    assert os.listdir(tmp_path) == []

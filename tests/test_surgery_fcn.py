@@ -351,8 +351,11 @@ def test_cli_refuses_out_of_range_numbers_by_name(option, value, message, tmp_pa
 def test_ignore_label_out_of_int32_is_an_error(tmp_path, capsys):
     argv = ["surgery", "fcn", str(golden("alexnet_tiny", "net.prototxt")), "--classes", "3",
             "-o", str(tmp_path / "f.prototxt"), "--ignore-label", "99999999999", "--no-verify"]
-    assert main(argv) == 1
-    assert "--ignore-label 99999999999: Caffe's ignore_label is a 32-bit integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # the shared --ignore-label N|none option refuses it by name
+        main(argv)
+    assert e.value.code == 2
+    assert "argument --ignore-label: Caffe's ignore_label is a 32-bit integer, got 99999999999" in \
+        capsys.readouterr().err
     assert os.listdir(tmp_path) == []
 
 
@@ -379,3 +382,84 @@ def test_upscore_kernel_given_is_used_not_ignored():
     assert chosen.deploy.layer[-2].convolution_param.kernel_size[:] == [61] and chosen.offsets == {"score": 17}
     with pytest.raises(ShapeError, match="kernel 1: .*negative offset"):  # 1 is taken, not read as 'not given'
         build_fcn(src, classes=3, verify=False, upscore_kernel=1)
+
+
+# -- issue 15: `none` weights, random from the fillers; the shared mean and ignore-label spellings ------------
+
+SMALL = """
+name: "small"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 32 dim: 32 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
+  convolution_param { num_output: 6 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "fc" type: "InnerProduct" bottom: "pool2" top: "fc" inner_product_param { num_output: 8 } }
+layer { name: "fc8" type: "InnerProduct" bottom: "fc" top: "fc8"
+  inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "prob" type: "Softmax" bottom: "fc8" top: "prob" }
+"""
+
+
+def test_fcn_with_none_weights_writes_seeded_random_weights_from_the_fillers(tmp_path, capsys):
+    proto = tmp_path / "small.prototxt"
+    proto.write_text(SMALL)
+    out = tmp_path / "new" / "fcn.prototxt"
+    argv = ["surgery", "fcn", str(proto), "none", "--classes", "3", "-o", str(out), "--seed", "7"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    model = tmp_path / "new" / "fcn.caffemodel"
+    assert model.is_file() and "random from the layers' fillers (seed 7)" in captured.out
+    # The one classifier layer without a random filler is warned about (fc: no filler, constant 0).
+    assert captured.err.splitlines() == [
+        "warning: layer 'fc' starts at a constant filler (constant 0): every output of it is alike, so training "
+        "from scratch cannot tell its channels apart; give it a random weight_filler (gaussian, xavier, msra) in "
+        "the classifier prototxt"]
+    arrays = io.read_caffemodel(model).arrays()
+    assert set(arrays) == {"conv1", "conv2", "fc", "score_fr", "upscore"}
+    assert 0.05 < arrays["conv1"][0].std() < 0.2 and arrays["score_fr"][0].std() > 0  # gaussian 0.1, msra
+    assert not arrays["fc"][0].any()
+    k = arrays["upscore"][0].shape[-1]
+    assert np.array_equal(arrays["upscore"][0], surgery.bilinear_weights((3, 1, k, k), "caffe"))
+    net = Net(str(out), str(model), TEST)
+    assert net.missing_weights == [] and net.forward(data=np.ones((1, 3, 32, 32), np.float32))["score"].shape \
+        == (1, 3, 32, 32)
+    # Seeded: the same seed gives the same bytes, another seed other weights.
+    first = model.read_bytes()
+    assert main(argv) == 0 and model.read_bytes() == first
+    assert main(argv[:-1] + ["8"]) == 0 and model.read_bytes() != first
+    capsys.readouterr()
+
+
+def test_fcn_mean_and_ignore_label_spellings(tmp_path, capsys):
+    proto = tmp_path / "small.prototxt"
+    proto.write_text(SMALL)
+    mean = tmp_path / "mean.binaryproto"
+    io.write_binaryproto(mean, np.zeros((1, 3, 32, 32), np.float32))
+    base = ["surgery", "fcn", str(proto), "--classes", "3", "-o", str(tmp_path / "f.prototxt"), "--no-verify"]
+
+    def data_layer(*extra):
+        assert main(base + list(extra)) == 0, capsys.readouterr().err
+        tv = io.read_net(tmp_path / "f_train_val.prototxt")
+        loss = [l for l in tv.layer if l.type == "SoftmaxWithLoss"][0]
+        return [l for l in tv.layer if l.name == "data"][0].transform_param, loss.loss_param
+
+    for spelling in ("--mean", "--mean-file"):
+        tp, _ = data_layer(spelling, str(mean))
+        assert tp.mean_file == str(mean) and not tp.mean_value
+    tp, _ = data_layer("--mean-value", "104,117,123")
+    assert list(tp.mean_value) == [104, 117, 123] and not tp.mean_file
+    for none in (["--mean", "none"], ["--no-mean"]):
+        tp, _ = data_layer(*none)
+        assert not tp.mean_file and not tp.mean_value
+    for value, has, label in (("none", False, 0), ("-1", False, 0), ("3", True, 3)):
+        _, lp = data_layer("--ignore-label", value)
+        assert lp.HasField("ignore_label") == has and lp.ignore_label == label
+    assert main(base + ["--mean-value", "1,2"]) == 1
+    assert "--mean-value gives 2 values but 'data' has 3 channels" in capsys.readouterr().err
+    assert main(base + ["--mean", str(mean), "--mean-value", "1"]) == 1
+    assert "not both" in capsys.readouterr().err
+    assert main(base + ["--mean", str(proto)]) == 1
+    assert "this is a text file (a prototxt?), not a binaryproto" in capsys.readouterr().err

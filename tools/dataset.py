@@ -1,6 +1,7 @@
 """caffeish dataset: build and inspect DIGITS-style LMDB datasets of Caffe Datums.
 
   caffeish dataset segmentation --images DIR --labels DIR -o OUT [--color-map FILE]
+        [--class-names FILE [--allow-extra-classes]] [--ignore-label N|none]
         [--val-fraction 0.1 | --val-images DIR --val-labels DIR] [--resize WxH] [--encoding png|none]
   caffeish dataset classification --images DIR -o OUT [--resize WxH] [--val-fraction 0.1]
   caffeish dataset show DB [--dump N DIR]
@@ -17,7 +18,7 @@ from caffeish.apps.dataset import (DEFAULT_IGNORE_LABEL, build_classification, b
                                    default_workers, format_summary, inspect_dataset)
 from caffeish.errors import CaffeishError
 from caffeish.formats.datum import ENCODINGS
-from caffeish.tools.options import wxh_arg
+from caffeish.tools.options import add_ignore_label_option, wxh_arg
 from caffeish.tools.report import FORMATS, render
 
 
@@ -42,14 +43,17 @@ def add_arguments(p):
     seg.add_argument("--labels", required=True, help="folder of label images (same file stems)")
     seg.add_argument("-o", "--output", required=True, help="dataset folder to create")
     seg.add_argument("--color-map", help='DIGITS colour map: one "R G B [name]" line per class')
-    seg.add_argument("--class-names", help="class names, one per line (DIGITS' class labels file)")
+    seg.add_argument("--class-names", help="class names, one per line (DIGITS' class labels file); a label value "
+                                           "past them is an error naming it with its pixel count")
+    seg.add_argument("--allow-extra-classes", action="store_true",
+                     help="name label values past --class-names class5, class6, ... (a warning) instead of stopping")
     seg.add_argument("--val-fraction", type=fraction_arg, default=0.1,
                      help="share of the pairs that go to val_db (default 0.1; at least 1 pair when "
                           "above 0 and there are 2 or more)")
     seg.add_argument("--val-images", help="a separate folder of validation images")
     seg.add_argument("--val-labels", help="the label images of --val-images")
-    seg.add_argument("--ignore-label", type=int, default=DEFAULT_IGNORE_LABEL,
-                     help="a label value that is not a class (default 255, as PASCAL VOC); -1 for none")
+    add_ignore_label_option(seg, DEFAULT_IGNORE_LABEL, "a label value that is not a class (default 255, as PASCAL "
+                                                       "VOC); 'none' (or -1) for none")
     _common_options(seg, default_encoding="png")
     cls = sub.add_parser("classification", help="one subfolder per class -> LMDBs, labels, mean",
                          description=build_classification.__doc__)
@@ -92,8 +96,10 @@ def run(args):
             args.images, args.labels, args.output, color_map=args.color_map, class_names=args.class_names,
             val_fraction=args.val_fraction, val_images=args.val_images, val_labels=args.val_labels,
             resize=args.resize, encoding=args.encoding, channels=args.channels, seed=args.seed,
-            ignore_label=None if args.ignore_label < 0 else args.ignore_label,
-            txn_records=args.txn_records, force=args.force, workers=args.workers)
+            ignore_label=args.ignore_label, txn_records=args.txn_records, force=args.force, workers=args.workers,
+            allow_extra_classes=args.allow_extra_classes)
+        for line in summary["warnings"]:
+            print(f"warning: {line}", file=sys.stderr)
     elif args.dataset_command == "classification":
         summary = build_classification(
             args.images, args.output, val_fraction=args.val_fraction, resize=args.resize,

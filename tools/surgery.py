@@ -6,9 +6,9 @@
                      [--map OLD=NEW ...] [--allow-partial]
     caffeish surgery bilinear NET.prototxt [WEIGHTS.caffemodel] -o OUT.caffemodel [--layers PATTERN]
                      [--form auto|caffe|diagonal]
-    caffeish surgery fcn CLASSIFIER.prototxt [CLASSIFIER.caffemodel] --classes K -o OUT.prototxt [OUT.caffemodel]
-                     [--skip pool4,pool3] [--pad 100] [--upscore-kernel N] [--keep-classes]
-                     [--dataset DIR [--no-mean]] [--train-val PATH]
+    caffeish surgery fcn CLASSIFIER.prototxt [CLASSIFIER.caffemodel|none] --classes K -o OUT.prototxt [OUT.caffemodel]
+                     [--skip pool4,pool3] [--pad 100] [--upscore-kernel N] [--keep-classes] [--dataset DIR]
+                     [--mean FILE|none | --mean-value B,G,R] [--ignore-label N|none] [--train-val PATH]
 
 convolutionalize: every InnerProduct becomes the equivalent Convolution (kernel =
 its input's H x W, 1 x 1 after another InnerProduct), weights reshaped, Flatten/
@@ -18,7 +18,8 @@ input and must agree within 1e-5 relative (--no-verify skips it).
 transplant: copy parameters by layer name; equal element counts with other
 shapes (fc -> conv) are reshaped; a count mismatch is an error naming the layer
 and both shapes unless --allow-partial.  Destination layers with no source get
-their fillers' values.
+their fillers' values: the report names them, and a warning on stderr names
+each whose weights stay at a constant filler (its outputs ignore its input).
 
 bilinear: Deconvolution weights for bilinear upsampling, f = ceil(K/2),
 c = (K-1)/(2f), w(y, x) = (1 - |x/f - c|)(1 - |y/f - c|); K = 4 gives the outer
@@ -29,7 +30,11 @@ slot (Caffe's filler; needs group = channels), diagonal into the (i, i) slots
 fcn: a segmentation FCN from a classifier (pad the first convolution,
 convolutionalize, K-way score_fr, bilinear upscore with stride = the net's
 stride, Crop with the computed offset; --skip for FCN-16s/8s), written as a
-deploy net, a train/val net reading DATASET/train_db and val_db, and weights.
+deploy net, a train/val net reading DATASET/train_db and val_db, and weights
+(`none` for the classifier's weights: random ones from the layers' fillers,
+--seed, for training from scratch).
+
+Missing folders of the -o paths are created, as `segment -o` does.
 
 Outputs: every output path is checked against every input and against the
 other outputs before anything is computed (an output inside an input folder,
@@ -44,10 +49,11 @@ import sys
 from caffeish.apps import surgery
 from caffeish.apps.surgery_files import (bilinear_file, convolutionalize_files, fcn_files, output_paths,
                                          transplant_file)
-from caffeish.apps.surgery_fcn import INT32_MAX, UINT32_MAX
+from caffeish.apps.surgery_fcn import UINT32_MAX
 from caffeish.errors import CaffeishError
 from caffeish.tools import report
-from caffeish.tools.options import input_shape_arg, int_arg
+from caffeish.tools.options import (add_ignore_label_option, add_mean_options, input_shape_arg, int_arg,
+                                    mean_from_args)
 
 SEED = int_arg(0, 2**32 - 1)  # numpy's seeds are non-negative
 
@@ -96,7 +102,8 @@ def add_arguments(p):
 
     f = sub.add_parser("fcn", help="build a segmentation FCN (deploy + train/val + weights) from a classifier")
     f.add_argument("net", help="classifier prototxt (deploy)")
-    f.add_argument("weights", nargs="?", help="classifier caffemodel (without it only the nets are written)")
+    f.add_argument("weights", nargs="?", help="classifier caffemodel (without it only the nets are written; "
+                                              "'none': random weights from the layers' fillers, --seed)")
     f.add_argument("--classes", type=int_arg(1, UINT32_MAX), required=True, metavar="K",
                    help="number of segmentation classes")
     f.add_argument("-o", "--output", nargs="+", required=True, metavar="OUT",
@@ -111,15 +118,15 @@ def add_arguments(p):
                    help="keep the classifier's weights for its first classes and add the new ones (expand_score)")
     f.add_argument("--dataset", default=None, metavar="DIR",
                    help="dataset folder the train/val net reads (DIR/train_db/features, ...; see caffeish dataset); "
-                        "its mean (dataset.json: mean_file, else mean_value; --no-mean for none) goes into the Data "
-                        "layers, and a class count other than --classes is warned about")
+                        "its mean (dataset.json: mean_file, else mean_value; --mean none for none) goes into the "
+                        "Data layers, and a class count other than --classes is warned about")
     f.add_argument("--train-val", default=None, metavar="PATH",
                    help="train/val prototxt path (default: beside OUT, 'deploy' -> 'train_val')")
     f.add_argument("--batch-size", type=int_arg(1, UINT32_MAX), default=1, help="train/val batch size (default 1)")
-    f.add_argument("--ignore-label", default="255", metavar="N|none",
-                   help="label ignored by the loss and accuracy (default 255; 'none' for none)")
-    f.add_argument("--no-mean", action="store_true",
-                   help="no mean in the train/val Data layers (default: the dataset's, see --dataset)")
+    add_ignore_label_option(f, 255, "label ignored by the loss and accuracy (default 255; 'none' or -1 for none)")
+    add_mean_options(f, "mean file of the train/val Data layers (default: the dataset's, see --dataset; 'none' "
+                        "for no mean)", "per-channel mean values of the train/val Data layers, e.g. 104,117,123")
+    f.add_argument("--no-mean", action="store_true", help="the same as --mean none")
     f.add_argument("--no-verify", action="store_true", help="skip the convolutionalize equivalence check")
     f.add_argument("--seed", type=SEED, default=0, help="seed of the random initialisations (default 0)")
     _common(f)
@@ -165,10 +172,16 @@ def run_convolutionalize(args):
     return 0
 
 
+def _warn(lines):
+    for line in lines:
+        print(f"warning: {line}", file=sys.stderr)
+
+
 def run_transplant(args):
     mapping = surgery.parse_map(args.map)
     rep = transplant_file(args.src_net, args.src_weights, args.dst_net, args.output, mapping=mapping,
                           allow_partial=args.allow_partial, input_shapes=_shapes(args), seed=args.seed)
+    _warn(rep.warnings)
     _print_report(rep, args.format)
     if _human(args.format):
         print(f"wrote {args.output}")
@@ -185,29 +198,22 @@ def run_bilinear(args):
     return 0
 
 
-def _ignore_label(text):
-    if str(text).lower() == "none":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise CaffeishError(f"--ignore-label expects an integer or 'none', got '{text}'") from None
-    if not -INT32_MAX - 1 <= value <= INT32_MAX:
-        raise CaffeishError(f"--ignore-label {value}: Caffe's ignore_label is a 32-bit integer")
-    return value
-
-
 def run_fcn(args):
     proto_out, model_out = output_paths(args.output, args.weights is not None, "classifier")
     skips = [s for s in args.skip.split(",") if s.strip()]
-    fcn, train_val_out = fcn_files(args.net, args.weights, proto_out, model_out, train_val_out=args.train_val,
-                                   dataset=args.dataset, classes=args.classes, skips=skips, pad=args.pad,
-                                   upscore_kernel=args.upscore_kernel, keep_classes=args.keep_classes,
-                                   input_shapes=_shapes(args), verify=not args.no_verify,
-                                   mean_file=None if args.no_mean else "auto", batch_size=args.batch_size,
-                                   ignore_label=_ignore_label(args.ignore_label), seed=args.seed)
-    for line in fcn.warnings:
-        print(f"warning: {line}", file=sys.stderr)
+    mean_file, mean_value, no_mean = mean_from_args(args)
+    if args.no_mean and (mean_file or mean_value is not None):
+        raise CaffeishError("--no-mean and a --mean/--mean-value: give one of them")
+    random = args.weights is not None and args.weights.strip().lower() == "none"
+    fcn, train_val_out = fcn_files(args.net, None if random else args.weights, proto_out, model_out,
+                                   train_val_out=args.train_val, dataset=args.dataset, classes=args.classes,
+                                   skips=skips, pad=args.pad, upscore_kernel=args.upscore_kernel,
+                                   keep_classes=args.keep_classes, input_shapes=_shapes(args),
+                                   verify=not args.no_verify, batch_size=args.batch_size,
+                                   mean_file=None if no_mean or args.no_mean else mean_file or "auto",
+                                   mean_value=mean_value, ignore_label=args.ignore_label, seed=args.seed,
+                                   random_weights=random)
+    _warn(fcn.warnings)
     if fcn.conv_report is not None and _human(args.format):
         _print_checks(fcn.conv_report, args.format)
         for note in fcn.conv_report.notes:

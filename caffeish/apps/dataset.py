@@ -389,7 +389,8 @@ def split_note(n, val_fraction, n_val, what="pairs"):
 
 def build_segmentation(images, labels, output, color_map=None, class_names=None, val_fraction=0.1,
                        val_images=None, val_labels=None, resize=None, encoding="png", channels=3, seed=0,
-                       ignore_label=DEFAULT_IGNORE_LABEL, txn_records=256, force=False, workers=None):
+                       ignore_label=DEFAULT_IGNORE_LABEL, txn_records=256, force=False, workers=None,
+                       allow_extra_classes=False):
     """Build a DIGITS segmentation dataset from a folder of images and a folder of label images.
 
     Pairs are matched by file stem.  Labels: palette PNGs (index = class),
@@ -399,6 +400,12 @@ def build_segmentation(images, labels, output, color_map=None, class_names=None,
     transparent pixels.  Writes train_db/ and val_db/ (features and labels
     LMDBs), labels.txt, palette.txt, mean.binaryproto, train.txt, val.txt and
     dataset.json.  Returns a summary dict.
+
+    class_names (a file, one name per line) names classes 0, 1, ...: a label
+    value beyond them (the ignore label aside) is an error naming the values
+    and their pixel counts, unless allow_extra_classes (then they are named
+    classN and the summary's "warnings" say so, with the counts).  Every named
+    class is a class, also one that no label holds.
     """
     if encoding not in ("png", "none"):
         raise DatasetError(f"--encoding {encoding}: segmentation datasets use png or none (labels must be lossless)")
@@ -432,6 +439,16 @@ def build_segmentation(images, labels, output, color_map=None, class_names=None,
                                                     workers or default_workers())
         hist = sum(s["label_histogram"] for s in stats.values())
         classes = class_count(hist, colors, ignore_label)
+        warnings = []
+        if class_names:
+            problem = extra_classes(hist, len(names), ignore_label, f"--class-names {class_names}")
+            if problem and not allow_extra_classes:
+                raise DatasetError(f"{problem}; add their names to {class_names}, or pass --allow-extra-classes "
+                                   f"to name them class{len(names)}..class{classes - 1}")
+            if problem:
+                warnings.append(f"{problem}; they are named class{len(names)}..class{classes - 1} "
+                                f"(--allow-extra-classes)")
+            classes = max(classes, len(names))  # a named class no label holds is still a class
         palette = dataset_palette(classes, colors, decoder.palette)
         names = list(names or [])[:classes] + [f"class{i}" for i in range(len(names or []), classes)]
         write_text(out.join("labels.txt"), names)
@@ -459,6 +476,7 @@ def build_segmentation(images, labels, output, color_map=None, class_names=None,
         with open(out.join("dataset.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
     meta["output"] = out.path
+    meta["warnings"] = warnings
     return meta
 
 
@@ -546,6 +564,20 @@ def class_count(hist, colors, ignore_label):
     if ignore_label is not None:
         seen = seen[seen != ignore_label]
     return int(seen.max()) + 1 if seen.size else 1
+
+
+def extra_classes(hist, named, ignore_label, what):
+    """The label values at or past `named` (the ignore label aside) with their pixel counts, as one
+    sentence for an error or a warning; None when every value is named."""
+    values = [int(v) for v in np.nonzero(hist)[0] if v >= named and v != ignore_label]
+    if not values:
+        return None
+    shown = ", ".join(f"{v} ({int(hist[v]):,} pixel{'' if hist[v] == 1 else 's'})" for v in values[:12])
+    more = f" and {len(values) - 12} more" if len(values) > 12 else ""
+    span = f"0..{named - 1}" if named else "none"
+    return (f"{what} names {named} class{'' if named == 1 else 'es'} ({span}) but the labels hold "
+            f"{'value' if len(values) == 1 else 'values'} {shown}{more}"
+            + (f" (the ignore label {ignore_label} aside)" if ignore_label is not None else ""))
 
 
 def dataset_palette(classes, colors, palette):

@@ -21,11 +21,22 @@ for one caffemodel, for every file of a store model:
 
 OUTDIR also gets an index.json describing the one model (path "."), so that
 `caffeish store verify OUTDIR` can check it later.
+
+One pull at a time per OUTDIR: a pull holds an exclusive lock (fcntl.flock) on
+OUTDIR/.caffeish-pull.lock for its whole run, so a second pull into the same
+folder stops at once saying that another pull is running, instead of both
+writing the same `.part` files.  The lock file and the `.part` files are
+opened with O_NOFOLLOW: a symbolic link planted in their place is refused,
+never followed.  The lock file is removed when the pull ends; one left by a
+killed pull is not locked and is simply reused.
 """
+import errno
+import fcntl
 import hashlib
 import http.client
 import json
 import os
+import stat
 import time
 import urllib.error
 import urllib.parse
@@ -33,10 +44,11 @@ import urllib.request
 
 from caffeish.apps import progress
 from caffeish.errors import CaffeishError
-from caffeish.apps.store import (INDEX, ChecksumError, check_file, check_net, find_model, hash_file, make_index,
+from caffeish.apps.store import (INDEX, ChecksumError, check_file, check_net, find_model, make_index,
                             parse_index, write_index)
 
 CHUNK = 1 << 20
+LOCK = ".caffeish-pull.lock"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -233,22 +245,26 @@ def download(source, parts, part, expected, retries=5, retry_wait=1.0, log=None,
     size = expected["size"]
     desc = desc or expected["name"]
     where = source.where(*parts)
-    offset = os.path.getsize(part) if os.path.isfile(part) else 0
-    if offset > size:
-        offset = 0
-    hashes = _hashers(expected)
-    if offset:
-        hash_file(part, start_hashes=hashes)
-        if log:
-            log(f"{desc}: resuming at {_mb(offset)} of {_mb(size)}")
-    resumed = offset > 0
-    transferred = 0
+    out = _open_part(part)
     try:
-        out = open(part, "r+b" if offset else "wb")
+        offset = os.fstat(out.fileno()).st_size
+        if offset > size:
+            offset = 0
+        hashes = _hashers(expected)
+        if offset:
+            _hash_open(out, offset, hashes, part)
+            if log:
+                log(f"{desc}: resuming at {_mb(offset)} of {_mb(size)}")
         out.truncate(offset)
         out.seek(offset)
     except OSError as e:
+        out.close()
         raise CaffeishError(f"{part}: cannot write: {e.strerror}") from None
+    except BaseException:
+        out.close()
+        raise
+    resumed = offset > 0
+    transferred = 0
     bar = progress.bytes_bar(total=size, desc=desc, initial=offset)
     failures, etag = 0, None
     try:
@@ -336,6 +352,93 @@ def _remove(path):
         pass
 
 
+def _open_nofollow(path, what):
+    """An fd of the regular file `path`, created if missing, never through a symbolic link."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CaffeishError(f"{path}: is a symbolic link where the pull keeps its {what}; refusing to follow "
+                                f"it (remove the link)") from None
+        raise CaffeishError(f"{path}: cannot open the pull's {what}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CaffeishError(f"{path}: is not a regular file, where the pull keeps its {what}; remove it")
+    return fd
+
+
+def _open_part(part):
+    """The `.part` file opened for reading and writing (created if missing), never through a link."""
+    fd = _open_nofollow(part, "partial download")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "r+b")
+
+
+def _hash_open(f, length, hashes, path):
+    """Feed the first `length` bytes of the open file `f` to `hashes`, in chunks."""
+    f.seek(0)
+    left = length
+    while left:
+        chunk = f.read(min(CHUNK, left))
+        if not chunk:
+            raise CaffeishError(f"{path}: shrank while it was read (is another program writing it?)")
+        for h in hashes.values():
+            h.update(chunk)
+        left -= len(chunk)
+
+
+class PullLock:
+    """An exclusive lock on OUTDIR/.caffeish-pull.lock: one pull at a time into a folder.
+
+    The lock is fcntl.flock on a file opened with O_NOFOLLOW (a planted link is
+    refused); a second pull fails at once, naming the folder.  Released (and the
+    file removed) by `release`; a file left by a killed pull holds no lock.
+    """
+
+    def __init__(self, outdir):
+        self.outdir = os.fspath(outdir)
+        self.path = os.path.join(self.outdir, LOCK)
+        self.fd = None
+        self.discarded = False  # set when a failed pull deleted its parts (OUTDIR may then go too)
+
+    def acquire(self):
+        for _ in range(100):
+            fd = _open_nofollow(self.path, "lock file")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise CaffeishError(
+                        f"{self.outdir}: another `caffeish store pull` into this folder is running (it holds "
+                        f"{LOCK}); wait for it to finish or pull into another folder") from None
+                raise CaffeishError(f"{self.path}: cannot lock: {e.strerror}") from None
+            # A pull that just finished removes the file it locked: ours must still be the one at the path.
+            mine = os.fstat(fd)
+            try:
+                there = os.lstat(self.path)
+            except FileNotFoundError:
+                there = None
+            if there is not None and (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+                self.fd = fd
+                return self
+            os.close(fd)
+        raise CaffeishError(f"{self.path}: the lock file keeps changing (other pulls into {self.outdir}?)")
+
+    def release(self):
+        """Remove the lock file (while still holding it, so no other pull holds that file) and unlock."""
+        if self.fd is None:
+            return
+        try:
+            mine, there = os.fstat(self.fd), os.lstat(self.path)
+            if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
 def part_path(outdir, name):
     return os.path.join(outdir, f".{name}.part")
 
@@ -358,7 +461,30 @@ def pull(location, name, outdir, force=False, retries=5, retry_wait=1.0, timeout
     path = [p for p in str(entry.get("path", entry["name"])).split("/") if p not in ("", ".")]
     outdir = os.fspath(outdir)
     created = not os.path.isdir(outdir)
-    os.makedirs(outdir, exist_ok=True)
+    try:
+        os.makedirs(outdir, exist_ok=True)
+    except OSError as e:
+        raise CaffeishError(f"{outdir}: cannot create the folder: {e.strerror}") from None
+    lock = PullLock(outdir)
+    try:
+        lock.acquire()
+    except CaffeishError:
+        if created:
+            _rmdir(outdir)
+        raise
+    failed = True
+    try:
+        result = _pull_locked(source, entry, path, outdir, lock, force, retries, retry_wait, validate, log)
+        failed = False
+        return result
+    finally:
+        lock.release()
+        if failed and created and lock.discarded:
+            _rmdir(outdir)
+
+
+def _pull_locked(source, entry, path, outdir, lock, force, retries, retry_wait, validate, log):
+    """pull's work once OUTDIR is locked; `lock.discarded` says whether a failure threw the pull away."""
     local_index = make_index([dict(entry, path=".")])
     index_path = os.path.join(outdir, INDEX)
     if os.path.isfile(index_path) and not force and _json(index_path) != json.loads(json.dumps(local_index)):
@@ -388,7 +514,7 @@ def pull(location, name, outdir, force=False, retries=5, retry_wait=1.0, timeout
                     log(f"{f['name']}: the resumed file did not verify; downloading it again from the start")
                 transferred += download(source, path + [f["name"]], part, f, retries, retry_wait, log)
     except ChecksumError:
-        _discard(plan, outdir, created)  # the store's copy is bad: nothing of this pull is kept
+        _discard(plan, lock)  # the store's copy is bad: nothing of this pull is kept
         raise
     paths = {f["name"]: os.path.join(outdir, f["name"]) for f in entry["files"]}
     paths.update({f["name"]: part for f, _, part in plan})
@@ -399,7 +525,7 @@ def pull(location, name, outdir, force=False, retries=5, retry_wait=1.0, timeout
         except KeyError as e:
             raise CaffeishError(f"model '{entry['name']}': the index lists no file {e}") from None
         except CaffeishError as e:
-            _discard(plan, outdir, created)
+            _discard(plan, lock)
             raise CaffeishError(f"model '{entry['name']}' downloaded and verified, but the net does not "
                                 f"validate: {e}") from None
     for f, dest, part in plan:
@@ -411,15 +537,18 @@ def pull(location, name, outdir, force=False, retries=5, retry_wait=1.0, timeout
             "sha1": any(f.get("sha1") for f in entry["files"])}
 
 
-def _discard(plan, outdir, created):
-    """Delete this pull's part files, and OUTDIR itself when the pull created it and it is empty."""
+def _discard(plan, lock):
+    """Delete this pull's part files (OUTDIR goes too, once unlocked, when the pull created it and it is empty)."""
     for _, _, part in plan:
         _remove(part)
-    if created:
-        try:
-            os.rmdir(outdir)
-        except OSError:
-            pass
+    lock.discarded = True
+
+
+def _rmdir(folder):
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass
 
 
 def _json(path):

@@ -18,7 +18,11 @@ by hand with pycaffe, as checked functions (the `caffeish surgery` commands):
   net; a blob whose element count matches but whose shape differs (fc -> conv)
   is reshaped; a count mismatch is an error naming the layer and both shapes
   (DIGITS' net_surgery.py copies `.flat` without checking).  Layers of the
-  destination with no source keep their fillers, whose values are written.
+  destination with no source keep their fillers, whose values are written; the
+  report names them, and a Convolution, Deconvolution, InnerProduct or Embed
+  whose weights stay at a constant filler (constant, a zero-width gaussian or
+  uniform, or no filler: zeros) gets a warning (Report.warnings): its outputs
+  would not depend on its input.
 * `bilinear_weights(shape)` / `bilinear(net, model)`: bilinear upsampling
   weights for Deconvolution layers (Caffe's `bilinear` filler, or FCN's
   per-channel diagonal form for a dense deconvolution).
@@ -35,6 +39,7 @@ import os
 import numpy as np
 
 from caffeish.runtime import fillers
+from caffeish.runtime.fillers import WEIGHT_TYPES, constant_filler, constant_weights  # noqa: F401
 from caffeish.graph import geometry
 from caffeish.formats import io
 from caffeish.errors import CaffeishError, GraphError, ShapeError, UnsupportedError, WeightError
@@ -60,6 +65,7 @@ class Report:
         self.totals = totals
         self.notes = list(notes or [])
         self.checks = []  # equivalence rows (see verify_equivalence)
+        self.warnings = []  # lines for stderr: results that run but are probably not what was meant
 
 
 # -- loading ------------------------------------------------------------------------------------------
@@ -73,7 +79,7 @@ def load_net(net):
         if len(out.layers) or len(out.input):
             out = upgrade_net(out)[0]
         return out
-    return io.read_net(os.fspath(net))
+    return io.read_net(os.fspath(net), caffemodel=True)  # a caffemodel's own layer list is a net here
 
 
 def load_model(model):
@@ -429,10 +435,10 @@ def verify_equivalence(src, out, arrays, conversions, report, input_shapes=None,
 
     rng = seeded_rng(seed)
     tops = [n for n in conversions]
-    a = Net(src, phase=phase, input_shapes=input_shapes, seed=seed)
+    a = Net(src, phase=phase, input_shapes=input_shapes, seed=seed, keep=False)
     params = arrays if arrays is not None else random_params(a.graph, rng)
     _share_params(a, params)
-    b = Net(out, phase=phase, input_shapes=input_shapes, seed=seed)
+    b = Net(out, phase=phase, input_shapes=input_shapes, seed=seed, keep=False)
     moved = {}
     for name in b._params:
         source = [np.asarray(x) for x in a.param_arrays(name)] if name in a._params else None
@@ -614,10 +620,30 @@ def transplant(src_net, src_model, dst_net, mapping=None, allow_partial=False, p
         key = r["action"].split(" (")[0]
         summary[key] = summary.get(key, 0) + 1
     notes = ["; ".join(f"{k}: {v}" for k, v in summary.items())]
+    filled = {r["layer"]: [] for r in rows if r["layer"]}
+    for r in rows:
+        if r["layer"] and r["to"] is not None:
+            filled[r["layer"]].append(r["action"].startswith("filler") or r["action"].startswith("skipped"))
+    empty = [name for name, flags in filled.items() if flags and all(flags)]
+    if empty:
+        notes.append(f"got nothing from the source, kept their fillers: {', '.join(empty)}")
     if errors:
         notes += [f"partial: {e}" for e in errors]
     report = Report(columns, rows, notes=notes)
     report.summary = summary
+    report.empty = empty
+    unused = {name: stored for name, stored in source.items() if name not in used}
+    for name, flags in filled.items():
+        how = constant_weights(nodes[name]) if flags and flags[0] else None
+        if how is None:
+            continue
+        size = count(nodes[name].param_shapes[0])
+        fits = [s for s, stored in unused.items() if stored and count(_blob_shape(stored[0])) == size]
+        hint = (f"; the source's unused layer {fits[0]} has weights of that size: --map {fits[0]}={name}"
+                if fits else f"; --map SOURCE={name} copies a source layer into it")
+        report.warnings.append(
+            f"layer '{name}' ({nodes[name].type}) got no weights from the source and keeps its filler ({how}): "
+            f"its outputs do not depend on its input{hint}")
     return dst, blob_lists(dst, arrays), report
 
 

@@ -31,6 +31,12 @@ DATASET/dataset.json names, else the per-channel mean_value it records, else
 none (a dataset of mixed-size images has no mean image) with a note saying so.
 A class count that differs from the dataset's gets a warning (FCN.warnings):
 the loss and evaluate stop at the first label outside the net's classes.
+
+Without classifier weights, `random_weights=True` writes weights for training
+from scratch: every layer's own fillers (seeded; score_fr msra when K differs,
+upscore bilinear, score_<pool> zeros).  A classifier layer whose weights a
+constant filler gives (constant, or no filler: zeros) gets a warning, as in
+transplant: it would start with every output alike.
 """
 import os
 from fractions import Fraction
@@ -42,8 +48,8 @@ from caffeish.runtime import fillers
 from caffeish.errors import CaffeishError, GraphError, ShapeError
 from caffeish.graph.graph import Graph
 from caffeish.formats.schema import TEST, TRAIN, pb
-from caffeish.apps.surgery import (Report, bilinear_weights, blob_lists, convolutionalize, graph_nodes, load_model,
-                              load_net, seeded_rng)
+from caffeish.apps.surgery import (Report, bilinear_weights, blob_lists, constant_weights, convolutionalize,
+                                   graph_nodes, load_model, load_net, seeded_rng)
 
 UINT32_MAX = 2**32 - 1  # num_output, pad, kernel_size and batch_size are uint32 fields
 INT32_MAX = 2**31 - 1  # ignore_label is an int32
@@ -263,7 +269,7 @@ def _score_weights(cls_arrays, shapes, classes, old_classes, keep_classes, rng):
 
 def build_fcn(classifier, model=None, classes=None, skips=(), pad=100, upscore_kernel=None, keep_classes=False,
               input_shapes=None, verify=True, dataset=None, mean_file="auto", batch_size=1, ignore_label=255,
-              seed=0):
+              seed=0, mean_value=None, random_weights=False):
     """A segmentation FCN from a classifier (see the module docstring); returns an FCN.
 
     classifier: prototxt path or NetParameter; model: caffemodel path/Model or
@@ -274,11 +280,18 @@ def build_fcn(classifier, model=None, classes=None, skips=(), pad=100, upscore_k
     train/val net's Data layers read (None: paths relative to where Caffe runs);
     it must be a dataset folder.  mean_file: "auto" (the dataset's mean: the
     mean_file dataset.json names, else its mean_value, else none; without a
-    dataset, 'mean.binaryproto'), a path, or None (no mean).
+    dataset, 'mean.binaryproto'), a path, or None (no mean); mean_value:
+    per-channel values instead (1 or one per input channel).
+    random_weights: without `model`, weights from every layer's fillers (seed)
+    for training from scratch, with warnings for constant classifier weights.
     ignore_label: for the loss and accuracy (None: none).  Out-of-range numbers
     (classes, upscore_kernel, batch_size < 1, pad < 0) raise CaffeishError.
     """
     _check_numbers(classes, pad, upscore_kernel, batch_size, ignore_label)
+    if mean_value is not None and mean_file not in (None, "auto"):
+        raise CaffeishError("give the train/val net's mean as a file or as values, not both")
+    if random_weights and model is not None:
+        raise CaffeishError("random weights are for a classifier without weights; this one has a caffemodel")
     known = None
     if dataset is not None:
         dataset_meta.check_folder(dataset)
@@ -391,8 +404,15 @@ def build_fcn(classifier, model=None, classes=None, skips=(), pad=100, upscore_k
 
     name = f"FCN-{src.name}" if src.name else "FCN"
     deploy = _net(name, layers_out)
-    _check(deploy, data_blob, classes, input_shapes)
-    mean = _mean(mean_file, known, report)
+    deploy_graph = _check(deploy, data_blob, classes, input_shapes)
+    if mean_value is not None:
+        channels = graph.blob_shapes[data_blob][1]
+        if len(mean_value) not in (1, channels):
+            raise CaffeishError(f"--mean-value gives {len(mean_value)} values but '{data_blob}' has {channels} "
+                                f"channels (give 1 value or {channels})")
+        mean = ("values", [float(v) for v in mean_value])
+    else:
+        mean = _mean(mean_file, known, report)
     train_val = _train_val(name, layers_out, inputs, data_blob, graph.blob_shapes, dataset, mean, batch_size,
                            ignore_label)
     warnings = []
@@ -403,6 +423,15 @@ def build_fcn(classifier, model=None, classes=None, skips=(), pad=100, upscore_k
                f"the first one" if known.classes > classes else
                f"the net's classes {known.classes} and above never occur in the labels"))
     out_blobs = blob_lists(deploy, arrays) if model is not None else None
+    if random_weights:
+        zero_by_design = {f"score_{_tag(p)}" for p in skip_blobs}  # FCN's skip scores start at zero
+        out_blobs, constant = _random_weights(deploy, deploy_graph, seed, zero_by_design)
+        report.rows.append({"step": "weights", "layer": "",
+                            "detail": f"random from the layers' fillers (seed {seed}), for training from scratch"})
+        for layer, how in constant:
+            warnings.append(f"layer '{layer}' starts at a constant filler ({how}): every output of it is alike, "
+                            f"so training from scratch cannot tell its channels apart; give it a random "
+                            f"weight_filler (gaussian, xavier, msra) in the classifier prototxt")
     if first_conv is not None:
         report.notes.append(f"first Convolution '{first_conv}' padded by {pad}")
     report.notes.append(f"total stride {stride} at score_fr; crop offsets: "
@@ -410,6 +439,23 @@ def build_fcn(classifier, model=None, classes=None, skips=(), pad=100, upscore_k
     fcn = FCN(deploy, train_val, out_blobs, report, conv_report, data_blob, stride, offsets)
     fcn.warnings = warnings
     return fcn
+
+
+def _random_weights(deploy, graph, seed, skip):
+    """(blob lists from every layer's fillers, [(layer, constant filler)] for WEIGHT_TYPES layers not in
+    `skip` whose weights a constant filler gives)."""
+    rng = seeded_rng(seed)
+    arrays, constant = {}, []
+    for name, node in graph_nodes(graph).items():
+        if not node.param_shapes:
+            continue
+        specs = node.layer.fillers()
+        arrays[name] = [fillers.fill(specs[i] if i < len(specs) else None, shape, rng, what=f"layer '{name}' blob {i}")
+                        for i, shape in enumerate(node.param_shapes)]
+        how = constant_weights(node)
+        if how is not None and name not in skip:
+            constant.append((name, how))
+    return blob_lists(deploy, arrays), constant
 
 
 def _whole(value, what, minimum, maximum=UINT32_MAX):
@@ -486,6 +532,7 @@ def _check(deploy, data_blob, classes, input_shapes):
     data, score = graph.blob_shapes[data_blob], graph.blob_shapes["score"]
     if tuple(score) != (data[0], classes) + tuple(data[2:]):
         raise ShapeError(f"internal: the score is {score} for data {data}")
+    return graph
 
 
 def _mean(mean_file, known, report):

@@ -4,7 +4,9 @@
 run the operations of caffeish.apps.surgery and caffeish.apps.surgery_fcn and
 write their nets and weights.  Every output path is checked against every input
 and against the other outputs before anything is computed (an output inside an
-input folder, such as fcn's dataset, is refused too); the files are then staged
+input folder, such as fcn's dataset, is refused too); missing folders of the
+outputs are created, as `segment -o` creates its folder (and removed again if
+the run fails); the files are then staged
 as temporary files beside their destinations, all written and synced, and only
 then renamed into place one after the other (`write_all`), so a refused or
 failed run leaves no new file behind.  (Only a rename itself failing after an
@@ -20,7 +22,12 @@ from caffeish.errors import CaffeishError
 from caffeish.formats import io, wire
 
 _same_file = io.same_file
-check_outputs = io.check_outputs  # an output that is an input, inside an input folder, a folder, ... is refused
+
+
+def check_outputs(outputs, inputs=()):
+    """io.check_outputs with missing folders allowed (write_all creates them): an output that is an input,
+    inside an input folder, a folder, under a file, ... is refused."""
+    io.check_outputs(outputs, inputs, create_folders=True)
 
 
 def output_paths(outputs, weights_given, what):
@@ -65,11 +72,17 @@ def write_all(files, inputs):
     destination, every temp written and synced, and only then all renamed into place (io.atomic_outputs).
     A failure while writing (a chunk generator raising, a full disk) leaves no destination touched and
     removes the temps; only a rename failing after an earlier one succeeded leaves the earlier files."""
-    check_outputs([path for path, _ in files], inputs)
-    with io.atomic_outputs([path for path, _ in files], inputs) as outs:
-        for f, (_, chunks) in zip(outs, files):
-            for c in chunks:
-                f.write(c)
+    paths = [path for path, _ in files]
+    check_outputs(paths, inputs)
+    created = io.make_folders(paths)
+    try:
+        with io.atomic_outputs(paths, inputs) as outs:
+            for f, (_, chunks) in zip(outs, files):
+                for c in chunks:
+                    f.write(c)
+    except BaseException:
+        io.remove_empty_folders(created)
+        raise
 
 
 def convolutionalize_files(net, weights, proto_out, model_out=None, input_shapes=None, verify=True, seed=0):
@@ -108,8 +121,8 @@ def fcn_files(net, weights, proto_out, model_out=None, train_val_out=None, datas
     """build_fcn written as the deploy net proto_out, the train/val net train_val_out (default: beside
     proto_out, see default_train_val_path) and, with weights, model_out; returns (FCN, train_val_out).
 
-    options: build_fcn's (classes, skips, pad, ...); dataset: the folder the
-    train/val net reads, checked first and never written into."""
+    options: build_fcn's (classes, skips, pad, mean_file, random_weights, ...); dataset: the folder the
+    train/val net reads, checked first and never written into (so is a mean_file)."""
     train_val_out = train_val_out or default_train_val_path(proto_out)
     if _same_file(train_val_out, proto_out):
         raise CaffeishError(f"the train/val net would overwrite the deploy net '{proto_out}'; give --train-val "
@@ -118,6 +131,11 @@ def fcn_files(net, weights, proto_out, model_out=None, train_val_out=None, datas
     folder = os.path.abspath(dataset) if dataset else None
     if folder:
         dataset_meta.check_folder(dataset)
+    mean = options.get("mean_file")
+    if mean not in (None, "auto"):
+        io.read_binaryproto(mean)  # a mean file the train/val net can use (one line when it is not)
+        options["mean_file"] = os.path.abspath(mean)
+        inputs.append(mean)
     check_outputs([proto_out, train_val_out, model_out], inputs + ([("--dataset", dataset)] if folder else []))
     fcn = build_fcn(net, weights, dataset=folder, **options)
     files = [prototxt_file(proto_out, fcn.deploy), prototxt_file(train_val_out, fcn.train_val)]

@@ -8,6 +8,10 @@
   the file's bytes (see caffeish.formats.wire).  The layer definitions, stripped of
   their blobs, are parsed by protobuf and upgraded like a prototxt.
 * `read_binaryproto(path)` reads a BlobProto (mean file) into float32.
+* Each reader first looks at what the file is (`file_kind`): a caffemodel
+  where a prototxt is expected, a prototxt or an image where a caffemodel is
+  expected (the net and the weights given in the wrong order) is one line
+  saying so, for every tool, rather than a parse error about its bytes.
 * `write_prototxt`, `write_caffemodel` and `write_binaryproto` write atomically
   (temp file in the same folder, then rename) and never overwrite an input.
   `atomic_outputs` stages several files and renames them only once all are
@@ -31,8 +35,9 @@ from caffeish.formats.upgrade import upgrade_net
 
 # Caffe raises the protobuf total-bytes limit to INT_MAX.
 __all__ = [
-    "Model", "parse_text", "read_prototxt", "is_binary_file", "read_net", "read_caffemodel", "read_binaryproto",
+    "Model", "parse_text", "read_prototxt", "is_binary_file", "file_kind", "read_net", "read_caffemodel", "read_binaryproto",
     "atomic_output", "atomic_outputs", "labelled_name", "same_file", "inside_folder", "check_outputs",
+    "missing_folders", "make_folders", "remove_empty_folders",
     "format_prototxt", "write_prototxt", "model_chunks", "serialize_model", "write_caffemodel",
     "write_binaryproto", "MAX_BINARY_BYTES", "FORK_FIELDS",
 ]
@@ -47,6 +52,11 @@ V1_NAME, V1_BLOBS, V1_V0LAYER = 4, 6, 1
 V0_NAME, V0_BLOBS = 1, 50
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# Image files by their first bytes (the formats Pillow and OpenCV read).
+IMAGE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"),
+                    (b"GIF89a", "GIF"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+NET_FIRST = "are the net and the weights given in the wrong order? (the net prototxt comes first)"
+WEIGHTS_SECOND = "are the net and the weights given in the wrong order? (the weights come second)"
 
 # Fields that Caffe forks added to the schema, and where they come from.
 FORK_FIELDS = {
@@ -145,14 +155,89 @@ def parse_text(text, message, path="<string>"):
     return message
 
 
+def _image_kind(head):
+    """'PNG', 'JPEG', ... when the bytes start an image file, else None."""
+    for signature, kind in IMAGE_SIGNATURES:
+        if head.startswith(signature):
+            return kind
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in (12, 40, 52, 56, 64, 108, 124):
+        return "BMP"
+    if len(head) >= 3 and head[:1] == b"P" and head[1:2] in b"1234567" and head[2:3] in b" \t\r\n":
+        return "PNM"
+    return None
+
+
+_CONTROL = bytes(c for c in range(32) if c not in b"\t\n\v\f\r") + b"\x7f"
+
+
+def _looks_text(head):
+    """True for text a person wrote (a prototxt): UTF-8 without NULs or control characters.
+
+    Stricter than `not _looks_binary`: a caffemodel always holds control bytes (its
+    field tags and lengths) or bytes that are not UTF-8."""
+    if not head or _looks_binary(head):
+        return False
+    return not any(c in _CONTROL for c in head)
+
+
+def file_kind(path, head=None):
+    """What a file is, judged by its first bytes: ("image", "PNG"), ("hdf5", None), ("empty", None),
+    ("text", None) or ("binary", None) (binary protobuf: a caffemodel or binaryproto)."""
+    if head is None:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4096)
+        except OSError as e:
+            raise CaffeishError(f"{path}: cannot read: {e.strerror}") from None
+    head = bytes(head[:4096])
+    if not head:
+        return "empty", None
+    image = _image_kind(head)
+    if image:
+        return "image", image
+    if head.startswith(HDF5_SIGNATURE):
+        return "hdf5", None
+    if _looks_binary(head):
+        return "binary", None
+    return "text", None
+
+
+def not_a_prototxt(path, kind, detail):
+    """The one-line error for a file that is not the text a prototxt is (see file_kind), or None."""
+    if kind == "image":
+        return ParseError(f"{path}: this is a {detail} image, not a prototxt (the net prototxt comes first, "
+                          f"images last)")
+    if kind == "hdf5":
+        return ParseError(f"{path}: this is an HDF5 file (.caffemodel.h5?), not a prototxt; {NET_FIRST}")
+    if kind == "binary":
+        return ParseError(f"{path}: this is a binary file (a caffemodel?), not a prototxt; {NET_FIRST}")
+    return None
+
+
+def _not_binary(path, head, what):
+    """The one-line error for a file where a binary `what` (caffemodel, binaryproto) is expected that is
+    an image or a text file (a prototxt), or None."""
+    kind, detail = file_kind(path, head)
+    if kind == "image":
+        hint = " (the weights come after the net prototxt, images last)" if what == "caffemodel" else ""
+        return CorruptFileError(f"{path}: this is a {detail} image, not a {what}{hint}")
+    if kind == "text" and _looks_text(bytes(head[:4096])):
+        hint = f"; {WEIGHTS_SECOND}" if what == "caffemodel" else ""
+        return CorruptFileError(f"{path}: this is a text file (a prototxt?), not a {what}{hint}")
+    return None
+
+
 def _read_text_file(path):
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
         raise CaffeishError(f"{path}: cannot read: {e.strerror}") from None
-    if b"\0" in raw[:4096]:
-        raise ParseError(f"{path}: this is a binary file, not a prototxt (is it a caffemodel?)")
+    if b"\0" in raw[:4096] or _image_kind(raw[:4096]) or raw.startswith(HDF5_SIGNATURE):
+        raise not_a_prototxt(path, *file_kind(path, raw[:4096])) or ParseError(
+            f"{path}: this is a binary file, not a prototxt; {NET_FIRST}")
     # utf-8-sig: a byte-order mark some editors add is not part of the text format.
     return raw.decode("utf-8-sig", errors="replace")
 
@@ -180,10 +265,21 @@ def is_binary_file(path):
     return _looks_binary(head)
 
 
-def read_net(path, upgrade=True):
-    """A NetParameter from a prototxt or a caffemodel, judged by content (not extension)."""
-    if is_binary_file(path):
+def read_net(path, upgrade=True, caffemodel=False):
+    """A NetParameter from a prototxt, judged by content (not extension).
+
+    A caffemodel (binary) or an image where the net is expected is an error
+    saying so (the net and the weights given in the wrong order), unless
+    `caffemodel` is true: then a caffemodel's own layer definitions are the net.
+    """
+    kind, detail = file_kind(path)
+    if kind == "binary" and caffemodel:
         return read_caffemodel(path, upgrade=upgrade).net
+    error = not_a_prototxt(path, kind, detail)
+    if error is not None:
+        if caffemodel and kind == "hdf5":
+            read_caffemodel(path, upgrade=upgrade)  # its own error: HDF5 weights are not read
+        raise error
     return read_prototxt(path, upgrade=upgrade)[0]
 
 
@@ -227,6 +323,9 @@ def _read_bytes(path, what):
         raise CorruptFileError(
             f"{path}: this is an HDF5 file (.caffemodel.h5); caffeish reads binary protobuf {what}s only"
         )
+    error = _not_binary(path, buf[:4096], what)
+    if error is not None:
+        raise error
     return buf
 
 
@@ -274,6 +373,10 @@ def _map_file(path, what):
         raise CorruptFileError(
             f"{path}: this is an HDF5 file (.caffemodel.h5); caffeish reads binary protobuf {what}s only"
         )
+    error = _not_binary(path, mapped[:4096], what)
+    if error is not None:
+        mapped.close()
+        raise error
     return mapped
 
 
@@ -423,7 +526,7 @@ def atomic_output(path, inputs=()):
     """
     path = os.fspath(path)
     for src in inputs:
-        if src is not None and os.path.exists(path) and os.path.samefile(path, src):
+        if src is not None and same_file(path, src):
             raise CaffeishError(f"{path}: refusing to overwrite an input file; choose another output path")
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
@@ -455,7 +558,7 @@ def atomic_outputs(paths, inputs=()):
     paths = [os.fspath(p) for p in paths]
     for path in paths:
         for src in inputs:
-            if src is not None and os.path.exists(path) and os.path.samefile(path, src):
+            if src is not None and same_file(path, src):
                 raise CaffeishError(f"{path}: refusing to overwrite an input file; choose another output path")
     staged, files, renamed = [], [], 0
     try:
@@ -516,14 +619,60 @@ def inside_folder(path, folder):
         return False
 
 
-def check_outputs(outputs, inputs=()):
+def missing_folders(path):
+    """The folders to create for the file `path` (outermost first; [] when its folder exists).
+
+    A CaffeishError when they cannot be: the nearest existing ancestor is not a
+    folder, or we may not write in it (the rule of `segment -o`)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    missing = []
+    while not os.path.lexists(folder):
+        missing.insert(0, folder)
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise CaffeishError(f"cannot create the folder {missing[-1]}: {folder} is not a folder" if missing
+                            else f"{folder} is not a folder")
+    if not missing:
+        return []
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CaffeishError(f"cannot create the folder {missing[-1]}: no permission to write in {folder}")
+    return missing
+
+
+def make_folders(paths):
+    """Create the missing folders of the files `paths`; returns those created (outermost first), for
+    remove_empty_folders when the run fails."""
+    created = []
+    try:
+        for path in paths:
+            for folder in missing_folders(path):
+                os.mkdir(folder)
+                created.append(folder)
+    except OSError as e:
+        remove_empty_folders(created)
+        raise CaffeishError(f"cannot create the folder {e.filename}: {e.strerror}") from None
+    except BaseException:
+        remove_empty_folders(created)
+        raise
+    return created
+
+
+def remove_empty_folders(folders):
+    """Remove folders a failed run created (innermost first), where still empty."""
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+def check_outputs(outputs, inputs=(), create_folders=False):
     """Refuse, before any work, output paths that would modify an input or cannot be written.
 
     outputs and inputs are paths or (option, path) pairs (the option names the
     path in the message, see labelled_name).  An output is refused when it is an input file, lies
     inside an input folder (inputs are never modified, datasets included), is a
-    folder, has no existing parent folder, or names the same file as an earlier
-    output.  Each error is one line ending in "(nothing was written)".
+    folder, has no existing parent folder (with create_folders: a parent that
+    cannot be created, see missing_folders), or names the same file as an
+    earlier output.  Each error is one line ending in "(nothing was written)".
     """
     outputs = [_labelled(o) for o in outputs if o and _labelled(o)[1]]
     inputs = [_labelled(i) for i in inputs if i and _labelled(i)[1]]
@@ -535,7 +684,12 @@ def check_outputs(outputs, inputs=()):
             raise CaffeishError(f"{name(option, out)}: is a folder; give a file path for this output "
                                 "(nothing was written)")
         folder = os.path.dirname(os.path.abspath(out))
-        if not os.path.isdir(folder):
+        if create_folders:
+            try:
+                missing_folders(out)
+            except CaffeishError as e:
+                raise CaffeishError(f"{name(option, out)}: {e} (nothing was written)") from None
+        elif not os.path.isdir(folder):
             raise CaffeishError(f"{name(option, out)}: the folder {folder} does not exist (nothing was written)")
         for src_option, src in inputs:
             if same_file(out, src):
