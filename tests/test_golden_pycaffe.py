@@ -8,8 +8,10 @@
 No keep= or other caffeish option: what a pycaffe script does.  The GPU code
 path is `caffe.set_mode_gpu()` with the GPU's array module stood in for by the
 strict backend (our CUDA kernels compiled for the CPU, an array module that
-refuses what CuPy refuses), so CI runs it without a GPU.
+refuses what CuPy refuses), so CI runs it without a GPU; on a machine with a GPU
+and CuPy the same runs on CuPy itself.
 """
+import importlib.util
 import os
 import shutil
 
@@ -25,9 +27,15 @@ CASES = cases()
 HAVE_CXX = shutil.which(os.environ.get("CXX", "g++")) is not None or bool(os.environ.get("CI"))
 
 
-@pytest.fixture(params=["cpu", "gpu"])
+# "cuda" (CuPy itself) only where CuPy is installed; it skips there when no GPU answers.
+@pytest.fixture(params=["cpu", "gpu"] + (["cuda"] if importlib.util.find_spec("cupy") else []))
 def mode(request, monkeypatch):
-    if request.param == "gpu":
+    if request.param == "cuda":  # a real GPU with CuPy, where there is one
+        reason = backend.gpu_unavailable_reason()
+        if reason:
+            pytest.skip(f"needs a GPU with CuPy: {reason}")
+        caffe.set_mode_gpu()
+    elif request.param == "gpu":
         if not HAVE_CXX:
             pytest.skip("no C++ compiler for the kernel harness (g++ or $CXX)")
         real_get = backend.get
@@ -52,7 +60,7 @@ def test_golden_case_through_the_pycaffe_idiom(case, mode):
     weights = meta.get("weights")
     args = [os.path.join(folder, "net.prototxt")] + ([os.path.join(folder, weights)] if weights else [])
     net = caffe.Net(*args, caffe.TEST)
-    if mode == "gpu":
+    if mode != "cpu":
         assert backend.kernels_for(net.xp) is not None  # the layers' GPU branch runs
     for name, value in np.load(os.path.join(folder, "inputs.npz")).items():
         if tuple(net.blobs[name].data.shape) != value.shape:
