@@ -57,7 +57,7 @@ def _pydot():
             import pydotplus as pydot
         except ImportError:
             raise DrawDependencyError(f"drawing a net needs pydot, which is not installed: {INSTALL_PYDOT}; "
-                                      f"pictures also need Graphviz's dot program ({INSTALL_GRAPHVIZ})") from None
+                                      f"PNG and SVG pictures also need Graphviz's dot program: {INSTALL_GRAPHVIZ}") from None
     return pydot
 
 
