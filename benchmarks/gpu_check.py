@@ -296,6 +296,42 @@ def time_kernels(batch, size, device, repeat):
         F = torch.nn.functional
     except ImportError:
         torch = None
+
+    def against_torch(name, shape, ms, torch_fn, gb):
+        line = f"  {name:28s} {str(shape):22s} {ms:8.3f} ms {gb / ms * 1e3:7.0f} GB/s"
+        if torch is not None:
+            with torch.no_grad():
+                tms = median_ms(torch_fn, torch.cuda.synchronize, repeat)
+            line += f"   PyTorch {tms:8.3f} ms  ratio {ms / tms:5.2f}x"
+        say(line)
+
+    # Deconvolutions of the seed's FCNs: bilinear upsampling (one channel per group) and dense.
+    deconvs = [  # name, input (N, C, H, W), outputs, kernel, stride, group
+        ("upscore k63/32 g21 (fcn-alexnet)", (batch, 21, 16, 16), 21, 63, 32, 21),
+        ("upscore8 k16/8 (fcn-8s)", (batch, 21, 70, 70), 21, 16, 8, 1),
+    ]
+    for name, shape, o, kk, s, g in deconvs:
+        xin = rs.standard_normal(shape, dtype=np.float32)
+        w = rs.standard_normal((shape[1], o // g, kk, kk), dtype=np.float32)
+        geom = ConvGeometry((kk, kk), (s, s), (0, 0), (1, 1))
+        y = k.deconv2d(xin, w, None, geom, g)
+        ms = median_ms(lambda: k.deconv2d(xin, w, None, geom, g), sync, repeat)
+        tx, tw = ((torch.as_tensor(a, device="cuda") for a in (xin, w)) if torch is not None else (None, None))
+        against_torch(name, tuple(y.shape), ms, lambda: F.conv_transpose2d(tx, tw, stride=s, groups=g),
+                      (xin.nbytes + y.nbytes) / 1e9)
+        del xin, w, y
+    # LRN (AlexNet's norm1, norm2) and Softmax over AlexNet's classes: one fused kernel each.
+    for name, shape in (("lrn 5 across (norm1)", (batch, 96, 55, 55)), ("lrn 5 across (norm2)", (batch, 256, 27, 27))):
+        xin = rs.standard_normal(shape, dtype=np.float32)
+        ms = median_ms(lambda: k.lrn(xin, 5, 1e-4, 0.75, 1.0, False), sync, repeat)
+        tx = torch.as_tensor(xin, device="cuda") if torch is not None else None
+        against_torch(name, shape, ms, lambda: F.local_response_norm(tx, 5, 1e-4, 0.75, 1.0), 2 * xin.nbytes / 1e9)
+        del xin
+    xin = rs.standard_normal((batch, 1000), dtype=np.float32)
+    ms = median_ms(lambda: k.softmax(xin, 1), sync, repeat)
+    tx = torch.as_tensor(xin, device="cuda") if torch is not None else None
+    against_torch("softmax (alexnet prob)", (batch, 1000), ms, lambda: F.softmax(tx, 1), 2 * xin.nbytes / 1e9)
+    del xin
     layers = [  # name, input shape, outputs, kernel, pad, group
         ("conv1_2 3x3", (batch, 64, side, side), 64, 3, 1, 1),
         ("conv3_1 3x3", (batch, 128, side // 4, side // 4), 256, 3, 1, 1),

@@ -2,8 +2,9 @@
 
 kernels/*.cu are plain CUDA C++ (no headers) with extern "C" __global__
 kernels: conv.cu (im2col, col2im, bias, direct grouped convolution and
-deconvolution), pooling.cu (MAX with mask, AVE, STOCHASTIC at TEST) and crop.cu
-(N-D crop).  caffeish.kernels.launch drives them; on the GPU each file becomes
+deconvolution visiting only the taps that land on each output), pooling.cu (MAX
+with mask, AVE, STOCHASTIC at TEST), crop.cu (N-D crop) and norm.cu (LRN in both
+regions and Softmax, one fused kernel each).  caffeish.kernels.launch drives them; on the GPU each file becomes
 one `cupy.RawModule`, compiled by NVRTC the first time a kernel of it is needed
 and kept for the process (CuPy also caches the binary on disk).  In the tests
 the same files run on the CPU through caffeish.kernels.harness.
@@ -13,7 +14,7 @@ Importing this package does not import CuPy.
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODULES = ("conv", "pooling", "crop")
+MODULES = ("conv", "pooling", "crop", "norm")
 # NVRTC options: C++14 is enough for the kernels.
 NVRTC_OPTIONS = ("--std=c++14",)
 

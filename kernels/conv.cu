@@ -106,12 +106,59 @@ extern "C" __global__ void conv_direct(const float* __restrict__ x, const float*
     }
 }
 
-// The input index whose tap `tap` of a Deconvolution lands on output index `out`
-// (out = in*stride - pad + tap*dilation), or -1 when no input position does.
-__device__ __forceinline__ int deconv_source(int out, int pad, int tap, int dilation, int stride, int in_size) {
-    const int s = out + pad - tap * dilation;
-    return (s < 0 || s % stride != 0 || s / stride >= in_size) ? -1 : s / stride;
+// The taps of one axis of a Deconvolution that land on output index `out`.  Tap k
+// sends input index i to out = i*stride - pad + k*dilation, so with s = out + pad the
+// valid taps are the k in [0, kernel) with (s - k*dilation) % stride == 0 and
+// 0 <= (s - k*dilation) / stride < in_size: with g = gcd(stride, dilation) (none
+// unless g divides s), one residue class modulo step = stride / g.  Returns their
+// count; in increasing order they are first + j*step, with inputs source - j*back
+// (back = dilation / g), for j < count.  The one source of truth for the stride /
+// pad test of both Deconvolution kernels; constant time (no loop over the taps).
+struct DeconvTaps { int first, source, count, step, back; };
+
+__device__ __forceinline__ DeconvTaps deconv_taps(int out, int kernel, int stride, int pad, int dilation,
+                                                  int in_size) {
+    DeconvTaps t = {0, 0, 0, 1, 1};
+    int g = stride, r = dilation;  // gcd(stride, dilation)
+    while (r) {
+        const int q = g % r;
+        g = r;
+        r = q;
+    }
+    t.step = stride / g;
+    t.back = dilation / g;
+    const int s = out + pad;
+    if (s % g != 0) return t;
+    // k0 = (s/g) / (dilation/g) modulo step: the smallest tap with k*dilation == s (mod stride).
+    // The inverse of back modulo step by the extended Euclid algorithm (back and step are coprime).
+    int inv = 0, next = 1, rem = t.step, nrem = t.back % t.step;
+    while (nrem) {
+        const int q = rem / nrem;
+        int tmp = inv - q * next;
+        inv = next;
+        next = tmp;
+        tmp = rem - q * nrem;
+        rem = nrem;
+        nrem = tmp;
+    }
+    if (inv < 0) inv += t.step;
+    int k0 = (s / g) % t.step;
+    if (inv > 1) k0 = (int)((long long)k0 * inv % t.step);  // inv is 1 (or 0 for step 1) when back is 1
+    if (k0 >= kernel || k0 * dilation > s) return t;  // no tap, or every tap's input is below 0
+    const int i0 = (s - k0 * dilation) / stride;      // the input of tap k0 (exact division)
+    const int lo = i0 >= in_size ? (i0 - in_size + t.back) / t.back : 0;  // steps until the input < in_size
+    const int hi = min((kernel - 1 - k0) / t.step, i0 / t.back);          // last step with k < kernel, input >= 0
+    if (hi < lo) return t;
+    t.first = k0 + lo * t.step;
+    t.source = i0 - lo * t.back;
+    t.count = hi - lo + 1;
+    return t;
 }
+
+// The grid of both Deconvolution kernels: x strides over the output positions
+// (h, w), y over the channels, z over the images.  A thread finds the taps of its
+// position once (deconv_taps per axis) and reuses them for every (image, channel)
+// plane it visits, writing each output once (no atomics).
 
 // Deconvolution, second half: Caffe's col2im as a gather (no atomics).  col holds
 // W^T x per image: col[n, (c*KH + kh)*KW + kw, ih*IW + iw] for the output channels c.
@@ -123,23 +170,25 @@ extern "C" __global__ void col2im(const float* __restrict__ col, const float* __
                                   int pad_h, int pad_w, int dilation_h, int dilation_w, int has_bias) {
     const int positions = in_h * in_w;
     const int taps = kernel_h * kernel_w;
-    const int total = images * channels * height * width;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += blockDim.x * gridDim.x) {
-        const int w = i % width;
-        const int h = (i / width) % height;
-        const int nc = i / (height * width);
-        const float* src = col + nc * taps * positions;
-        float val = 0.0f;
-        for (int kh = 0; kh < kernel_h; ++kh) {
-            const int ih = deconv_source(h, pad_h, kh, dilation_h, stride_h, in_h);
-            if (ih < 0) continue;
-            for (int kw = 0; kw < kernel_w; ++kw) {
-                const int iw = deconv_source(w, pad_w, kw, dilation_w, stride_w, in_w);
-                if (iw < 0) continue;
-                val += src[(kh * kernel_w + kw) * positions + ih * in_w + iw];
+    const int plane = height * width;
+    for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < plane; p += blockDim.x * gridDim.x) {
+        const int h = p / width;
+        const int w = p % width;
+        const DeconvTaps th = deconv_taps(h, kernel_h, stride_h, pad_h, dilation_h, in_h);
+        const DeconvTaps tw = deconv_taps(w, kernel_w, stride_w, pad_w, dilation_w, in_w);
+        for (int c = blockIdx.y; c < channels; c += gridDim.y) {
+            const float b = has_bias ? bias[c] : 0.0f;
+            for (int n = blockIdx.z; n < images; n += gridDim.z) {
+                const float* src = col + (n * channels + c) * taps * positions;
+                float val = 0.0f;
+                for (int jh = 0, kh = th.first, ih = th.source; jh < th.count; ++jh, kh += th.step, ih -= th.back) {
+                    const float* row = src + kh * kernel_w * positions + ih * in_w;
+                    for (int jw = 0, kw = tw.first, iw = tw.source; jw < tw.count; ++jw, kw += tw.step, iw -= tw.back)
+                        val += row[kw * positions + iw];
+                }
+                y[(n * channels + c) * plane + p] = has_bias ? val + b : val;
             }
         }
-        y[i] = has_bias ? val + bias[nc % channels] : val;
     }
 }
 
@@ -155,30 +204,32 @@ extern "C" __global__ void deconv_direct(const float* __restrict__ x, const floa
     const int cg = channels / group;
     const int og = outputs / group;
     const int taps = kernel_h * kernel_w;
-    const int total = images * outputs * height * width;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += blockDim.x * gridDim.x) {
-        const int w = i % width;
-        const int h = (i / width) % height;
-        const int o = (i / (height * width)) % outputs;
-        const int n = i / (outputs * height * width);
-        const int c0 = (o / og) * cg;
-        float val = 0.0f;
-        for (int kh = 0; kh < kernel_h; ++kh) {
-            const int ih = deconv_source(h, pad_h, kh, dilation_h, stride_h, in_h);
-            if (ih < 0) continue;
-            for (int kw = 0; kw < kernel_w; ++kw) {
-                const int iw = deconv_source(w, pad_w, kw, dilation_w, stride_w, in_w);
-                if (iw < 0) continue;
-                const int at = ih * in_w + iw;
-                float sum = 0.0f;
-                for (int ci = 0; ci < cg; ++ci) {
-                    const int c = c0 + ci;
-                    sum += weight[((c * og) + o % og) * taps + kh * kernel_w + kw] *
-                           x[(n * channels + c) * in_h * in_w + at];
+    const int in_plane = in_h * in_w;
+    const int plane = height * width;
+    for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < plane; p += blockDim.x * gridDim.x) {
+        const int h = p / width;
+        const int w = p % width;
+        const DeconvTaps th = deconv_taps(h, kernel_h, stride_h, pad_h, dilation_h, in_h);
+        const DeconvTaps tw = deconv_taps(w, kernel_w, stride_w, pad_w, dilation_w, in_w);
+        for (int o = blockIdx.y; o < outputs; o += gridDim.y) {
+            const int c0 = (o / og) * cg;
+            const float* wo = weight + (c0 * og + o % og) * taps;  // W[c0, o % og]; W[c0 + ci] is ci*og*taps on
+            const float b = has_bias ? bias[o] : 0.0f;
+            for (int n = blockIdx.z; n < images; n += gridDim.z) {
+                const float* xn = x + (n * channels + c0) * in_plane;
+                float val = 0.0f;
+                for (int jh = 0, kh = th.first, ih = th.source; jh < th.count; ++jh, kh += th.step, ih -= th.back) {
+                    for (int jw = 0, kw = tw.first, iw = tw.source; jw < tw.count; ++jw, kw += tw.step, iw -= tw.back) {
+                        const int tap = kh * kernel_w + kw;
+                        const int at = ih * in_w + iw;
+                        float sum = 0.0f;
+                        for (int ci = 0; ci < cg; ++ci)
+                            sum += wo[ci * og * taps + tap] * xn[ci * in_plane + at];
+                        val += sum;
+                    }
                 }
-                val += sum;
+                y[(n * outputs + o) * plane + p] = has_bias ? val + b : val;
             }
         }
-        y[i] = has_bias ? val + bias[o] : val;
     }
 }

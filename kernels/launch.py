@@ -19,6 +19,7 @@ convolution (im2col columns times the weights) and deconvolution (weights
 times the input) are `xp.matmul`: cuBLAS SGEMM on the GPU (CuPy leaves TF32 off
 unless CUPY_TF32=1), BLAS in the harness.
 """
+import functools
 import math
 
 import numpy as np
@@ -111,6 +112,69 @@ class Kernels:
         if total:
             self.launch("conv", "add_bias", (grid_for(total),), (BLOCK,),
                         (y, self._input(bias)) + _i32(total, c, positions))
+        return y
+
+    # -- LRN and Softmax (norm.cu) ----------------------------------------------------------
+    # lrn_across: a thread walks `chunk` channels of one (n, h, w) column; chunks are as
+    # short as leaves about LRN_THREADS threads per launch (an H200 holds 132 x 2048).
+    LRN_THREADS = 1 << 18
+    # softmax_rows (a block per row) from this many channels when the rows are not
+    # contiguous-enough score maps (inner below SOFTMAX_MIN_INNER) or are few; else
+    # softmax_columns (a thread per row).
+    SOFTMAX_ROWS_MIN_CHANNELS = 64
+    SOFTMAX_MIN_INNER = 32
+    SOFTMAX_FEW_ROWS = 2048
+    SOFTMAX_BLOCK = 256  # norm.cu's SOFTMAX_BLOCK
+
+    def lrn(self, x, local_size, alpha, beta, k, within_channel, chunk=None):
+        """Caffe's LRN of x (N, C, H, W), one launch: ACROSS_CHANNELS, or WITHIN_CHANNEL (k unused).
+
+        The float32 constants are the numpy path's (caffeish.ops.norm): alpha/n rounded
+        to float32, the n*n divisor, and beta 0.75, 0.5 and 1 through square roots."""
+        n, c, h, w = x.shape
+        y = self._empty(x.shape)
+        if y.size == 0:
+            return y
+        x = self._input(x)
+        mode = {0.75: 1, 0.5: 2, 1.0: 3}.get(float(beta), 0)
+        if within_channel:
+            self.launch("norm", "lrn_within", (grid_for(y.size),), (BLOCK,),
+                        (x, y) + _i32(n * c, h, w, local_size)
+                        + (F32(local_size * local_size), F32(alpha), F32(beta), I32(mode)))
+            return y
+        if chunk is None:
+            chunk = -(-y.size // self.LRN_THREADS)
+        chunk = max(1, min(int(chunk), c))
+        total = n * -(-c // chunk) * h * w
+        self.launch("norm", "lrn_across", (grid_for(total),), (BLOCK,),
+                    (x, y) + _i32(n, c, h * w, local_size, chunk)
+                    + (F32(F32(alpha) / F32(local_size)), F32(k), F32(beta), I32(mode)))
+        return y
+
+    def softmax(self, x, axis, method="auto"):
+        """Caffe's Softmax of x along `axis` (canonical), one launch: "rows" (a block per
+        row, reductions in shared memory) or "columns" (a thread per row); "auto" picks."""
+        shape = tuple(x.shape)
+        y = self._empty(shape)
+        if y.size == 0:
+            return y
+        x = self._input(x)
+        outer, channels, inner = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+        rows = outer * inner
+        if method == "auto":
+            method = "rows" if channels >= self.SOFTMAX_ROWS_MIN_CHANNELS and (
+                inner < self.SOFTMAX_MIN_INNER or rows < self.SOFTMAX_FEW_ROWS) else "columns"
+        if method == "rows":
+            block = 32
+            while block < self.SOFTMAX_BLOCK and block * 4 < channels:
+                block *= 2
+            self.launch("norm", "softmax_rows", (min(rows, MAX_BLOCKS * 4),), (block,),
+                        (x, y) + _i32(rows, channels, inner))
+        elif method == "columns":
+            self.launch("norm", "softmax_columns", (grid_for(rows),), (BLOCK,),
+                        (x, y) + _i32(outer, channels, inner))
+        else:
+            raise ValueError(f"unknown softmax method {method!r}")
         return y
 
     # -- convolution ------------------------------------------------------------------------
@@ -227,7 +291,9 @@ class Kernels:
 
         "gemm": columns = W^T x per image (matmul), then col2im (ours) gathers each output
         from its taps in Caffe's order and adds the bias; no atomics.  "direct": one kernel
-        gathering straight from x, for grouped layers with few channels per group.
+        gathering straight from x, for grouped layers with few channels per group.  Both
+        visit only the taps that land on each output (conv.cu's deconv_taps), on the grid
+        of `deconv_grid`.
         """
         xp = self.xp
         n, c, ih, iw = x.shape
@@ -245,8 +311,7 @@ class Kernels:
                 and og <= DIRECT_MAX_CHANNELS else "gemm"
         geo = _i32(*geom.kernel, *geom.stride, *geom.pad, *geom.dilation, has_bias)
         if method == "direct" or c * ih * iw == 0:
-            total = y.size
-            self.launch("conv", "deconv_direct", (grid_for(total),), (BLOCK,),
+            self.launch("conv", "deconv_direct", self.deconv_grid(oh * ow, o, n), (BLOCK,),
                         (x, weight, bias, y) + _i32(n, c, ih, iw, o, group, oh, ow) + geo)
             return y
         if method != "gemm":
@@ -264,14 +329,33 @@ class Kernels:
             xp.matmul(wt, x[n0:n1].reshape(n1 - n0, g, cg, positions),
                       out=chunk.reshape(n1 - n0, g, og * taps, positions))
             part = y[n0:n1]
-            total = part.size
-            self.launch("conv", "col2im", (grid_for(total),), (BLOCK,),
+            self.launch("conv", "col2im", self.deconv_grid(oh * ow, o, n1 - n0), (BLOCK,),
                         (chunk, bias, part) + _i32(n1 - n0, o, oh, ow, ih, iw) + geo)
         return y
 
+    # Blocks wanted for a Deconvolution kernel: several waves of resident blocks (an H200
+    # holds at most 1056 blocks of 256 threads), so that the last, partial wave costs little.
+    DECONV_BLOCKS = 8192
+
+    def deconv_grid(self, positions, channels, images):
+        """The (x, y, z) grid of conv.cu's col2im and deconv_direct: x covers the output positions
+        (h, w) as for any grid-stride loop; y, then z, split the channels and the images until
+        about DECONV_BLOCKS blocks (each axis at most MAX_BLOCKS).  A thread finds the taps of its
+        position once and reuses them for every channel and image it strides over."""
+        gx = grid_for(positions)
+        cap = min(MAX_BLOCKS, 65535)
+        gy = max(1, min(channels, -(-self.DECONV_BLOCKS // gx), cap))
+        gz = max(1, min(images, -(-self.DECONV_BLOCKS // (gx * gy)), cap))
+        return gx, gy, gz
+
     # -- pooling ------------------------------------------------------------------------------
     def pool(self, x, geom, method, want_mask=False):
-        """Pool x (N, C, H, W) with a caffeish.graph.geometry.PoolGeometry; returns (top, mask or None)."""
+        """Pool x (N, C, H, W) with a caffeish.graph.geometry.PoolGeometry; returns (top, mask or None).
+
+        The mask is computed and written only when asked for (a Pooling layer with a second
+        top).  2x2 windows of stride 2 without padding on an even width take pooling.cu's
+        vector kernels (float4 loads where W % 4 == 0 and the arrays are aligned, else
+        float2); everything else the general ones."""
         n, c, h, w = x.shape
         oh, ow = geom.out
         y = self._empty((n, c, oh, ow))
@@ -280,42 +364,41 @@ class Kernels:
         if total == 0:
             return y, mask
         x = self._input(x)
-        sizes = _i32(n * c, h, w, oh, ow, *geom.kernel, *geom.stride)
-        grid, block = (grid_for(total),), (BLOCK,)
-        if method == MAX_POOL:
-            self.launch("pooling", "max_pool", grid, block,
-                        (x, y, mask if want_mask else y) + sizes + _i32(*geom.pad, want_mask))
-        elif method == AVE_POOL:
-            self.launch("pooling", "ave_pool", grid, block, (x, y) + sizes + _i32(*geom.pad))
-        elif method == STOCHASTIC_POOL:
+        if method == STOCHASTIC_POOL:
             if any(geom.pad):
                 raise UnsupportedError("STOCHASTIC pooling takes no padding")
-            self.launch("pooling", "stochastic_pool_test", grid, block, (x, y) + sizes)
-        else:
+            self.launch("pooling", "stochastic_pool_test", (grid_for(total),), (BLOCK,),
+                        (x, y) + _i32(n * c, h, w, oh, ow, *geom.kernel, *geom.stride))
+            return y, mask
+        if method not in (MAX_POOL, AVE_POOL):
             raise UnsupportedError(f"unknown pooling method {method}")
+        vec = _pool_2x2_vector(x, y, mask, geom, w)
+        name, grid, args = _pool_launch(tuple(x.shape), tuple(geom.kernel), tuple(geom.stride), tuple(geom.pad),
+                                        tuple(geom.out), method, bool(want_mask), vec)
+        arrays = (x, y, mask if want_mask else y) if method == MAX_POOL else (x, y)
+        self.launch("pooling", name, grid, (BLOCK,), arrays + args)
         return y, mask
 
     # -- crop ------------------------------------------------------------------------------------
     def crop(self, x, offsets, top_shape):
         """Caffe's Crop: top[idx] = x[idx + offsets], offsets and top shape from
-        caffeish.graph.geometry.crop_offsets (one entry per axis)."""
+        caffeish.graph.geometry.crop_offsets (one entry per axis).
+
+        Row copies (crop_plan): float4 loads and stores (crop_rows4) when the runs are a
+        multiple of 4 floats, every data stride too and both arrays 16-byte aligned (the
+        data rows may start off a 16-byte boundary: the kernel funnels), else floats
+        (crop_rows for long runs, crop_flat packing short ones into a warp)."""
         y = self._empty(top_shape)
         if y.size == 0:
             return y
         x = self._input(x)
-        base, outer, run = crop_plan(x.shape, offsets, top_shape)
-        if len(outer) > CROP_MAX_OUTER:  # more interleaved cropped axes than crop.cu takes
+        aligned = _address(x) % 16 == 0 and _address(y) % 16 == 0
+        plan = _crop_launch(tuple(x.shape), tuple(offsets), tuple(top_shape), aligned, CROP_PART_STEPS)
+        if plan is None:  # more interleaved cropped axes than crop.cu takes
             y[...] = x[tuple(slice(o, o + t) for o, t in zip(offsets, top_shape))]
             return y
-        outer = [(1, 0)] * (CROP_MAX_OUTER - len(outer)) + outer
-        rows = math.prod(t for t, _ in outer)
-        dims = _i32(rows, run, *(t for t, _ in outer[1:]), *(s for _, s in outer))
-        src = x.reshape(-1)[base:]
-        if run >= CROP_ROW_MIN:
-            block = min(BLOCK, -(-run // 32) * 32)
-            self.launch("crop", "crop_rows", (min(rows, MAX_BLOCKS * 4),), (block,), (src, y) + dims)
-        else:
-            self.launch("crop", "crop_flat", (grid_for(y.size),), (BLOCK,), (src, y) + dims)
+        name, grid, args = plan
+        self.launch("crop", name, grid, (BLOCK,), (x, y) + args)
         return y
 
 
@@ -344,3 +427,88 @@ def crop_plan(data_shape, offsets, top_shape):
             merged.insert(0, [t, d, s])
     run = merged[-1][0]
     return base, [(t, s) for t, _, s in merged[:-1]], run
+
+
+# pooling.cu's POOL_UNROLL and crop.cu's CROP_UNROLL: the slots (items) a thread takes per step.
+POOL_UNROLL = 4
+CROP_UNROLL = 4
+# The most steps (CROP_UNROLL items per thread) of a crop row's threads in one part of the row.
+CROP_PART_STEPS = 8
+
+
+def _address(a):
+    """The address of a's first element: a numpy array's (harness, strict) or a CuPy array's."""
+    if isinstance(a, np.ndarray):
+        return np.ndarray.view(a, np.ndarray).ctypes.data
+    return a.data.ptr
+
+
+def _lanes_log2(items, unroll):
+    """log2 of the threads per row for pooling.cu's and crop.cu's row kernels: the fewest
+    (a power of two, at most a warp) that take a row of `items` in one step of `unroll` each."""
+    need = -(-items // unroll)
+    lanes_log2 = 0
+    while lanes_log2 < 5 and (1 << lanes_log2) < need:
+        lanes_log2 += 1
+    return lanes_log2
+
+
+@functools.lru_cache(maxsize=256)
+def _pool_launch(shape, kernel, stride, pad, out, method, want_mask, vec):
+    """(kernel name, grid, scalar arguments) of a MAX or AVE pooling (cached: the same layer
+    runs again and again, and at a few hundred microseconds a kernel the Python counts)."""
+    n, c, h, w = shape
+    oh, ow = out
+    rows = n * c * oh
+    if vec:
+        lanes_log2 = _lanes_log2(ow // (vec // 2), POOL_UNROLL)
+        name = f"{'max' if method == MAX_POOL else 'ave'}_pool_2x2_f{vec}"
+        args = _i32(rows, h, w, oh, ow)
+    else:
+        lanes_log2 = _lanes_log2(ow, POOL_UNROLL)
+        name = "max_pool" if method == MAX_POOL else "ave_pool"
+        args = _i32(rows, h, w, oh, ow, *kernel, *stride, *pad)
+    args += _i32(want_mask, lanes_log2) if method == MAX_POOL else _i32(lanes_log2)
+    return name, (-(-rows // (BLOCK >> lanes_log2)),), args
+
+
+@functools.lru_cache(maxsize=256)
+def _crop_launch(data_shape, offsets, top_shape, aligned, part_steps):
+    """(kernel name, grid, scalar arguments) of a crop, or None when it has more outer axes
+    than crop.cu takes; aligned: both arrays are 16-byte aligned (cached, as _pool_launch)."""
+    base, outer, run = crop_plan(data_shape, offsets, top_shape)
+    if len(outer) > CROP_MAX_OUTER:
+        return None
+    outer = [(1, 0)] * (CROP_MAX_OUTER - len(outer)) + outer
+    rows = math.prod(t for t, _ in outer)
+    shape = (*(t for t, _ in outer[1:]), *(s for _, s in outer))
+    if aligned and run % 4 == 0 and all(s % 4 == 0 for _, s in outer):
+        items, name, head = run // 4, "crop_rows4", (base, base % 4, rows, run // 4)
+    else:
+        items, name, head = run, "crop_rows" if run >= CROP_ROW_MIN else "crop_flat", (base, rows, run)
+    lanes_log2 = _lanes_log2(items, CROP_UNROLL)
+    seg, parts = _row_parts(items, lanes_log2, part_steps)
+    return name, (-(-rows // (BLOCK >> lanes_log2)), parts), _i32(*head, *shape, seg, lanes_log2)
+
+
+def _row_parts(items, lanes_log2, part_steps=None):
+    """(seg, parts): crop.cu splits a row of `items` into `parts` parts (grid.y) of `seg` items,
+    each at most part_steps (default CROP_PART_STEPS) steps of its threads, or more where 65535
+    parts would not do."""
+    step = CROP_UNROLL << lanes_log2
+    per_part = -(-items // 65535)
+    seg = max(step * (part_steps or CROP_PART_STEPS), -(-per_part // step) * step)
+    return seg, -(-items // seg)
+
+
+def _pool_2x2_vector(x, y, mask, geom, width):
+    """The vector width of pooling.cu's 2x2 stride-2 kernels for this pooling (4: float4
+    loads and float2 stores, 2: float2 loads), or 0 when they do not apply: another
+    window, padding, an odd width, or arrays not aligned for the accesses."""
+    if tuple(geom.kernel) != (2, 2) or tuple(geom.stride) != (2, 2) or tuple(geom.pad) != (0, 0) \
+            or width % 2 or geom.out[1] * 2 != width:
+        return 0
+    if width % 4 == 0 and _address(x) % 16 == 0 and _address(y) % 8 == 0 \
+            and (mask is None or _address(mask) % 8 == 0):
+        return 4
+    return 2 if _address(x) % 8 == 0 else 0

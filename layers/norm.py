@@ -9,6 +9,7 @@ from caffeish.formats.schema import TEST, pb
 
 from caffeish.ops.neuron import (
     channel_view, constant_filler, copy_filler, f32, layer_phase, legacy_shape)
+from caffeish.runtime.backend import kernels_for
 
 
 class _OneToOne(Layer):
@@ -43,7 +44,11 @@ class LRN(_OneToOne):
         return [bottom]
 
     def forward(self, xp, bottoms, blobs):
+        """On the GPU one launch of our kernel (kernels/norm.cu), else the array code below."""
         x = bottoms[0]
+        gpu = kernels_for(xp)
+        if gpu is not None:
+            return [gpu.lrn(x, self.local_size, self.alpha, self.beta, self.k, self.within_channel)]
         n, half = self.local_size, self.local_size // 2
         sq = x * x
         # Window sums accumulate in place into arrays this method owns (no temporaries).

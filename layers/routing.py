@@ -16,6 +16,7 @@ import numpy as np
 from caffeish.ops.data import declared_shape
 from caffeish.graph.registry import Layer, register
 from caffeish.formats.schema import pb
+from caffeish.runtime.backend import kernels_for
 
 MAX_BLOB_AXES = 32  # Caffe's kMaxBlobAxes
 
@@ -26,7 +27,13 @@ def f32(value):
 
 
 def softmax(xp, x, axis):
-    """Caffe's Softmax along `axis`: subtract the max, exponentiate, divide by the sum (float32)."""
+    """Caffe's Softmax along `axis`: subtract the max, exponentiate, divide by the sum (float32).
+
+    On the GPU one launch of our kernel (kernels/norm.cu); SoftmaxWithLoss and InfogainLoss
+    take their probabilities from here too."""
+    gpu = kernels_for(xp)
+    if gpu is not None:
+        return gpu.softmax(x, axis)
     out = x - xp.max(x, axis=axis, keepdims=True)
     xp.exp(out, out=out)
     out /= xp.sum(out, axis=axis, keepdims=True)

@@ -332,7 +332,8 @@ CASES = [
                                      "data_filler { type: 'constant' value: 1.5 } data_filler { type: 'gaussian' } }",
                         bottoms=(), tops=("d1", "d2")), TEST),
 ]
-KERNEL_TYPES = {"Convolution", "Deconvolution", "Im2col", "Pooling", "SPP", "Crop"}
+KERNEL_TYPES = {"Convolution", "Deconvolution", "Im2col", "Pooling", "SPP", "Crop", "LRN", "Softmax", "SoftmaxWithLoss",
+                "InfogainLoss"}
 
 
 def case_net(inputs, layers, phase):
