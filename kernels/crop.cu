@@ -50,11 +50,12 @@ __device__ __forceinline__ bool crop_row(int rows, int items, int seg, int lanes
     return row < rows;
 }
 
-// Floats, any alignment.  `x` is the whole data blob and `base` the element of the top's
-// first (the offsets folded in).
-__device__ __forceinline__ void crop_floats(const float* __restrict__ x, float* __restrict__ y, int base,
-                                            int rows, int run, int t1, int t2, int t3, int t4,
-                                            int s0, int s1, int s2, int s3, int s4, int seg, int lanes_log2) {
+// Floats, any alignment, row by row (the launcher gives a long row a whole warp and packs
+// short rows several to a warp).  `x` is the whole data blob and `base` the element of
+// the top's first (the offsets folded in).
+extern "C" __global__ void crop_rows(const float* __restrict__ x, float* __restrict__ y, int base, int rows, int run,
+                                     int t1, int t2, int t3, int t4,
+                                     int s0, int s1, int s2, int s3, int s4, int seg, int lanes_log2) {
     int row, lane, first, end;
     if (!crop_row(rows, run, seg, lanes_log2, row, lane, first, end)) return;
     const int lanes = 1 << lanes_log2;
@@ -69,20 +70,6 @@ __device__ __forceinline__ void crop_floats(const float* __restrict__ x, float* 
         for (int j = 0; j < CROP_UNROLL; ++j)
             if (c0 + lanes * j < end) dst[c0 + lanes * j] = v[j];
     }
-}
-
-// Long runs (the launcher gives each row a whole warp).
-extern "C" __global__ void crop_rows(const float* __restrict__ x, float* __restrict__ y, int base, int rows, int run,
-                                     int t1, int t2, int t3, int t4,
-                                     int s0, int s1, int s2, int s3, int s4, int seg, int lanes_log2) {
-    crop_floats(x, y, base, rows, run, t1, t2, t3, t4, s0, s1, s2, s3, s4, seg, lanes_log2);
-}
-
-// Short runs (the launcher packs several rows into a warp).
-extern "C" __global__ void crop_flat(const float* __restrict__ x, float* __restrict__ y, int base, int rows, int run,
-                                     int t1, int t2, int t3, int t4,
-                                     int s0, int s1, int s2, int s3, int s4, int seg, int lanes_log2) {
-    crop_floats(x, y, base, rows, run, t1, t2, t3, t4, s0, s1, s2, s3, s4, seg, lanes_log2);
 }
 
 // float4 items, for runs of a multiple of 4 floats whose top rows are 16-byte aligned

@@ -14,7 +14,7 @@ exactly the C types of the kernel signatures (the harness checks this), and
 every array a kernel reads or writes is C-contiguous float32.
 
 Which parts are ours: im2col, col2im, the direct (tiled) convolution, the bias
-add, pooling and crop are our kernels; the dense matrix products of the
+add, pooling, crop, LRN and Softmax are our kernels; the dense matrix products of the
 convolution (im2col columns times the weights) and deconvolution (weights
 times the input) are `xp.matmul`: cuBLAS SGEMM on the GPU (CuPy leaves TF32 off
 unless CUPY_TF32=1), BLAS in the harness.
@@ -41,9 +41,8 @@ CONV_MAX_PATCH = 4096
 # Direct (tiled) kernels instead of GEMMs for grouped layers with at most this many
 # input and output channels per group (a GEMM per group would be tiny).
 DIRECT_MAX_CHANNELS = 4
-# crop.cu: outer axes after merging; runs at least this long get a block per row.
+# crop.cu: outer axes after merging (crop_rows copies each row; the threads per row follow its length).
 CROP_MAX_OUTER = 5
-CROP_ROW_MIN = 32
 
 MAX_POOL, AVE_POOL, STOCHASTIC_POOL = 0, 1, 2  # PoolingParameter.PoolMethod
 
@@ -387,7 +386,7 @@ class Kernels:
         Row copies (crop_plan): float4 loads and stores (crop_rows4) when the runs are a
         multiple of 4 floats, every data stride too and both arrays 16-byte aligned (the
         data rows may start off a 16-byte boundary: the kernel funnels), else floats
-        (crop_rows for long runs, crop_flat packing short ones into a warp)."""
+        (crop_rows, packing short runs several to a warp)."""
         y = self._empty(top_shape)
         if y.size == 0:
             return y
@@ -485,7 +484,7 @@ def _crop_launch(data_shape, offsets, top_shape, aligned, part_steps):
     if aligned and run % 4 == 0 and all(s % 4 == 0 for _, s in outer):
         items, name, head = run // 4, "crop_rows4", (base, base % 4, rows, run // 4)
     else:
-        items, name, head = run, "crop_rows" if run >= CROP_ROW_MIN else "crop_flat", (base, rows, run)
+        items, name, head = run, "crop_rows", (base, rows, run)
     lanes_log2 = _lanes_log2(items, CROP_UNROLL)
     seg, parts = _row_parts(items, lanes_log2, part_steps)
     return name, (-(-rows // (BLOCK >> lanes_log2)), parts), _i32(*head, *shape, seg, lanes_log2)

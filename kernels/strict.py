@@ -562,9 +562,7 @@ class StrictModule(types.ModuleType):
             return StrictFunction(np_obj, qual, tokens)
         if np_obj is None:
             return _EMULATED.get(qual) or _cupy_only(qual)
-        if isinstance(np_obj, np.ufunc):  # a ufunc in numpy, a function in CuPy (matmul)
-            return StrictFunction(np_obj, qual, entry[1])
-        return StrictFunction(np_obj, qual, entry[1])
+        return StrictFunction(np_obj, qual, entry[1])  # numpy's ufuncs that CuPy has as functions too (matmul)
 
 
 class _CupyOnlyModule(types.ModuleType):

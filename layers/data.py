@@ -27,11 +27,10 @@ from caffeish.runtime.data_transform import DataTransformer, resize_linear
 from caffeish.formats.datum import BatchCursor, LmdbReader, NotDatumError, datum_array, datum_shape, parse_datum
 from caffeish.errors import CaffeishError, InputShapeRequired, ShapeError, UnsupportedError
 from caffeish.formats.images import decode_8bit
+from caffeish.graph.graph import MAX_BLOB_AXES
 from caffeish.graph.registry import Layer, register
 from caffeish.formats.schema import pb
 
-MAX_BLOB_AXES = 32  # Caffe's kMaxBlobAxes
-FILLER_TYPES = ("constant", "gaussian", "positive_unitball", "uniform", "xavier", "msra", "bilinear")
 
 
 def declared_shape(layer, blob_shape, what):
@@ -287,8 +286,8 @@ class DummyData(SourceLayer):
                 f"{len(p.data_filler)} data_filler entries for {n_tops} tops; give none, one, or one per top"
             )
         for f in p.data_filler:
-            if f.type not in FILLER_TYPES:
-                raise self.error(f"unknown filler type '{f.type}' (known: {', '.join(FILLER_TYPES)})")
+            if f.type not in fillers.TYPES:
+                raise self.error(f"unknown filler type '{f.type}' (known: {', '.join(fillers.TYPES)})")
         legacy = {"num": p.num, "channels": p.channels, "height": p.height, "width": p.width}
         if any(len(v) for v in legacy.values()):
             if len(p.shape):

@@ -14,11 +14,11 @@ from math import prod
 import numpy as np
 
 from caffeish.ops.data import declared_shape
+from caffeish.graph.graph import MAX_BLOB_AXES
 from caffeish.graph.registry import Layer, register
 from caffeish.formats.schema import pb
 from caffeish.runtime.backend import kernels_for
 
-MAX_BLOB_AXES = 32  # Caffe's kMaxBlobAxes
 
 
 def f32(value):

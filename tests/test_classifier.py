@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import caffeish
-from caffeish.errors import CaffeishError, UnsupportedError
+from caffeish.errors import CaffeishError, ShapeError, UnsupportedError
 from caffeish.formats import io as cio
 from caffeish.pycaffe.classifier import Classifier
 from caffeish.pycaffe.detector import Detector
@@ -104,6 +104,15 @@ def test_classifier_defaults_to_the_input_size(tiny):
                                rtol=1e-4, atol=1e-6)
     with pytest.raises(CaffeishError):
         net.predict([])
+
+
+def test_a_non_image_input_is_refused_by_name(tmp_path):
+    proto = tmp_path / "flat.prototxt"
+    proto.write_text('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 4 } } }\n')
+    for cls in (Classifier, Detector):
+        with pytest.raises(ShapeError) as e:
+            cls(str(proto), None)
+        assert str(e.value) == f"{cls.__name__} needs an N x K x H x W input; 'data' has shape (2, 3, 4)"
 
 
 def test_caffeish_names_them():

@@ -19,7 +19,8 @@ from caffeish.pycaffe.coord_map import coord_map_from_to, crop
 from caffeish.pycaffe.net_spec import NetSpec, layers as L, params as P
 
 from conftest import shared_path
-from test_net_spec import FCN_MODELS, py3_source
+from test_fcn_scripts import py2to3
+from test_net_spec import FCN_MODELS
 
 
 def coord_net_spec(ks=3, stride=1, pad=0, pool=2, dstride=2, dpad=0, proto=False):
@@ -297,7 +298,7 @@ def test_random_nets_crop_where_the_offsets_tool_says():
 @pytest.mark.parametrize("model", FCN_MODELS)
 def test_fcn_crops_equal_the_offsets_tool(model, tmp_path, monkeypatch):
     """Run the model's net.py in this process (caffe -> caffeish), recording every crop() call."""
-    source = py3_source(shared_path("models", "fcn", model, "net.py").read_text())
+    source = py2to3(shared_path("models", "fcn", model, "net.py").read_text())
     calls = []
 
     def recording_crop(top_from, top_to):

@@ -9,10 +9,7 @@ images built here; every number is checked against a numpy computation of its ow
 """
 import io
 import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 import tokenize
 
@@ -22,7 +19,8 @@ from PIL import Image
 
 import caffeish
 from caffeish.formats import io as cio
-from conftest import ROOT, shared_path
+from conftest import shared_path
+from test_compat import wrapped
 
 SCRIPTS = ("surgery.py", "score.py", "infer.py", "vis.py", "voc_layers.py")
 MEAN = (104.00698793, 116.66876762, 122.67891434)  # infer.py's and the VOC nets' BGR mean
@@ -148,10 +146,7 @@ def fcn(tmp_path):
 
 def run_wrapped(cwd, script, *args):
     """`python -m caffeish.pycaffe.compat script args` in cwd; the completed process (must succeed)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONDONTWRITEBYTECODE="1")
-    proc = subprocess.run([sys.executable, "-m", "caffeish.pycaffe.compat", script, *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
+    proc = wrapped(cwd, script, *args)
     assert proc.returncode == 0, f"{script} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return proc
 

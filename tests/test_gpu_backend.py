@@ -135,8 +135,8 @@ def test_golden_case_list_is_complete():
 @needs_cxx
 @pytest.mark.parametrize("case", GOLDEN_CASES)
 def test_golden_nets_through_the_gpu_code_path(case):
-    """Each layer's GPU branch (our kernels for Convolution, Deconvolution, Pooling, Crop; CuPy's rules
-    for every other layer's array calls) matches Caffe."""
+    """Each layer's GPU branch (our kernels for Convolution, Deconvolution, Pooling, Crop, LRN, Softmax;
+    CuPy's rules for every other layer's array calls) matches Caffe."""
     shared_path("golden", case)  # skips with a clear reason when ../shared is absent
     net, meta, folder = golden.run_case(case, backend="strict")
     assert backend.kernels_for(net.xp) is not None

@@ -6,12 +6,13 @@ kernel_h * kernel_w taps.  They are checked three ways:
 
 1. against the numpy runtime's deconvolution (caffeish.runtime.im2col.deconv_forward, the
    CPU path of layers/conv.py) within the tolerance of tests/test_kernels_harness.py;
-2. bit for bit against the kernels as they were before (BEFORE below: every tap tested with
-   deconv_source, one thread per output), which ran each of the randomized launches too, with
-   the same arguments: the taps skipped now contributed nothing, and the valid ones are summed
-   in the same order, so the results are identical.  Each launch of the new kernels also runs
-   on a random small grid now and then (the grid-stride loops of all three axes), into an
-   output filled with NaN first (every output is written);
+2. bit for bit, on every launch, against a float32 sum of the taps in Caffe's order computed
+   from the launch's own arguments (tap_order_sum below: numpy slices over each tap's inputs;
+   for deconv_direct the per-tap sums over the group's channels, in channel order, first),
+   which is what the kernels computed before, when they tested all kernel_h * kernel_w taps:
+   the taps skipped now contributed nothing.  Each launch also runs on a random small grid
+   now and then (the grid-stride loops of all three axes), into an output filled with NaN
+   first (every output is written);
 3. FCN-Alexnet's `upscore` (21 groups of one channel, kernel 63, stride 32, 16x16 -> 543x543)
    and FCN-8s's `upscore8` (21 -> 21 dense, kernel 16, stride 8, 70x70 -> 568x568) at their
    real sizes, bit for bit against a float32 sum of the taps in Caffe's order (numpy slices),
@@ -34,7 +35,7 @@ import numpy as np
 import pytest
 
 from caffeish.errors import ShapeError
-from caffeish.graph.geometry import ConvGeometry, deconv_output_shape
+from caffeish.graph.geometry import ConvGeometry, deconv_output_shape, effective_kernel
 from caffeish.runtime.im2col import deconv_forward
 from caffeish.runtime.fillers import bilinear_kernel
 
@@ -46,95 +47,64 @@ from caffeish.kernels import harness, launch  # noqa: E402
 MIN_CASES = 200
 TOLERANCE = 1e-5  # relative to max |ref| + 1, as tests/test_kernels_harness.py
 
-# kernels/conv.cu's Deconvolution kernels before issue 18 (same signatures): every output
-# tests all kernel_h * kernel_w taps.  The reference for bit-identical results.
-BEFORE = r"""
-__device__ __forceinline__ int deconv_source(int out, int pad, int tap, int dilation, int stride, int in_size) {
-    const int s = out + pad - tap * dilation;
-    return (s < 0 || s % stride != 0 || s / stride >= in_size) ? -1 : s / stride;
-}
-
-extern "C" __global__ void col2im(const float* __restrict__ col, const float* __restrict__ bias,
-                                  float* __restrict__ y, int images, int channels, int height, int width,
-                                  int in_h, int in_w, int kernel_h, int kernel_w, int stride_h, int stride_w,
-                                  int pad_h, int pad_w, int dilation_h, int dilation_w, int has_bias) {
-    const int positions = in_h * in_w;
-    const int taps = kernel_h * kernel_w;
-    const int total = images * channels * height * width;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += blockDim.x * gridDim.x) {
-        const int w = i % width;
-        const int h = (i / width) % height;
-        const int nc = i / (height * width);
-        const float* src = col + nc * taps * positions;
-        float val = 0.0f;
-        for (int kh = 0; kh < kernel_h; ++kh) {
-            const int ih = deconv_source(h, pad_h, kh, dilation_h, stride_h, in_h);
-            if (ih < 0) continue;
-            for (int kw = 0; kw < kernel_w; ++kw) {
-                const int iw = deconv_source(w, pad_w, kw, dilation_w, stride_w, in_w);
-                if (iw < 0) continue;
-                val += src[(kh * kernel_w + kw) * positions + ih * in_w + iw];
-            }
-        }
-        y[i] = has_bias ? val + bias[nc % channels] : val;
-    }
-}
-
-extern "C" __global__ void deconv_direct(const float* __restrict__ x, const float* __restrict__ weight,
-                                         const float* __restrict__ bias, float* __restrict__ y,
-                                         int images, int channels, int in_h, int in_w,
-                                         int outputs, int group, int height, int width,
-                                         int kernel_h, int kernel_w, int stride_h, int stride_w,
-                                         int pad_h, int pad_w, int dilation_h, int dilation_w, int has_bias) {
-    const int cg = channels / group;
-    const int og = outputs / group;
-    const int taps = kernel_h * kernel_w;
-    const int total = images * outputs * height * width;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += blockDim.x * gridDim.x) {
-        const int w = i % width;
-        const int h = (i / width) % height;
-        const int o = (i / (height * width)) % outputs;
-        const int n = i / (outputs * height * width);
-        const int c0 = (o / og) * cg;
-        float val = 0.0f;
-        for (int kh = 0; kh < kernel_h; ++kh) {
-            const int ih = deconv_source(h, pad_h, kh, dilation_h, stride_h, in_h);
-            if (ih < 0) continue;
-            for (int kw = 0; kw < kernel_w; ++kw) {
-                const int iw = deconv_source(w, pad_w, kw, dilation_w, stride_w, in_w);
-                if (iw < 0) continue;
-                const int at = ih * in_w + iw;
-                float sum = 0.0f;
-                for (int ci = 0; ci < cg; ++ci) {
-                    const int c = c0 + ci;
-                    sum += weight[((c * og) + o % og) * taps + kh * kernel_w + kw] *
-                           x[(n * channels + c) * in_h * in_w + at];
-                }
-                val += sum;
-            }
-        }
-        y[i] = has_bias ? val + bias[o] : val;
-    }
-}
-"""
 OUTPUT_ARG = {"col2im": 2, "deconv_direct": 3}  # the index of y among each kernel's arguments
 
 
-@pytest.fixture(scope="module")
-def before(tmp_path_factory):
-    path = tmp_path_factory.mktemp("before") / "deconv_before.cu"
-    path.write_text(BEFORE)
-    return harness.HarnessModule(str(path))
+def tap_order_sum(values, geom, out):
+    """y[n, c, h, w] = the float32 sum, in increasing (kh, kw) order starting from 0, of
+    values[n, c, kh, kw, ih, iw] over the taps that land on (h, w): what both kernels compute
+    (col2im's columns as they are; deconv_direct's per-tap channel sums, launch_reference)."""
+    n, c, kh_, kw_, ih_, iw_ = values.shape
+    y = np.zeros((n, c) + tuple(out), np.float32)
+    (sh, sw), (ph, pw), (dh, dw) = geom.stride, geom.pad, geom.dilation
+
+    def span(k, s, p, d, size, limit):
+        first = -(-(p - k * d) // s) if p > k * d else 0  # inputs whose output is >= 0
+        last = min(size - 1, (limit - 1 + p - k * d) // s)  # ... and < limit
+        return first, last
+
+    for kh in range(kh_):
+        h0, h1 = span(kh, sh, ph, dh, ih_, out[0])
+        if h1 < h0:
+            continue
+        for kw in range(kw_):
+            w0, w1 = span(kw, sw, pw, dw, iw_, out[1])
+            if w1 < w0:
+                continue
+            oh, ow = h0 * sh - ph + kh * dh, w0 * sw - pw + kw * dw
+            y[:, :, oh:oh + (h1 - h0) * sh + 1:sh, ow:ow + (w1 - w0) * sw + 1:sw] += \
+                values[:, :, kh, kw, h0:h1 + 1, w0:w1 + 1]
+    return y
+
+
+def launch_reference(name, args):
+    """The output of a col2im or deconv_direct launch, from its arguments, in float32 as the kernels
+    sum: each output's taps in (kh, kw) order; deconv_direct's tap first sums W[c, o % og, kh, kw] *
+    x[n, c, ih, iw] over the group's channels c in order; then the bias (when has_bias)."""
+    if name == "col2im":
+        col, bias = args[:2]
+        n, c, oh, ow, ih, iw, kh, kw, sh, sw, ph, pw, dh, dw, has_bias = (int(v) for v in args[3:])
+        values = col.reshape(n, c, kh, kw, ih, iw)
+    else:
+        x, weight, bias = args[:3]
+        n, c, ih, iw, o, g, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, has_bias = (int(v) for v in args[4:])
+        cg, og = c // g, o // g
+        wg, xg = weight.reshape(g, cg, og, kh, kw), x.reshape(n, g, cg, ih, iw)
+        acc = np.zeros((n, g, og, kh, kw, ih, iw), np.float32)
+        for ci in range(cg):
+            acc += wg[None, :, ci, :, :, :, None, None] * xg[:, :, ci, None, None, None]
+        values = acc.reshape(n, o, kh, kw, ih, iw)
+    y = tap_order_sum(values, ConvGeometry((kh, kw), (sh, sw), (ph, pw), (dh, dw)), (oh, ow))
+    return y + bias[:, None, None] if has_bias else y
 
 
 class CheckedKernels(launch.Kernels):
     """The launchers on the harness.  Each Deconvolution kernel launch (sometimes on a random
-    small grid, into an output filled with NaN) is followed by the BEFORE kernel with the same
-    arguments on the old one-dimensional grid, and the two outputs must be identical."""
+    small grid, into an output filled with NaN) must equal launch_reference bit for bit."""
 
-    def __init__(self, before, rng, col_budget=1 << 20):
+    def __init__(self, rng, col_budget=1 << 20):
         super().__init__(harness.XP, harness.module, col_budget)
-        self.before, self.rng = before, rng
+        self.rng = rng
         self.count = collections.Counter()
         self.mismatches = []
 
@@ -147,11 +117,9 @@ class CheckedKernels(launch.Kernels):
             grid = tuple(int(v) for v in self.rng.integers(1, 4, 3))
         y.fill(np.nan)
         super().launch(module, name, grid, block, args)
-        old = np.full_like(y, np.nan)
-        old_args = args[:OUTPUT_ARG[name]] + (old,) + args[OUTPUT_ARG[name] + 1:]
-        self.before.get_function(name)((launch.grid_for(y.size),), block, old_args)
-        if not np.array_equal(y, old):
-            self.mismatches.append(f"{name} grid {grid}: {int(np.sum(y != old))} of {y.size} outputs differ")
+        ref = launch_reference(name, args)
+        if not np.array_equal(y, ref):
+            self.mismatches.append(f"{name} grid {grid}: {int(np.sum(y != ref))} of {y.size} outputs differ")
 
 
 def relative_error(ours, ref):
@@ -182,7 +150,7 @@ def random_case(rng):
         kernel.append(k)
         stride.append(s)
         dil.append(int(rng.choice([1, 1, 1, 2, 3, 4])))
-    ext = [d * (k - 1) + 1 for k, d in zip(kernel, dil)]
+    ext = [effective_kernel(k, d) for k, d in zip(kernel, dil)]
     pad = [int(rng.integers(0, e + 2)) if rng.random() < 0.6 else 0 for e in ext]
     geom = ConvGeometry(tuple(kernel), tuple(stride), tuple(pad), tuple(dil))
     n = int(rng.integers(1, 4))
@@ -198,11 +166,11 @@ def random_case(rng):
     return x, weight, bias, geom, g
 
 
-def test_deconvolution_kernels_visit_only_valid_taps(before):
-    """200+ randomized cases per kernel: equal to the numpy runtime within the tolerance, and bit
-    for bit to the kernels that tested every tap (same launches, same arguments)."""
+def test_deconvolution_kernels_visit_only_valid_taps():
+    """200+ randomized cases per kernel: equal to the numpy runtime within the tolerance, and every
+    launch bit for bit to the float32 tap-order sum of its arguments."""
     rng = np.random.default_rng(18)
-    k = CheckedKernels(before, np.random.default_rng(180))
+    k = CheckedKernels(np.random.default_rng(180))
     cases = collections.Counter()
     failures = []
     while min(cases["gemm"], cases["direct"]) < MIN_CASES:
@@ -219,20 +187,20 @@ def test_deconvolution_kernels_visit_only_valid_taps(before):
             failures.append(f"{method} x{x.shape} w{weight.shape} {geom} group {g}")
     total = sum(cases.values())
     assert not failures, f"{len(failures)} of {total} cases differ from numpy:\n" + "\n".join(failures[:10])
-    assert not k.mismatches, f"{len(k.mismatches)} launches differ from before:\n" + "\n".join(k.mismatches[:10])
+    assert not k.mismatches, f"{len(k.mismatches)} launches differ:\n" + "\n".join(k.mismatches[:10])
     assert k.count["col2im"] >= MIN_CASES and k.count["deconv_direct"] >= MIN_CASES
 
 
-def test_taps_of_every_residue_class(before):
+def test_taps_of_every_residue_class():
     """Every stride and dilation up to 6 against each other (gcd > 1 included), each pad up to the
-    extent + 1, on one small input: the same outputs as before, bit for bit, both kernels."""
+    extent + 1, on one small input: both kernels bit for bit to the tap-order sum."""
     rng = np.random.default_rng(7)
-    k = CheckedKernels(before, np.random.default_rng(70))
+    k = CheckedKernels(np.random.default_rng(70))
     x = rng.standard_normal((2, 2, 5, 3)).astype(np.float32)
     checked = 0
     for s, d in itertools.product(range(1, 7), repeat=2):
         kernel = (7, 4)
-        ext = [d * (kk - 1) + 1 for kk in kernel]
+        ext = [effective_kernel(kk, d) for kk in kernel]
         for ph, pw in zip(range(0, ext[0] + 2, 2), range(ext[1] + 1, -1, -1)):
             geom = ConvGeometry(kernel, (s, s + 1), (ph, pw), (d, 7 - d))
             try:
@@ -246,34 +214,6 @@ def test_taps_of_every_residue_class(before):
                 checked += 1
     assert checked > 100
     assert not k.mismatches, "\n".join(k.mismatches[:10])
-
-
-def tap_order_sum(values, geom, out):
-    """y[n, c, h, w] = the float32 sum, in increasing (kh, kw) order starting from 0, of
-    values[n, c, kh, kw, ih, iw] over the taps that land on (h, w): what both kernels compute
-    (col2im's columns as they are; deconv_direct's per-tap channel sums when there is one
-    channel per group)."""
-    n, c, kh_, kw_, ih_, iw_ = values.shape
-    y = np.zeros((n, c) + tuple(out), np.float32)
-    (sh, sw), (ph, pw), (dh, dw) = geom.stride, geom.pad, geom.dilation
-
-    def span(k, s, p, d, size, limit):
-        first = -(-(p - k * d) // s) if p > k * d else 0  # inputs whose output is >= 0
-        last = min(size - 1, (limit - 1 + p - k * d) // s)  # ... and < limit
-        return first, last
-
-    for kh in range(kh_):
-        h0, h1 = span(kh, sh, ph, dh, ih_, out[0])
-        if h1 < h0:
-            continue
-        for kw in range(kw_):
-            w0, w1 = span(kw, sw, pw, dw, iw_, out[1])
-            if w1 < w0:
-                continue
-            oh, ow = h0 * sh - ph + kh * dh, w0 * sw - pw + kw * dw
-            y[:, :, oh:oh + (h1 - h0) * sh + 1:sh, ow:ow + (w1 - w0) * sw + 1:sw] += \
-                values[:, :, kh, kw, h0:h1 + 1, w0:w1 + 1]
-    return y
 
 
 def test_fcn_alexnet_upscore():

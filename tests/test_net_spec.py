@@ -6,11 +6,6 @@ beside it (parsed NetParameters; the Python layers' param_str compared as the di
 they spell, since Python 2 wrote those dicts in hash order).
 """
 import ast
-import os
-import re
-import subprocess
-import sys
-import textwrap
 
 import pytest
 from google.protobuf import text_format
@@ -22,7 +17,8 @@ from caffeish.graph.graph import Graph
 from caffeish.pycaffe import net_spec
 from caffeish.pycaffe.net_spec import NetSpec, Top, layers as L, params as P, to_proto
 
-from conftest import ROOT, shared_path
+from conftest import shared_path
+from test_fcn_scripts import py2to3, run_wrapped
 
 
 def parse(text):
@@ -246,44 +242,16 @@ FCN_MODELS = [
     "siftflow-fcn32s", "siftflow-fcn16s", "siftflow-fcn8s",
 ]
 
-# The test's own runner: `caffe` (and the pycaffe modules net.py imports) resolve to caffeish.
-RUNNER = textwrap.dedent("""\
-    import importlib, os, runpy, sys
-    import caffeish
-    sys.modules["caffe"] = caffeish
-    for name in ("net_spec", "coord_map"):
-        sys.modules["caffe." + name] = importlib.import_module("caffeish.pycaffe." + name)
-    folder = sys.argv[1]
-    os.chdir(folder)
-    sys.path.insert(0, folder)
-    runpy.run_path("net.py", run_name="__main__")
-""")
-
-
-def py3_source(text):
-    """Python 2 print statements and xrange as Python 3 (the only changes these scripts may get)."""
-    text = re.sub(r"^([ \t]*)print\b(?![ \t]*\()[ \t]*(.*?)[ \t]*$", r"\1print(\2)", text, flags=re.M)
-    return re.sub(r"\bxrange\(", "range(", text)
-
-
-def test_py3_source_converts_print_statements_and_xrange():
-    src = "for i in xrange(3):\n    print i, 'x'\nprint\nprint('ok')\nprinted = 1\n"
-    assert py3_source(src) == "for i in range(3):\n    print(i, 'x')\nprint()\nprint('ok')\nprinted = 1\n"
-
 
 def run_fcn_net(model, folder):
-    """Run the model's net.py (converted) in `folder`; {file name: NetParameter} it wrote."""
-    source = shared_path("models", "fcn", model, "net.py").read_text()
-    converted = py3_source(source)
-    compile(converted, f"{model}/net.py", "exec")
+    """Run the model's net.py (Python 3 spelling, py2to3) in `folder` through `python -m caffeish.pycaffe.compat`.
+
+    Returns {file name: NetParameter} of the prototxts it wrote.
+    """
+    converted = py2to3(shared_path("models", "fcn", model, "net.py").read_text())
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "net.py").write_text(converted)
-    runner = folder.parent / "run_net.py"
-    runner.write_text(RUNNER)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, str(runner), str(folder)], capture_output=True, text=True,
-                            env=env, timeout=120)
-    assert result.returncode == 0, result.stderr
+    run_wrapped(folder, "net.py")
     return {p.name: parse(p.read_text()) for p in sorted(folder.glob("*.prototxt"))}
 
 

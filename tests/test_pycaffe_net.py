@@ -1,6 +1,7 @@
 """pycaffe's Net surface (caffeish.Net as `caffe.Net`): blobs kept after forward, blob_loss_weights,
 layer_dict, indexes, hooks, set_input_arrays, share_with, HDF5 weights, the exception types pycaffe
 users catch, and `net.save` without the prototxt it was built from."""
+import importlib.util
 import os
 from collections import OrderedDict
 
@@ -38,6 +39,15 @@ def test_save_after_the_prototxt_was_deleted_and_over_an_existing_file(tmp_path,
     net.save(str(out))
     again = caffeish.Net(caffeish.formats.io.parse_text(NET, caffeish.pb.NetParameter()), str(out))
     np.testing.assert_array_equal(again.params["ip"][1].data, np.full(5, 7, np.float32))
+
+
+def test_save_refuses_to_overwrite_the_prototxt(tmp_path, net_file):
+    net = caffeish.Net(net_file, caffeish.TEST)
+    saves = [net.save] + ([net.save_hdf5] if importlib.util.find_spec("h5py") else [])
+    for save in saves:
+        with pytest.raises(caffeish.CaffeishError, match=r"refusing to overwrite an input file \(the net's prototxt\)"):
+            save(net_file)
+    assert (tmp_path / "net.prototxt").read_text() == NET and os.listdir(tmp_path) == ["net.prototxt"]
 
 
 def build(text, **kw):
@@ -250,7 +260,11 @@ def test_save_hdf5_writes_caffes_layout(tmp_path):
     h5py = pytest.importorskip("h5py")
     net = build(SHARED_NET, seed=4)
     path = tmp_path / "w.caffemodel.h5"
-    net.save_hdf5(str(path))
+    path.write_bytes(b"old")
+    net.save_hdf5(str(path))  # replaced atomically: no temp file left, the mode a plain open() gives
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.listdir(tmp_path) == ["w.caffemodel.h5"] and os.stat(path).st_mode & 0o777 == 0o666 & ~umask
     with h5py.File(path, "r") as f:
         assert list(f) == ["data"] and sorted(f["data"]) == ["data", "f1", "f2"]
         assert len(f["data/data"]) == 0
@@ -473,7 +487,7 @@ def test_gpu_path_hooks_memory_data_sharing_and_hdf5(tmp_path, net_file, x):
 
     dev.before_forward(feed)
     np.testing.assert_allclose(dev.forward(data=np.zeros_like(x))["prob"], expected, rtol=1e-5, atol=1e-7)
-    if pytest.importorskip("h5py"):
+    if importlib.util.find_spec("h5py"):
         dev.save_hdf5(str(tmp_path / "d.h5"))
         back = caffeish.Net(net_file, backend="strict", seed=3)
         back.load_hdf5(str(tmp_path / "d.h5"))

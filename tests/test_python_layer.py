@@ -405,8 +405,9 @@ def test_errors_in_user_code_reach_the_caller_unchanged(tmp_path, user_modules):
     with pytest.raises(FileNotFoundError) as err:
         build(tmp_path, 'module: "broken_layers" layer: "Raises"')
     assert type(err.value) is FileNotFoundError and "seg11valid" in str(err.value)
-    assert any("layer 'data'" in note and "setup()" in note and "broken_layers.py:6" in note
-               for note in getattr(err.value, "__notes__", ["layer 'data' setup() broken_layers.py:6"]))
+    if sys.version_info >= (3, 11):  # add_note: the note names the layer, the method and the line
+        assert any("layer 'data'" in note and "setup()" in note and "broken_layers.py:6" in note
+                   for note in err.value.__notes__)
     net = build(tmp_path, 'module: "broken_layers" layer: "RaisesInForward"')
     with pytest.raises(RuntimeError) as err:
         net.forward()

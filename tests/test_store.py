@@ -264,12 +264,12 @@ def test_a_corrupted_file_on_the_server_is_caught_by_the_checksum(built_store, t
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))
-    out = tmp_path / "fcn"
+    out = tmp_path / "new" / "fcn"
     with StoreServer(root, port=0) as srv:
         assert cli.main(["store", "pull", srv.url, "fcn", "-o", str(out)]) == 1
     err = capsys.readouterr().err
     assert "weights.caffemodel: sha256 checksum mismatch" in err and "deleted" in err
-    assert not out.exists()  # nothing of the failed pull is left, not even the folder it created
+    assert not (tmp_path / "new").exists()  # nothing of the failed pull is left, not even the folders it created
     # verify on the server's folder finds the same file.
     assert cli.main(["store", "verify", root]) == 1
     assert "sha256" in capsys.readouterr().out

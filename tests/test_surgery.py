@@ -12,6 +12,7 @@ from caffeish.tools.cli import main
 from caffeish.errors import CaffeishError, UnsupportedError, WeightError
 from caffeish.graph.graph import Graph
 from caffeish.data.metrics import relative_error
+from caffeish.runtime import fillers
 from caffeish.runtime.net import Net
 from caffeish.formats.schema import pb
 from conftest import shared_path
@@ -522,7 +523,7 @@ def test_transplant_names_the_layers_that_got_nothing_and_warns_about_constant_o
     (pb.FillerParameter(type="gaussian", std=0.1), None), (pb.FillerParameter(type="xavier"), None),
     (pb.FillerParameter(type="bilinear"), None)])
 def test_constant_filler(spec, how):
-    assert surgery.constant_filler(spec) == how
+    assert fillers.constant_filler(spec) == how
 
 
 def test_surgery_creates_missing_output_folders(classifier_copy, capsys, monkeypatch):

@@ -18,8 +18,7 @@ and the exit status is 1 with a count at the end; a failure of the net itself
 import sys
 
 from caffeish.apps.classify import ResultWriter, classify_images, value_key_of
-from caffeish.apps.inference import (Classifier, constant_weight_layers, constant_weight_warning, find_images,
-                                     open_net)
+from caffeish.apps.inference import Classifier, constant_weight_warning, find_images, open_net
 from caffeish.data import palette
 from caffeish.errors import CaffeishError
 from caffeish.tools import report
@@ -58,7 +57,7 @@ def run(args):
     spec = preprocess_from_args(args)
     weights = None if args.weights.lower() == "none" else args.weights
     net = open_net(args.net, weights, device_from_args(args), seed=args.seed)
-    warning = constant_weight_warning(constant_weight_layers(net, weights is not None), weights is not None)
+    warning = constant_weight_warning(net, weights is not None)
     if warning:
         print(f"caffeish classify: warning: {warning}", file=sys.stderr)
     clf = Classifier(net, spec, args.blob, args.oversample)

@@ -11,11 +11,10 @@ markdown, JSON or CSV.  The confusion matrix is written only with --confusion
 FILE.  What the two forms compute is caffeish.apps.evaluate (test_net,
 evaluate_segmentation, write_confusion), callable from Python.
 """
-import os
 import sys
 
-from caffeish.apps.evaluate import (_label_range, check_confusion_path, evaluate_segmentation,
-                                    segmentation_warnings, stage_databases, test_net, write_confusion)
+from caffeish.apps.evaluate import (_label_range, evaluate_segmentation, segmentation_warnings, stage_databases,
+                                    test_net, write_confusion)
 from caffeish.apps.inference import terminated_as_exit
 from caffeish.data import dataset_meta
 from caffeish.errors import CaffeishError
@@ -78,8 +77,8 @@ def run(args):
         confusion = args.confusion if (args.confusion or "none").lower() != "none" else None
         mean_file, mean_value, no_mean = mean_from_args(args)
         inputs = run_inputs(net_path, weights, args, mean_file) if confusion else []
-        if confusion:
-            check_confusion_path(confusion, inputs)
+        if confusion:  # never an input, nor inside an input folder (a dataset is never written into)
+            io.check_outputs([("--confusion", confusion)], inputs)
         ignore = args.ignore_label
         ignore = None if ignore is IGNORE_LABEL_FROM_NET else -1 if ignore is None else ignore  # library: -1 none
         with terminated_as_exit():
@@ -104,7 +103,7 @@ def _segmentation(args, net_path, weights, device, ignore, mean_file, mean_value
     for line in segmentation_warnings(result):
         print(f"warning: {line}", file=sys.stderr)
     if confusion:
-        write_confusion(confusion, result, inputs=[path for _, path in inputs if os.path.exists(path)])
+        write_confusion(confusion, result, inputs=[path for _, path in inputs])
         if args.format in ("csv", "markdown"):  # table and json name it in their output
             print(f"confusion matrix: {confusion}", file=sys.stderr)
     sys.stdout.write(format_segmentation(result, args.format, confusion))

@@ -35,8 +35,8 @@ and SIGTERM leave OUTDIR as it was.
 import sys
 import time
 
-from caffeish.apps.inference import (DEFAULT_MAX_MEMORY, Segmenter, constant_weight_layers,
-                                     constant_weight_warning, find_images, open_net, terminated_as_exit)
+from caffeish.apps.inference import (DEFAULT_MAX_MEMORY, Segmenter, constant_weight_warning, find_images, open_net,
+                                     terminated_as_exit)
 from caffeish.apps.segment import STAGES, check_outdir, segment_images
 from caffeish.data import palette as palettes
 from caffeish.errors import CaffeishError
@@ -89,7 +89,7 @@ def run(args):
     weights = None if args.weights.lower() == "none" else args.weights
     t0 = time.perf_counter()
     net = open_net(args.net, weights, device_from_args(args), seed=args.seed)
-    warning = constant_weight_warning(constant_weight_layers(net, weights is not None), weights is not None)
+    warning = constant_weight_warning(net, weights is not None)
     if warning:
         print(f"caffeish segment: warning: {warning}", file=sys.stderr)
     seg = Segmenter(net, spec, args.blob, tile, args.max_memory,

@@ -44,8 +44,9 @@ import urllib.request
 
 from caffeish.apps import progress
 from caffeish.errors import CaffeishError
-from caffeish.apps.store import (INDEX, ChecksumError, check_file, check_net, find_model, make_index,
-                            parse_index, write_index)
+from caffeish.formats import io
+from caffeish.apps.store import (INDEX, ChecksumError, check_file, check_net, find_model, hash_stream, make_index,
+                                 parse_index, write_index)
 
 CHUNK = 1 << 20
 LOCK = ".caffeish-pull.lock"
@@ -252,7 +253,9 @@ def download(source, parts, part, expected, retries=5, retry_wait=1.0, log=None,
             offset = 0
         hashes = _hashers(expected)
         if offset:
-            _hash_open(out, offset, hashes, part)
+            out.seek(0)
+            if hash_stream(out, hashes, offset) < offset:
+                raise CaffeishError(f"{part}: shrank while it was read (is another program writing it?)")
             if log:
                 log(f"{desc}: resuming at {_mb(offset)} of {_mb(size)}")
         out.truncate(offset)
@@ -374,19 +377,6 @@ def _open_part(part):
     return os.fdopen(fd, "r+b")
 
 
-def _hash_open(f, length, hashes, path):
-    """Feed the first `length` bytes of the open file `f` to `hashes`, in chunks."""
-    f.seek(0)
-    left = length
-    while left:
-        chunk = f.read(min(CHUNK, left))
-        if not chunk:
-            raise CaffeishError(f"{path}: shrank while it was read (is another program writing it?)")
-        for h in hashes.values():
-            h.update(chunk)
-        left -= len(chunk)
-
-
 class PullLock:
     """An exclusive lock on OUTDIR/.caffeish-pull.lock: one pull at a time into a folder.
 
@@ -460,17 +450,12 @@ def pull(location, name, outdir, force=False, retries=5, retry_wait=1.0, timeout
     entry = find_model(index, name, source.where(INDEX))
     path = [p for p in str(entry.get("path", entry["name"])).split("/") if p not in ("", ".")]
     outdir = os.fspath(outdir)
-    created = not os.path.isdir(outdir)
-    try:
-        os.makedirs(outdir, exist_ok=True)
-    except OSError as e:
-        raise CaffeishError(f"{outdir}: cannot create the folder: {e.strerror}") from None
+    created = io.make_folders([os.path.join(outdir, LOCK)])  # OUTDIR and the folders above it that are missing
     lock = PullLock(outdir)
     try:
         lock.acquire()
     except CaffeishError:
-        if created:
-            _rmdir(outdir)
+        io.remove_empty_folders(created)
         raise
     failed = True
     try:
@@ -479,8 +464,8 @@ def pull(location, name, outdir, force=False, retries=5, retry_wait=1.0, timeout
         return result
     finally:
         lock.release()
-        if failed and created and lock.discarded:
-            _rmdir(outdir)
+        if failed and lock.discarded:
+            io.remove_empty_folders(created)
 
 
 def _pull_locked(source, entry, path, outdir, lock, force, retries, retry_wait, validate, log):
@@ -542,13 +527,6 @@ def _discard(plan, lock):
     for _, _, part in plan:
         _remove(part)
     lock.discarded = True
-
-
-def _rmdir(folder):
-    try:
-        os.rmdir(folder)
-    except OSError:
-        pass
 
 
 def _json(path):

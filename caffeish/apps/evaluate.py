@@ -18,10 +18,11 @@ image/label pairs and reports score.py's metrics (fcn.berkeleyvision.org):
 pixel accuracy, mean class accuracy, mean IU, frequency-weighted IU and each
 class's IU; the confusion matrix goes to a CSV file only when asked for:
 --confusion FILE (replaced if it exists; 'none' is accepted and writes
-nothing).  Before any work, FILE is checked against every input: it may not be
-the net, the weights, --color-map or --mean, nor lie inside --db's dataset
-folder, --images, --labels or a folder the net's data layers read; nor be a
-folder, or lie in a folder that does not exist.  When the dataset's class count
+nothing).  Before any work, FILE is checked against every input
+(io.check_outputs, in tools/evaluate.py): it may not be the net, the weights,
+--color-map or --mean, nor lie inside --db's dataset folder, --images,
+--labels or a folder the net's data layers read; nor be a folder, or lie in a
+folder that does not exist.  When the dataset's class count
 (dataset.json / labels.txt, or the colour map) differs from the score blob's
 channels, or labels hold values the score blob has no class for, a warning on
 stderr says so.  Pairs come from the net's own TEST Data layers, or from --db
@@ -57,12 +58,6 @@ from caffeish.data.metrics import ConfusionMatrix
 from caffeish.formats.schema import TEST, pb
 
 LOSS_TYPES_WITH_LABEL = ("SoftmaxWithLoss", "Accuracy")
-
-
-def check_confusion_path(path, inputs):
-    """Refuse, before any work, a --confusion path that is an input, lies inside an input folder (a dataset
-    is never written into), is a folder or has no folder."""
-    io.check_outputs([("--confusion", path)], inputs)
 
 
 # ---------------------------------------------------------------------------- the net

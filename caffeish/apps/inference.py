@@ -89,8 +89,6 @@ def terminated_as_exit():
         signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)
 
 
-
-
 def constant_weight_layers(net, weights_given):
     """[(layer, type, value)] of the layers whose weights were left at a constant filler (Caffe's default
     when a prototxt gives no weight_filler): every such layer when no caffemodel was given, else those
@@ -109,8 +107,9 @@ def constant_weight_layers(net, weights_given):
     return out
 
 
-def constant_weight_warning(layers, weights_given):
-    """The warning line for constant_weight_layers (None when there are none)."""
+def constant_weight_warning(net, weights_given):
+    """The warning line for the net's constant_weight_layers (None when there are none)."""
+    layers = constant_weight_layers(net, weights_given)
     if not layers:
         return None
     names = ", ".join(f"'{name}'" for name, _, _ in layers[:6]) + (f" and {len(layers) - 6} more"
@@ -698,8 +697,10 @@ class Segmenter(_ImageRunner):
 
     def _note_small_tiles(self, hw, tile, per_pixel):
         """Say once when the tiles that fit max_memory are mostly overhead for this net."""
+        if "memory" in self._warned:
+            return
         least = self.smallest_tile()
-        if least is None or "memory" in self._warned:
+        if least is None:
             return
         tiled = [ax for ax in range(2) if tile[ax] < hw[ax]]
         if all(tile[ax] >= least[ax] for ax in tiled):

@@ -37,6 +37,7 @@ from caffeish.apps.inference import (OUTPUT_MARKER, PALETTE_PNG_CLASSES, NetFail
                                      image_error, label_picture, same_failure)
 from caffeish.data import palette as palettes
 from caffeish.errors import CaffeishError
+from caffeish.formats import io
 
 STAGES = ("decode", "preprocess", "forward", "argmax", "write")
 
@@ -107,20 +108,14 @@ def check_outdir(outdir):
 
     OUTDIR must be a folder we may write in, or not exist yet with its nearest
     existing ancestor a folder we may write in (the missing folders are created
-    when the run is staged)."""
+    when the run is staged: io.missing_folders, the rule surgery's outputs follow)."""
     if os.path.lexists(outdir) and not os.path.isdir(outdir):
         raise CaffeishError(f"output folder {outdir} exists and is not a folder")
     if os.path.isdir(outdir):
         if not os.access(outdir, os.W_OK | os.X_OK):
             raise CaffeishError(f"output folder {outdir}: no permission to write in it")
         return
-    ancestor = os.path.dirname(os.path.abspath(outdir))
-    while not os.path.lexists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        raise CaffeishError(f"cannot create output folder {outdir}: {ancestor} is not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise CaffeishError(f"cannot create output folder {outdir}: no permission to write in {ancestor}")
+    io.missing_folders(os.path.join(outdir, OUTPUT_MARKER))  # OUTDIR itself is one of the folders to create
 
 
 def _save_png(img, path):
@@ -135,23 +130,18 @@ def staging(outdir):
     that were created for it: OUTDIR and its surroundings stay as they were."""
     outdir = os.path.abspath(outdir)
     parent = os.path.dirname(outdir)
-    created = []  # missing ancestors, outermost first
-    ancestor = parent
-    while not os.path.lexists(ancestor):
-        created.insert(0, ancestor)
-        ancestor = os.path.dirname(ancestor)
+    created = io.make_folders([outdir])  # the missing folders above OUTDIR, outermost first
     try:
-        os.makedirs(parent, exist_ok=True)
         stage = tempfile.mkdtemp(prefix=f".{os.path.basename(outdir)}.", suffix=".tmp", dir=parent)
-        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp's 0700 would become OUTDIR's mode
+        os.chmod(stage, 0o777 & ~io.current_umask())  # mkdtemp's 0700 would become OUTDIR's mode
     except OSError as e:
-        _remove_empty(created)
+        io.remove_empty_folders(created)
         raise CaffeishError(f"cannot create output folder {outdir}: {e.strerror or e}") from None
     try:
         yield stage
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
-        _remove_empty(created)
+        io.remove_empty_folders(created)
         raise
     if not os.path.exists(outdir):
         os.replace(stage, outdir)
@@ -165,21 +155,6 @@ def staging(outdir):
         for f in files:
             os.replace(os.path.join(root, f), os.path.join(dest, f))
     shutil.rmtree(stage, ignore_errors=True)
-
-
-def _umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _remove_empty(folders):
-    """Remove the folders this run created (innermost first), where still empty."""
-    for folder in reversed(folders):
-        try:
-            os.rmdir(folder)
-        except OSError:
-            return
 
 
 class _Clock:

@@ -56,19 +56,27 @@ class ChecksumError(CorruptFileError):
 # ---------------------------------------------------------------------------- hashing
 
 
-def hash_file(path, algorithms=("sha256",), start_hashes=None, chunk=HASH_CHUNK):
-    """{algorithm: hexdigest} of a file, read in chunks into one reused buffer."""
-    hashes = start_hashes or {a: hashlib.new(a) for a in algorithms}
-    buf = bytearray(chunk)
-    view = memoryview(buf)
+def hash_stream(f, hashes, length=None, chunk=HASH_CHUNK):
+    """Feed the open binary file `f`, from where it stands, to `hashes` ({algorithm: hashlib object}) in chunks
+    read into one reused buffer: `length` bytes (fewer if the file ends first), else all.  Returns the count."""
+    view = memoryview(bytearray(chunk))
+    done = 0
+    while length is None or done < length:
+        n = f.readinto(view if length is None else view[:min(chunk, length - done)])
+        if not n:
+            break
+        for h in hashes.values():
+            h.update(view[:n])
+        done += n
+    return done
+
+
+def hash_file(path, algorithms=("sha256",), chunk=HASH_CHUNK):
+    """{algorithm: hexdigest} of a file (hash_stream)."""
+    hashes = {a: hashlib.new(a) for a in algorithms}
     try:
         with open(path, "rb", buffering=0) as f:
-            while True:
-                n = f.readinto(buf)
-                if not n:
-                    break
-                for h in hashes.values():
-                    h.update(view[:n])
+            hash_stream(f, hashes, chunk=chunk)
     except OSError as e:
         raise CaffeishError(f"{path}: cannot read: {e.strerror}") from None
     return {a: h.hexdigest() for a, h in hashes.items()}

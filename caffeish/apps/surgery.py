@@ -39,7 +39,6 @@ import os
 import numpy as np
 
 from caffeish.runtime import fillers
-from caffeish.runtime.fillers import WEIGHT_TYPES, constant_filler, constant_weights  # noqa: F401
 from caffeish.graph import geometry
 from caffeish.formats import io
 from caffeish.errors import CaffeishError, GraphError, ShapeError, UnsupportedError, WeightError
@@ -634,7 +633,7 @@ def transplant(src_net, src_model, dst_net, mapping=None, allow_partial=False, p
     report.empty = empty
     unused = {name: stored for name, stored in source.items() if name not in used}
     for name, flags in filled.items():
-        how = constant_weights(nodes[name]) if flags and flags[0] else None
+        how = fillers.constant_weights(nodes[name]) if flags and flags[0] else None
         if how is None:
             continue
         size = count(nodes[name].param_shapes[0])

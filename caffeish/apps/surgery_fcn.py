@@ -48,8 +48,8 @@ from caffeish.runtime import fillers
 from caffeish.errors import CaffeishError, GraphError, ShapeError
 from caffeish.graph.graph import Graph
 from caffeish.formats.schema import TEST, TRAIN, pb
-from caffeish.apps.surgery import (Report, bilinear_weights, blob_lists, constant_weights, convolutionalize,
-                                   graph_nodes, load_model, load_net, seeded_rng)
+from caffeish.apps.surgery import (Report, bilinear_weights, blob_lists, convolutionalize, graph_nodes, load_model,
+                                   load_net, seeded_rng)
 
 UINT32_MAX = 2**32 - 1  # num_output, pad, kernel_size and batch_size are uint32 fields
 INT32_MAX = 2**31 - 1  # ignore_label is an int32
@@ -452,7 +452,7 @@ def _random_weights(deploy, graph, seed, skip):
         specs = node.layer.fillers()
         arrays[name] = [fillers.fill(specs[i] if i < len(specs) else None, shape, rng, what=f"layer '{name}' blob {i}")
                         for i, shape in enumerate(node.param_shapes)]
-        how = constant_weights(node)
+        how = fillers.constant_weights(node)
         if how is not None and name not in skip:
             constant.append((name, how))
     return blob_lists(deploy, arrays), constant

@@ -37,7 +37,7 @@ from caffeish.formats.upgrade import upgrade_net
 __all__ = [
     "Model", "parse_text", "read_prototxt", "is_binary_file", "file_kind", "read_net", "read_caffemodel", "read_binaryproto",
     "atomic_output", "atomic_outputs", "labelled_name", "same_file", "inside_folder", "check_outputs",
-    "missing_folders", "make_folders", "remove_empty_folders",
+    "missing_folders", "make_folders", "remove_empty_folders", "current_umask",
     "format_prototxt", "write_prototxt", "model_chunks", "serialize_model", "write_caffemodel",
     "write_binaryproto", "MAX_BINARY_BYTES", "FORK_FIELDS",
 ]
@@ -512,7 +512,8 @@ def read_binaryproto(path):
 # ---------------------------------------------------------------------------- writing
 
 
-def _umask():
+def current_umask():
+    """The process's umask (the mode bits new files and folders do not get)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -532,7 +533,7 @@ def atomic_output(path, inputs=()):
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         # mkstemp makes the file owner-only (0600); give it the mode a plain open() would.
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -562,7 +563,7 @@ def atomic_outputs(paths, inputs=()):
                 raise CaffeishError(f"{path}: refusing to overwrite an input file; choose another output path")
     staged, files, renamed = [], [], 0
     try:
-        mode = 0o666 & ~_umask()
+        mode = 0o666 & ~current_umask()
         for path in paths:
             fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                                        dir=os.path.dirname(os.path.abspath(path)))

@@ -20,6 +20,7 @@ from caffeish.values import parse_bytes
 
 # Caffe refuses blobs with more than INT_MAX elements; we also cap bytes.
 INT_MAX = 2**31 - 1
+MAX_BLOB_AXES = 32  # Caffe's kMaxBlobAxes
 # The name Caffe gives tops it creates itself (loss layers given no top).
 AUTOMATIC = "(automatic)"
 DEFAULT_MAX_BLOB_BYTES = 8 * 2**30  # unless CAFFEISH_MAX_BLOB_BYTES says otherwise (e.g. 16G)

@@ -21,18 +21,22 @@ import numpy as np
 
 from caffeish.errors import CaffeishError, ShapeError
 from caffeish.formats.schema import TEST
+from caffeish.graph.geometry import center_crop_offsets
 from caffeish.pycaffe.transformer import Transformer, oversample as _oversample, resize_image
 from caffeish.runtime.net import Net
 
 __all__ = ["Classifier"]
 
 
-def make_transformer(net, mean=None, input_scale=None, raw_scale=None, channel_swap=None):
-    """pycaffe's Transformer for the net's first input, as Classifier and Detector configure it."""
+def make_transformer(net, what, mean=None, input_scale=None, raw_scale=None, channel_swap=None):
+    """pycaffe's Transformer for the net's first input, as Classifier and Detector (`what`) configure it."""
     if not net.inputs:
         raise CaffeishError(f"net '{net.name}' has no input blob to feed images to (add an Input layer)")
     in_ = net.inputs[0]
-    transformer = Transformer({in_: net.blobs[in_].data.shape})
+    shape = net.blobs[in_].data.shape
+    if len(shape) != 4:
+        raise ShapeError(f"{what} needs an N x K x H x W input; '{in_}' has shape {shape}")
+    transformer = Transformer({in_: shape})
     transformer.set_transpose(in_, (2, 0, 1))
     if mean is not None:
         transformer.set_mean(in_, mean)
@@ -55,11 +59,8 @@ class Classifier(Net):
         mean, input_scale, raw_scale, channel_swap: the Transformer's settings for the first input.
         """
         Net.__init__(self, model_file, pretrained_file, TEST)
-        self.transformer = make_transformer(self, mean, input_scale, raw_scale, channel_swap)
-        in_shape = self.blobs[self.inputs[0]].data.shape
-        if len(in_shape) != 4:
-            raise ShapeError(f"Classifier needs an N x K x H x W input; '{self.inputs[0]}' has shape {in_shape}")
-        self.crop_dims = np.array(in_shape[2:])
+        self.transformer = make_transformer(self, "Classifier", mean, input_scale, raw_scale, channel_swap)
+        self.crop_dims = np.array(self.blobs[self.inputs[0]].data.shape[2:])
         if image_dims is None or len(image_dims) == 0:
             image_dims = self.crop_dims
         self.image_dims = image_dims
@@ -88,11 +89,9 @@ class Classifier(Net):
         if oversample:
             crops = _oversample(resized, crop_dims)
         else:
-            # Centre crop: the image centre minus and plus half the crop, floored to whole pixels.
-            center = np.array(dims) / 2.0
-            corners = np.concatenate([center - np.array(crop_dims) / 2.0, center + np.array(crop_dims) / 2.0])
-            y0, x0, y1, x1 = (int(c) for c in corners)
-            crops = resized[:, y0:y1, x0:x1, :]
+            # Centre crop: pycaffe's int(centre -/+ half the crop) is geometry's floor((H - crop_h) / 2).
+            y0, x0 = center_crop_offsets(dims, crop_dims)
+            crops = resized[:, y0:y0 + crop_dims[0], x0:x0 + crop_dims[1], :]
         in_ = self.inputs[0]
         caffe_in = np.zeros((crops.shape[0], crops.shape[3]) + crops.shape[1:3], dtype=np.float32)
         for ix, crop in enumerate(crops):

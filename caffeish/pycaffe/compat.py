@@ -345,6 +345,9 @@ def main(argv=None):
             return run_module(argv[0][2:], argv[1:])
         if argv[0] == "--":
             argv = argv[1:]
+            if not argv:
+                print(f"{prog}: error: -- needs a script after it", file=sys.stderr)
+                return 2
         return run_path(argv[0], argv[1:])
     except CaffeishError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

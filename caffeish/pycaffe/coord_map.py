@@ -42,7 +42,8 @@ __all__ = ["coord_map_from_to", "crop", "coord_map", "compose", "inverse", "conv
 # Slice, Tile and ArgMax do so only along the batch and channel axes.
 PASS_THROUGH_LAYERS = sorted(geometry.POINTWISE_TYPES - {"Concat", "Slice", "Tile", "ArgMax"})
 
-WINDOW_TYPES = ("Convolution", "Pooling", "Im2col")
+# The layers whose map _layer_map reads from the NetSpec keywords; geometry.layer_map says the others'.
+SPATIAL_TYPES = ("Convolution", "Pooling", "Im2col", "Deconvolution", "Crop")
 CONV_FIELDS = ("kernel_size", "stride", "pad", "dilation", "kernel_h", "kernel_w", "stride_h", "stride_w",
                "pad_h", "pad_w", "axis")
 POOL_FIELDS = ("kernel_size", "stride", "pad", "kernel_h", "kernel_w", "stride_h", "stride_w", "pad_h",
@@ -210,27 +211,31 @@ def _layer_map(fn):
     raise UndefinedMapException(f"{_describe(fn)} has no coordinate map")
 
 
+def _other_layer_map(fn):
+    """geometry.layer_map of a layer other than SPATIAL_TYPES: "identity" or no map ("none")."""
+    param = fn.layer_parameter()
+    param.bottom.extend(f"bottom{i}" for i in range(max(len(fn.inputs), 1)))
+    param.top.extend(f"top{i}" for i in range(max(fn.ntop, 1)))
+    try:
+        return geometry.layer_map(param)
+    except ShapeError as e:
+        raise ShapeError(f"{_describe(fn)}: {e}") from None
+
+
 def _step(top):
     """[(bottom Top, map from the bottom's coordinates to top's)] for the walk; [] where it stops."""
     fn = top.fn
     if not fn.inputs:
         return []
     t = fn.type_name
-    if t in WINDOW_TYPES or t in ("Deconvolution", "Crop"):
+    if t in SPATIAL_TYPES:
         try:
             m = _layer_map(fn)
         except UndefinedMapException:
             return []
         # Every bottom maps alike, except the Crop's reference (bottom 1), whose coordinates are not mapped.
         return [(b, m) for b in (fn.inputs[:1] if t == "Crop" else fn.inputs)]
-    # Other layers: what geometry says of the layer (identity, or no map).
-    param = fn.layer_parameter()
-    param.bottom.extend(f"bottom{i}" for i in range(len(fn.inputs)))
-    param.top.extend(f"top{i}" for i in range(max(fn.ntop, 1)))
-    try:
-        lm = geometry.layer_map(param)
-    except ShapeError as e:
-        raise ShapeError(f"{_describe(fn)}: {e}") from None
+    lm = _other_layer_map(fn)
     if lm.kind != "identity":
         return []
     return [(fn.inputs[b], IDENTITY) for b, t_index in lm.links if t_index == top.n]
@@ -296,6 +301,7 @@ class _Walk:
         while self.expand() is not None:
             pass
         return self
+
 
 def _check_top(what, top):
     if not isinstance(top, Top):
@@ -369,12 +375,9 @@ def coord_map(fn):
     (None, 1, 0) for layers that keep coordinates; raises UndefinedMapException for
     layers that have none.  `fn` is a NetSpec layer (a Top's .fn).
     """
-    if fn.type_name in WINDOW_TYPES or fn.type_name in ("Deconvolution", "Crop"):
+    if fn.type_name in SPATIAL_TYPES:
         return _public(_layer_map(fn))
-    param = fn.layer_parameter()
-    param.bottom.extend(f"bottom{i}" for i in range(max(len(fn.inputs), 1)))
-    param.top.extend(f"top{i}" for i in range(max(fn.ntop, 1)))
-    if geometry.layer_map(param).kind == "identity":
+    if _other_layer_map(fn).kind == "identity":
         return None, 1, 0
     raise UndefinedMapException(f"{_describe(fn)} has no coordinate map")
 

@@ -43,10 +43,7 @@ class Detector(Net):
         context_pad: pixels of context around each window, in the warped input (R-CNN's 16).
         """
         Net.__init__(self, model_file, pretrained_file, TEST)
-        self.transformer = make_transformer(self, mean, input_scale, raw_scale, channel_swap)
-        shape = self.blobs[self.inputs[0]].data.shape
-        if len(shape) != 4:
-            raise ShapeError(f"Detector needs an N x K x H x W input; '{self.inputs[0]}' has shape {shape}")
+        self.transformer = make_transformer(self, "Detector", mean, input_scale, raw_scale, channel_swap)
         self.configure_crop(context_pad)
 
     def detect_windows(self, images_windows):
@@ -161,14 +158,12 @@ class Detector(Net):
         self.crop_dims = np.array(self.blobs[in_].data.shape[1:])[inv_tpose]
         self.context_pad = context_pad
         if self.context_pad:
-            transpose = self.transformer.transpose.get(in_)
             channel_order = self.transformer.channel_swap.get(in_)
             raw_scale = self.transformer.raw_scale.get(in_)
             mean = self.transformer.mean.get(in_)
             if mean is not None:
                 # The mean back in image space: untransposed, channels unswapped, divided by raw_scale.
-                inv_transpose = [transpose[t] for t in transpose]
-                crop_mean = np.array(mean, dtype=np.float32).transpose(inv_transpose)
+                crop_mean = np.array(mean, dtype=np.float32).transpose(inv_tpose)
                 if channel_order is not None:
                     channel_order = list(channel_order)
                     channel_order_inverse = [channel_order.index(i) for i in range(crop_mean.shape[2])]

@@ -3,11 +3,12 @@
 Layers compute with the array module they are given (`xp`), so the same
 forward code runs on either.  pycaffe's `set_mode_cpu()`, `set_mode_gpu()` and
 `set_device()` choose the default backend of the Nets built afterwards.
-Convolution, Deconvolution, Pooling and Crop ask `kernels_for(xp)` for our CUDA
-kernels and use them when there are some (cupy, and the CPU "harness" and
-"strict" backends that test them); every other layer is written with `xp` array
-operations, which must be ones CuPy has: the "strict" backend
-(caffeish.kernels.strict) refuses the numpy-only ones.
+Convolution, Deconvolution, Pooling, Crop, LRN and Softmax (SoftmaxWithLoss and
+InfogainLoss through it) ask `kernels_for(xp)` for our CUDA kernels and use them
+when there are some (cupy, and the CPU "harness" and "strict" backends that test
+them); every other layer is written with `xp` array operations, which must be
+ones CuPy has: the "strict" backend (caffeish.kernels.strict) refuses the
+numpy-only ones.
 """
 import ctypes
 import os

@@ -21,9 +21,8 @@ from collections import OrderedDict
 import numpy as np
 
 from caffeish.errors import BlobShapeError, GraphError
-from caffeish.graph.graph import AUTOMATIC
+from caffeish.graph.graph import AUTOMATIC, MAX_BLOB_AXES
 
-MAX_BLOB_AXES = 32  # Caffe's kMaxBlobAxes
 
 
 class Blob:
@@ -398,8 +397,9 @@ class PythonLayer:
     `reshape(bottom, top)` when the net is built, and `reshape(bottom, top)`
     then `forward(bottom, top)` on every forward pass.  `bottom` and `top` are
     lists of blobs (`.data`, `.diff`, `.reshape(...)`, `.shape`, `.count`).
-    `blobs` holds learnable parameters (`self.blobs.add_blob(...)`); caffeish
-    runs only layers that keep it empty.  See caffeish.ops.python_layer.
+    `blobs` holds the layer's own parameters (`self.blobs.add_blob(...)` in
+    setup): they are the Net's `params[name]`, loaded and saved like any
+    layer's.  See caffeish.ops.python_layer.
     """
 
     param_str = ""

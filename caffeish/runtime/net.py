@@ -22,7 +22,6 @@ Net is here: forward hooks (`before_forward`/`after_forward`), `_forward`,
 (MemoryData), and the parameter blobs of Python layers.
 """
 import os
-import tempfile
 from collections import OrderedDict
 
 import numpy as np
@@ -67,12 +66,9 @@ def check_file(path):
 
 
 def is_hdf5(path):
-    """Whether `path` holds HDF5 (Caffe's .caffemodel.h5), judged by content as Caffe does."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(io.HDF5_SIGNATURE)) == io.HDF5_SIGNATURE
-    except OSError:
-        return False
+    """Whether `path` (a readable file: check_file first) holds HDF5 (Caffe's .caffemodel.h5), judged by
+    content as Caffe does."""
+    return io.file_kind(path)[0] == "hdf5"
 
 
 def _h5py(what):
@@ -423,7 +419,6 @@ class Net(PycaffeNetMixin):
         if self._host:
             self._sync_host(skip={t for n in self.nodes[first:last + 1] if n.name not in self._fed_nodes
                                   for t in n.tops})
-        self._sync_python_params()
         if inputs:
             self._set_inputs(inputs)
         if first > last:
@@ -674,25 +669,15 @@ class Net(PycaffeNetMixin):
             if node.name in seen:
                 raise UnsupportedError(f"save_hdf5: two layers are named '{node.name}'; HDF5 groups need unique names")
             seen.add(node.name)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            with h5py.File(tmp, "w") as f:
+        with io.atomic_output(path) as out:
+            # HDF5 reads back what it wrote: hand h5py a read-write object over the temp file's descriptor.
+            with open(out.fileno(), "r+b", closefd=False) as rw, h5py.File(rw, "w") as f:
                 data = f.create_group("data")
                 for node in self.nodes:
                     group = data.create_group(node.name)
                     for j, array in enumerate(self._params.get(node.name, [])):
                         if (node.name, j) not in self._sharers:
                             group.create_dataset(str(j), data=np.asarray(backends.to_numpy(array), dtype=np.float32))
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
 
     def load_hdf5(self, path):
         """pycaffe's load_hdf5 (Caffe's CopyTrainedLayersFromHDF5): for each group /data/<layer> whose
