@@ -185,5 +185,36 @@ class Layer:
     def forward(self, xp, bottoms, blobs):
         raise UnsupportedError(f"layer '{self.name}' ({self.type}): cannot run: {self.unsupported_reason}")
 
+    # -- backward (caffeish.runtime.backward runs it; ../shared/caffe/training.md sections 9-10) ---------
+    # Set by the Net before a forward: True when this layer's backward will run after it.  A layer
+    # that needs state from its forward (Dropout's mask, BatchNorm's normalised input, Scale's copy
+    # of an in-place input) keeps it only then, so inference pays nothing for it.
+    needs_backward = False
+
+    def allow_force_backward(self, bottom_index):
+        """Caffe's AllowForceBackward: whether force_backward may make this bottom need a diff
+        (loss layers refuse their labels)."""
+        return True
+
+    @property
+    def can_backward(self):
+        return type(self).backward is not Layer.backward
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """Caffe's Backward_cpu/gpu.
+
+        top_diffs: one array per top (never None; a top nobody wrote holds zeros, a loss-weighted one
+        its seed).  tops/bottoms: the data arrays; for an in-place layer (top j named as bottom j) both
+        are the blob's current value, the same object (`bottoms[j] is tops[j]`), which is what Caffe's
+        in-place layers read.  blobs: the parameter arrays.  propagate_down: one bool per bottom.
+        param_diffs: one entry per parameter blob, an array of the parameter's shape to add its
+        gradient into (+=, in place; Caffe's param diffs accumulate), or None when it is not wanted.
+
+        Returns one entry per bottom: its diff (a fresh array, or a view of a top diff where Caffe shares
+        the memory), or None where it is not computed.  Never writes into top_diffs, tops or bottoms.
+        """
+        raise UnsupportedError(f"layer '{self.name}' ({self.type}) does not backpropagate (Caffe: Backward "
+                               f"is not implemented for this layer type)")
+
     def macs(self, bottom_shapes, top_shapes):
         return 0
