@@ -5,8 +5,8 @@ pycaffe exposes a net as ordered dicts of blobs and parameter lists, plus
 `Blob.data` is the live array (writing into it changes the net), as in pycaffe.
 A Net keeps every blob, as Caffe does; one built with keep=False (or a list of
 names) frees intermediates after their last use, and their Blobs say so
-instead of returning stale data.  `.diff` arrays are kept per blob (host
-numpy arrays, zeros until written): no backward pass runs here.
+instead of returning stale data.  `.diff` is the blob's diff array (caffeish.runtime.backward),
+live on the CPU, a synced host copy on the GPU, like `.data`.
 
 A Python layer's parameter blobs (`self.blobs.add_blob(...)` in its setup) are
 its own ArrayBlobs: `net.params[name]` and `net.layers[i].blobs` are that very
@@ -49,8 +49,9 @@ class Blob:
 
     @property
     def diff(self):
-        """The blob's diff: a host array of its shape, zeros until written (no backward runs here)."""
-        return self._net._diff(("blob", self.name), self.shape)
+        """The blob's diff (writable, like .data): zeros until a backward writes it, the loss weight
+        for a loss-weighted top (Caffe's backward seed)."""
+        return self._net.host_diff(self.name)
 
     @property
     def shape(self):
@@ -102,7 +103,7 @@ class ParamBlob:
 
     @property
     def diff(self):
-        return self._net._diff(("param", self.layer, self.index), self.shape)
+        return self._net.host_param_diff(self.layer, self.index)
 
     @property
     def shape(self):

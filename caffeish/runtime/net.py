@@ -33,6 +33,7 @@ from caffeish.errors import (ArgumentError, BlobShapeError, CaffeishError, FileO
                              InputArrayError, LayerIndexError, MissingDependencyError, ShapeError,
                              UnknownBlobError, UnknownLayerError, UnsupportedError, WeightError)
 from caffeish.graph.graph import AUTOMATIC, Graph, phase_value
+from caffeish.runtime.backward import BackwardMixin
 from caffeish.runtime.blobs import PycaffeNetMixin
 from caffeish.formats.schema import TEST, pb
 from caffeish.graph.weights import bind
@@ -86,7 +87,7 @@ def _root(array):
     return array if array.base is None else array.base
 
 
-class Net(PycaffeNetMixin):
+class Net(PycaffeNetMixin, BackwardMixin):
     """A runnable Caffe net.
 
     network: prototxt path (or a NetParameter).  weights: caffemodel path(s)
@@ -158,7 +159,6 @@ class Net(PycaffeNetMixin):
         # Python layers' own parameter lists (self.blobs in their setup): their arrays are the Net's.
         self._python_blobs = {n.name: n.layer.instance.blobs for n in self.nodes
                               if n.type == "Python" and getattr(n.layer, "instance", None) is not None}
-        self._diffs = {}  # pycaffe's .diff arrays, made on first use
         self._before_forward, self._after_forward = [], []
         self._memory = {}  # MemoryData layers that set_input_arrays gave arrays: name -> layer
         paths = [weights] if isinstance(weights, (str, bytes)) or hasattr(weights, "__fspath__") else list(weights or [])
@@ -168,6 +168,7 @@ class Net(PycaffeNetMixin):
         self.missing_weights, self.unused_weights = [], []
         binding = self._bind(paths[0]) if paths and not is_hdf5(paths[0]) else None
         self._init_params(binding.arrays if binding else None)
+        self._init_backward()
         self._shapes = dict(self.graph.blob_shapes)
         self._arrays = {}
         self._freed = set()  # blobs dropped after their last use in the latest forward
@@ -190,7 +191,8 @@ class Net(PycaffeNetMixin):
         else its filler.  Shared params (ParamSpec.name)
         alias their owner's array; a sharer's loaded weights overwrite it, as in Caffe."""
         loaded = loaded or {}
-        owners = {}  # param name -> (array, layer name)
+        owners = {}  # param name -> (array, layer name, index)
+        self._param_owner = {}  # (layer, index) of a sharer -> (layer, index) of the owner
         for node in self.nodes:
             if not node.param_shapes:
                 continue
@@ -212,6 +214,7 @@ class Net(PycaffeNetMixin):
                         self._write_param(arr, stored[i])
                     arrays.append(arr)
                     self._sharers.add((node.name, i))
+                    self._param_owner[(node.name, i)] = owners[spec_name][1:]
                     continue
                 if python is not None:
                     arr = python[i].data
@@ -224,7 +227,7 @@ class Net(PycaffeNetMixin):
                     arr = self.xp.asarray(fillers.fill(filler, shape, self.rng, what=f"layer '{node.name}' blob {i}"))
                 arrays.append(arr)
                 if spec_name:
-                    owners[spec_name] = (arr, node.name)
+                    owners[spec_name] = (arr, node.name, i)
             self._params[node.name] = arrays
 
     def _write_param(self, target, value):
@@ -252,7 +255,7 @@ class Net(PycaffeNetMixin):
         return self.xp.array(array, dtype=np.float32, order="C", copy=True)
 
     def _shared(self, node, i, shape, spec_name, owner):
-        arr, owner_layer = owner
+        arr, owner_layer, _ = owner
         mode = node.param.param[i].share_mode
         if tuple(arr.shape) == tuple(shape):
             return arr
@@ -529,14 +532,6 @@ class Net(PycaffeNetMixin):
 
         return 1.0 if j == 0 and isinstance(node.layer, LossLayer) else 0.0
 
-    def _diff(self, key, shape):
-        """The .diff array pycaffe shows for a blob or parameter (host zeros until written)."""
-        shape = tuple(shape)
-        array = self._diffs.get(key)
-        if array is None or array.shape != shape:
-            array = self._diffs[key] = np.zeros(shape, dtype=np.float32)
-        return array
-
     # -- MemoryData ----------------------------------------------------------------------
     def _set_input_arrays(self, data, labels):
         """pycaffe's _set_input_arrays: checks as pycaffe's (RuntimeError: InputArrayError), then
@@ -760,15 +755,20 @@ class Net(PycaffeNetMixin):
             return
         xp = self.xp
         for key, host in self._host.items():
-            if key[0] == "param":
+            kind = key[0]
+            if kind == "param":
                 target = self._params[key[1]][key[2]]
+            elif kind == "pdiff":
+                target = self.param_diff(key[1], key[2])
+            elif kind == "bdiff":
+                target = self._bdiffs.get(key[1])
             else:
                 if key[1] in skip and key[1] not in self.input_names:
                     continue
                 target = self._arrays.get(key[1])
             if target is None or tuple(target.shape) != host.shape:
                 continue  # freed or reshaped since the copy was made: the copy is stale
-            if key[0] == "param" or getattr(target.flags, "writeable", True):
+            if kind != "blob" or getattr(target.flags, "writeable", True):
                 target[...] = xp.asarray(host)
             else:
                 self._arrays[key[1]] = xp.array(host, dtype=np.float32, copy=True)
