@@ -17,6 +17,8 @@ applied (caffeish.runtime.data_transform), as Caffe does at TEST, when their sou
 was readable at setup and the user gave no shape for their tops.  Otherwise,
 and for the other file readers (WindowData, HDF5Data, MemoryData), the tops
 are inputs the caller feeds, and `unsupported_reason` says why.
+
+Backward is a no-op for all of them, and for HDF5Output, as in Caffe.
 """
 import os
 
@@ -64,6 +66,10 @@ class SourceLayer(Layer):
 
     def top_shapes(self):
         raise NotImplementedError
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """Caffe's data layers have a no-op Backward (training.md 10.8)."""
+        return [None] * len(bottoms)
 
     # -- user-given shapes ---------------------------------------------------------
     def given(self):
@@ -642,3 +648,7 @@ class HDF5Output(Layer):
     def reshape(self, bottom_shapes):
         self.check_counts(len(bottom_shapes), len(self.param.top))
         return []
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """A no-op in Caffe: it never gives its bottoms a diff."""
+        return [None] * len(bottoms)

@@ -10,15 +10,28 @@ contribution to the net's objective, never the top's data (Caffe's Layer::Forwar
 keeps the data and multiplies by the weight stored in the top's diff).  Labels are
 read the way Caffe reads them, static_cast<int> (truncation toward zero); a label
 outside the class range, which Caffe does not check in release builds, is an error.
+
+Backward (../shared/caffe/training.md 10.7): the loss weight lw is the top's diff
+(`top_diffs[0]`, its first value), each layer scales its gradient by lw divided by
+its normalizer, in float32 and in Caffe's order of operations.  Backpropagating into
+the labels (bottom 1) is fatal, as in Caffe; force_backward never asks for them
+(`allow_force_backward`), except for EuclideanLoss, whose two bottoms are both data,
+and ContrastiveLoss, whose similarity labels are bottom 2.  What Caffe keeps from the
+forward (SoftmaxWithLoss's and InfogainLoss's probabilities, SigmoidCrossEntropyLoss's
+sigmoid and normalizer, HingeLoss's margins, ContrastiveLoss's differences) is kept
+on the layer when its backward will run (`needs_backward`); otherwise the backward
+computes it again from the bottoms.  Accuracy has no backward: it is fatal only when a
+bottom asks for a diff.
 """
 import math
 
 import numpy as np
 
+from caffeish.errors import UnsupportedError
 from caffeish.graph.registry import Layer, register
 from caffeish.formats.schema import pb
 
-from caffeish.ops.neuron import legacy_shape
+from caffeish.ops.neuron import legacy_shape, sigmoid
 from caffeish.ops.routing import f32, softmax
 
 FLT_MIN = np.float32(np.finfo(np.float32).tiny)  # SoftmaxWithLoss's log clamp
@@ -83,6 +96,27 @@ def check_labels(layer, xp, labels, valid, num_classes, what="label"):
         )
 
 
+def valid_normalizer(xp, mode, outer, inner, valid, ignore_label):
+    """normalizer() with the VALID count taken on the device (no host sync): a float32 scalar, or
+    a 0-d float32 array of xp."""
+    if mode != Norm.VALID or ignore_label is None:
+        return normalizer(mode, outer, inner, outer * inner)
+    return xp.maximum(xp.sum(valid, dtype=xp.float32), f32(1))
+
+
+def loss_weight(xp, top_diffs):
+    """Caffe's `top[0]->cpu_diff()[0]`: the loss weight a loss layer scales its gradient by (a
+    0-d array or scalar of xp; no host sync)."""
+    return xp.reshape(top_diffs[0], (-1,))[0]
+
+
+def flat_positions(xp, outer, classes, inner, labels2):
+    """Flat indices, into an (outer, classes, inner) array, of the label entries (o, labels2[o, i], i)."""
+    o = xp.arange(outer, dtype=xp.int64)[:, None] * (classes * inner)
+    i = xp.arange(inner, dtype=xp.int64)[None, :]
+    return xp.reshape(o + labels2 * inner + i, (-1,))
+
+
 def split_axis(shape, axis):
     """(outer, classes, inner) of a blob around its class axis."""
     return _count(shape, 0, axis), shape[axis], _count(shape, axis + 1)
@@ -102,6 +136,20 @@ class LossLayer(Layer):
 
     def check(self, bottoms):
         """Per-type checks after the common one; override."""
+
+    def allow_force_backward(self, bottom_index):
+        """Caffe's LossLayer: force_backward never makes the labels (bottom 1) need a diff."""
+        return bottom_index != 1
+
+    def refuse(self, propagate_down, index=1, what="label inputs"):
+        """Caffe's LOG(FATAL) when a diff is asked for bottom `index` (the labels)."""
+        if len(propagate_down) > index and propagate_down[index]:
+            name = self.param.bottom[index] if index < len(self.param.bottom) else f"bottom {index}"
+            raise UnsupportedError(
+                f"layer '{self.name}' ({self.type}): cannot backpropagate to {what} (bottom {index}, "
+                f"'{name}'), but the net asks for its diff (a layer that needs backward produces it, or "
+                f"propagate_down/force_backward asks for it); give this layer propagate_down: false for "
+                f"that bottom (Caffe: {self.type} Layer cannot backpropagate to {what}.)")
 
     def extra_tops(self, bottoms):
         """Shapes of tops after the scalar loss (SoftmaxWithLoss/InfogainLoss: the probabilities)."""
@@ -167,6 +215,7 @@ class SoftmaxWithLoss(LossLayer):
         scores, labels = bottoms[0], bottoms[1]
         outer, classes, inner = split_axis(scores.shape, self.canonical)
         prob = softmax(xp, scores, self.canonical)
+        self.prob = prob if self.needs_backward else None  # Caffe's prob_, read by Backward
         labels = int_labels(xp, xp.reshape(labels, (outer, inner)))
         valid = ignored_mask(xp, labels, self.ignore_label)
         check_labels(self, xp, labels, valid, classes)
@@ -176,6 +225,51 @@ class SoftmaxWithLoss(LossLayer):
         mode = normalization_mode(self.param.loss_param, Norm.VALID)
         tops = [scalar(xp, loss / normalizer(mode, outer, inner, int(xp.sum(valid))))]
         return tops + [prob][: len(self.param.top) - 1]
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """dx = (p - onehot(label)) * (lw / normalizer), 0 at every class of an ignored position."""
+        self.refuse(propagate_down)
+        out = [None] * len(bottoms)
+        if propagate_down[0]:
+            mode = normalization_mode(self.param.loss_param, Norm.VALID)
+            out[0] = softmax_loss_grad(self, xp, top_diffs, tops, bottoms, mode, None)
+        return out
+
+
+def _probabilities(layer, xp, tops, scores):
+    """Caffe's prob_ in Backward: top 1 where there is one (it shares prob_'s memory, so a later
+    in-place layer's changes show), else the forward's copy, else the softmax again."""
+    if len(tops) > 1 and tops[1] is not None:
+        return tops[1]
+    prob = getattr(layer, "prob", None)
+    if prob is not None and tuple(prob.shape) == tuple(scores.shape):
+        return prob
+    return softmax(xp, scores, layer.canonical)
+
+
+def softmax_loss_grad(layer, xp, top_diffs, tops, bottoms, mode, h):
+    """The bottom-0 diff of SoftmaxWithLoss (h None) or InfogainLoss (h the (C, C) matrix):
+    Caffe's loop as array operations, then the scaling by lw / normalizer."""
+    scores, labels = bottoms[0], bottoms[1]
+    outer, classes, inner = split_axis(scores.shape, layer.canonical)
+    prob = xp.reshape(_probabilities(layer, xp, tops, scores), (outer, classes, inner))
+    labels = int_labels(xp, xp.reshape(labels, (outer, inner)))
+    valid = ignored_mask(xp, labels, layer.ignore_label)
+    safe = xp.where(valid, labels, 0) if layer.ignore_label is not None else labels
+    if h is None:  # p, then p[label] -= 1
+        diff = xp.array(prob, dtype=xp.float32, copy=True)
+        flat = xp.reshape(diff, (-1,))
+        idx = flat_positions(xp, outer, classes, inner, safe)
+        flat[idx] = flat[idx] - f32(1)
+    else:  # p * sum_j H[label, j] - H[label, :]
+        sum_rows = xp.sum(h, axis=1, dtype=xp.float32)
+        diff = prob * sum_rows[safe][:, None, :]
+        diff -= xp.transpose(h[safe], (0, 2, 1))
+    if layer.ignore_label is not None:
+        diff *= valid[:, None, :]
+    z = valid_normalizer(xp, mode, outer, inner, valid, layer.ignore_label)
+    diff *= loss_weight(xp, top_diffs) / z
+    return xp.reshape(diff, scores.shape)
 
 
 @register("InfogainLoss")
@@ -252,6 +346,7 @@ class InfogainLoss(LossLayer):
         outer, classes, inner = split_axis(scores.shape, self.canonical)
         h = self.infogain(xp, bottoms, classes)
         prob = softmax(xp, scores, self.canonical)
+        self.prob = prob if self.needs_backward else None  # Caffe's prob_, read by Backward
         labels = int_labels(xp, xp.reshape(labels, (outer, inner)))
         valid = ignored_mask(xp, labels, self.ignore_label)
         check_labels(self, xp, labels, valid, classes)
@@ -262,6 +357,19 @@ class InfogainLoss(LossLayer):
         mode = self.param.loss_param.normalization
         tops = [scalar(xp, loss / normalizer(mode, outer, inner, int(xp.sum(valid))))]
         return tops + [prob][: len(self.param.top) - 1]
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """dx_k = (p_k * sum_j H[label, j] - H[label, k]) * (lw / normalizer), 0 at ignored
+        positions.  Backpropagating into the labels or into H (bottom 2) is fatal."""
+        self.refuse(propagate_down)
+        self.refuse(propagate_down, 2, "infogain inputs")
+        out = [None] * len(bottoms)
+        if propagate_down[0]:
+            classes = bottoms[0].shape[self.canonical]
+            h = self.infogain(xp, bottoms, classes)
+            mode = self.param.loss_param.normalization
+            out[0] = softmax_loss_grad(self, xp, top_diffs, tops, bottoms, mode, h)
+        return out
 
 
 @register("EuclideanLoss")
@@ -280,7 +388,28 @@ class EuclideanLoss(LossLayer):
         """sum((a - b)^2) / N / 2, with N = shape[0]."""
         a, b = bottoms[0], bottoms[1]
         diff = xp.reshape(a, (-1,)) - xp.reshape(b, (-1,))
+        self.diff = diff if self.needs_backward else None  # Caffe's diff_, read by Backward
         return [scalar(xp, xp.dot(diff, diff) / f32(a.shape[0]) / f32(2))]
+
+    def allow_force_backward(self, bottom_index):
+        """Both bottoms are data: force_backward may ask for either."""
+        return True
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """da = (lw / N) * (a - b) and db = (-lw / N) * (a - b), each where asked."""
+        out = [None, None]
+        if not (propagate_down[0] or propagate_down[1]):
+            return out
+        a, b = bottoms[0], bottoms[1]
+        diff = getattr(self, "diff", None)
+        if diff is None or diff.size != a.size:
+            diff = xp.reshape(a, (-1,)) - xp.reshape(b, (-1,))
+        lw = loss_weight(xp, top_diffs)
+        for i, sign in ((0, f32(1)), (1, f32(-1))):
+            if propagate_down[i]:
+                alpha = sign * lw / f32(bottoms[i].shape[0])
+                out[i] = xp.reshape(diff * alpha, bottoms[i].shape)
+        return out
 
 
 @register("SigmoidCrossEntropyLoss")
@@ -307,10 +436,37 @@ class SigmoidCrossEntropyLoss(LossLayer):
         if self.ignore_label is not None:
             terms = xp.where(valid, terms, f32(0))
         loss = -xp.sum(terms, dtype=xp.float32)
-        outer = bottoms[0].shape[0]
+        # Caffe's normalizer_ (Backward divides by the forward's) and its sigmoid layer's output.
+        self.norm = self.normalizer(xp, bottoms[0], valid)
+        self.sig = sigmoid(xp, bottoms[0]) if self.needs_backward else None
+        return [scalar(xp, loss / self.norm)]
+
+    def normalizer(self, xp, x, valid):
+        outer = x.shape[0]
         mode = normalization_mode(self.param.loss_param, Norm.BATCH_SIZE)
         count = int(xp.sum(valid)) if self.ignore_label is not None else x.size
-        return [scalar(xp, loss / normalizer(mode, outer, x.size // max(outer, 1), count))]
+        return normalizer(mode, outer, x.size // max(outer, 1), count)
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """dx = (sigmoid(x) - t) * (lw / Z), 0 where int(t) is the ignore_label; Z is the
+        forward's normalizer."""
+        self.refuse(propagate_down)
+        if not propagate_down[0]:
+            return [None, None]
+        x, t = bottoms[0], bottoms[1]
+        sig = getattr(self, "sig", None)
+        if sig is None or tuple(sig.shape) != tuple(x.shape):
+            sig = sigmoid(xp, x)
+        diff = sig - xp.reshape(t, x.shape)
+        valid = None
+        if self.ignore_label is not None:
+            valid = ignored_mask(xp, int_labels(xp, xp.reshape(t, x.shape)), self.ignore_label)
+            diff *= valid
+        norm = getattr(self, "norm", None)
+        if norm is None:  # no forward ran: the normalizer it would have computed
+            norm = self.normalizer(xp, x, valid)
+        diff *= loss_weight(xp, top_diffs) / norm
+        return [diff, None]
 
     def check(self, bottoms):
         if _count(bottoms[0]) != _count(bottoms[1]):
@@ -329,19 +485,51 @@ class HingeLoss(LossLayer):
     L2 = sum(max(0, 1 + t)^2) / N (hinge_loss_param.norm, default L1).
     """
 
-    def forward(self, xp, bottoms, blobs):
+    def margins(self, xp, bottoms):
+        """m = max(0, 1 + x), with -x at the label entry, as (N, D)."""
         scores = bottoms[0]
         num = scores.shape[0]
         rows = xp.reshape(scores, (num, -1))
         labels = int_labels(xp, xp.reshape(bottoms[1], (-1,))[:num])
         check_labels(self, xp, labels, xp.ones(labels.shape, dtype=bool), rows.shape[1])
         at_label = xp.arange(rows.shape[1])[None, :] == labels[:, None]
-        margins = xp.maximum(f32(1) + xp.where(at_label, -rows, rows), f32(0))
+        return xp.maximum(f32(1) + xp.where(at_label, -rows, rows), f32(0))
+
+    def forward(self, xp, bottoms, blobs):
+        num = bottoms[0].shape[0]
+        margins = self.margins(xp, bottoms)
+        self.kept = margins if self.needs_backward else None  # Caffe keeps them in bottom[0]'s diff
         if self.param.hinge_loss_param.norm == pb.HingeLossParameter.L2:
             total = xp.dot(xp.reshape(margins, (-1,)), xp.reshape(margins, (-1,)))
         else:
             total = xp.sum(margins, dtype=xp.float32)
         return [scalar(xp, total / f32(num))]
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """With m the forward's margins and the label entry's sign flipped: L1 dx = sign(m) * (lw / N),
+        L2 dx = m * (2 lw / N)."""
+        self.refuse(propagate_down)
+        if not propagate_down[0]:
+            return [None, None]
+        scores = bottoms[0]
+        num = scores.shape[0]
+        kept = getattr(self, "kept", None)
+        if kept is None or kept.size != scores.size:
+            diff = self.margins(xp, bottoms)
+        else:  # the layer's own array, used up here (a second backward computes it again)
+            diff, self.kept = kept, None
+        dim = diff.shape[1]
+        flat = xp.reshape(diff, (-1,))
+        labels = int_labels(xp, xp.reshape(bottoms[1], (-1,))[:num])
+        idx = xp.arange(num, dtype=xp.int64) * dim + labels
+        flat[idx] = -flat[idx]
+        lw = loss_weight(xp, top_diffs)
+        if self.param.hinge_loss_param.norm == pb.HingeLossParameter.L2:
+            diff *= lw * f32(2) / f32(num)
+        else:
+            diff = xp.sign(diff)
+            diff *= lw / f32(num)
+        return [xp.reshape(diff, scores.shape), None]
 
 
 @register("MultinomialLogisticLoss")
@@ -370,6 +558,22 @@ class MultinomialLogisticLoss(LossLayer):
         picked = xp.take_along_axis(rows, labels[:, None], axis=1)
         loss = -xp.sum(xp.log(xp.maximum(picked, LOG_THRESHOLD)), dtype=xp.float32)
         return [scalar(xp, loss / f32(num))]
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """dx[n, label_n] = (-lw / N) / max(x[n, label_n], 1e-20), 0 elsewhere."""
+        self.refuse(propagate_down)
+        if not propagate_down[0]:
+            return [None, None]
+        prob = bottoms[0]
+        num = prob.shape[0]
+        dim = prob.size // num if num else 0
+        labels = int_labels(xp, xp.reshape(bottoms[1], (-1,))[:num])
+        idx = xp.arange(num, dtype=xp.int64) * dim + labels
+        scale = -loss_weight(xp, top_diffs) / f32(num)
+        diff = xp.zeros(prob.shape, dtype=xp.float32)
+        flat = xp.reshape(diff, (-1,))
+        flat[idx] = scale / xp.maximum(xp.reshape(prob, (-1,))[idx], LOG_THRESHOLD)
+        return [diff, None]
 
 
 @register("ContrastiveLoss")
@@ -411,6 +615,7 @@ class ContrastiveLoss(LossLayer):
         num = a.shape[0]
         diff = xp.reshape(a, (num, -1)) - xp.reshape(b, (num, -1))
         dist_sq = xp.einsum("ij,ij->i", diff, diff)
+        self.cache = (diff, dist_sq) if self.needs_backward else None  # Caffe's diff_ and dist_sq_
         margin = f32(self.margin)
         if self.legacy_version:
             apart = xp.maximum(margin - dist_sq, f32(0))
@@ -419,6 +624,43 @@ class ContrastiveLoss(LossLayer):
         similar = int_labels(xp, xp.reshape(sim, (-1,))[:num]) != 0
         loss = xp.sum(xp.where(similar, dist_sq, apart), dtype=xp.float32)
         return [scalar(xp, loss / f32(num) / f32(2))]
+
+    def allow_force_backward(self, bottom_index):
+        """a and b may get diffs under force_backward; the similarity labels (bottom 2) never."""
+        return bottom_index != 2
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """Per item, with alpha = +-lw / N (+ for a, - for b) and d = |a - b|: a similar pair gets
+        alpha (a - b); a dissimilar one -alpha (margin - d) / (d + 1e-4) (a - b) where margin > d,
+        else 0 (legacy_version: -alpha (a - b) where margin > d^2).  Bottom 2 gets nothing (Caffe
+        neither computes nor refuses it)."""
+        out = [None, None, None]
+        if not (propagate_down[0] or propagate_down[1]):
+            return out
+        a, b, sim = bottoms
+        num = a.shape[0]
+        cache = getattr(self, "cache", None)
+        if cache is None or cache[0].size != a.size:
+            diff = xp.reshape(a, (num, -1)) - xp.reshape(b, (num, -1))
+            cache = diff, xp.einsum("ij,ij->i", diff, diff)
+        diff, dist_sq = cache
+        similar = int_labels(xp, xp.reshape(sim, (-1,))[:num]) != 0
+        margin = f32(self.margin)
+        alpha = loss_weight(xp, top_diffs) / f32(num)  # bottom 0's; bottom 1's is its negative
+        if self.legacy_version:
+            mdist = margin - dist_sq
+            beta = -alpha
+        else:
+            dist = xp.sqrt(dist_sq)
+            mdist = margin - dist
+            beta = -alpha * mdist / (dist + f32(1e-4))
+        coeff = xp.where(similar, alpha, xp.where(mdist > f32(0), beta, f32(0))).astype(xp.float32)
+        grad = diff * coeff[:, None]
+        if propagate_down[0]:
+            out[0] = xp.reshape(grad, a.shape)
+        if propagate_down[1]:
+            out[1] = xp.reshape(-grad, b.shape)
+        return out
 
 
 @register("Accuracy")
@@ -462,6 +704,17 @@ class Accuracy(Layer):
         if len(self.param.top) > 1:
             tops.append((data[axis],))
         return tops
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """Caffe's NOT_IMPLEMENTED when a bottom asks for a diff; otherwise nothing to do."""
+        for i, wanted in enumerate(propagate_down):
+            if wanted:
+                raise UnsupportedError(
+                    f"layer '{self.name}' (Accuracy) does not backpropagate, but the net asks for the diff of "
+                    f"its bottom {i} ('{self.param.bottom[i]}') (force_backward, or a loss_weight on its top, "
+                    f"asks for it); remove that, or leave the layer out of the training phase (include "
+                    f"{{ phase: TEST }}) (Caffe: Not Implemented Yet)")
+        return [None] * len(bottoms)
 
     def forward(self, xp, bottoms, blobs):
         """A label counts as found when at most top_k scores are >= its own score

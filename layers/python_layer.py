@@ -44,8 +44,20 @@ is an UnsupportedError either way.
 Safety and limits: only a class that subclasses `caffeish.Layer` (pycaffe's
 `caffe.Layer`) is instantiated; any other callable a prototxt names
 (`module: "subprocess" layer: "Popen"`) is refused before it is called.
-Importing the module does run its top-level code, as in Caffe.  `backward` is
-never called (inference only).
+Importing the module does run its top-level code, as in Caffe.
+
+Backward: Caffe's PythonLayer::Backward calls `backward(top, propagate_down,
+bottom)` on the host (there is no GPU version).  The top blobs' `.diff` hold the
+top diffs (a copy: what the layer writes there stays its own), their `.data`
+the tops' current values; the bottom blobs' `.diff` start at zeros, and what the
+layer leaves there is the bottom diff, for every bottom asked for
+(`propagate_down[i]`) and for any other whose `.diff` it touched (Caffe's blob
+memory would hold it).  An in-place pair is one blob, whose `.diff` holds the top
+diff on entry and the bottom diff on return, as in Caffe.  The parameter blobs'
+`.diff` (`self.blobs[i].diff`) are the Net's parameter diffs, which the layer adds
+into (or overwrites) as it likes.  pycaffe's `caffe.Layer` has no `backward`, so
+a layer class that defines none fails with AttributeError when Caffe calls it (a
+Python data layer under force_backward, say).
 
 A bottomless Python layer (a data layer) whose tops all have shapes given by
 the user (`--input-shape TOP=...`, `input_shapes=`) is not run: its tops are
@@ -327,6 +339,49 @@ class Python(Layer):
             self._bind_bottoms(zeros)
             self._call("reshape", self._bottom_blobs, self._top_blobs)
         return [blob.shape for blob in self._top_blobs]
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """Caffe's PythonLayer::Backward: the user's backward(top, propagate_down, bottom) on the host
+        (see the module doc)."""
+        if self.fed:
+            return [None] * len(bottoms)  # its tops are inputs: nothing runs, as for an Input layer
+        if self.instance is None:
+            raise UnsupportedError(f"{self._describe()}: backward before any forward")
+        from caffeish.runtime.blobs import PythonLayer
+
+        method = getattr(type(self.instance), "backward", None)
+        if method is None or method is getattr(PythonLayer, "backward", None):
+            error = AttributeError(f"'{type(self.instance).__name__}' object has no attribute 'backward' "
+                                   f"(Caffe calls backward(self, top, propagate_down, bottom) on every Python "
+                                   f"layer that needs backward; define it, as a no-op where nothing flows back)")
+            raise self._user_error(error, "backward()")
+        self._bind_bottoms([backends.to_numpy(b) for b in bottoms])
+        in_place = {j for j, (b, t) in enumerate(zip(self.param.bottom, self.param.top)) if b == t}
+        for j, blob in enumerate(self._top_blobs):
+            if j not in in_place and j < len(tops) and tops[j] is not None:
+                current = backends.to_numpy(tops[j])
+                if blob.shape == tuple(current.shape) and blob.data.flags.writeable:
+                    blob.data[...] = current  # the blob keeps its array, as Caffe's top persists
+                else:
+                    blob.bind(np.array(current, dtype=np.float32, copy=True))
+            blob.diff[...] = backends.to_numpy(top_diffs[j])
+        own = list(self.instance.blobs)
+        copied = []  # (net's diff, the blob's host diff) where they are not one array
+        for blob, net_diff in zip(own, param_diffs):
+            if net_diff is not None and net_diff is not blob.diff:
+                blob.diff[...] = backends.to_numpy(net_diff)
+                copied.append((net_diff, blob.diff))
+        self._call("backward", self._top_blobs, [bool(p) for p in propagate_down], self._bottom_blobs)
+        for net_diff, host in copied:
+            net_diff[...] = host if backends.is_host(net_diff) else xp.asarray(host)
+        out = []
+        for i, blob in enumerate(self._bottom_blobs):
+            if propagate_down[i] or (i not in in_place and blob._diff is not None):
+                diff = np.array(blob.diff, dtype=np.float32, copy=True)
+                out.append(diff if xp is np else xp.asarray(diff))
+            else:
+                out.append(None)
+        return out
 
     def forward(self, xp, bottoms, blobs):
         if not self.can_forward:

@@ -10,10 +10,28 @@ Bottoms: x (T, N, ...), cont (T, N) sequence-continuation flags, an optional
 static input (N, ...), and with recurrent_param.expose_hidden the initial
 hidden state(s) (1, N, num_output) after it.  Top: (T, N, num_output), plus the
 final hidden state(s) with expose_hidden.
+
+Backward: RNN and LSTM refuse it (no unrolled net here), and force_backward never
+asks for their continuation flags (bottom 1).  LSTMUnit's backward is Caffe's
+formula (it recomputes the gates from its bottoms and reads c from its top), and
+force_backward never asks for its continuation flags (bottom 2).
 """
 import math
 
+import numpy as np
+
+from caffeish.errors import UnsupportedError
 from caffeish.graph.registry import Layer, register
+
+
+def _sigmoid(xp, x):
+    """lstm_unit_layer.cpp's sigmoid: 1 / (1 + exp(-x)) (float32)."""
+    return np.float32(1) / (np.float32(1) + xp.exp(-x))
+
+
+def _tanh(xp, x):
+    """lstm_unit_layer.cpp's tanh: 2 sigmoid(2x) - 1."""
+    return np.float32(2) * _sigmoid(xp, np.float32(2) * x) - np.float32(1)
 
 
 class _Recurrent(Layer):
@@ -86,6 +104,20 @@ class _Recurrent(Layer):
         if self.expose_hidden:
             tops += [hidden] * len(self.hidden_names)
         return tops
+
+    def allow_force_backward(self, bottom_index):
+        """Caffe's RecurrentLayer: never the sequence continuation flags (bottom 1)."""
+        return bottom_index != 1
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        if len(propagate_down) > 1 and propagate_down[1]:
+            raise UnsupportedError(
+                f"layer '{self.name}' ({self.type}): cannot backpropagate to the sequence continuation "
+                f"indicators (bottom 1, '{self.param.bottom[1]}'); give it propagate_down: false (Caffe: "
+                f"Cannot backpropagate to sequence indicators.)")
+        raise UnsupportedError(
+            f"layer '{self.name}' ({self.type}): backward is not implemented: caffeish does not run "
+            f"recurrent layers (Caffe unrolls them into an internal net); train this net in Caffe")
 
     def _dims(self, bottom_shapes):
         """(T, N, input size, static input size or None)."""
@@ -184,3 +216,41 @@ class LSTMUnit(Layer):
                 f"(bottom 0 has {d}), got {bottoms[1]}"
             )
         return [bottoms[0], bottoms[0]]
+
+    def allow_force_backward(self, bottom_index):
+        """Caffe's LSTMUnit: never the sequence continuation flags (bottom 2)."""
+        return bottom_index != 2
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """Caffe's LSTMUnit Backward: with the gates i, f, o, g recomputed from x (f = 0 where
+        cont = 0, else cont * sigmoid), c the top, and dc_term = dc + dh * o * (1 - tanh(c)^2):
+        dc_prev = dc_term * f; di = dc_term * g * i(1-i); df = dc_term * c_prev * f(1-f);
+        do = dh * tanh(c) * o(1-o); dg = dc_term * i * (1-g^2).  Like Caffe it computes both
+        diffs when either is asked for; the continuation flags never get one (fatal if asked)."""
+        if len(propagate_down) > 2 and propagate_down[2]:
+            raise UnsupportedError(
+                f"layer '{self.name}' (LSTMUnit): cannot backpropagate to the sequence continuation "
+                f"indicators (bottom 2, '{self.param.bottom[2]}'); give it propagate_down: false (Caffe: "
+                f"Cannot backpropagate to sequence indicators.)")
+        if not (propagate_down[0] or propagate_down[1]):
+            return [None, None, None]
+        c_prev, x, cont = bottoms
+        n, d = c_prev.shape[1], c_prev.shape[2]
+        gates = xp.reshape(x, (n, 4, d))
+        cont = xp.reshape(cont, (n, 1))
+        one = np.float32(1)
+        i = _sigmoid(xp, gates[:, 0])
+        f = xp.where(cont == 0, np.float32(0), cont * _sigmoid(xp, gates[:, 1]))
+        o = _sigmoid(xp, gates[:, 2])
+        g = _tanh(xp, gates[:, 3])
+        c = xp.reshape(tops[0], (n, d))
+        tanh_c = _tanh(xp, c)
+        dc = xp.reshape(top_diffs[0], (n, d))
+        dh = xp.reshape(top_diffs[1], (n, d))
+        c_term = dc + dh * o * (one - tanh_c * tanh_c)
+        dx = xp.empty((n, 4, d), dtype=xp.float32)
+        dx[:, 0] = c_term * g * i * (one - i)
+        dx[:, 1] = c_term * xp.reshape(c_prev, (n, d)) * f * (one - f)
+        dx[:, 2] = dh * tanh_c * o * (one - o)
+        dx[:, 3] = c_term * i * (one - g * g)
+        return [xp.reshape(c_term * f, c_prev.shape), xp.reshape(dx, x.shape), None]

@@ -334,7 +334,7 @@ class ArrayBlob:
     (`top[0].data[...] = x`); `.reshape(*shape)` gives the blob a new shape (a
     fresh zero array when the shape changes; Caffe leaves the contents
     undefined then, and keeps them when it does not).  `.diff` is a zero array
-    of the same shape (no backward pass runs here).  Unlike `Blob`, it belongs
+    of the same shape.  Unlike `Blob`, it belongs
     to no Net: the Python layer binds the arrays of its bottoms and returns its
     tops' arrays to the runtime.
     """
@@ -429,6 +429,3 @@ class PythonLayer:
 
     def forward(self, bottom, top):
         raise NotImplementedError(f"{type(self).__name__} defines no forward(self, bottom, top)")
-
-    def backward(self, top, propagate_down, bottom):
-        pass
