@@ -1,7 +1,22 @@
 """Crop: cut the data bottom to the reference bottom's size from `axis` on."""
+import numpy as np
+
 from caffeish.runtime.backend import kernels_for
 from caffeish.graph.geometry import crop_offsets, reported_by
 from caffeish.graph.registry import Layer, register
+
+
+def crop_backward(xp, dy, offsets, bottom_shape):
+    """Caffe's Crop backward: zeros of bottom_shape with dy at the offsets (dx[idx + offset] = dy[idx]).
+
+    offsets as the forward passes to the GPU crop (one per axis).  On the GPU one launch of our
+    kernel (kernels/crop.cu)."""
+    gpu = kernels_for(xp)
+    if gpu is not None:
+        return gpu.crop_backward(dy, offsets, bottom_shape)
+    dx = xp.zeros(tuple(bottom_shape), dtype=np.float32)
+    dx[tuple(slice(o, o + n) for o, n in zip(offsets, dy.shape))] = dy
+    return dx
 
 
 @register("Crop")
@@ -40,3 +55,11 @@ class Crop(Layer):
             return [gpu.crop(bottoms[0], self.offsets, self.top_shape)]
         index = tuple(slice(o, o + n) for o, n in zip(self.offsets, self.top_shape))
         return [bottoms[0][index]]
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """training.md 10.8: the data bottom gets dy at the offsets and zeros elsewhere; the
+        reference bottom gets nothing."""
+        dx = None
+        if propagate_down[0]:
+            dx = crop_backward(xp, top_diffs[0], self.offsets, tuple(bottoms[0].shape))
+        return [dx, None]

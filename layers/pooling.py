@@ -191,6 +191,140 @@ def pool_forward(xp, x, geom, method, want_mask=False):
     raise UnsupportedError(f"unknown pooling method {method}")
 
 
+# -- backward (../shared/caffe/training.md 10.2) ----------------------------------------------------
+
+
+def _canvas_shape(x_shape, geom):
+    """(N, C, Hp, Wp) of _padded_plane's canvas for an input of x_shape."""
+    n, c, h, w = x_shape
+    return (n, c) + tuple(
+        max(size + p, (o - 1) * s + k)
+        for size, p, o, s, k in zip((h, w), geom.pad, geom.out, geom.stride, geom.kernel)
+    )
+
+
+def _tap_views(canvas, geom):
+    """The kernel taps of `canvas` as (tap number, view), in REVERSE row-major order.
+
+    Tap t = i*kw + j of output (p, q) is canvas cell (p*sh + i, q*sw + j).  A cell covered by
+    several windows is reached by the later window through a smaller tap, so adding the taps
+    in reverse order adds each cell's contributions in Caffe's output order (ph, pw), the
+    float32 order of its sequential loop."""
+    kw = geom.kernel[1]
+    taps = list(_taps(canvas, geom))
+    for i, j, view in reversed(taps):
+        yield i * kw + j, view
+
+
+def _from_canvas(xp, dpad, x_shape, geom):
+    """The image part of a gradient canvas (cells in the padding or the ceil overhang dropped)."""
+    h, w = x_shape[2:]
+    if dpad.shape == tuple(x_shape):
+        return dpad
+    ph, pw = geom.pad
+    return xp.ascontiguousarray(dpad[:, :, ph:ph + h, pw:pw + w])
+
+
+def _max_winner(xp, x, y, geom):
+    """Per output, the tap number of the first cell (row-major) of its window holding y; -1 where
+    y is not above -FLT_MAX (Caffe's mask stays -1: no cell beat its initial value) or no cell
+    holds y.  Padding cells hold -FLT_MAX and never match."""
+    xpad = _padded_plane(xp, x, geom, -FLT_MAX)
+    which = xp.full(y.shape, -1, dtype=np.int32)
+    step = xp.empty(y.shape, dtype=np.int32)
+    for t, tap in _tap_views(xpad, geom):  # backwards: the first match is written last
+        xp.subtract(np.int32(t), which, out=step)
+        step *= tap == y
+        which += step
+    which += np.int32(1)
+    which *= y > np.float32(-FLT_MAX)
+    which -= np.int32(1)
+    return which
+
+
+def _max_backward(xp, x, y, dy, geom):
+    n, c, h, w = x.shape
+    if _covers_plane(geom, h, w):
+        # One window: the first cell equal to y gets dy (no cell gets anything where none does).
+        flat = xp.reshape(x, (n, c, h * w))
+        yy = xp.reshape(y, (n, c, 1))
+        hit = flat == yy
+        first = xp.argmax(hit, axis=2)[:, :, None]
+        seen = xp.any(hit, axis=2, keepdims=True) & (yy > np.float32(-FLT_MAX))
+        chosen = (xp.arange(h * w)[None, None, :] == first) & seen
+        dx = xp.where(chosen, xp.reshape(dy, (n, c, 1)), np.float32(0))
+        return xp.reshape(dx.astype(np.float32, copy=False), (n, c, h, w))
+    which = _max_winner(xp, x, y, geom)
+    dpad = xp.zeros(_canvas_shape(x.shape, geom), dtype=np.float32)
+    zero = np.float32(0)
+    for t, view in _tap_views(dpad, geom):
+        view += xp.where(which == t, dy, zero)  # where, not dy * mask: inf/NaN reach the winner only
+    return _from_canvas(xp, dpad, x.shape, geom)
+
+
+def _ave_backward(xp, dy, x_shape, geom):
+    n, c, h, w = x_shape
+    divisor = _ave_divisor(geom, h, w)
+    # A window with no cell in [-pad, size + pad) has divisor <= 0 and no image cell to reach.
+    divisor = np.where(divisor > 0, divisor, np.float32(1)).astype(np.float32)
+    share = dy / xp.asarray(divisor)  # Caffe: top_diff / pool_size, in float
+    if _covers_plane(geom, h, w):
+        dx = xp.empty((n, c, h, w), dtype=np.float32)
+        dx[...] = share
+        return dx
+    dpad = xp.zeros(_canvas_shape(x_shape, geom), dtype=np.float32)
+    for _, view in _tap_views(dpad, geom):
+        view += share
+    return _from_canvas(xp, dpad, x_shape, geom)
+
+
+def pool_backward(xp, x, y, dy, geom, method):
+    """Caffe's Pooling backward: dx (N, C, H, W) for the bottom x, the top y and its diff dy.
+
+    MAX: each output's dy goes to the first cell of its window (row-major) equal to y, padding
+    never; overlapping windows add up (in Caffe's output order); an output whose y is not above
+    -FLT_MAX (a window of -inf or NaN: Caffe's mask is -1) sends nothing.  AVE: dy / pool_size,
+    the forward's divisor, to every cell of the window inside the image; padding cells get
+    nothing.  STOCHASTIC: Caffe's CPU build does not implement it (UnsupportedError).
+    x, y, dy as the forward's bottom, top and the top's diff; geom and method as for
+    pool_forward.  On the GPU one launch of our kernel (kernels/pooling.cu)."""
+    if method == STOCHASTIC:
+        raise UnsupportedError("STOCHASTIC pooling has no backward (Caffe: Backward_cpu is NOT_IMPLEMENTED)")
+    if method not in (MAX, AVE):
+        raise UnsupportedError(f"unknown pooling method {method}")
+    gpu = kernels_for(xp)
+    if gpu is not None:
+        return gpu.pool_backward(x, y, dy, geom, method)
+    if x.size == 0 or dy.size == 0:
+        return xp.zeros(x.shape, dtype=np.float32)
+    if method == MAX:
+        return _max_backward(xp, x, y, dy, geom)
+    return _ave_backward(xp, dy, x.shape, geom)
+
+
+def _mask_backward(xp, mask, dy, x_shape):
+    """MAX with a mask top: dx[plane, int(mask)] += dy, in output order (Caffe reads the mask
+    top's data, truncated to int).  Indices outside the plane (-1: the window saw nothing above
+    -FLT_MAX) are dropped; Caffe's CPU loop would write outside the plane there."""
+    n, c, h, w = x_shape
+    planes, hw = n * c, h * w
+    dx = xp.zeros(planes * hw, dtype=np.float32)
+    if dy.size == 0 or hw == 0:
+        return xp.reshape(dx, x_shape)
+    index = xp.reshape(mask, (planes, -1)).astype(np.int64)
+    valid = (index >= 0) & (index < hw)
+    index += xp.arange(planes, dtype=np.int64)[:, None] * hw
+    xp.add.at(dx, index[valid], xp.reshape(dy, (planes, -1))[valid])
+    return xp.reshape(dx, x_shape)
+
+
+def _stochastic_backward(layer):
+    return UnsupportedError(
+        f"layer '{layer.name}' ({layer.type}): STOCHASTIC pooling cannot backpropagate (Caffe: "
+        "Backward_cpu is NOT_IMPLEMENTED, and the GPU one needs the indices sampled by a TRAIN forward)"
+    )
+
+
 def _check_runnable(layer, method):
     if method == STOCHASTIC and layer.phase == TRAIN:
         raise UnsupportedError(
@@ -239,11 +373,31 @@ class Pooling(Layer):
         top = (n, c) + self.geometry.out
         return [top] * n_tops
 
+    # MAX's top as its forward computed it, kept when the backward will run (a later in-place
+    # layer may rewrite the top blob; Caffe keeps its argmax mask instead).
+    saved_top = None
+
     def forward(self, xp, bottoms, blobs):
         _check_runnable(self, self.method)
         want_mask = len(self.param.top) > 1
         top, mask = pool_forward(xp, bottoms[0], self.geometry, self.method, want_mask)
+        keep = self.needs_backward and self.method == MAX and not want_mask
+        self.saved_top = top.copy() if keep else None
         return [top, mask] if want_mask else [top]
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """training.md 10.2: dx zeroed, then MAX sends dy to each window's first maximum (with a
+        mask top, to the index in the mask top's data) and AVE dy/pool_size to the window's
+        image cells.  Nothing when propagate_down is false (Caffe returns first)."""
+        if not propagate_down[0]:
+            return [None]
+        if self.method == STOCHASTIC:
+            raise _stochastic_backward(self)
+        x = bottoms[0]
+        if len(top_diffs) > 1:
+            return [_mask_backward(xp, tops[1], top_diffs[0], tuple(x.shape))]
+        y = self.saved_top if self.saved_top is not None else tops[0]
+        return [pool_backward(xp, x, y, top_diffs[0], self.geometry, self.method)]
 
 
 @register("SPP")
@@ -291,12 +445,51 @@ class SPP(Layer):
             return [(n, c) + levels[0].out]
         return [(n, c * sum(g.out[0] * g.out[1] for g in levels))]
 
+    # Each level's pooled output, kept for a MAX backward (the top may be rewritten in place).
+    saved_levels = None
+
     def forward(self, xp, bottoms, blobs):
         """Each level pooled, flattened to (N, C*bins) and concatenated in level order."""
         _check_runnable(self, self.method)
         x = bottoms[0]
         n = x.shape[0]
         pooled = [pool_forward(xp, x, g, self.method)[0] for g in self.levels]
+        self.saved_levels = None
+        if self.needs_backward and self.method == MAX:
+            # With several levels the top is a concatenated copy: the level arrays are ours.
+            self.saved_levels = [pooled[0].copy()] if self.pyramid_height == 1 else pooled
         if self.pyramid_height == 1:
             return [pooled[0]]
         return [xp.concatenate([p.reshape(n, -1) for p in pooled], axis=1)]
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """training.md 10.2: the chain of Caffe's internal layers.  The Concat gives each level its
+        columns of dy, the Flatten reshapes them, each Pooling scatters them, and the Split adds
+        the levels' diffs in level order."""
+        if not propagate_down[0]:
+            return [None]
+        if self.method == STOCHASTIC:
+            raise _stochastic_backward(self)
+        x = bottoms[0]
+        n, c = x.shape[:2]
+        dy = top_diffs[0]
+        saved = self.saved_levels
+        dx, start = None, 0
+        for level, geom in enumerate(self.levels):
+            if self.pyramid_height == 1:
+                y_level, dy_level = tops[0], dy
+            else:
+                width = c * geom.out[0] * geom.out[1]
+                shape = (n, c) + geom.out
+                dy_level = xp.reshape(xp.ascontiguousarray(dy[:, start:start + width]), shape)
+                if saved is None:
+                    y_level = xp.reshape(xp.ascontiguousarray(tops[0][:, start:start + width]), shape)
+                start += width
+            if saved is not None:
+                y_level = saved[level]
+            part = pool_backward(xp, x, y_level, dy_level, geom, self.method)
+            if dx is None:
+                dx = part
+            else:
+                dx += part
+        return [dx]

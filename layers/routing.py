@@ -8,6 +8,11 @@ and keeps the parsed state that `forward` uses.
 
 Forward returns views of the bottom where Caffe shares the data (Split,
 Flatten, Reshape, Concat of one bottom, Slice pieces); nobody writes into them.
+
+Backward (../shared/caffe/training.md 10.4, 10.5, 10.8) returns views of the top
+diff where Caffe shares the diff memory (Flatten, Reshape, Concat of one bottom,
+Slice of one top: whatever propagate_down says, as the memory is shared) and
+fresh arrays elsewhere.
 """
 from math import prod
 
@@ -15,6 +20,7 @@ import numpy as np
 
 from caffeish.ops.data import declared_shape
 from caffeish.graph.graph import MAX_BLOB_AXES
+from caffeish.errors import UnsupportedError
 from caffeish.graph.registry import Layer, register
 from caffeish.formats.schema import pb
 from caffeish.runtime.backend import kernels_for
@@ -121,6 +127,19 @@ class Concat(RoutingLayer):
             return [bottoms[0]]
         return [xp.concatenate(bottoms, axis=self.axis)]
 
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """Each bottom gets its slice of dy; one bottom shares the top's diff."""
+        dy = top_diffs[0]
+        if len(bottoms) == 1:
+            return [dy]
+        lead = (slice(None),) * self.axis
+        diffs, start = [], 0
+        for b, wanted in zip(bottoms, propagate_down):
+            size = b.shape[self.axis]
+            diffs.append(dy[lead + (slice(start, start + size),)].copy() if wanted else None)
+            start += size
+        return diffs
+
 
 @register("Slice")
 class Slice(RoutingLayer):
@@ -185,6 +204,14 @@ class Slice(RoutingLayer):
             start += size
         return tops
 
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """The top diffs joined along the axis; one top shares the bottom's diff."""
+        if len(top_diffs) == 1:
+            return [top_diffs[0]]
+        if not propagate_down[0]:
+            return [None]
+        return [xp.concatenate(top_diffs, axis=self.axis)]
+
 
 @register("Split")
 class Split(RoutingLayer):
@@ -202,6 +229,17 @@ class Split(RoutingLayer):
 
     def forward(self, xp, bottoms, blobs):
         return [bottoms[0]] * len(self.param.top)
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """dx = dy0 + dy1 (+ dy2 ...), added in top order; one top: a copy of its diff."""
+        if not propagate_down[0]:
+            return [None]
+        if len(top_diffs) == 1:
+            return [top_diffs[0].copy()]
+        dx = top_diffs[0] + top_diffs[1]
+        for d in top_diffs[2:]:
+            dx += d
+        return [dx]
 
 
 @register("Flatten")
@@ -226,6 +264,10 @@ class Flatten(RoutingLayer):
 
     def forward(self, xp, bottoms, blobs):
         return [xp.reshape(bottoms[0], self.out_shapes[0])]
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """The bottom adopts the top's diff (a view, reshaped; Caffe's ShareDiff)."""
+        return [xp.reshape(top_diffs[0], tuple(bottoms[0].shape))]
 
 
 @register("Reshape")
@@ -297,6 +339,10 @@ class Reshape(RoutingLayer):
     def forward(self, xp, bottoms, blobs):
         return [xp.reshape(bottoms[0], self.out_shapes[0])]
 
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """The top shares the bottom's diff: a view of dy in the bottom's shape."""
+        return [xp.reshape(top_diffs[0], tuple(bottoms[0].shape))]
+
 
 @register("Tile")
 class Tile(RoutingLayer):
@@ -321,6 +367,18 @@ class Tile(RoutingLayer):
         reps = [1] * x.ndim
         reps[self.axis] = self.tiles
         return [xp.tile(x, reps)]
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """dx = the sum of the tiles, added in tile order (Caffe: copy the first, then axpy)."""
+        if not propagate_down[0]:
+            return [None]
+        shape = tuple(bottoms[0].shape)
+        outer, inner = prod(shape[:self.axis]), prod(shape[self.axis:])
+        tiles = xp.reshape(top_diffs[0], (outer, self.tiles, inner))
+        dx = tiles[:, 0].copy()
+        for t in range(1, self.tiles):
+            dx += tiles[:, t]
+        return [xp.reshape(dx, shape)]
 
 
 @register("Reduction")
@@ -375,6 +433,32 @@ class Reduction(RoutingLayer):
         if coeff != 1:
             out = out * coeff
         return [xp.reshape(out.astype(xp.float32, copy=False), self.out_shapes[0])]
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """Per leading position i, g = dy_i * c (c = coeff, or coeff/dim for MEAN, in float32):
+        SUM/MEAN dx = g, ASUM dx = g * sign(x) (sign 0 at 0 and NaN), SUMSQ dx = (2g) * x."""
+        if not propagate_down[0]:
+            return [None]
+        x = bottoms[0]
+        p = self.reduction_param
+        op = p.operation
+        outer = prod(x.shape[: self.axis])
+        rows = xp.reshape(x, (outer, -1))
+        dim = rows.shape[1]
+        coeff = f32(p.coeff)
+        if op == pb.ReductionParameter.MEAN and dim:
+            coeff = coeff / f32(dim)
+        g = xp.reshape(top_diffs[0], (outer, 1)) * coeff
+        if op == pb.ReductionParameter.ASUM:
+            dx = (rows > 0).astype(np.float32)
+            dx -= rows < 0
+            dx *= g
+        elif op == pb.ReductionParameter.SUMSQ:
+            dx = rows * (g * f32(2))
+        else:
+            dx = xp.empty((outer, dim), dtype=np.float32)
+            dx[...] = g
+        return [xp.reshape(dx, tuple(x.shape))]
 
 
 @register("ArgMax")
@@ -467,10 +551,17 @@ class Eltwise(RoutingLayer):
                 )
         return [bottoms[0]]
 
+    # MAX's choice per element (Caffe's max_idx_), kept when the backward will run.
+    max_index = None
+
     def forward(self, xp, bottoms, blobs):
         """PROD: product; MAX: elementwise max; SUM: sum of coeff_i * bottom_i (float32 coeffs)."""
         p = self.eltwise_param
         first, rest = bottoms[0], bottoms[1:]
+        self.max_index = None
+        if p.operation == pb.EltwiseParameter.MAX and self.needs_backward:
+            out, self.max_index = self._max_with_index(xp, bottoms)
+            return [out]
         if p.operation == pb.EltwiseParameter.PROD:
             out = first * rest[0]
             for b in rest[1:]:
@@ -489,6 +580,64 @@ class Eltwise(RoutingLayer):
             else:
                 out += c * b
         return [out]
+
+    @staticmethod
+    def _max_with_index(xp, bottoms):
+        """Caffe's MAX loop with its mask: bottom 0 wins over bottom 1 only if strictly greater
+        (so bottom 1 takes ties), and each later bottom only if strictly greater than the
+        running maximum."""
+        a, b = bottoms[0], bottoms[1]
+        index_type = np.int8 if len(bottoms) <= 127 else np.int32
+        take_a = a > b
+        out = xp.where(take_a, a, b)
+        index = (~take_a).astype(index_type)
+        for k, x in enumerate(bottoms[2:], 2):
+            greater = x > out
+            out = xp.where(greater, x, out)
+            index = xp.where(greater, index_type(k), index)
+        return out, index
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """training.md 10.4.  SUM: dx_i = coeff_i * dy.  MAX: dy where the forward chose bottom i.
+        PROD: stable_prod_grad (default) dy * (product of the other bottoms, in order), else
+        dy * (y / x_i): NaN or inf where x_i = 0.
+
+        In place (top 0 is bottom 0) Caffe's bottom 0 diff is the top diff's memory, so bottom 0's
+        result replaces dy for the bottoms after it, and its own PROD gradient squares (Caffe
+        writes the product into dy before multiplying by dy)."""
+        p = self.eltwise_param
+        op = p.operation
+        dy = top_diffs[0]
+        in_place = bottoms[0] is tops[0]
+        n = len(bottoms)
+        coeffs = [f32(c) for c in p.coeff] or [f32(1)] * n
+        if op == pb.EltwiseParameter.MAX:
+            index = self.max_index
+            if index is None:
+                _, index = self._max_with_index(xp, bottoms)
+        diffs = []
+        for i, x in enumerate(bottoms):
+            if not propagate_down[i]:
+                diffs.append(None)
+                continue
+            shared = in_place and i == 0  # dx_0 is written into dy's memory
+            if op == pb.EltwiseParameter.PROD:
+                if p.stable_prod_grad:
+                    others = [bottoms[j] for j in range(n) if j != i]
+                    dx = others[0].copy()
+                    for other in others[1:]:
+                        dx *= other
+                else:
+                    dx = tops[0] / x
+                dx *= dx if shared else dy
+            elif op == pb.EltwiseParameter.MAX:
+                dx = xp.where(index == i, dy, f32(0))
+            else:
+                dx = dy * coeffs[i]
+            if shared:
+                dy = dx
+            diffs.append(dx)
+        return diffs
 
 
 @register("Softmax")
@@ -509,6 +658,15 @@ class Softmax(RoutingLayer):
     def forward(self, xp, bottoms, blobs):
         return [softmax(xp, bottoms[0], self.axis)]
 
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """dx = y * (dy - sum over the axis of dy * y); written whatever propagate_down says (Caffe)."""
+        dy, y = top_diffs[0], tops[0]
+        dx = dy * y
+        dot = xp.sum(dx, axis=self.axis, keepdims=True)
+        xp.subtract(dy, dot, out=dx)
+        dx *= y
+        return [dx]
+
 
 @register("Silence")
 class Silence(RoutingLayer):
@@ -522,6 +680,11 @@ class Silence(RoutingLayer):
 
     def forward(self, xp, bottoms, blobs):
         return []
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """Zeros for every bottom asked for (reached only under force_backward)."""
+        return [xp.zeros(b.shape, dtype=np.float32) if wanted else None
+                for b, wanted in zip(bottoms, propagate_down)]
 
 
 @register("Filter")
@@ -558,7 +721,31 @@ class Filter(RoutingLayer):
         """Each data bottom's items where the selector is non-zero, in order (possibly none)."""
         *data, selector = bottoms
         keep = xp.flatnonzero(xp.reshape(selector, (-1,)) != 0)
+        self.kept = keep if self.needs_backward else None
         return [xp.take(b, keep, axis=0) for b in data]
+
+    # The indices of the items the forward kept (Caffe's indices_to_forward_), for backward.
+    kept = None
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """A kept item gets its top row's diff, a dropped one 0; the selector is fatal (Caffe)."""
+        if propagate_down[-1]:
+            raise UnsupportedError(
+                f"layer '{self.name}' ({self.type}): cannot backpropagate to the selector (its last "
+                f"bottom); Caffe: \"Layer cannot backpropagate to filter index inputs\"")
+        keep = self.kept
+        if keep is None:
+            keep = xp.flatnonzero(xp.reshape(bottoms[-1], (-1,)) != 0)
+        diffs = []
+        for b, dy, wanted in zip(bottoms[:-1], top_diffs, propagate_down):
+            if not wanted:
+                diffs.append(None)
+                continue
+            dx = xp.zeros(b.shape, dtype=np.float32)
+            if keep.size:
+                dx[keep] = dy
+            diffs.append(dx)
+        return diffs + [None]
 
 
 @register("BatchReindex")
@@ -591,6 +778,20 @@ class BatchReindex(RoutingLayer):
             )
         return [xp.take(data, index.astype(xp.int64), axis=0)]
 
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """Zero, then dx[int(index[n])] += dy[n] in order; the index bottom is fatal (Caffe's CHECK)."""
+        if propagate_down[1]:
+            raise UnsupportedError(
+                f"layer '{self.name}' ({self.type}): cannot backpropagate to the index bottom "
+                f"(bottom 1); Caffe: \"Cannot backprop to index.\"")
+        if not propagate_down[0]:
+            return [None, None]
+        data, index = bottoms
+        dx = xp.zeros(data.shape, dtype=np.float32)
+        if index.size:
+            xp.add.at(dx, xp.reshape(index, (-1,)).astype(xp.int64), top_diffs[0])
+        return [dx, None]
+
 
 @register("Parameter")
 class Parameter(RoutingLayer):
@@ -614,3 +815,9 @@ class Parameter(RoutingLayer):
 
     def forward(self, xp, bottoms, blobs):
         return [blobs[0]]
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """The top shares the parameter's diff: the param diff becomes the top diff (=, not +=)."""
+        if param_diffs and param_diffs[0] is not None:
+            param_diffs[0][...] = top_diffs[0]
+        return []
