@@ -1,14 +1,21 @@
 """Normalisation layers: LRN, MVN, BatchNorm, and the broadcasting Scale and Bias.
 
 All keep the bottom's shape (MVN pads it to 4 axes, see below).  BatchNorm owns
-its running statistics; Scale and Bias own their operand when it is not given
-as a second bottom.
+its running statistics (updated in place by every batch-mode forward, as Caffe's);
+Scale and Bias own their operand when it is not given as a second bottom.
+
+Backward: ../shared/caffe/training.md 10.5-10.6, quirks included.  LRN
+ACROSS_CHANNELS, MVN and BatchNorm write the bottom diff whatever propagate_down
+says.  In place (the param names the top as the bottom) LRN and MVN give Caffe's
+garbled numbers (9.3); BatchNorm and Scale are exact through what their forward
+kept (run with `needs_backward`): BatchNorm its output and std, Scale its bottom.
 """
 from caffeish.graph.registry import Layer, register
 from caffeish.formats.schema import TEST, pb
 
 from caffeish.ops.neuron import (
-    channel_view, constant_filler, copy_filler, f32, layer_phase, legacy_shape)
+    channel_view, constant_filler, copy_filler, f32, in_place, layer_phase, legacy_shape,
+    pass_through, power_gradient, times_top_diff)
 from caffeish.runtime.backend import kernels_for
 
 
@@ -43,41 +50,140 @@ class LRN(_OneToOne):
             )
         return [bottom]
 
+    _kept = None  # an in-place forward's scale (ACROSS: S; WITHIN: the pool's mean A), for backward
+
     def forward(self, xp, bottoms, blobs):
         """On the GPU one launch of our kernel (kernels/norm.cu), else the array code below."""
         x = bottoms[0]
+        # In place, backward cannot recompute the scale from x (Caffe keeps scale_ / its internal
+        # blobs): keep it then.  Out of place backward recomputes it from the bottom.
+        keep = self.needs_backward and in_place(self.param)
+        self._kept = None
         gpu = kernels_for(xp)
         if gpu is not None:
+            if keep:
+                self._kept = self._mean_squares(xp, x) if self.within_channel else self._scale(xp, x)
             return [gpu.lrn(x, self.local_size, self.alpha, self.beta, self.k, self.within_channel)]
-        n, half = self.local_size, self.local_size // 2
-        sq = x * x
-        # Window sums accumulate in place into arrays this method owns (no temporaries).
         if self.within_channel:
-            # Caffe: Power(2) -> AVE pool (kernel n, pad (n-1)/2, stride 1) -> Power(shift 1,
-            # scale alpha, power -beta) -> product.  The pool's divisor is n*n everywhere
-            # (the padded window never overhangs), so zero padding and a fixed n*n divisor.
-            h, w = x.shape[2], x.shape[3]
-            padded = xp.pad(sq, ((0, 0), (0, 0), (half, half), (0, 0)))
-            rows = padded[:, :, 0:h].copy()
-            for i in range(1, n):
-                rows += padded[:, :, i:i + h]
-            padded = xp.pad(rows, ((0, 0), (0, 0), (0, 0), (half, half)))
-            scale = padded[:, :, :, 0:w].copy()
-            for j in range(1, n):
-                scale += padded[:, :, :, j:j + w]
-            scale /= f32(n * n)
-            scale *= f32(self.alpha)
-            scale += f32(1)
+            mean = self._mean_squares(xp, x)
+            if keep:
+                self._kept = mean.copy()
+            scale = self._within_scale(mean)
         else:
-            # Sum of squares over channels [c - half, c + half] clipped to [0, C).
-            c = x.shape[1]
-            padded = xp.pad(sq, ((0, 0), (half, half), (0, 0), (0, 0)))
-            scale = padded[:, 0:c].copy()
-            for i in range(1, n):
-                scale += padded[:, i:i + c]
-            scale *= f32(self.alpha) / f32(n)
-            scale += f32(self.k)
+            scale = self._scale(xp, x)
+            if keep:
+                self._kept = scale.copy()
         return [_times_power(xp, x, scale, self.beta)]
+
+    def _mean_squares(self, xp, x):
+        """WITHIN_CHANNEL: the zero-padded n x n window mean A of x^2 (a fresh array).
+
+        Caffe: Power(2) -> AVE pool (kernel n, pad (n-1)/2, stride 1) -> Power(shift 1, scale
+        alpha, power -beta) -> product.  The pool's divisor is n*n everywhere (the padded window
+        never overhangs), so zero padding and a fixed n*n divisor."""
+        mean = _window_sum_hw(xp, x * x, self.local_size)
+        mean /= f32(self.local_size * self.local_size)
+        return mean
+
+    def _within_scale(self, mean):
+        """1 + alpha * A, written into A."""
+        mean *= f32(self.alpha)
+        mean += f32(1)
+        return mean
+
+    def _scale(self, xp, x):
+        """ACROSS_CHANNELS: S = k + alpha/n * (sum of x^2 over channels [c - h, c + h] in [0, C))."""
+        scale = _window_sum_c(xp, x * x, self.local_size)
+        scale *= f32(self.alpha) / f32(self.local_size)
+        scale += f32(self.k)
+        return scale
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """ACROSS_CHANNELS (whatever propagate_down says, as Caffe):
+        dx = dy S^-beta - (2 alpha beta / n) x sum_{c'} dy[c'] y[c'] / S[c'].
+        WITHIN_CHANNEL: the chain of Caffe's internal layers (training.md 10.5).
+
+        In place (training.md 9.3), Caffe's own numbers: ACROSS first overwrites dy with
+        S^-beta * S^-beta and reads y as x; WITHIN reads y as x in its product and square layers."""
+        x, y, dy = bottoms[0], tops[0], top_diffs[0]
+        same = in_place(self.param)
+        if same and self._kept is None:
+            raise self.error("backward in place needs the scale kept by a forward run with needs_backward set")
+        if self.within_channel:
+            if not propagate_down[0]:
+                return [None]
+            return [self._within_backward(xp, x, dy, self._kept if same else None)]
+        scale = self._kept if same else self._scale(xp, x)
+        n = self.local_size
+        powered = _inverse_power(xp, scale, self.beta)  # S^-beta
+        if same:
+            # bottom_diff = S^-beta, then bottom_diff *= top_diff (the same memory): dy is now S^-2beta
+            powered *= powered
+            dy = powered
+            first = powered
+        else:
+            first = powered
+            first *= dy
+        ratio = dy * y
+        ratio /= scale
+        acc = _window_sum_c(xp, ratio, n)
+        del ratio
+        acc *= x
+        acc *= f32(2.0 * self.alpha * self.beta / n)  # Caffe's cache_ratio_value
+        first -= acc
+        return [first]
+
+    def _within_backward(self, xp, x, dy, mean):
+        """Caffe's WithinChannelBackward through its internal Eltwise PROD, Power, AVE pool, Power(2)
+        and Split layers.  x is what Caffe's product and square inputs hold (y in place); mean
+        the pool output A (recomputed from x when None)."""
+        n = self.local_size
+        if mean is None:
+            mean = self._mean_squares(xp, x)
+        power_out = self._within_scale(mean.copy())
+        _power(xp, power_out, self.beta)
+        xp.reciprocal(power_out, out=power_out)  # P = (1 + alpha A)^-beta
+        # Product (stable PROD): product_input.diff = P * dy, power_output.diff = x * dy.
+        # Power (power -beta, scale alpha, shift 1): pool_output.diff = g(A, P) * power_output.diff.
+        g, scalar = power_gradient(-self.beta, self.alpha, 1.0, mean, power_out)
+        if scalar:
+            pool_diff = None if g == 0 else x * dy * g
+        else:
+            pool_diff = times_top_diff(xp, g, x * dy, False)
+        dx = power_out
+        dx *= dy
+        if pool_diff is not None:
+            # AVE pool: each output adds diff / n^2 to the cells of its window; Power(2): * 2x.
+            pool_diff /= f32(n * n)
+            square_diff = _window_sum_hw(xp, pool_diff, n)
+            del pool_diff
+            square_diff *= x * f32(2)
+            dx += square_diff
+        return dx
+
+
+def _window_sum_c(xp, a, n):
+    """Sum of `a` over channels [c - (n-1)/2, c + (n-1)/2] clipped to [0, C), for each c (fresh)."""
+    half, c = n // 2, a.shape[1]
+    padded = xp.pad(a, ((0, 0), (half, half), (0, 0), (0, 0)))
+    out = padded[:, 0:c].copy()
+    for i in range(1, n):
+        out += padded[:, i:i + c]
+    return out
+
+
+def _window_sum_hw(xp, a, n):
+    """Sum of `a` over the zero-padded n x n window centred on each (h, w) (fresh)."""
+    half, h, w = n // 2, a.shape[2], a.shape[3]
+    padded = xp.pad(a, ((0, 0), (0, 0), (half, half), (0, 0)))
+    rows = padded[:, :, 0:h].copy()
+    for i in range(1, n):
+        rows += padded[:, :, i:i + h]
+    padded = xp.pad(rows, ((0, 0), (0, 0), (0, 0), (half, half)))
+    out = padded[:, :, :, 0:w].copy()
+    for j in range(1, n):
+        out += padded[:, :, :, j:j + w]
+    return out
 
 
 def _times_power(xp, x, scale, beta):
@@ -87,6 +193,13 @@ def _times_power(xp, x, scale, beta):
     so the common exponents use square roots: beta 0.75 (AlexNet, CaffeNet, GoogLeNet),
     0.5 and 1.  They differ from powf by about 1e-7 relative, far inside Caffe's tolerance.
     """
+    _power(xp, scale, beta)
+    xp.divide(x, scale, out=scale)
+    return scale
+
+
+def _power(xp, scale, beta):
+    """scale^beta, written into scale (square roots for the common exponents, see _times_power)."""
     if beta == 0.75:
         root = xp.sqrt(scale)
         scale *= root
@@ -95,8 +208,14 @@ def _times_power(xp, x, scale, beta):
         xp.sqrt(scale, out=scale)
     elif beta != 1:
         scale **= f32(beta)
-    xp.divide(x, scale, out=scale)
     return scale
+
+
+def _inverse_power(xp, scale, beta):
+    """scale^-beta as a fresh array (Caffe's powx(scale, -beta))."""
+    out = _power(xp, scale.copy(), beta)
+    xp.reciprocal(out, out=out)
+    return out
 
 
 @register("MVN")
@@ -126,13 +245,54 @@ class MVN(_OneToOne):
         """
         x = bottoms[0]
         shape = legacy_shape(self, x.shape)
-        rows = shape[0] if self.across_channels else shape[0] * shape[1]
-        flat = xp.reshape(x, (rows, -1))
+        flat = xp.reshape(x, (self._rows(shape), -1))
         y = flat - xp.mean(flat, axis=1, keepdims=True, dtype=xp.float32)
+        self._std = None
         if self.normalize_variance:
             std = xp.sqrt(xp.mean(y * y, axis=1, keepdims=True, dtype=xp.float32))
-            y = y / (std + f32(self.eps))
+            std += f32(self.eps)
+            if self.needs_backward:
+                self._std = std  # Caffe's variance_ (sigma + eps), one per row, read by backward
+            y = y / std
         return [xp.reshape(y, shape)]
+
+    _std = None
+
+    def _rows(self, shape):
+        return shape[0] if self.across_channels else shape[0] * shape[1]
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """Caffe's formula as is, whatever propagate_down says (training.md 10.5), per row r:
+        normalize_variance: dx = (dy - mean(dy) - y mean(dy y)) / (sigma + eps), which omits a
+        factor (sigma + eps) / sigma on the last term; else dx = dy - mean(dy).
+
+        In place dy and dx are one array and Caffe overwrites it while it still reads it: with
+        m = sum(y dy) it ends with (y m + sum(y m)) (1 - 1/dim) / (sigma + eps)."""
+        x, y = bottoms[0], tops[0]
+        rows = self._rows(legacy_shape(self, x.shape))
+        dy = xp.reshape(top_diffs[0], (rows, -1))
+        y = xp.reshape(y, (rows, -1))
+        dim = dy.shape[1]
+        if not self.normalize_variance:
+            dx = dy - xp.mean(dy, axis=1, keepdims=True, dtype=dy.dtype)
+            return [xp.reshape(dx, x.shape)]
+        if self._std is None or self._std.shape[0] != rows:
+            raise self.error("backward needs the std of a forward run with needs_backward set")
+        inv_dim = f32(-1.0 / dim)
+        dx = y * dy
+        m = xp.sum(dx, axis=1, keepdims=True, dtype=dx.dtype)
+        xp.multiply(y, m, out=dx)  # y * sum(dy y)
+        if in_place(self.param):
+            # top_diff is bottom_diff: it holds y * m now, so the "sum of dy" is sum(y m) and the
+            # final axpby(1, top_diff, -1/dim, bottom_diff) reads one array twice.
+            dx += xp.sum(dx, axis=1, keepdims=True, dtype=dx.dtype)
+            dx += dx * inv_dim
+        else:
+            dx += xp.sum(dy, axis=1, keepdims=True, dtype=dy.dtype)
+            dx *= inv_dim
+            dx += dy
+        dx /= self._std
+        return [xp.reshape(dx, x.shape)]
 
 
 @register("BatchNorm")
@@ -184,13 +344,18 @@ class BatchNorm(_OneToOne):
         # Caffe zero-fills all three statistics blobs.
         return [None, None, None]
 
+    _std = None   # sqrt(var + eps) per channel (broadcastable), Caffe's temp_
+    _x_norm = None  # a copy of the batch-mode output, Caffe's x_norm_ (later in-place layers may overwrite y)
+
     def forward(self, xp, bottoms, blobs):
         """Normalise per channel: y = (x - mean) / sqrt(var + eps).
 
         Global stats: mean = f * blob0, var = f * blob1 with f = 0 if blob2 == 0
         else 1 / blob2.  Otherwise the batch mean and biased batch variance over
-        every axis but 1.  (Caffe then also updates the running statistics in its
-        blobs; forward here never writes blobs, so that update is not done.)
+        every axis but 1, and, as Caffe does on every batch-mode forward (whatever the
+        phase), the running statistics in the blobs are updated in place (training.md
+        10.5): blob2 = lambda blob2 + 1, blob0 = lambda blob0 + mean, blob1 = lambda blob1 +
+        m/(m-1) var (m values per channel; factor 1 if m = 1), lambda = moving_average_fraction.
         """
         x = bottoms[0]
         if self.use_global_stats:
@@ -201,9 +366,47 @@ class BatchNorm(_OneToOne):
             centred = x - mean
         else:
             axes = (0,) + tuple(range(2, x.ndim))
-            centred = x - xp.mean(x, axis=axes, keepdims=True, dtype=xp.float32)
+            mean = xp.mean(x, axis=axes, keepdims=True, dtype=xp.float32)
+            centred = x - mean
             var = xp.mean(centred * centred, axis=axes, keepdims=True, dtype=xp.float32)
-        return [centred / xp.sqrt(var + f32(self.eps))]
+            self._update_running_stats(blobs, mean, var, x.size // self._channels(tuple(x.shape)))
+        std = xp.sqrt(var + f32(self.eps))
+        y = centred
+        y /= std
+        self._std = std if self.needs_backward else None
+        self._x_norm = y.copy() if self.needs_backward and not self.use_global_stats else None
+        return [y]
+
+    def _update_running_stats(self, blobs, mean, var, m):
+        fraction = f32(self.moving_average_fraction)
+        blobs[2] *= fraction
+        blobs[2] += f32(1)
+        blobs[0] *= fraction
+        blobs[0] += mean.reshape(blobs[0].shape)
+        correction = f32(m) / f32(m - 1) if m > 1 else f32(1)
+        blobs[1] *= fraction
+        blobs[1] += var.reshape(blobs[1].shape) * correction
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """Whatever propagate_down says (Caffe always writes it); never touches the blobs' diffs.
+        Batch mode: dx = (dy - mean(dy) - y mean(dy y)) / s with the forward's y and s;
+        global mode: dx = dy / s.  Exact in place (Caffe copies dy first)."""
+        dy = top_diffs[0]
+        if self._std is None:
+            raise self.error("backward needs the statistics of a forward run with needs_backward set")
+        if self.use_global_stats:
+            return [dy / self._std]
+        y = self._x_norm
+        axes = (0,) + tuple(range(2, dy.ndim))
+        m = dy.size // self._channels(tuple(dy.shape))
+        dx = y * dy
+        sum_dyy = xp.sum(dx, axis=axes, keepdims=True, dtype=dx.dtype)
+        xp.multiply(y, sum_dyy, out=dx)
+        dx += xp.sum(dy, axis=axes, keepdims=True, dtype=dy.dtype)
+        dx *= f32(-1.0 / m)
+        dx += dy
+        dx /= self._std
+        return [dx]
 
 
 class _Broadcast(Layer):
@@ -258,11 +461,27 @@ class _Broadcast(Layer):
                 f"{bottom[axis:axis + len(operand)]}"
             )
         self.broadcast_shape = (1,) * axis + operand + (1,) * (len(bottom) - axis - len(operand))
+        self.operand_axis = axis
         return axis
 
     def broadcast(self, xp, operand):
         """The operand (blob or bottom 1) shaped to broadcast against bottom 0."""
         return xp.reshape(operand, self.broadcast_shape)
+
+    def dims(self, shape, operand_size):
+        """Caffe's (outer_dim, operand count, inner_dim) for bottom 0's shape."""
+        outer = 1
+        for d in shape[:self.operand_axis]:
+            outer *= int(d)
+        count = 1
+        for d in shape:
+            count *= int(d)
+        return outer, operand_size, count // max(outer * operand_size, 1)
+
+    def reduce_to_operand(self, xp, a, operand_size):
+        """Sum of `a` (bottom 0's shape) over the outer and inner axes: one value per operand entry."""
+        outer, dim, inner = self.dims(tuple(a.shape), operand_size)
+        return xp.sum(xp.reshape(a, (outer, dim, inner)), axis=(0, 2), dtype=a.dtype)
 
     def reshape(self, bottom_shapes):
         self.check_counts(len(bottom_shapes), len(self.param.top))
@@ -316,8 +535,12 @@ class Scale(_Broadcast):
             out.append(copy_filler(p.bias_filler))
         return out
 
+    _x = None  # the bottom of an in-place forward, kept for backward (Caffe's temp_ copy)
+
     def forward(self, xp, bottoms, blobs):
         x = bottoms[0]
+        # The forward writes a new array, so x itself serves as Caffe's copy of an in-place bottom.
+        self._x = x if self.needs_backward and in_place(self.param) else None
         if len(bottoms) == 2:
             scale, rest = bottoms[1], blobs
         else:
@@ -326,6 +549,51 @@ class Scale(_Broadcast):
         if self.bias_term:
             y = y + self.broadcast(xp, rest[0])
         return [y]
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """training.md 10.6.  dx = dy * s.  ds = sum of dy * x over the outer and inner axes:
+        written (=) into bottom 1's diff; for a learned scale added (+=) into its diff, except
+        overwritten when count(x) = D or (outer = 1, D > 1, inner > 1).  The bias (last blob)
+        always accumulates db += sum dy.  In place x is the copy kept by forward.
+
+        Caffe computes the product dy * x in bottom 0's diff (not in place, not elementwise): with
+        propagate_down[0] false that diff is left holding it, and so is ours."""
+        x, dy = bottoms[0], top_diffs[0]
+        same = in_place(self.param)
+        if same:
+            if self._x is None:
+                raise self.error("backward in place needs the bottom kept by a forward run with "
+                                 "needs_backward set")
+            x = self._x
+        two = len(bottoms) == 2
+        scale = bottoms[1] if two else blobs[0]
+        out = [None] * len(bottoms)
+        if self.bias_term and param_diffs[-1] is not None:
+            acc = param_diffs[-1]
+            acc += self.reduce_to_operand(xp, dy, acc.size).reshape(acc.shape)
+        scratch = None
+        wanted = propagate_down[1] if two else param_diffs[0] is not None
+        if wanted:
+            size = int(scale.size)
+            outer, _, inner = self.dims(tuple(x.shape), size)
+            product = dy * x
+            eltwise = x.size == size
+            ds = product.reshape(scale.shape) if eltwise else \
+                self.reduce_to_operand(xp, product, size).reshape(scale.shape)
+            if not eltwise and not same:
+                scratch = product  # Caffe's "hack": the product lives in bottom 0's diff
+            if two:
+                out[1] = ds
+            elif eltwise or (outer == 1 and size > 1 and inner > 1):
+                param_diffs[0][...] = ds
+            else:
+                acc = param_diffs[0]
+                acc += ds
+        if propagate_down[0]:
+            out[0] = dy * self.broadcast(xp, scale)
+        elif scratch is not None:
+            out[0] = scratch
+        return out
 
 
 @register("Bias")
@@ -348,3 +616,18 @@ class Bias(_Broadcast):
     def forward(self, xp, bottoms, blobs):
         bias = bottoms[1] if len(bottoms) == 2 else blobs[0]
         return [bottoms[0] + self.broadcast(xp, bias)]
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """dx = dy (in place the same memory); a learned bias gets += sum dy over the outer and
+        inner axes, a 2nd-bottom bias = sum dy."""
+        dy = top_diffs[0]
+        out = [None] * len(bottoms)
+        if propagate_down[0]:
+            out[0] = pass_through(self, dy)
+        if len(bottoms) == 2:
+            if propagate_down[1]:
+                out[1] = self.reduce_to_operand(xp, dy, int(bottoms[1].size)).reshape(bottoms[1].shape)
+        elif param_diffs and param_diffs[0] is not None:
+            acc = param_diffs[0]
+            acc += self.reduce_to_operand(xp, dy, acc.size).reshape(acc.shape)
+        return out

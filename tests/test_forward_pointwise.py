@@ -343,9 +343,16 @@ def test_batchnorm_batch_stats(text, phase):
     blobs = [rand(3, seed=10), rand(3, seed=11, low=1, high=2), np.array([3.0], np.float32)]
     lay = make(f"type: 'BatchNorm' {text}", phase=phase)
     assert not lay.use_global_stats
-    (y,) = run(lay, [x], blobs)  # run() also checks the blobs were not updated
+    before = [b.astype(np.float64) for b in blobs]
+    lay.reshape([x.shape])
+    (y,) = lay.forward(np, [x], blobs)
     m, v = batch_stats(x)
     assert_close(y, batchnorm_loop(x, m, v, 1e-5))
+    # Caffe updates the running statistics on every batch-mode forward (training.md 10.5).
+    count = x.size // 3
+    assert_close(blobs[0], 0.999 * before[0] + m)
+    assert_close(blobs[1], 0.999 * before[1] + count / (count - 1) * v)
+    assert_close(blobs[2], 0.999 * before[2] + 1)
 
 
 def test_batchnorm_explicit_global_stats_at_train():
