@@ -10,7 +10,7 @@ q*dilation], reading zero outside the input.  A strided view over the padded
 input gives every window without copying; the windows are copied chunk by
 chunk (several images, or a band of output rows) into a column buffer of at
 most COL_BUDGET floats, and each chunk is one batched float32 matmul over all
-groups, the bias folded in as a row of ones.  A big input is padded band by
+groups, its bias added afterwards as Caffe does.  A big input is padded band by
 band rather than copied whole.  1x1 convolutions without padding skip the
 columns (a plain matmul); depthwise ones (one input and one output channel per
 group) sum shifted slices tap by tap instead.
@@ -27,8 +27,6 @@ import numpy as np
 # 128->128 at 349x349 366/300/305, 256->256 at 175x175 266/234/180, 512->512 at
 # 88x88 218/223/186; AlexNet's layers at batch 10 are within noise of each other.
 COL_BUDGET = 1 << 22
-# Largest weight (elements) whose bias is folded into the matmul as an extra column.
-FOLD_BIAS_MAX = 1 << 22
 # Fewest output positions per chunk, so that the matmul stays efficient.
 MIN_COLUMNS = 256
 # Deconvolution: fewest input positions per chunk (its matmul is wide: Og*stride^2 columns).
@@ -249,26 +247,18 @@ def _chunk_windows(xp, x, geom, out, chunks, budget):
 def _conv_im2col(xp, x, weight, bias, geom, g, out, y, budget):
     """Columns copied from the window view chunk by chunk, each chunk one batched matmul.
 
-    With a bias, the columns get a row of ones and the weights a bias column,
-    so the matmul adds the bias too.
+    The bias is added to each chunk's output right after its matmul (while it is in cache), as
+    Caffe adds it after its GEMM: folding it into the matmul as a row of ones would change how
+    BLAS blocks the sum over K, and so the float32 rounding, away from Caffe's.
     """
     n, c = x.shape[:2]
     o = weight.shape[0]
     cg, og = c // g, o // g
     kernel = tuple(geom.kernel)
     k = math.prod(kernel)
-    # Fold the bias into the matmul when the weight copy that costs is small; a big
-    # weight (FCN's fc6 as a 7x7 convolution: 411 MB) adds the bias afterwards instead.
-    late_bias = None
-    if bias is not None and weight.size > FOLD_BIAS_MAX:
-        bias, late_bias = None, bias
-    rows_k = cg * k + (bias is not None)
-    w = weight.reshape(g, og, cg * k)
-    if bias is not None:
-        wb = xp.empty((g, og, rows_k), dtype=np.float32)
-        wb[:, :, :-1] = w
-        wb[:, :, -1] = bias.reshape(g, og)
-        w = wb
+    rows_k = cg * k
+    w = weight.reshape(g, og, rows_k)
+    bias_view = None if bias is None else bias.reshape(1, g, og, 1)
     rest = math.prod(out[1:])
     chunks = list(_chunks(n, out[0], rest, g * rows_k * rest, budget, MIN_COLUMNS))
     most = max((n1 - n0) * (r1 - r0) for n0, n1, r0, r1 in chunks) * rest
@@ -279,13 +269,11 @@ def _conv_im2col(xp, x, weight, bias, geom, g, out, y, budget):
         col = buf[:m * g * rows_k * positions].reshape(m, g, rows_k, positions)
         src = chunk_windows(n0, n1, r0, r1)  # (m, C, *kernel, rows, *out[1:])
         src = src.reshape((m, g, cg) + src.shape[2:])
-        dst = reshape_view(xp, col[:, :, :cg * k], src.shape) if bias is not None else col.reshape(src.shape)
-        dst[...] = src
-        if bias is not None:
-            col[:, :, -1] = 1
-        xp.matmul(w, col, out=reshape_view(xp, y[n0:n1, :, r0:r1], (m, g, og, positions)))
-    if late_bias is not None:
-        y += late_bias.reshape((1, o) + (1,) * (y.ndim - 2))
+        col.reshape(src.shape)[...] = src
+        target = reshape_view(xp, y[n0:n1, :, r0:r1], (m, g, og, positions))
+        xp.matmul(w, col, out=target)
+        if bias_view is not None:
+            target += bias_view
 
 
 def im2col(xp, x, geom, out):
