@@ -8,6 +8,7 @@ import math
 
 from caffeish.runtime.backend import kernels_for
 from caffeish.graph.geometry import conv_output_shape, conv_params, deconv_output_shape, reported_by
+from caffeish.runtime.conv_grad import col2im, conv_backward, deconv_backward
 from caffeish.runtime.im2col import conv_forward, deconv_forward, im2col
 from caffeish.graph.registry import Layer, register
 
@@ -134,6 +135,34 @@ class Convolution(_ConvGeometryLayer):
             tops.append(self._restore(y, x.shape))
         return tops
 
+    _backward = staticmethod(conv_backward)
+    _gpu_backward = "conv2d_backward"
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """training.md 10.1: each bottom/top pair in turn; dW and db add up over the pairs.
+
+        On the GPU, 2-D convolutions run our CUDA kernels; other spatial ranks the array code
+        of caffeish.runtime.conv_grad with the GPU's `xp`.
+        """
+        weight = blobs[0]
+        dweight = param_diffs[0] if param_diffs else None
+        dbias = param_diffs[1] if self.bias_term and len(param_diffs) > 1 else None
+        gpu = kernels_for(xp) if len(self.geometry.kernel) == 2 else None
+        dxs = []
+        for x, dy, want_dx in zip(bottoms, top_diffs, propagate_down):
+            want_dx = bool(want_dx)
+            if not want_dx and dweight is None and dbias is None:
+                dxs.append(None)
+                continue
+            xn, dyn = self._as_ncs(xp, x), self._as_ncs(xp, dy)
+            if gpu is not None:
+                dx = getattr(gpu, self._gpu_backward)(xn, weight, dyn, self.geometry, self.group,
+                                                      want_dx, dweight, dbias)
+            else:
+                dx = self._backward(xp, xn, weight, dyn, self.geometry, self.group, want_dx, dweight, dbias)
+            dxs.append(self._restore(dx, x.shape) if want_dx else None)
+        return dxs
+
     def macs(self, bottom_shapes, top_shapes):
         """N * prod(out) * num_output * (C/group) * prod(kernel), per bottom."""
         axis, _ = self._setup(tuple(bottom_shapes[0]))
@@ -158,6 +187,8 @@ class Deconvolution(Convolution):
 
     _kernel = staticmethod(deconv_forward)
     _gpu_kernel = "deconv2d"
+    _backward = staticmethod(deconv_backward)
+    _gpu_backward = "deconv2d_backward"
 
     def macs(self, bottom_shapes, top_shapes):
         """N * prod(in) * C_in * (num_output/group) * prod(kernel), per bottom."""
@@ -194,3 +225,15 @@ class Im2col(_ConvGeometryLayer):
         out = conv_output_shape(tuple(x.shape[self.channel_axis + 1:]), self.geometry)
         y = im2col(xp, self._as_ncs(xp, x), self.geometry, out)
         return [self._restore(y, x.shape)]
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """dx = col2im(dy) (training.md 10.1); Caffe writes it whatever propagate_down says."""
+        x, dy = bottoms[0], top_diffs[0]
+        xn = self._as_ncs(xp, x)
+        dyn = self._as_ncs(xp, dy)
+        gpu = kernels_for(xp) if len(self.geometry.kernel) == 2 else None
+        if gpu is not None:
+            dx = gpu.col2im(dyn, self.geometry, tuple(xn.shape))
+        else:
+            dx = col2im(xp, dyn, self.geometry, tuple(xn.shape))
+        return [self._restore(dx, x.shape)]

@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from caffeish.errors import InputValueError
+from caffeish.errors import InputValueError, UnsupportedError
 from caffeish.graph.registry import Layer, register
 from caffeish.ops.neuron import copy_filler
 
@@ -79,6 +79,33 @@ class InnerProduct(Layer):
             y += xp.reshape(blobs[1], (self.num_output,))
         return [xp.reshape(y, tuple(x.shape[:axis]) + (self.num_output,))]
 
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """training.md 10.3, with x as (M, K) and dy as (M, N).
+
+        W stored (N, K): dW += dy^T x, dx = dy W; with transpose, W stored (K, N):
+        dW += x^T dy, dx = dy W^T.  db += the column sums of dy.
+        """
+        x = bottoms[0]
+        _, m, k = self._split(x.shape)
+        n = self.num_output
+        dy = xp.reshape(top_diffs[0], (m, n))
+        dweight = param_diffs[0] if param_diffs else None
+        dbias = param_diffs[1] if self.bias_term and len(param_diffs) > 1 else None
+        if dweight is not None:
+            x2 = xp.reshape(x, (m, k))
+            grad = xp.matmul(x2.T, dy) if self.transpose else xp.matmul(dy.T, x2)
+            dweight += xp.reshape(grad, dweight.shape)
+        if dbias is not None:
+            # Caffe: a gemv of dy^T with a vector of ones.
+            dbias += xp.reshape(xp.matmul(dy.T, xp.ones((m,), dtype=np.float32)), dbias.shape)
+        if not propagate_down[0]:
+            return [None]
+        if self.transpose:
+            w = xp.reshape(blobs[0], (k, n)).T
+        else:
+            w = xp.reshape(blobs[0], (n, k))
+        return [xp.reshape(xp.matmul(dy, w), x.shape)]
+
 
 @register("Embed")
 class Embed(Layer):
@@ -140,3 +167,28 @@ class Embed(Layer):
         if self.bias_term:
             y += xp.reshape(blobs[1], (self.num_output,))
         return [xp.reshape(y, tuple(x.shape) + (self.num_output,))]
+
+    def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
+        """training.md 10.3: dW[int(x_m)] += dy[m] (repeated indices add up), db += sum of dy.
+
+        Backpropagating into the index bottom fails Caffe's CHECK.
+        """
+        if propagate_down[0]:
+            raise UnsupportedError(f"layer '{self.name}' ({self.type}): cannot backpropagate to its input "
+                                   f"(the indices); Caffe: \"Can't backpropagate to EmbedLayer input.\"")
+        dweight = param_diffs[0] if param_diffs else None
+        dbias = param_diffs[1] if self.bias_term and len(param_diffs) > 1 else None
+        n = self.num_output
+        dy = xp.reshape(top_diffs[0], (-1, n))
+        if dweight is not None and dy.shape[0]:
+            index = xp.reshape(bottoms[0], (-1,)).astype(xp.int64)
+            if dweight.flags.c_contiguous:
+                table = xp.reshape(dweight, (self.input_dim, n))
+                xp.add.at(table, index, dy)
+            else:
+                table = xp.zeros((self.input_dim, n), dtype=np.float32)
+                xp.add.at(table, index, dy)
+                dweight += xp.reshape(table, dweight.shape)
+        if dbias is not None:
+            dbias += xp.reshape(xp.matmul(dy.T, xp.ones((dy.shape[0],), dtype=np.float32)), dbias.shape)
+        return [None]
