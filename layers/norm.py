@@ -10,12 +10,15 @@ says.  In place (the param names the top as the bottom) LRN and MVN give Caffe's
 garbled numbers (9.3); BatchNorm and Scale are exact through what their forward
 kept (run with `needs_backward`): BatchNorm its output and std, Scale its bottom.
 """
+import numpy as np
+
 from caffeish.graph.registry import Layer, register
 from caffeish.formats.schema import TEST, pb
 
 from caffeish.ops.neuron import (
     channel_view, constant_filler, copy_filler, f32, in_place, layer_phase, legacy_shape,
     pass_through, power_gradient, times_top_diff)
+from caffeish.runtime import blas
 from caffeish.runtime.backend import kernels_for
 
 
@@ -92,10 +95,32 @@ class LRN(_OneToOne):
         return mean
 
     def _scale(self, xp, x):
-        """ACROSS_CHANNELS: S = k + alpha/n * (sum of x^2 over channels [c - h, c + h] in [0, C))."""
-        scale = _window_sum_c(xp, x * x, self.local_size)
-        scale *= f32(self.alpha) / f32(self.local_size)
-        scale += f32(self.k)
+        """ACROSS_CHANNELS: S = k + alpha/n * (sum of x^2 over channels [c - h, c + h] in [0, C)).
+
+        On the CPU in Caffe's order and rounding (CrossChannelForward_cpu): per image a running
+        sum over channels, each step an axpy (fused, OpenBLAS's, see caffeish.runtime.blas) that
+        adds the entering channel's square and subtracts the leaving one's."""
+        if xp is not np:
+            scale = _window_sum_c(xp, x * x, self.local_size)
+            scale *= f32(self.alpha) / f32(self.local_size)
+            scale += f32(self.k)
+            return scale
+        n_img, c = x.shape[:2]
+        size = self.local_size
+        pre = (size - 1) // 2
+        step = f32(self.alpha / size)  # Caffe's alpha_over_size, a Dtype
+        dtype = np.result_type(x.dtype, np.float32)
+        scale = np.full(x.shape, self.k, dtype=dtype)
+        squares = np.zeros((c + size - 1,) + tuple(x.shape[2:]), dtype=dtype)
+        for i in range(n_img):
+            np.multiply(x[i], x[i], out=squares[pre:pre + c])
+            s = scale[i]
+            for j in range(size):
+                blas.axpy(step, squares[j], s[0])
+            for j in range(1, c):
+                s[j] = s[j - 1]
+                blas.axpy(step, squares[j + size - 1], s[j])
+                blas.axpy(-step, squares[j - 1], s[j])
         return scale
 
     def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
@@ -141,8 +166,7 @@ class LRN(_OneToOne):
         if mean is None:
             mean = self._mean_squares(xp, x)
         power_out = self._within_scale(mean.copy())
-        _power(xp, power_out, self.beta)
-        xp.reciprocal(power_out, out=power_out)  # P = (1 + alpha A)^-beta
+        blas.powx(xp, power_out, -self.beta, out=power_out)  # P = (1 + alpha A)^-beta
         # Product (stable PROD): product_input.diff = P * dy, power_output.diff = x * dy.
         # Power (power -beta, scale alpha, shift 1): pool_output.diff = g(A, P) * power_output.diff.
         g, scalar = power_gradient(-self.beta, self.alpha, 1.0, mean, power_out)
@@ -187,35 +211,15 @@ def _window_sum_hw(xp, a, n):
 
 
 def _times_power(xp, x, scale, beta):
-    """x * scale^-beta, written into scale.
-
-    float32 pow runs single-threaded in libm at ~10 ns a value (AlexNet's norm1: 30 ms),
-    so the common exponents use square roots: beta 0.75 (AlexNet, CaffeNet, GoogLeNet),
-    0.5 and 1.  They differ from powf by about 1e-7 relative, far inside Caffe's tolerance.
-    """
-    _power(xp, scale, beta)
-    xp.divide(x, scale, out=scale)
-    return scale
-
-
-def _power(xp, scale, beta):
-    """scale^beta, written into scale (square roots for the common exponents, see _times_power)."""
-    if beta == 0.75:
-        root = xp.sqrt(scale)
-        scale *= root
-        xp.sqrt(scale, out=scale)
-    elif beta == 0.5:
-        xp.sqrt(scale, out=scale)
-    elif beta != 1:
-        scale **= f32(beta)
+    """x * scale^-beta, written into scale, as Caffe: powx(scale, -beta), then times x."""
+    blas.powx(xp, scale, -beta, out=scale)
+    scale *= x
     return scale
 
 
 def _inverse_power(xp, scale, beta):
     """scale^-beta as a fresh array (Caffe's powx(scale, -beta))."""
-    out = _power(xp, scale.copy(), beta)
-    xp.reciprocal(out, out=out)
-    return out
+    return blas.powx(xp, scale, -beta)
 
 
 @register("MVN")

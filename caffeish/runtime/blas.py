@@ -1,0 +1,97 @@
+"""The BLAS under numpy, called directly where Caffe's numbers depend on it.
+
+Caffe's CPU layers call OpenBLAS (cblas_saxpy, cblas_sgemm) and libm's pow.
+numpy exposes neither a fused multiply-add nor a GEMM that accumulates into
+its output (beta = 1), and its float32 power is a vectorised approximation.
+Where Caffe's rounding decides what later layers see (a ReLU gate at 4e-6 in a
+GoogLeNet, ../shared/golden_train), we call the same routines Caffe calls:
+
+* `axpy(a, x, y)`: y += a * x with cblas_saxpy from the OpenBLAS that numpy
+  itself links (its wheels bundle one, the symbols prefixed `scipy_` and
+  suffixed `64_`).  Without such a library (another BLAS), numpy's y += a * x
+  (one rounding more).
+* `powx(xp, a, b)`: Caffe's caffe_powx, i.e. pow evaluated in double and
+  rounded to float (what the reference build computed: bit-equal on the
+  goldens, where numpy's float32 power is not).
+
+Nothing here is needed for correctness beyond Caffe's last bit; the fallbacks
+are within float32 rounding of it.
+"""
+import ctypes
+import glob
+import os
+
+import numpy as np
+
+_lib = None
+_searched = False
+
+
+def _library():
+    """(ctypes library, symbol prefix, suffix, int type) of numpy's OpenBLAS, or None."""
+    global _lib, _searched
+    if _searched:
+        return _lib
+    _searched = True
+    if os.environ.get("CAFFEISH_NO_BLAS"):
+        return None
+    here = os.path.dirname(np.__file__)
+    candidates = sorted(glob.glob(os.path.join(here, "..", "numpy.libs", "lib*openblas*.so*")))
+    candidates += sorted(glob.glob(os.path.join(here, ".dylibs", "lib*openblas*.dylib")))
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix, int_type in (("scipy_", "64_", ctypes.c_int64), ("", "64_", ctypes.c_int64),
+                                         ("scipy_", "", ctypes.c_int), ("", "", ctypes.c_int)):
+            try:
+                getattr(lib, f"{prefix}cblas_saxpy{suffix}")
+            except AttributeError:
+                continue
+            _lib = (lib, prefix, suffix, int_type)
+            return _lib
+    return None
+
+
+_saxpy = None
+
+
+def _saxpy_function():
+    global _saxpy
+    if _saxpy is None:
+        found = _library()
+        if found is None:
+            _saxpy = False
+        else:
+            lib, prefix, suffix, int_type = found
+            f = getattr(lib, f"{prefix}cblas_saxpy{suffix}")
+            f.argtypes = [int_type, ctypes.c_float, ctypes.c_void_p, int_type, ctypes.c_void_p, int_type]
+            f.restype = None
+            _saxpy = f
+    return _saxpy
+
+
+def have_blas():
+    """Whether the calls below reach OpenBLAS (else they are numpy's approximations)."""
+    return bool(_saxpy_function())
+
+
+def axpy(a, x, y):
+    """y += a * x (float32, C-contiguous numpy arrays of one size) as Caffe's caffe_axpy."""
+    f = _saxpy_function()
+    if f and x.flags.c_contiguous and y.flags.c_contiguous and x.dtype == y.dtype == np.float32:
+        f(x.size, float(a), x.ctypes.data, 1, y.ctypes.data, 1)
+    else:
+        y += np.float32(a) * x
+
+
+def powx(xp, a, b, out=None):
+    """Caffe's caffe_powx: a ** b for float32 `a`, evaluated in double and rounded to float32."""
+    if xp is not np:
+        return xp.power(a, xp.float32(b), out=out)
+    result = np.power(a, float(b), dtype=np.float64)
+    if out is None:
+        return result.astype(np.result_type(a.dtype, np.float32))
+    out[...] = result
+    return out
