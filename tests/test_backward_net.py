@@ -194,7 +194,7 @@ def test_pycaffe_backward_checks_its_arguments(tmp_path):
     got = net.backward(diffs=["a"], sum=np.ones((2, 3)))
     assert set(got) == {"data", "a"}
     got = net.backward(start="sum", end="a")
-    assert set(got) == {"a"}  # pycaffe: the blob named like the end layer
+    assert set(got) == set(net.bottom_names["a"]) == {"data_data_0_split_0"}  # pycaffe: the end layer's bottoms
     with pytest.raises(CaffeishError):
         net._backward(0, 99)
 

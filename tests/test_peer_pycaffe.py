@@ -27,14 +27,8 @@ PEER = SHARED / "peer" / "bvlc_pycaffe_tests"
 BVLC = SHARED / "models" / "bvlc_caffe"
 TIMEOUT = 240  # seconds for the whole peer run (it takes about 10 s)
 
-# Peer tests about training: backward passes and solvers (test id -> what it needs).
+# Peer tests that need solvers (the training issue; test id -> what it needs).
 TRAINING = {
-    "test_net.TestNet.test_forward_backward": "calls net.backward()",
-    "test_net.TestNet.test_backward_start_end": "calls net.backward(start=, end=) and checks the diffs",
-    "test_net.TestNet.test_clear_param_diffs": "needs non-zero parameter diffs from net.backward()",
-    "test_python_layer.TestPythonLayer.test_backward": "calls net.backward() through Python layers",
-    "test_python_layer.TestPythonLayer.test_parameter": "calls net.backward() and checks a Python layer's param diff",
-    "test_python_layer_with_param_str.TestLayerWithParam.test_backward": "calls net.backward() through Python layers",
     "test_solver.TestSolver.test_solve": "SGDSolver.solve()",
     "test_solver.TestSolver.test_apply_update": "SGDSolver.apply_update()",
     "test_solver.TestSolver.test_net_memory": "builds an SGDSolver",
@@ -172,7 +166,7 @@ def test_every_peer_test_was_run(peer_results):
 def _param(test_id):
     if test_id in TRAINING:
         return pytest.param(test_id, id=test_id, marks=pytest.mark.xfail(
-            strict=True, reason=f"training issue: {TRAINING[test_id]} (caffeish runs inference only)"))
+            strict=True, reason=f"solvers (the training issue): {TRAINING[test_id]}"))
     return pytest.param(test_id, id=test_id)
 
 

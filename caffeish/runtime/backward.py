@@ -23,7 +23,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from caffeish.errors import ArgumentError, GraphError, UnknownBlobError, UnsupportedError
+from caffeish.errors import ArgumentError, GraphError, UnknownBlobError
 from caffeish.formats.schema import pb
 from caffeish.graph.graph import AUTOMATIC
 from caffeish.runtime import backend as backends
@@ -65,7 +65,7 @@ def plan(nodes, force_backward, loss_weight):
             need |= flag
         # The net's own ParamSpecs (BatchNorm's added lr_mult 0 is the layer's copy, not seen here).
         specs = node.param.param
-        wanted = [(specs[j] if j < len(specs) else default_spec).lr_mult != 0 for j in range(node.param_count)]
+        wanted = [(specs[j] if j < len(specs) else default_spec).lr_mult != 0 for j in range(len(node.param_shapes or ()))]
         need |= any(wanted)
         for t in node.tops:
             if t == AUTOMATIC:
@@ -201,14 +201,8 @@ class BackwardMixin:
             node = self.nodes[i]
             if node.name in self._fed_nodes:
                 continue  # data layers: Caffe's no-op Backward
-            try:
-                bottoms = [arrays[b] for b in node.bottoms]
-                tops = [arrays[t] if t != AUTOMATIC else None for t in node.tops]
-            except KeyError as e:
-                raise GraphError(
-                    f"backward: layer '{node.name}' ({node.type}) needs blob {e}, which this net does not "
-                    f"hold: run forward first (a Net built with keep=False frees intermediates; build it with "
-                    f"keep=True, the default, to run backward)") from None
+            bottoms = [self._backward_data(node, b) for b in node.bottoms]
+            tops = [self._backward_data(node, t) if t != AUTOMATIC else None for t in node.tops]
             top_diffs = [self._top_diff(i, j, t, node.top_shapes[j]) for j, t in enumerate(node.tops)]
             params = self._params.get(node.name, [])
             param_diffs = [self.param_diff(node.name, j) if plan_.params[i][j] else None
@@ -229,15 +223,18 @@ class BackwardMixin:
                     d = d.astype(np.float32)
                 self._bdiffs[b] = d
 
-    def _check_backward_specs(self):
-        for node in self.nodes:
-            if node.type == "BatchNorm":
-                for j, spec in enumerate(node.param.param):
-                    if spec.lr_mult != 0:
-                        raise UnsupportedError(
-                            f"layer '{node.name}' (BatchNorm): param {j} has lr_mult {spec.lr_mult:g}; its blobs "
-                            f"are statistics, not learned parameters (Caffe: Cannot configure batch "
-                            f"normalization statistics as layer parameters)")
+    def _backward_data(self, node, name):
+        """Blob `name`'s data for the backward of `node`: what the last forward left (zeros for a
+        blob no forward has written yet, as Caffe's blobs start)."""
+        array = self._arrays.get(name)
+        if array is None:
+            if name in self._freed:
+                raise GraphError(
+                    f"backward: layer '{node.name}' ({node.type}) needs blob '{name}', which was freed after "
+                    f"its last use in forward (this Net was built with keep=False or a list of names); build "
+                    f"it with keep=True, the default, to run backward")
+            array = self._arrays[name] = self.xp.zeros(self.blob_shape(name), dtype=np.float32)
+        return array
 
     # -- pycaffe's face ------------------------------------------------------------------------
     def _backward(self, start, end):
@@ -246,20 +243,19 @@ class BackwardMixin:
         for what, i in (("start", start), ("end", end)):
             if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < count:
                 raise ArgumentError(f"_backward: {what} {i!r} is not a layer index (0..{count - 1})")
-        self._check_backward_specs()
         self.backward_from_to(int(start), int(end))
 
     def backward(self, diffs=None, start=None, end=None, **kwargs):
         """pycaffe's backward: output diffs as keyword arrays (all of the outputs, or none: then
         net.blobs[...].diff as they are), from layer `start` down to `end` (names).
 
-        Returns {blob: diff} for the net's inputs (with `end`: the blob named like that layer,
-        pycaffe's rule) and the blobs named in `diffs`."""
+        Returns {blob: diff} for the net's inputs (with `end`: that layer's bottoms) and the
+        blobs named in `diffs`."""
         diffs = list(diffs or [])
         start_ind = len(self.nodes) - 1 if start is None else self._layer_index(start)
         if end is not None:
             end_ind = self._layer_index(end)
-            outputs = set([end] + diffs)
+            outputs = set(list(self.nodes[end_ind].bottoms) + diffs)
         else:
             end_ind = 0
             outputs = set(self.inputs + diffs)
