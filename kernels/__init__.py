@@ -2,10 +2,12 @@
 
 kernels/*.cu are plain CUDA C++ (no headers) with extern "C" __global__
 kernels: conv.cu (im2col, col2im, bias, direct grouped convolution and
-deconvolution visiting only the taps that land on each output), pooling.cu (MAX
-with mask, AVE, STOCHASTIC at TEST), crop.cu (N-D crop) and norm.cu (LRN in both
-regions and Softmax, one fused kernel each).  caffeish.kernels.launch drives them; on the GPU each file becomes
-one `cupy.RawModule`, compiled by NVRTC the first time a kernel of it is needed
+deconvolution visiting only the taps that land on each output; the backward of
+Convolution, Deconvolution and Im2col is made of them too), pooling.cu (MAX with
+mask, AVE, STOCHASTIC at TEST, and the MAX and AVE backward gathers), crop.cu
+(N-D crop and its backward) and norm.cu (LRN in both regions and Softmax, one
+fused kernel each).  caffeish.kernels.launch drives them; on the GPU each file
+becomes one `cupy.RawModule`, compiled by NVRTC the first time a kernel of it is needed
 and kept for the process (CuPy also caches the binary on disk).  In the tests
 the same files run on the CPU through caffeish.kernels.harness.
 

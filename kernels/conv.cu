@@ -7,15 +7,25 @@
 // (C, O/group, KH, KW).  Sizes are kernel arguments; every kernel loops with a
 // grid stride, so any grid size is correct.  Plain CUDA C++: no headers, so
 // NVRTC (cupy.RawModule) and the CPU harness both compile it.
+//
+// The backward needs no kernel of its own: Convolution's input gradient is the
+// Deconvolution of dy with the same blob (col2im or deconv_direct, with the
+// convolution's input size as the output: the gathers drop the padding taps and
+// leave 0 where no window reaches), Deconvolution's is the Convolution of dy, and
+// both weight gradients are im2col (the images side by side) times a matmul.
 
-// Caffe's im2col for `images` images and output rows [row0, row0 + rows):
-// col[n, (c*KH + kh)*KW + kw, r*OW + ow] = x[n, c, (row0 + r)*SH - PH + kh*DH, ow*SW - PW + kw*DW],
-// 0 outside the input.  One thread per (n, c, r, ow) writes its KH*KW column entries.
+// Caffe's im2col for `images` images and output rows [row0, row0 + rows): the column entry
+// (n, (c*KH + kh)*KW + kw, r*OW + ow) = x[n, c, (row0 + r)*SH - PH + kh*DH, ow*SW - PW + kw*DW],
+// 0 outside the input, lies at col[n*image_stride + ((c*KH + kh)*KW + kw)*tap_stride + r*OW + ow].
+// Caffe's layout, image after image (the forward), is image_stride = channels*KH*KW*rows*OW and
+// tap_stride = rows*OW; the images side by side in each row (the weight gradient's one GEMM over
+// all of them) is image_stride = rows*OW and tap_stride = images*rows*OW.  One thread per
+// (n, c, r, ow) writes its KH*KW column entries.
 extern "C" __global__ void im2col(const float* __restrict__ x, float* __restrict__ col,
                                   int images, int channels, int height, int width,
                                   int kernel_h, int kernel_w, int stride_h, int stride_w,
                                   int pad_h, int pad_w, int dilation_h, int dilation_w,
-                                  int out_w, int row0, int rows) {
+                                  int out_w, int row0, int rows, int image_stride, int tap_stride) {
     const int positions = rows * out_w;
     const int taps = kernel_h * kernel_w;
     const int total = images * channels * positions;
@@ -25,15 +35,16 @@ extern "C" __global__ void im2col(const float* __restrict__ x, float* __restrict
         const int nc = i / positions;  // n * channels + c
         const int h0 = (row0 + r) * stride_h - pad_h;
         const int w0 = ow * stride_w - pad_w;
+        const int n = nc / channels;
         const float* plane = x + nc * height * width;
-        float* out = col + nc * taps * positions + r * out_w + ow;
+        float* out = col + n * image_stride + (nc - n * channels) * taps * tap_stride + r * out_w + ow;
         for (int kh = 0; kh < kernel_h; ++kh) {
             const int h = h0 + kh * dilation_h;
             const bool row_in = h >= 0 && h < height;
             for (int kw = 0; kw < kernel_w; ++kw) {
                 const int w = w0 + kw * dilation_w;
                 *out = (row_in && w >= 0 && w < width) ? plane[h * width + w] : 0.0f;
-                out += positions;
+                out += tap_stride;
             }
         }
     }
@@ -119,6 +130,15 @@ struct DeconvTaps { int first, source, count, step, back; };
 __device__ __forceinline__ DeconvTaps deconv_taps(int out, int kernel, int stride, int pad, int dilation,
                                                   int in_size) {
     DeconvTaps t = {0, 0, 0, 1, 1};
+    if (dilation == 0) {  // Caffe accepts dilation 0: every tap of the axis at one place (back = 0)
+        const int s0 = out + pad;
+        if (s0 % stride == 0 && s0 / stride < in_size) {
+            t.source = s0 / stride;
+            t.count = kernel;
+            t.back = 0;
+        }
+        return t;
+    }
     int g = stride, r = dilation;  // gcd(stride, dilation)
     while (r) {
         const int q = g % r;

@@ -121,3 +121,26 @@ extern "C" __global__ void crop_rows4(const float* __restrict__ x, float* __rest
         default: crop_float4s<3>(x, y, base, rows, run4, t1, t2, t3, t4, s0, s1, s2, s3, s4, seg, lanes_log2); break;
     }
 }
+
+// Backward of Crop: dx[idx + offset] = dy[idx], into a bottom gradient the launcher has zeroed.
+// The rows, arguments and thread layout of crop_rows with the copy reversed: `dy` is the top's
+// gradient (rows of `run` floats, contiguous), `dx` the whole bottom's and `base` the element of
+// the top's first in it.  Each element of dx is written at most once (no atomics).
+extern "C" __global__ void crop_rows_backward(const float* __restrict__ dy, float* __restrict__ dx, int base,
+                                              int rows, int run, int t1, int t2, int t3, int t4,
+                                              int s0, int s1, int s2, int s3, int s4, int seg, int lanes_log2) {
+    int row, lane, first, end;
+    if (!crop_row(rows, run, seg, lanes_log2, row, lane, first, end)) return;
+    const int lanes = 1 << lanes_log2;
+    const float* src = dy + row * run;
+    float* dst = dx + base + crop_row_start(row, t1, t2, t3, t4, s0, s1, s2, s3, s4);
+    for (int c0 = first + lane; c0 < end; c0 += lanes * CROP_UNROLL) {
+        float v[CROP_UNROLL];
+#pragma unroll
+        for (int j = 0; j < CROP_UNROLL; ++j)
+            if (c0 + lanes * j < end) v[j] = __ldg(src + c0 + lanes * j);
+#pragma unroll
+        for (int j = 0; j < CROP_UNROLL; ++j)
+            if (c0 + lanes * j < end) dst[c0 + lanes * j] = v[j];
+    }
+}

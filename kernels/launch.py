@@ -18,6 +18,13 @@ add, pooling, crop, LRN and Softmax are our kernels; the dense matrix products o
 convolution (im2col columns times the weights) and deconvolution (weights
 times the input) are `xp.matmul`: cuBLAS SGEMM on the GPU (CuPy leaves TF32 off
 unless CUPY_TF32=1), BLAS in the harness.
+
+The backward (gradients, training.md 10.1, 10.2, 10.8) reuses them: Convolution's
+input gradient is a deconvolution of the top gradient, Deconvolution's a
+convolution; the weight gradients are im2col + matmul; the Im2col layer's is
+col2im; Pooling and Crop have gather kernels of their own (pooling.cu, crop.cu).
+Every input gradient is a gather (each element written once, no atomics), so it
+is deterministic; parameter gradients are added into the arrays given.
 """
 import functools
 import math
@@ -268,12 +275,17 @@ class Kernels:
                 band = xp.matmul(wmat, chunk.reshape(g, cg * taps, (r1 - r0) * ow))
                 y[i, :, r0:r1, :] = band.reshape(o, r1 - r0, ow)
 
-    def _im2col(self, x, col, geom, out_w, row0, rows):
+    def _im2col(self, x, col, geom, out_w, row0, rows, side_by_side=False):
+        """Columns of x's output rows [row0, row0 + rows) into col: Caffe's layout (image after
+        image), or with side_by_side the images next to each other in every row, (C*KH*KW, m, rows*OW)."""
         m, c, h, w = x.shape
-        total = m * c * rows * out_w
+        positions = rows * out_w
+        total = m * c * positions
+        strides = (positions, m * positions) if side_by_side else \
+            (c * geom.kernel[0] * geom.kernel[1] * positions, positions)
         self.launch("conv", "im2col", (grid_for(total),), (BLOCK,),
                     (x, col) + _i32(m, c, h, w, *geom.kernel, *geom.stride, *geom.pad, *geom.dilation,
-                                    out_w, row0, rows))
+                                    out_w, row0, rows, *strides))
 
     def im2col(self, x, geom):
         """Caffe's im2col of x (N, C, H, W): (N, C*KH*KW, OH, OW) (the Im2col layer)."""
@@ -294,11 +306,17 @@ class Kernels:
         visit only the taps that land on each output (conv.cu's deconv_taps), on the grid
         of `deconv_grid`.
         """
+        return self._deconv(x, weight, bias, geom, group, deconv_output_shape(x.shape[2:], geom), method)
+
+    def _deconv(self, x, weight, bias, geom, group, out, method):
+        """deconv2d into an output of `out` (OH, OW) positions: the deconvolution's own, or (the
+        convolution's input gradient) the convolution's input size, which its truncating size
+        formula may make larger: the gathers find the taps of any output position."""
         xp = self.xp
         n, c, ih, iw = x.shape
         og = weight.shape[1]
         o = og * group
-        oh, ow = deconv_output_shape((ih, iw), geom)
+        oh, ow = out
         y = self._empty((n, o, oh, ow))
         if y.size == 0:
             return y
@@ -400,6 +418,183 @@ class Kernels:
         self.launch("crop", name, grid, (BLOCK,), (x, y) + args)
         return y
 
+    # -- backward ------------------------------------------------------------------------------
+    # Caffe's Backward (training.md 10.1, 10.2, 10.8).  Input gradients are fresh arrays, every
+    # element written once by a gather (no atomics: deterministic); parameter gradients are ADDED
+    # into the arrays given (Caffe's param diffs accumulate).
+
+    def conv2d_backward(self, x, weight, dy, geom, group, want_dx, dweight, dbias, method="auto"):
+        """The gradients of conv2d(x, weight, bias, geom, group) for the top gradient dy (N, O, OH, OW).
+
+        Adds db[o] = sum dy[:, o] into dbias and dW[o, c, q] = sum over n, p of dy[n, o, p] *
+        x[n, g*Cg + c, p*s - pad + q*dil] into dweight (each when not None); returns dx (N, C, H, W)
+        when want_dx, else None.  dW: im2col of x with the images side by side and one matmul per
+        chunk of images (bounded by col_budget); dx = col2im(W^T dy): the deconvolution of dy with
+        the same weight blob into the input's size (padding taps dropped, untouched pixels 0),
+        through deconv2d's matmul + col2im gather or its direct gather (`method`; "auto" picks as
+        deconv2d does, and the direct gather when one image's columns exceed col_budget)."""
+        n, c, h, w = x.shape
+        o = weight.shape[0]
+        oh, ow = conv_output_shape((h, w), geom)
+        _check_shape("the top gradient", dy.shape, (n, o, oh, ow))
+        dy = self._input(dy)
+        if dbias is not None and dy.size:
+            dbias += dy.sum(axis=(0, 2, 3), dtype=F32)
+        if dweight is not None and dy.size and x.size:
+            self._weight_grad(dy, self._input(x), geom, group, dweight)
+        if not want_dx:
+            return None
+        if dy.size == 0 or x.size == 0:
+            return self.xp.zeros((n, c, h, w), dtype=F32)
+        if method == "auto" and c * geom.kernel[0] * geom.kernel[1] * oh * ow > self.col_budget:
+            method = "direct"
+        return self._deconv(dy, weight, None, geom, group, (h, w), method)
+
+    def deconv2d_backward(self, x, weight, dy, geom, group, want_dx, dweight, dbias, method="auto"):
+        """The gradients of deconv2d(x, weight, bias, geom, group), weight (C, O/group, KH, KW), for
+        the top gradient dy (N, O, OH, OW).
+
+        Adds db[o] = sum dy[:, o] and dW[c, o, q] = sum over n, i of x[n, c, i] *
+        dy[n, g*Og + o, i*s - pad + q*dil] (dy read as 0 outside the top): im2col of dy with the
+        images side by side, one matmul per chunk; returns dx = conv2d(dy, weight) (no bias) when
+        want_dx (`method` as conv2d's), else None."""
+        n, c, ih, iw = x.shape
+        o = weight.shape[1] * group
+        oh, ow = deconv_output_shape((ih, iw), geom)
+        _check_shape("the top gradient", dy.shape, (n, o, oh, ow))
+        dy = self._input(dy)
+        if dbias is not None and dy.size:
+            dbias += dy.sum(axis=(0, 2, 3), dtype=F32)
+        if dweight is not None and dy.size and x.size:
+            self._weight_grad(self._input(x), dy, geom, group, dweight)
+        if not want_dx:
+            return None
+        if dy.size == 0 or x.size == 0:
+            return self.xp.zeros((n, c, ih, iw), dtype=F32)
+        return self.conv2d(dy, weight, None, geom, group, method)
+
+    def _weight_grad(self, a, src, geom, group, dweight):
+        """dweight (R, S/group, KH, KW) += per group, the sum over images n of
+        a[n, g] (R/group, P) @ columns(src[n], geom)[g] (S/group*KH*KW, P)^T, where the columns
+        (im2col) of src (N, S, H, W) have the P = OH*OW positions of a (N, R, OH, OW).
+
+        Several images per matmul: their columns side by side in every row (im2col's
+        side_by_side layout, (S*KH*KW, m, P)) and a copy of their `a` laid out (group, m*P, R/group),
+        both within col_budget; an image whose columns exceed it goes in bands of output rows.
+        The matmul is columns (group, K, L) @ a^T (group, L, R/group): both operands C-contiguous,
+        as CuPy's batched matmul wants them (it copies any other operand whole), and the small
+        (group, K, R/group) product is transposed into dweight."""
+        xp = self.xp
+        n, rr, oh, ow = a.shape
+        s = src.shape[1]
+        if conv_output_shape(src.shape[2:], geom) != (oh, ow):
+            raise ValueError(f"im2col of {tuple(src.shape)} with {geom} does not give {oh}x{ow} positions")
+        g = group
+        r, k = rr // g, (s // g) * geom.kernel[0] * geom.kernel[1]
+        col_rows = s * geom.kernel[0] * geom.kernel[1]
+        positions = oh * ow
+
+        def product(chunk, at, cols):
+            part = xp.matmul(chunk.reshape(g, k, cols), at.reshape(g, cols, r))  # (g, K, R/g)
+            return part.transpose(0, 2, 1).reshape(dweight.shape)
+
+        per_image = max(col_rows, rr) * positions
+        if per_image <= self.col_budget:
+            m = min(n, max(1, self.col_budget // per_image))
+            col = xp.empty(m * col_rows * positions, dtype=F32)
+            for n0 in range(0, n, m):
+                n1 = min(n, n0 + m)
+                chunk = col[:(n1 - n0) * col_rows * positions]
+                self._im2col(src[n0:n1], chunk, geom, ow, 0, oh, side_by_side=True)
+                at = xp.ascontiguousarray(a[n0:n1].reshape(n1 - n0, g, r, positions).transpose(1, 0, 3, 2))
+                dweight += product(chunk, at, (n1 - n0) * positions)
+            return
+        rows = max(1, self.col_budget // (max(col_rows, rr) * ow))
+        col = xp.empty(col_rows * min(rows, oh) * ow, dtype=F32)
+        for i in range(n):
+            for r0 in range(0, oh, rows):
+                r1 = min(oh, r0 + rows)
+                cols = (r1 - r0) * ow
+                chunk = col[:col_rows * cols]
+                self._im2col(src[i:i + 1], chunk, geom, ow, r0, r1 - r0)
+                at = xp.ascontiguousarray(a[i, :, r0:r1, :].reshape(g, r, cols).transpose(0, 2, 1))
+                dweight += product(chunk, at, cols)
+
+    def col2im(self, dcol, geom, x_shape):
+        """The Im2col layer's backward: dx (N, C, H, W) = x_shape from the column gradient dcol
+        (N, C*KH*KW, OH, OW) in Caffe's layout (row c*KH*KW + q): each pixel sums, in tap order,
+        the entries whose tap lands on it (conv.cu's col2im gather, no bias); untouched pixels 0."""
+        n, c, h, w = x_shape
+        oh, ow = conv_output_shape((h, w), geom)
+        _check_shape("the column gradient", dcol.shape, (n, c * geom.kernel[0] * geom.kernel[1], oh, ow))
+        dx = self._empty((n, c, h, w))
+        if dx.size == 0:
+            return dx
+        if dcol.size == 0:
+            dx.fill(0)
+            return dx
+        dcol = self._input(dcol)
+        self.launch("conv", "col2im", self.deconv_grid(h * w, c, n), (BLOCK,),
+                    (dcol, dcol, dx) + _i32(n, c, h, w, oh, ow, *geom.kernel, *geom.stride, *geom.pad,
+                                            *geom.dilation, 0))
+        return dx
+
+    def pool_backward(self, x, y, dy, geom, method):
+        """dx (N, C, H, W) of a MAX or AVE pooling of x with top y and top gradient dy (pooling.cu).
+
+        MAX: each output's gradient goes to the first cell of its window, in Caffe's scan order,
+        that holds y (the first strict maximum; padding never wins; nowhere where y is -FLT_MAX),
+        recomputed into an int32 buffer of the top's size (max_pool_argmax); then each cell sums
+        the gradients of the covering outputs that chose it (max_pool_backward).  AVE: each
+        in-image cell sums dy / pool_size over the covering outputs (ave_pool_backward)."""
+        n, c, h, w = x.shape
+        oh, ow = geom.out
+        _check_shape("the top gradient", dy.shape, (n, c, oh, ow))
+        if method not in (MAX_POOL, AVE_POOL):
+            raise UnsupportedError("STOCHASTIC pooling has no backward here (Caffe's CPU build does not "
+                                   "implement it)" if method == STOCHASTIC_POOL else
+                                   f"unknown pooling method {method}")
+        dx = self._empty((n, c, h, w))
+        if dx.size == 0:
+            return dx
+        if dy.size == 0:
+            dx.fill(0)
+            return dx
+        dy = self._input(dy)
+        geo = _i32(n * c, h, w, oh, ow, *geom.kernel, *geom.stride, *geom.pad)
+        if method == MAX_POOL:
+            _check_shape("the top", y.shape, dy.shape)
+            argmax = self.xp.empty(dy.shape, dtype=I32)
+            self.launch("pooling", "max_pool_argmax", (grid_for(argmax.size),), (BLOCK,),
+                        (self._input(x), self._input(y), argmax) + geo)
+            self.launch("pooling", "max_pool_backward", (grid_for(dx.size),), (BLOCK,), (dy, argmax, dx) + geo)
+        else:
+            self.launch("pooling", "ave_pool_backward", (grid_for(dx.size),), (BLOCK,), (dy, dx) + geo)
+        return dx
+
+    def crop_backward(self, dy, offsets, bottom_shape):
+        """Crop's backward: dx = zeros(bottom_shape) with dx[idx + offsets] = dy[idx] (offsets and
+        dy's shape as crop() takes them): a zero fill, then crop.cu's rows copied back into place."""
+        bottom_shape = tuple(int(v) for v in bottom_shape)
+        dx = self._empty(bottom_shape)  # (checks the size)
+        dx.fill(0)
+        if dy.size == 0:
+            return dx
+        dy = self._input(dy)
+        plan = _uncrop_launch(bottom_shape, tuple(int(v) for v in offsets), tuple(dy.shape), CROP_PART_STEPS)
+        if plan is None:  # more interleaved cropped axes than crop.cu takes
+            dx[tuple(slice(o, o + t) for o, t in zip(offsets, dy.shape))] = dy
+            return dx
+        name, grid, args = plan
+        self.launch("crop", name, grid, (BLOCK,), (dy, dx) + args)
+        return dx
+
+
+def _check_shape(what, shape, expected):
+    if tuple(shape) != tuple(expected):
+        raise ValueError(f"{what} has shape {tuple(shape)}, expected {tuple(expected)}")
+
+
 
 def crop_plan(data_shape, offsets, top_shape):
     """(base, outer, run) for crop.cu: the element where the top starts in the data, the outer
@@ -488,6 +683,22 @@ def _crop_launch(data_shape, offsets, top_shape, aligned, part_steps):
     lanes_log2 = _lanes_log2(items, CROP_UNROLL)
     seg, parts = _row_parts(items, lanes_log2, part_steps)
     return name, (-(-rows // (BLOCK >> lanes_log2)), parts), _i32(*head, *shape, seg, lanes_log2)
+
+
+@functools.lru_cache(maxsize=256)
+def _uncrop_launch(data_shape, offsets, top_shape, part_steps):
+    """(kernel name, grid, scalar arguments) of Crop's backward (crop_rows_backward: crop_rows'
+    rows and layout, floats), or None when it has more outer axes than crop.cu takes."""
+    base, outer, run = crop_plan(data_shape, offsets, top_shape)
+    if len(outer) > CROP_MAX_OUTER:
+        return None
+    outer = [(1, 0)] * (CROP_MAX_OUTER - len(outer)) + outer
+    rows = math.prod(t for t, _ in outer)
+    shape = (*(t for t, _ in outer[1:]), *(s for _, s in outer))
+    lanes_log2 = _lanes_log2(run, CROP_UNROLL)
+    seg, parts = _row_parts(run, lanes_log2, part_steps)
+    return "crop_rows_backward", (-(-rows // (BLOCK >> lanes_log2)), parts), _i32(base, rows, run, *shape, seg,
+                                                                                   lanes_log2)
 
 
 def _row_parts(items, lanes_log2, part_steps=None):

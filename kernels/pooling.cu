@@ -280,3 +280,103 @@ extern "C" __global__ void stochastic_pool_test(const float* __restrict__ x, flo
         y[i] = sum > 0.0f ? squares / sum : 0.0f;
     }
 }
+
+// Backward (Caffe's Backward_gpu, written as gathers: each input cell sums the outputs whose
+// windows cover it, in Caffe's (ph, pw) order from 0, so the result is deterministic and equals
+// Caffe's sequential float32 sums).  One thread per cell (max_pool_argmax: per output), grid-stride,
+// planes = N*C.  The outputs whose windows hold in-image row h (padded row hp = h + pad_h) are
+// [hp < K ? 0 : (hp - K)/S + 1, min(hp/S + 1, OH)) -- the ceil-mode overhang never holds an
+// in-image cell it does not reach -- and likewise for the columns.
+__device__ __forceinline__ void pool_cover(int at, int kernel, int stride, int pad, int out, int& first, int& end) {
+    const int padded = at + pad;
+    first = padded < kernel ? 0 : (padded - kernel) / stride + 1;
+    end = min(padded / stride + 1, out);
+}
+
+// MAX, first half: the argmax of every output, recomputed from the bottom x and the top y: the
+// first in-image cell of the window, in Caffe's row-major scan, that equals y (that is the first
+// strict maximum the forward kept: every cell before it was smaller or NaN), as h*W + w; -1 where
+// the forward kept none (y == -FLT_MAX: nothing beat Caffe's initial value, and Caffe's GPU
+// backward then sends the output's gradient nowhere).  Padding is never scanned.
+extern "C" __global__ void max_pool_argmax(const float* __restrict__ x, const float* __restrict__ y,
+                                           int* __restrict__ argmax, int planes, int height, int width,
+                                           int out_h, int out_w, int kernel_h, int kernel_w,
+                                           int stride_h, int stride_w, int pad_h, int pad_w) {
+    const int total = planes * out_h * out_w;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += blockDim.x * gridDim.x) {
+        const int ow = i % out_w;
+        const int oh = (i / out_w) % out_h;
+        const float* src = x + (i / (out_w * out_h)) * height * width;
+        const int h0 = oh * stride_h - pad_h;
+        const int w0 = ow * stride_w - pad_w;
+        const int hs = max(h0, 0);
+        const int he = min(h0 + kernel_h, height);
+        const int ws = max(w0, 0);
+        const int we = min(w0 + kernel_w, width);
+        const float best = y[i];
+        int where = -1;
+        if (best > -POOL_FLT_MAX) {
+            for (int h = hs; h < he && where < 0; ++h)
+                for (int w = ws; w < we; ++w)
+                    if (src[h * width + w] == best) {
+                        where = h * width + w;
+                        break;
+                    }
+        }
+        argmax[i] = where;
+    }
+}
+
+// MAX, second half: dx[h, w] = the sum of dy over the covering outputs whose argmax is (h, w)
+// (overlapping windows add up; with ties only the first maximum gets anything); 0 elsewhere.
+extern "C" __global__ void max_pool_backward(const float* __restrict__ dy, const int* __restrict__ argmax,
+                                             float* __restrict__ dx, int planes, int height, int width,
+                                             int out_h, int out_w, int kernel_h, int kernel_w,
+                                             int stride_h, int stride_w, int pad_h, int pad_w) {
+    const int total = planes * height * width;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += blockDim.x * gridDim.x) {
+        const int w = i % width;
+        const int h = (i / width) % height;
+        const int offset = (i / (width * height)) * out_h * out_w;
+        const float* g = dy + offset;
+        const int* m = argmax + offset;
+        int ph0, ph1, pw0, pw1;
+        pool_cover(h, kernel_h, stride_h, pad_h, out_h, ph0, ph1);
+        pool_cover(w, kernel_w, stride_w, pad_w, out_w, pw0, pw1);
+        const int at = h * width + w;
+        float sum = 0.0f;
+        for (int ph = ph0; ph < ph1; ++ph)
+            for (int pw = pw0; pw < pw1; ++pw)
+                if (m[ph * out_w + pw] == at) sum += g[ph * out_w + pw];
+        dx[i] = sum;
+    }
+}
+
+// AVE: dx[h, w] = the sum over the covering outputs of dy / pool_size, pool_size being the
+// forward's divisor: the window clipped to [-pad, size + pad) (padding counts, the ceil-mode
+// overhang does not), divided in float32 as Caffe does.  Padding cells get nothing.
+extern "C" __global__ void ave_pool_backward(const float* __restrict__ dy, float* __restrict__ dx,
+                                             int planes, int height, int width, int out_h, int out_w,
+                                             int kernel_h, int kernel_w, int stride_h, int stride_w,
+                                             int pad_h, int pad_w) {
+    const int total = planes * height * width;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += blockDim.x * gridDim.x) {
+        const int w = i % width;
+        const int h = (i / width) % height;
+        const float* g = dy + (i / (width * height)) * out_h * out_w;
+        int ph0, ph1, pw0, pw1;
+        pool_cover(h, kernel_h, stride_h, pad_h, out_h, ph0, ph1);
+        pool_cover(w, kernel_w, stride_w, pad_w, out_w, pw0, pw1);
+        float sum = 0.0f;
+        for (int ph = ph0; ph < ph1; ++ph) {
+            const int h0 = ph * stride_h - pad_h;
+            const int pool_h = min(h0 + kernel_h, height + pad_h) - h0;
+            for (int pw = pw0; pw < pw1; ++pw) {
+                const int w0 = pw * stride_w - pad_w;
+                const int pool_w = min(w0 + kernel_w, width + pad_w) - w0;
+                sum += g[ph * out_w + pw] / (float)(pool_h * pool_w);
+            }
+        }
+        dx[i] = sum;
+    }
+}
