@@ -136,7 +136,8 @@ class Kernels:
         """Caffe's LRN of x (N, C, H, W), one launch: ACROSS_CHANNELS, or WITHIN_CHANNEL (k unused).
 
         The float32 constants are the numpy path's (caffeish.ops.norm): alpha/n rounded
-        to float32, the n*n divisor, and beta 0.75, 0.5 and 1 through square roots."""
+        to float32, the n*n divisor.  ACROSS runs Caffe's CPU running sum and pow in double
+        (bit-equal to the numpy path); WITHIN takes beta 0.75, 0.5 and 1 through square roots."""
         n, c, h, w = x.shape
         y = self._empty(x.shape)
         if y.size == 0:

@@ -3,8 +3,8 @@
 // Each layer is one launch that reads its bottom and writes its top, with no
 // intermediate arrays in device memory (the array-operation versions they
 // replace took 5 to 15 launches and as many full-size temporaries).  The sums
-// run in the order of the numpy runtime (caffeish.ops.norm, caffeish.ops.routing)
-// and the products are rounded on their own (NORM_MUL: nvcc would otherwise fuse
+// run in the order of the numpy runtime (caffeish.ops.norm, caffeish.ops.routing;
+// for LRN across channels, Caffe's own) and the products are rounded on their own (NORM_MUL: nvcc would otherwise fuse
 // a product and the following add into one FMA), so the results match the numpy
 // path to a few units in the last place.  Plain CUDA C++: no headers, so NVRTC
 // (cupy.RawModule) and the CPU harness both compile it.
@@ -32,20 +32,24 @@ __device__ __forceinline__ float lrn_output(float x, float s, float beta, int mo
     return x / p;
 }
 
-// ACROSS_CHANNELS: y[n, c, p] = x[n, c, p] / (k + alpha/n * sum of x[n, c', p]^2
-// over c' in [c - half, c + half] clipped to [0, C))^beta, p = h*W + w.
-// One thread walks `chunk` consecutive channels of one (n, h, w) column, so the
-// squares of a window come from its own recent loads (L1) and each x value is
-// read from device memory about once; neighbouring threads take neighbouring p
-// (coalesced).  Each window is summed afresh in channel order rather than
-// slid (add the head, subtract the tail, as Caffe's LRNFillScale): the slide
-// leaves only rounding noise of a window once a large value has left it.
+// ACROSS_CHANNELS, in Caffe's CPU order and rounding (CrossChannelForward_cpu), which the
+// numpy path follows too (ops/norm.py): per pixel, S[0] = k plus alpha/n * x[c']^2 for c' in
+// [-pre, post] added one by one, and S[c] = S[c - 1] plus alpha/n * x[c + post]^2 minus
+// alpha/n * x[c - 1 - pre]^2, each step a fused multiply-add (OpenBLAS's axpy); out-of-range
+// channels add nothing.  y = x * (float)pow((double)S, -beta), Caffe's powx.  Rounding of S
+// decides the last bits of y, and a later ReLU can turn those into a different gradient,
+// so the order is Caffe's, not an afresh window sum.  One thread walks `chunk` consecutive
+// channels of one (n, h, w) column (neighbouring threads take neighbouring p: coalesced),
+// replaying the running sum from channel 0 to its chunk's start so that every chunk rounds as
+// one sequential pass would.  `mode` is unused here (the WITHIN kernel's power shortcut).
 extern "C" __global__ void lrn_across(const float* __restrict__ x, float* __restrict__ y,
                                       int images, int channels, int spatial, int local_size, int chunk,
-                                      float alpha_over_n, float k, float beta, int power_mode) {
-    const int half = (local_size - 1) / 2;
+                                      float alpha_over_n, float k, float beta, int mode) {
+    const int pre = (local_size - 1) / 2;
+    const int post = local_size - 1 - pre;
     const int chunks = (channels + chunk - 1) / chunk;
     const int total = images * chunks * spatial;
+    const double exponent = -(double)beta;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += blockDim.x * gridDim.x) {
         const int p = i % spatial;
         const int part = (i / spatial) % chunks;
@@ -54,16 +58,27 @@ extern "C" __global__ void lrn_across(const float* __restrict__ x, float* __rest
         float* out = y + offset;
         const int c0 = part * chunk;
         const int c1 = min(c0 + chunk, channels);
-        for (int c = c0; c < c1; ++c) {
-            const int lo = max(c - half, 0);
-            const int hi = min(c + half + 1, channels);
-            float sum = 0.0f;
-            for (int j = lo; j < hi; ++j) {
-                const float v = column[j * spatial];
-                sum += NORM_MUL(v, v);
+        float s = k;
+        for (int j = 0; j <= post && j < channels; ++j) {
+            const float v = column[j * spatial];
+            s = fmaf(alpha_over_n, NORM_MUL(v, v), s);
+        }
+        for (int c = 0; c < c1; ++c) {
+            if (c > 0) {
+                const int head = c + post;
+                const int tail = c - 1 - pre;
+                if (head < channels) {
+                    const float v = column[head * spatial];
+                    s = fmaf(alpha_over_n, NORM_MUL(v, v), s);
+                }
+                if (tail >= 0) {
+                    const float v = column[tail * spatial];
+                    s = fmaf(-alpha_over_n, NORM_MUL(v, v), s);
+                }
             }
-            const float s = NORM_MUL(sum, alpha_over_n) + k;
-            out[c * spatial] = lrn_output(column[c * spatial], s, beta, power_mode);
+            if (c >= c0) {
+                out[c * spatial] = NORM_MUL((float)pow((double)s, exponent), column[c * spatial]);
+            }
         }
     }
 }

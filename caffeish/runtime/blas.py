@@ -90,7 +90,8 @@ def powx(xp, a, b, out=None):
     """Caffe's caffe_powx: a ** b for float32 `a`, evaluated in double and rounded to float32."""
     if xp is not np:
         return xp.power(a, xp.float32(b), out=out)
-    result = np.power(a, float(b), dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf and NaN as Caffe's
+        result = np.power(a, float(b), dtype=np.float64)
     if out is None:
         return result.astype(np.result_type(a.dtype, np.float32))
     out[...] = result
