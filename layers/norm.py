@@ -108,7 +108,7 @@ class LRN(_OneToOne):
         n_img, c = x.shape[:2]
         size = self.local_size
         pre = (size - 1) // 2
-        step = f32(self.alpha / size)  # Caffe's alpha_over_size, a Dtype
+        step = f32(self.alpha) / f32(size)  # Caffe's alpha_over_size: a float division
         dtype = np.result_type(x.dtype, np.float32)
         scale = np.full(x.shape, self.k, dtype=dtype)
         squares = np.zeros((c + size - 1,) + tuple(x.shape[2:]), dtype=dtype)
