@@ -1,6 +1,8 @@
-"""Shared test fixtures: the read-only ../shared folder beside the checkout."""
+"""Shared test fixtures: the read-only ../shared folder beside the checkout, and the CPU/GPU modes."""
+import importlib.util
 import os
 import pathlib
+import shutil
 
 import pytest
 
@@ -14,3 +16,34 @@ def shared_path(*parts):
     if not p.exists():
         pytest.skip(f"shared test data not found: {p} (tests read ../shared beside the checkout)")
     return p
+
+
+HAVE_CXX = shutil.which(os.environ.get("CXX", "g++")) is not None or bool(os.environ.get("CI"))
+
+
+@pytest.fixture(params=["cpu", "gpu"] + (["cuda"] if importlib.util.find_spec("cupy") else []))
+def mode(request, monkeypatch):
+    """Run a test in pycaffe's CPU mode, then in GPU mode on the GPU code path: our CUDA kernels
+    compiled for the CPU (the harness) with an array module that refuses what CuPy refuses (the
+    strict backend), so that CI runs it without a GPU; and where CuPy is installed, on CuPy itself
+    ("cuda", skipped when no GPU answers)."""
+    import caffeish as caffe
+    from caffeish.runtime import backend
+
+    if request.param == "cuda":
+        reason = backend.gpu_unavailable_reason()
+        if reason:
+            pytest.skip(f"needs a GPU with CuPy: {reason}")
+        caffe.set_mode_gpu()
+    elif request.param == "gpu":
+        if not HAVE_CXX:
+            pytest.skip("no C++ compiler for the kernel harness (g++ or $CXX)")
+        real_get = backend.get
+        monkeypatch.setattr(backend, "gpu_unavailable_reason", lambda: None)
+        monkeypatch.setattr(backend, "get",
+                            lambda name=None: real_get("strict" if name is None and backend.mode() == "gpu" else name))
+        caffe.set_mode_gpu()
+    else:
+        caffe.set_mode_cpu()
+    yield request.param
+    caffe.set_mode_cpu()

@@ -14,10 +14,8 @@ running statistics) must equal Caffe's within the case's meta.json tolerance, on
 the GPU code path (our CUDA kernels on the CPU harness, with an array module that refuses what
 CuPy refuses; CuPy itself where there is a GPU).  New case folders are picked up without changes.
 """
-import importlib.util
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -26,33 +24,10 @@ from conftest import SHARED
 
 import caffeish as caffe
 from caffeish.data.metrics import compare_blobs
-from caffeish.runtime import backend
 
 ROOT = os.path.join(SHARED, "golden_train", "backward")
 CASES = sorted(d for d in os.listdir(ROOT) if os.path.isfile(os.path.join(ROOT, d, "meta.json"))) \
     if os.path.isdir(ROOT) else []
-HAVE_CXX = shutil.which(os.environ.get("CXX", "g++")) is not None or bool(os.environ.get("CI"))
-
-
-@pytest.fixture(params=["cpu", "gpu"] + (["cuda"] if importlib.util.find_spec("cupy") else []))
-def mode(request, monkeypatch):
-    if request.param == "cuda":
-        reason = backend.gpu_unavailable_reason()
-        if reason:
-            pytest.skip(f"needs a GPU with CuPy: {reason}")
-        caffe.set_mode_gpu()
-    elif request.param == "gpu":
-        if not HAVE_CXX:
-            pytest.skip("no C++ compiler for the kernel harness (g++ or $CXX)")
-        real_get = backend.get
-        monkeypatch.setattr(backend, "gpu_unavailable_reason", lambda: None)
-        monkeypatch.setattr(backend, "get",
-                            lambda name=None: real_get("strict" if name is None and backend.mode() == "gpu" else name))
-        caffe.set_mode_gpu()
-    else:
-        caffe.set_mode_cpu()
-    yield request.param
-    caffe.set_mode_cpu()
 
 
 def run_backward(folder):

@@ -11,9 +11,7 @@ strict backend (our CUDA kernels compiled for the CPU, an array module that
 refuses what CuPy refuses), so CI runs it without a GPU; on a machine with a GPU
 and CuPy the same runs on CuPy itself.
 """
-import importlib.util
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -24,29 +22,6 @@ import caffeish as caffe
 from caffeish.runtime import backend
 
 CASES = cases()
-HAVE_CXX = shutil.which(os.environ.get("CXX", "g++")) is not None or bool(os.environ.get("CI"))
-
-
-# "cuda" (CuPy itself) only where CuPy is installed; it skips there when no GPU answers.
-@pytest.fixture(params=["cpu", "gpu"] + (["cuda"] if importlib.util.find_spec("cupy") else []))
-def mode(request, monkeypatch):
-    if request.param == "cuda":  # a real GPU with CuPy, where there is one
-        reason = backend.gpu_unavailable_reason()
-        if reason:
-            pytest.skip(f"needs a GPU with CuPy: {reason}")
-        caffe.set_mode_gpu()
-    elif request.param == "gpu":
-        if not HAVE_CXX:
-            pytest.skip("no C++ compiler for the kernel harness (g++ or $CXX)")
-        real_get = backend.get
-        monkeypatch.setattr(backend, "gpu_unavailable_reason", lambda: None)
-        monkeypatch.setattr(backend, "get",
-                            lambda name=None: real_get("strict" if name is None and backend.mode() == "gpu" else name))
-        caffe.set_mode_gpu()
-    else:
-        caffe.set_mode_cpu()
-    yield request.param
-    caffe.set_mode_cpu()
 
 
 @pytest.mark.skipif(not CASES, reason=f"golden cases not found under {GOLDEN} (../shared is absent)")

@@ -193,7 +193,6 @@ class BackwardMixin:
         """Caffe's BackwardFromTo: layers start down to end (indices, inclusive) that need backward."""
         self._sync_host()
         plan_ = self._plan
-        arrays = self._arrays
         xp = self.xp
         for i in range(start, end - 1, -1):
             if not plan_.layer[i]:

@@ -35,14 +35,10 @@ import math
 import numpy as np
 
 from caffeish.graph.geometry import ConvGeometry
-from caffeish.runtime.im2col import conv_forward
+from caffeish.runtime.im2col import COL_BUDGET, MIN_COLUMNS, conv_forward, work_chunks
 
-# Upper bound on the column buffer, in float32 elements (16 MiB), as the forward's.
-COL_BUDGET = 1 << 22
 # Largest weight (elements) whose gradient is computed transposed, see _im2col_backward.
 SMALL_WEIGHT = 1 << 22
-# Fewest output positions per chunk of rows, so that the matmuls stay efficient.
-MIN_COLUMNS = 256
 
 F32 = np.float32
 
@@ -91,27 +87,6 @@ def _tap_plan(geom, spatial_in, out, r0, r1):
             continue
         plan.append((i, tuple(col_sl), tuple(img_sl)))
     return plan, full
-
-
-def _chunks(n, rows_total, row_size, per_row, budget, min_positions):
-    """(n0, n1, r0, r1) chunks over images n and output rows r of the first spatial axis.
-
-    Several whole images per chunk while they fit `budget` floats (a row costs
-    `per_row`), else bands of rows of one image, at least `min_positions` positions
-    each.  Chunks are balanced in size.
-    """
-    per_image = per_row * rows_total
-    if per_image <= budget:
-        nb = min(n, max(1, budget // max(per_image, 1)))
-        nb = -(-n // -(-n // nb))
-        for n0 in range(0, n, nb):
-            yield n0, min(n, n0 + nb), 0, rows_total
-        return
-    rows = max(1, budget // per_row, -(-min_positions // max(row_size, 1)))
-    rows = -(-rows_total // -(-rows_total // rows))
-    for i in range(n):
-        for r0 in range(0, rows_total, rows):
-            yield i, i + 1, r0, min(rows_total, r0 + rows)
 
 
 # -- bias ---------------------------------------------------------------------------------
@@ -200,7 +175,7 @@ def _im2col_backward(xp, x, weight, dy, geom, g, dx, dweight, budget):
     nsp = len(out)
     k = math.prod(geom.kernel)
     rest = math.prod(out[1:])
-    chunks = list(_chunks(n, out[0], rest, c * k * rest, budget, MIN_COLUMNS))
+    chunks = list(work_chunks(n, out[0], rest, c * k * rest, budget, MIN_COLUMNS))
     most = max((n1 - n0) * (r1 - r0) for n0, n1, r0, r1 in chunks) * rest
     buf = xp.empty(c * k * most, dtype=F32)
     wt = xp.reshape(weight, (g, og, cg * k))

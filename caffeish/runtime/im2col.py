@@ -182,7 +182,7 @@ def _conv_depthwise(xp, x, weight, geom, out, y):
             y += term
 
 
-def _chunks(n, rows_total, row_size, per_row, budget, min_positions):
+def work_chunks(n, rows_total, row_size, per_row, budget, min_positions):
     """(n0, n1, r0, r1) work chunks over images n and rows r of the first spatial axis.
 
     Several whole images per chunk while they fit `budget` (floats of buffer;
@@ -260,7 +260,7 @@ def _conv_im2col(xp, x, weight, bias, geom, g, out, y, budget):
     w = weight.reshape(g, og, rows_k)
     bias_view = None if bias is None else bias.reshape(1, g, og, 1)
     rest = math.prod(out[1:])
-    chunks = list(_chunks(n, out[0], rest, g * rows_k * rest, budget, MIN_COLUMNS))
+    chunks = list(work_chunks(n, out[0], rest, g * rows_k * rest, budget, MIN_COLUMNS))
     most = max((n1 - n0) * (r1 - r0) for n0, n1, r0, r1 in chunks) * rest
     buf = xp.empty(most * g * rows_k, dtype=np.float32)
     chunk_windows = _chunk_windows(xp, x, geom, out, chunks, budget)
@@ -342,7 +342,7 @@ def deconv_forward(xp, x, weight, bias, geom, group, out, budget=COL_BUDGET):
     rest = math.prod(blocks[1:])
     # result (m, G, rows, *L[1:], Og, *s) -> (m, G, Og, rows, s1, L2, s2, ...)
     back = (0, 1, 2 + nsp) + _interleave(tuple(range(2, 2 + nsp)), tuple(range(3 + nsp, 3 + 2 * nsp)))
-    chunks = list(_chunks(n, blocks[0], rest, rest * max(c * n_taps, o * n_phases), budget, MIN_DECONV_ROWS))
+    chunks = list(work_chunks(n, blocks[0], rest, rest * max(c * n_taps, o * n_phases), budget, MIN_DECONV_ROWS))
     most = max((n1 - n0) * (r1 - r0) for n0, n1, r0, r1 in chunks) * rest
     col_buf = xp.empty(most * c * n_taps, dtype=np.float32)
     res_buf = xp.empty(most * o * n_phases, dtype=np.float32)
