@@ -59,7 +59,11 @@ setup(
         "hdf5": ["h5py>=3.8"],
         # grpcio-tools compiles proto/caffe.proto in tests/test_schema.py; BVLC's own pycaffe tests
         # (tests/test_peer_pycaffe.py) import six and use h5py and pydot.
-        "test": ["pytest>=8.0", "grpcio-tools>=1.85.1", "six>=1.16", "h5py>=3.8", "pydot>=1.4.2"],
+        # `caffeish export onnx` (caffeish/apps/export_onnx.py); opset 21, the default, needs onnx 1.16.
+        "onnx": ["onnx>=1.16"],
+        "test": ["pytest>=8.0", "grpcio-tools>=1.85.1", "six>=1.16", "h5py>=3.8", "pydot>=1.4.2",
+                 # tests/test_export_onnx.py runs the exported models in onnxruntime
+                 "onnx>=1.16", "onnxruntime>=1.20"],
     },
     entry_points={"console_scripts": ["caffeish = caffeish.tools.cli:main"]},
 )

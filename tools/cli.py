@@ -23,6 +23,7 @@ TOOLS = {
     "evaluate": ("evaluate", "run a TEST-phase net like `caffe test`; segmentation metrics (mean IU, ...)"),
     "store": ("store", "model store: build, serve, list, pull and verify pretrained nets"),
     "run": ("run", "run an unchanged pycaffe script (`import caffe`) on caffeish"),
+    "export": ("export", "export a net and its weights to another format (ONNX), Caffe's semantics kept"),
 }
 # Tools whose errors from a Python layer's own code reach the user as the script's own
 # exceptions would (`run` executes a user's script: its exceptions pass through).
