@@ -147,14 +147,15 @@ def worker_opencv(spec):
 WORKERS = {"prepare": worker_prepare, "caffeish": worker_caffeish, "opencv": worker_opencv}
 
 
-def run_worker(kind, spec, threads):
-    """Run one worker in a fresh interpreter; returns (result dict or None, error text)."""
+def run_worker(kind, spec, threads, script=__file__, path=()):
+    """Run one worker of `script` (this file, or another benchmark's) in a fresh interpreter with
+    `threads` BLAS/OpenMP threads; returns (result dict or None, error text)."""
     env = dict(os.environ)
     for var in THREAD_VARS:
         env[var] = str(threads)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), *path, env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, __file__, "--worker", kind, "--spec", json.dumps(spec)],
+        [sys.executable, str(script), "--worker", kind, "--spec", json.dumps(spec)],
         capture_output=True, text=True, env=env, cwd=str(ROOT),
     )
     for line in proc.stdout.splitlines():

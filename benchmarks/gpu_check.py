@@ -38,6 +38,9 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED = pathlib.Path(os.environ.get("CAFFEISH_SHARED", ROOT.parent / "shared"))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from torch_graph import TorchNet  # the Caffe graph in PyTorch (benchmarks/torch_graph.py, shared with train_step.py)
 
 import caffeish  # noqa: E402
 from caffeish.runtime import backend  # noqa: E402
@@ -128,88 +131,6 @@ def build_net(key, batch, size, device, seed=0):
     return net, x
 
 
-class TorchNet:
-    """The same graph in PyTorch, with the caffeish Net's weight arrays (shared, not copied)."""
-
-    def __init__(self, net):
-        import torch
-
-        self.torch = torch
-        self.net = net
-        self.params = {name: [torch.as_tensor(a, device="cuda") for a in arrays]
-                       for name, arrays in net._params.items()}
-        for node in net.nodes:
-            if node.type not in self.SUPPORTED:
-                raise NotImplementedError(f"no PyTorch equivalent here for layer type {node.type}")
-
-    SUPPORTED = {"Input", "Convolution", "Deconvolution", "ReLU", "Pooling", "LRN", "Dropout", "InnerProduct",
-                 "Softmax", "Crop", "Eltwise", "Concat", "Split", "Power"}
-
-    def __call__(self, x):
-        F = self.torch.nn.functional
-        blobs = {self.net.input_names[0]: x}
-        for node in self.net.nodes:
-            t, p = node.type, node.param
-            if t == "Input":
-                continue
-            bottoms = [blobs[b] for b in node.bottoms]
-            w = self.params.get(node.name, [])
-            if t in ("Convolution", "Deconvolution"):
-                g = node.layer.geometry
-                cp = p.convolution_param
-                fn = F.conv2d if t == "Convolution" else F.conv_transpose2d
-                kwargs = dict(stride=g.stride, padding=g.pad, dilation=g.dilation, groups=cp.group)
-                tops = [fn(bottoms[0], w[0], w[1] if cp.bias_term else None, **kwargs)]
-            elif t == "ReLU":
-                slope = p.relu_param.negative_slope
-                tops = [F.leaky_relu(bottoms[0], slope) if slope else F.relu(bottoms[0])]
-            elif t == "Pooling":
-                g = node.layer.geometry
-                pp = p.pooling_param
-                if pp.pool == pp.MAX:
-                    tops = [F.max_pool2d(bottoms[0], g.kernel, g.stride, g.pad, ceil_mode=g.ceil)]
-                else:
-                    tops = [F.avg_pool2d(bottoms[0], g.kernel, g.stride, g.pad, ceil_mode=g.ceil)]
-            elif t == "LRN":
-                lp = p.lrn_param
-                tops = [F.local_response_norm(bottoms[0], lp.local_size, lp.alpha, lp.beta, lp.k)]
-            elif t == "Dropout":
-                tops = [bottoms[0]]
-            elif t == "Power":
-                pw = p.power_param
-                tops = [(bottoms[0] * pw.scale + pw.shift) ** pw.power]
-            elif t == "InnerProduct":
-                tops = [F.linear(bottoms[0].flatten(1), w[0], w[1] if len(w) > 1 else None)]
-            elif t == "Softmax":
-                tops = [F.softmax(bottoms[0], dim=p.softmax_param.axis)]
-            elif t == "Crop":
-                lay = node.layer
-                tops = [bottoms[0][tuple(slice(o, o + n) for o, n in zip(lay.offsets, lay.top_shape))]]
-            elif t == "Eltwise":
-                ep = p.eltwise_param
-                if ep.operation == ep.SUM:
-                    coeff = list(ep.coeff) or [1.0] * len(bottoms)
-                    out = bottoms[0] * coeff[0] if coeff[0] != 1 else bottoms[0]
-                    for b, c in zip(bottoms[1:], coeff[1:]):
-                        out = out + (b * c if c != 1 else b)
-                elif ep.operation == ep.PROD:
-                    out = bottoms[0]
-                    for b in bottoms[1:]:
-                        out = out * b
-                else:
-                    out = bottoms[0]
-                    for b in bottoms[1:]:
-                        out = self.torch.maximum(out, b)
-                tops = [out]
-            elif t == "Concat":
-                tops = [self.torch.cat(bottoms, dim=p.concat_param.axis)]
-            else:  # Split
-                tops = [bottoms[0]] * len(node.tops)
-            for name, top in zip(node.tops, tops):
-                blobs[name] = top
-        return {name: blobs[name] for name in self.net.outputs}
-
-
 def time_nets(keys, batch, size, device, repeat):
     import cupy
 
@@ -229,7 +150,7 @@ def time_nets(keys, batch, size, device, repeat):
         try:
             import torch
 
-            tnet = TorchNet(net)
+            tnet = TorchNet(net, device="cuda")  # the same weights (shared), forward only
             tx = torch.as_tensor(x, device="cuda")
             with torch.no_grad():
                 torch_ms = median_ms(lambda: tnet(tx), torch.cuda.synchronize, repeat)
