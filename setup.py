@@ -57,13 +57,17 @@ setup(
         "draw": ["pydot>=1.4.2"],
         # Net.save_hdf5/load_hdf5 and HDF5 weights.
         "hdf5": ["h5py>=3.8"],
+        # segment/classify/evaluate --ray: Ray Data's actor pools (caffeish/apps/distributed.py; tested with 2.60).
+        "ray": ["ray[data]>=2.40"],
         # grpcio-tools compiles proto/caffe.proto in tests/test_schema.py; BVLC's own pycaffe tests
         # (tests/test_peer_pycaffe.py) import six and use h5py and pydot.
         # `caffeish export onnx` (caffeish/apps/export_onnx.py); opset 21, the default, needs onnx 1.16.
         "onnx": ["onnx>=1.16"],
         "test": ["pytest>=8.0", "grpcio-tools>=1.85.1", "six>=1.16", "h5py>=3.8", "pydot>=1.4.2",
                  # tests/test_export_onnx.py runs the exported models in onnxruntime
-                 "onnx>=1.16", "onnxruntime>=1.20"],
+                 "onnx>=1.16", "onnxruntime>=1.20",
+                 # tests/test_ray.py runs segment/classify/evaluate on a local Ray cluster
+                 "ray[data]>=2.40"],
     },
     entry_points={"console_scripts": ["caffeish = caffeish.tools.cli:main"]},
 )

@@ -26,7 +26,8 @@ import numpy as np
 
 from caffeish.runtime import fillers
 from caffeish.runtime.data_transform import DataTransformer, resize_linear
-from caffeish.formats.datum import BatchCursor, LmdbReader, NotDatumError, datum_array, datum_shape, parse_datum
+from caffeish.formats.datum import (BatchCursor, DamagedLmdbError, LmdbReader, NotDatumError, check_pair, datum_array, datum_shape,
+                                    parse_datum, sibling_pair)
 from caffeish.errors import CaffeishError, InputShapeRequired, ShapeError, UnsupportedError
 from caffeish.formats.images import decode_8bit
 from caffeish.graph.graph import MAX_BLOB_AXES
@@ -418,6 +419,8 @@ class Data(FileBatchSourceLayer):
                     break
                 else:
                     value = None
+        except DamagedLmdbError:
+            raise  # there, but truncated or corrupt: not a source to replace with --input-shape
         except CaffeishError as e:
             raise self.need_shape(f"could not open the LMDB database '{source}' ({e})") from e
         if value is None:
@@ -446,6 +449,9 @@ class Data(FileBatchSourceLayer):
     def read_batch(self):
         p = self.param.data_param
         if self.cursor is None:
+            pair = sibling_pair(p.source)
+            if pair is not None:  # DIGITS' features and labels: paired record by record, so they must agree
+                check_pair(*pair)
             self.reader = LmdbReader(p.source)
             self.cursor = BatchCursor(self.reader)
         records = self.cursor.take(p.batch_size)

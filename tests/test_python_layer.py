@@ -428,7 +428,7 @@ def test_errors_in_user_code_become_one_line_for_the_cli(tmp_path, user_modules,
     # The CLI wraps every tool but `run` in user_errors_as_caffeish itself.
     path = tmp_path / "net.prototxt"
     path.write_text(DATA_LAYER.format('module: "broken_layers" layer: "Raises"'))
-    assert cli(["summary", str(path)]) == 1
+    assert cli(["summary", "--allow-python-layers", str(path)]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "setup() raised FileNotFoundError" in err
 
@@ -524,7 +524,7 @@ def test_given_top_shapes_make_a_python_data_layer_an_input(tmp_path):
 def test_cli_prints_one_line_for_a_missing_module(tmp_path, capsys):
     path = tmp_path / "net.prototxt"
     path.write_text(DATA_LAYER.format('module: "no_such_voc_layers" layer: "L"'))
-    assert cli(["summary", str(path)]) == 1
+    assert cli(["summary", "--allow-python-layers", str(path)]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "no_such_voc_layers" in err and "PYTHONPATH" in err
 

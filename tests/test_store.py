@@ -112,10 +112,18 @@ def test_list_over_http_and_from_a_directory(server, built_store, capsys):
     assert "1,3,16,16" in table
 
 
+def _parts(outdir):
+    """The folder beside OUTDIR where a pull keeps its partial downloads."""
+    outdir = os.path.abspath(outdir)
+    return os.path.join(os.path.dirname(outdir), f".{os.path.basename(outdir)}{download.PARTS}")
+
+
 def _assert_same_files(store_dir, name, outdir):
     for fname in os.listdir(os.path.join(store_dir, name)):
         assert sha256(os.path.join(outdir, fname)) == sha256(os.path.join(store_dir, name, fname)), fname
     assert not [n for n in os.listdir(outdir) if n.startswith(".")], "temporary files left behind"
+    parent = os.path.dirname(os.path.abspath(outdir))
+    assert not [n for n in os.listdir(parent) if n.startswith(".")], "temporary files left beside OUTDIR"
 
 
 def test_pull_over_http_verifies_and_validates(server, built_store, tmp_path, capsys):
@@ -208,9 +216,9 @@ def test_a_part_left_by_an_earlier_run_is_resumed(built_store, tmp_path):
     handler = _recording_handler()
     src = os.path.join(built_store, "fcn", "weights.caffemodel")
     out = tmp_path / "fcn"
-    out.mkdir()
+    os.mkdir(_parts(out))
     with open(src, "rb") as f:
-        (out / ".weights.caffemodel.part").write_bytes(f.read(1000))
+        (tmp_path / _parts(out) / "weights.caffemodel.part").write_bytes(f.read(1000))
     with StoreServer(built_store, port=0, handler=handler) as srv:
         result = download.pull(srv.url, "fcn", str(out), retry_wait=0)
     assert ("weights.caffemodel", "bytes=1000-") in handler.ranges
@@ -222,8 +230,8 @@ def test_a_part_left_by_an_earlier_run_is_resumed(built_store, tmp_path):
 def test_a_corrupt_part_is_downloaded_again_from_the_start(built_store, tmp_path):
     handler = _recording_handler()
     out = tmp_path / "fcn"
-    out.mkdir()
-    (out / ".weights.caffemodel.part").write_bytes(b"\x00" * 1000)
+    os.mkdir(_parts(out))
+    (tmp_path / _parts(out) / "weights.caffemodel.part").write_bytes(b"\x00" * 1000)
     with StoreServer(built_store, port=0, handler=handler) as srv:
         download.pull(srv.url, "fcn", str(out), retry_wait=0)
     assert [r for n, r in handler.ranges if n == "weights.caffemodel"] == ["bytes=1000-", None]
@@ -250,7 +258,7 @@ def test_a_dropped_connection_gives_up_after_the_retries_without_progress(built_
     out = str(tmp_path / "fcn")
     with StoreServer(built_store, port=0, handler=AlwaysDrop) as srv:
         with pytest.raises(CaffeishError, match=r"connection closed at 0.0 MB of 3.1 MB "
-                                                r"\(gave up after 2 retries; run the same pull again"):
+                                                r"\(gave up after 2 retries without new data; run the same pull again"):
             download.pull(srv.url, "fcn", out, retries=2, retry_wait=0)
     assert not os.path.exists(os.path.join(out, "weights.caffemodel"))
     assert not os.path.exists(os.path.join(out, "index.json"))
@@ -415,20 +423,38 @@ def test_two_pulls_into_one_folder_at_once_the_second_says_another_is_running(bu
 def test_a_lock_file_left_by_a_killed_pull_does_not_block(built_store, tmp_path):
     out = tmp_path / "fcn"
     out.mkdir()
-    (out / download.LOCK).write_bytes(b"")
+    (out / download.LOCK).write_bytes(b"")  # where earlier versions kept it: not carried into the new folder
+    (tmp_path / f".fcn{download.LOCK}").write_bytes(b"")
     download.pull(built_store, "fcn", str(out))
     _assert_same_files(built_store, "fcn", str(out))
 
 
-@pytest.mark.parametrize("planted", [download.LOCK, ".weights.caffemodel.part"])
+@pytest.mark.parametrize("planted", [f".fcn{download.LOCK}", f".fcn{download.PARTS}",
+                                     f".fcn{download.PARTS}/weights.caffemodel.part"])
 def test_a_symlink_planted_as_the_lock_or_a_part_is_not_followed(built_store, tmp_path, capsys, planted):
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"keep me")
+    (tmp_path / "victim_dir").mkdir()
+    out = tmp_path / "fcn"
+    out.mkdir()
+    if "/" in planted:
+        (tmp_path / f".fcn{download.PARTS}").mkdir()
+    os.symlink(tmp_path / "victim_dir" if planted.endswith(download.PARTS) else victim, tmp_path / planted)
+    assert cli.main(["store", "pull", built_store, "fcn", "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{planted}: is a symbolic link" in err and "refusing to follow it" in err and err.count("\n") == 1
+    assert victim.read_bytes() == b"keep me" and os.path.islink(tmp_path / planted)
+    assert os.listdir(tmp_path / "victim_dir") == [] and os.listdir(out) == []
+
+
+def test_a_symlink_planted_where_earlier_versions_kept_a_part_is_never_written_through(built_store, tmp_path):
+    """OUT/.NAME.part was where a part lived: a link planted there (which made a pull append the model's
+    bytes to the link's target and report success) is neither written through nor carried over."""
     victim = tmp_path / "victim.txt"
     victim.write_bytes(b"keep me")
     out = tmp_path / "fcn"
     out.mkdir()
-    os.symlink(victim, out / planted)
-    assert cli.main(["store", "pull", built_store, "fcn", "-o", str(out)]) == 1
-    err = capsys.readouterr().err
-    assert f"{planted}: is a symbolic link" in err and "refusing to follow it" in err
-    assert victim.read_bytes() == b"keep me" and os.path.islink(out / planted)
-    assert not os.path.exists(out / "weights.caffemodel")
+    os.symlink(victim, out / ".weights.caffemodel.part")
+    download.pull(built_store, "fcn", str(out))
+    assert victim.read_bytes() == b"keep me"
+    _assert_same_files(built_store, "fcn", str(out))

@@ -13,17 +13,19 @@ as each batch finishes.  An image that cannot be read or run is named on
 stderr; the others go on (a batch that fails is run again image by image),
 and the exit status is 1 with a count at the end; a failure of the net itself
 (a blank image fails the same way) is said once and stops the run.  WEIGHTS
-'none' with layers left at a constant weight filler is warned about.
+'none' with layers left at a constant weight filler is warned about.  --ray [ADDRESS] runs the same
+batches through a pool of actors on a Ray cluster (caffeish.apps.distributed): the same output.
 """
 import sys
 
+from caffeish.apps import distributed
 from caffeish.apps.classify import ResultWriter, classify_images, value_key_of
 from caffeish.apps.inference import Classifier, constant_weight_warning, find_images, open_net
 from caffeish.data import palette
 from caffeish.errors import CaffeishError
 from caffeish.tools import report
-from caffeish.tools.options import (add_gpu_option, add_preprocess_options, device_from_args, int_arg,
-                                    preprocess_from_args)
+from caffeish.tools.options import (add_gpu_option, add_preprocess_options, add_ray_options, device_from_args,
+                                    int_arg, preprocess_from_args, ray_from_args)
 
 FORMATS = ("table", "json", "csv")
 
@@ -45,9 +47,11 @@ def add_arguments(p):
                    help="filler seed when WEIGHTS is 'none'")
     add_preprocess_options(p)
     add_gpu_option(p)
+    add_ray_options(p)
 
 
 def run(args):
+    cluster = ray_from_args(args)
     images, notes = find_images(args.images)
     for note in notes:
         print(f"caffeish classify: note: {note}", file=sys.stderr)
@@ -56,13 +60,20 @@ def run(args):
     labels = palette.read_labels(args.labels) if args.labels else None
     spec = preprocess_from_args(args)
     weights = None if args.weights.lower() == "none" else args.weights
-    net = open_net(args.net, weights, device_from_args(args), seed=args.seed)
+    net = open_net(args.net, weights, None if cluster else device_from_args(args), seed=args.seed)
     warning = constant_weight_warning(net, weights is not None)
     if warning:
         print(f"caffeish classify: warning: {warning}", file=sys.stderr)
     clf = Classifier(net, spec, args.blob, args.oversample)
     writer = ResultWriter(args.format, labels, value_key_of(clf))
-    failed = classify_images(clf, images, writer, args.batch_size, args.top_k)
+    if cluster is None:
+        failed = classify_images(clf, images, writer, args.batch_size, args.top_k)
+    else:  # the same batches and results, from a pool of actors on a Ray cluster
+        failed, ray_report = distributed.classify_images(
+            cluster, args.net, weights, args.seed, spec, args.blob, args.oversample, images, writer, args.batch_size,
+            args.top_k, gpu=True if args.gpu is not None else None)
+        for line in ray_report.lines():
+            print(f"caffeish classify: {line}", file=sys.stderr)
     if args.format == "table" and writer.table:
         writer.out.write(report.render(writer.columns, writer.table, "table"))
     if failed:

@@ -64,7 +64,9 @@ def main(argv=None):
         with user_errors_as_caffeish():  # a Python layer's exception: one line naming the layer
             return args.run(args)
     except CaffeishError as e:
-        print(f"caffeish {args.tool}: error: {e}", file=sys.stderr)
+        from caffeish.formats.io import printable  # names from files: no newline or escape sequence gets through
+
+        print(f"caffeish {args.tool}: error: {printable(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

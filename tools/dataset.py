@@ -18,6 +18,7 @@ from caffeish.apps.dataset import (DEFAULT_IGNORE_LABEL, build_classification, b
                                    default_workers, format_summary, inspect_dataset)
 from caffeish.errors import CaffeishError
 from caffeish.formats.datum import ENCODINGS
+from caffeish.formats.io import printable, printable_cells
 from caffeish.tools.options import add_ignore_label_option, wxh_arg
 from caffeish.tools.report import FORMATS, render
 
@@ -99,7 +100,7 @@ def run(args):
             ignore_label=args.ignore_label, txn_records=args.txn_records, force=args.force, workers=args.workers,
             allow_extra_classes=args.allow_extra_classes)
         for line in summary["warnings"]:
-            print(f"warning: {line}", file=sys.stderr)
+            print(f"warning: {printable(line)}", file=sys.stderr)
     elif args.dataset_command == "classification":
         summary = build_classification(
             args.images, args.output, val_fraction=args.val_fraction, resize=args.resize,
@@ -130,6 +131,9 @@ def show_dataset(path, dump=None, fmt="table"):
     if fmt == "json":
         return json.dumps(report, indent=2) + "\n"
     rows, class_rows, notes = report["databases"], report["class_frequencies"], report["notes"]
+    if fmt != "csv":  # names from the dataset's files (labels.txt) reach the terminal escaped
+        rows, class_rows = [printable_cells(r) for r in rows], [printable_cells(r) for r in class_rows]
+        notes = [printable(n) for n in notes]
     text = render(columns, rows, fmt)
     if class_rows:
         text += "\nclass frequencies (label pixels)\n" if fmt == "table" else "\n"

@@ -9,10 +9,13 @@ The command-line face: options, checks of the arguments and of --confusion
 against every input before any work, and the results printed as a table,
 markdown, JSON or CSV.  The confusion matrix is written only with --confusion
 FILE.  What the two forms compute is caffeish.apps.evaluate (test_net,
-evaluate_segmentation, write_confusion), callable from Python.
+evaluate_segmentation, write_confusion), callable from Python.  `evaluate segmentation ... --ray
+[ADDRESS]` scores the --db or --images/--labels pairs on a Ray cluster and sums the workers'
+confusion matrices (caffeish.apps.distributed): the same metrics.
 """
 import sys
 
+from caffeish.apps import distributed
 from caffeish.apps.evaluate import (_label_range, evaluate_segmentation, segmentation_warnings, stage_databases,
                                     test_net, write_confusion)
 from caffeish.apps.inference import terminated_as_exit
@@ -20,7 +23,7 @@ from caffeish.data import dataset_meta
 from caffeish.errors import CaffeishError
 from caffeish.formats import io
 from caffeish.tools.options import (IGNORE_LABEL_FROM_NET, add_gpu_option, add_ignore_label_option, add_mean_options,
-                                    device_from_args, finite_float, mean_from_args)
+                                    add_ray_options, device_from_args, finite_float, mean_from_args, ray_from_args)
 from caffeish.tools.report import FORMATS, render
 
 
@@ -57,6 +60,7 @@ def add_arguments(p):
                           "nor inside an input folder such as the dataset: checked before evaluating). Without "
                           "it, no file is written ('none' is the same)")
     p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    add_ray_options(p)
 
 
 def run(args):
@@ -69,6 +73,10 @@ def run(args):
         raise CaffeishError(f"usage: caffeish {form} [options]; got {len(words)} positional argument(s)")
     net_path, weights = words
     device = device_from_args(args)
+    cluster = ray_from_args(args)
+    if cluster is not None and not segmentation:
+        raise CaffeishError("--ray runs 'caffeish evaluate segmentation' (image/label pairs); caffe test's "
+                            "iterations run without it")
     if segmentation:
         if bool(args.images) != bool(args.labels):
             raise CaffeishError("give --images and --labels together")
@@ -83,25 +91,31 @@ def run(args):
         ignore = None if ignore is IGNORE_LABEL_FROM_NET else -1 if ignore is None else ignore  # library: -1 none
         with terminated_as_exit():
             return _segmentation(args, net_path, weights, device, ignore, mean_file, mean_value, no_mean,
-                                 confusion, inputs)
+                                 confusion, inputs, cluster)
     result = test_net(net_path, weights, iterations=50 if args.iterations is None else args.iterations,
                       db=args.db, stages=args.stage, level=args.level, device=device)
     sys.stdout.write(format_test(result, args.format))
     return 0
 
 
-def _segmentation(args, net_path, weights, device, ignore, mean_file, mean_value, no_mean, confusion, inputs):
+def _segmentation(args, net_path, weights, device, ignore, mean_file, mean_value, no_mean, confusion, inputs,
+                  cluster=None):
     """Evaluate, print the notes and warnings, write --confusion FILE, print the results."""
-    result = evaluate_segmentation(
-        net_path, weights, db=args.db, images=args.images, labels=args.labels, color_map=args.color_map,
-        ignore_label=ignore, score=args.score, label=args.label, stages=args.stage,
-        level=args.level, device=device, iterations=args.iterations,
-        mean_value=None if mean_value is None else list(mean_value),
-        mean_file="none" if no_mean else mean_file, scale=args.scale)
+    common = dict(db=args.db, images=args.images, labels=args.labels, color_map=args.color_map,
+                  ignore_label=ignore, score=args.score, label=args.label, stages=args.stage, level=args.level,
+                  mean_value=None if mean_value is None else list(mean_value),
+                  mean_file="none" if no_mean else mean_file, scale=args.scale)
+    if cluster is None:
+        result = evaluate_segmentation(net_path, weights, device=device, iterations=args.iterations, **common)
+    else:  # the same metrics: the workers' confusion matrices summed
+        result, ray_report = distributed.evaluate_segmentation(cluster, net_path, weights,
+                                                               gpu=True if args.gpu is not None else None, **common)
+        for line in ray_report.lines():
+            print(f"caffeish evaluate: {line}", file=sys.stderr)
     for line in result.get("notes", ()):
-        print(f"note: {line}", file=sys.stderr)
+        print(f"note: {io.printable(line)}", file=sys.stderr)
     for line in segmentation_warnings(result):
-        print(f"warning: {line}", file=sys.stderr)
+        print(f"warning: {io.printable(line)}", file=sys.stderr)
     if confusion:
         write_confusion(confusion, result, inputs=[path for _, path in inputs])
         if args.format in ("csv", "markdown"):  # table and json name it in their output

@@ -13,8 +13,9 @@ arguments, the table rendering (caffeish.tools.report) and the messages.
 mismatch); --fix OUT writes the net with the computed offsets, editing only those
 values in the text (comments and formatting are kept).
 """
+from caffeish.formats.io import printable, printable_cells
 from caffeish.tools import report
-from caffeish.tools.options import add_net_state_options
+from caffeish.tools.options import add_allow_python_layers_option, add_net_state_options
 from caffeish.apps.offsets import COLUMNS, analyze, display_row, fix_file, fmt_offsets, global_notes, sections
 
 
@@ -42,22 +43,24 @@ def render(analysis, secs, fmt="table"):
     md = fmt == "markdown"
     out = []
     for sec in secs:
-        out.append(f"### {sec['title']}\n" if md else f"{sec['title']}\n")
+        title = printable(sec["title"])  # names from the net, escaped
+        out.append(f"### {title}\n" if md else f"{title}\n")
         for part in sec["parts"]:
-            out.append(f"{part['label']} path: '{part['from']}' -> '{part['to']}'\n" + ("\n" if md else ""))
-            rows = [display_row(r) for r in part["rows"]]
+            out.append(f"{part['label']} path: '{printable(part['from'])}' -> '{printable(part['to'])}'\n"
+                       + ("\n" if md else ""))
+            rows = [printable_cells(display_row(r)) for r in part["rows"]]
             if rows:
                 out.append(report.render(_columns(part["rows"]), rows, fmt) + ("\n" if md and part["notes"] else ""))
             else:
                 out.append("(no layer with a spatial effect)\n")
-            out.extend(f"note: {n}\n" for n in part["notes"])
+            out.extend(f"note: {printable(n)}\n" for n in part["notes"])
             out.append("\n")
         crop = sec["crop"]
         if crop is not None:
-            out.append(_crop_line(crop) + "\n\n")
+            out.append(printable(_crop_line(crop)) + "\n\n")
     text = "".join(out)
     if notes:
-        text += "".join(f"note: {n}\n" for n in notes)
+        text += "".join(f"note: {printable(n)}\n" for n in notes)
     return text
 
 
@@ -84,11 +87,13 @@ def add_arguments(p):
                       help="compare every Crop's offset with the computed one; exit 1 on any mismatch")
     mode.add_argument("--fix", metavar="OUT", help="write the net with computed Crop offsets to OUT")
     add_net_state_options(p, input_help="shape of an input blob, for the Pooling rounding notes (repeatable)")
+    add_allow_python_layers_option(p)
 
 
 def run(args):
     shapes = dict(args.input_shape) if args.input_shape else None
-    kw = dict(phase=args.phase, level=args.level, stages=args.stage, input_shapes=shapes)
+    kw = dict(phase=args.phase, level=args.level, stages=args.stage, input_shapes=shapes,
+              allow_python_layers=args.allow_python_layers)
     if args.fix:
         changes = fix_file(args.net, args.fix, **kw)
         if changes:
@@ -103,7 +108,7 @@ def run(args):
     if args.check:
         problems = [c.problem() for c in a.crops if not c.agrees]
         for line in problems:
-            print(f"{args.net}: {line}")
+            print(f"{args.net}: {printable(line)}")
         if not problems:
             print(f"{args.net}: {len(a.crops)} Crop offset(s) agree with the computed ones"
                   f"{_excluded(a, args.phase)}")

@@ -199,3 +199,42 @@ def preprocess_from_args(args, keep_size=False):
             raise CaffeishError(f"{args.transform_from}: no data layer with a transform_param at TEST")
         return preprocess.from_transform_param(tp, base_dir=os.path.dirname(os.path.abspath(args.transform_from)), **over)
     return preprocess.Preprocess(**over)
+
+
+def add_ray_options(p, resume=False):
+    """--ray [ADDRESS], --ray-actors N, --ray-threads N (caffeish.apps.distributed); with resume, --resume."""
+    from caffeish.apps.distributed import address_arg
+
+    g = p.add_argument_group("Ray cluster (pip install 'caffeish[ray]')")
+    g.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", type=address_arg,
+                   help="run on a Ray cluster through Ray Data: without ADDRESS a local one started for the run, "
+                        "'auto' the cluster this machine is part of, or HOST:6379 / ray://HOST:10001")
+    g.add_argument("--ray-actors", type=int_arg(1), metavar="N", help="actors, each holding one loaded net "
+                   "(default: one per GPU of the cluster, else its CPUs divided by --ray-threads)")
+    g.add_argument("--ray-threads", type=int_arg(1), metavar="N", help="BLAS threads of a CPU actor (default 1)")
+    if resume:
+        p.add_argument("--resume", action="store_true",
+                       help="skip the images whose outputs all exist in OUTDIR (a re-run after an interrupted one)")
+
+
+def ray_from_args(args):
+    """The caffeish.apps.distributed.Cluster that --ray asks for (None without it); without Ray installed,
+    a one-line error saying how to install it, before any work."""
+    from caffeish.apps.distributed import Cluster, import_ray
+
+    if args.ray is None:
+        for option in ("--ray-actors", "--ray-threads"):
+            if getattr(args, option[2:].replace("-", "_")) is not None:
+                raise CaffeishError(f"{option} needs --ray")
+        return None
+    import_ray()
+    return Cluster(args.ray, args.ray_actors, args.ray_threads)
+
+
+def add_allow_python_layers_option(p):
+    """--allow-python-layers (args.allow_python_layers): commands that inspect or check a net (summary,
+    offsets, store build, store pull's validation) import the module of a `type: "Python"` layer and run
+    its setup/reshape only when it is given; without it they run no code from the files they read."""
+    p.add_argument("--allow-python-layers", action="store_true",
+                   help="import the modules that the net's Python layers name and run their setup/reshape "
+                        "(off by default: looking at a net runs no code from it)")

@@ -30,19 +30,23 @@ An image that cannot be read or run (a bad file, a size the net refuses) is
 named on stderr, the others go on, and the exit status is 1 with a count at
 the end; a failure of the net itself is said once and stops the run.  WEIGHTS
 'none' with layers left at a constant weight filler is warned about.  Ctrl-C
-and SIGTERM leave OUTDIR as it was.
+and SIGTERM leave OUTDIR as it was.  --resume skips the images whose outputs all exist in OUTDIR.
+--ray [ADDRESS] runs the images through a pool of actors on a Ray cluster (caffeish.apps.distributed):
+the same files, each renamed into place as it is written (so an interrupted run is continued with
+--resume), and a summary on stderr.
 """
 import sys
 import time
 
 from caffeish.apps.inference import (DEFAULT_MAX_MEMORY, Segmenter, constant_weight_warning, find_images, open_net,
                                      terminated_as_exit)
+from caffeish.apps import distributed
 from caffeish.apps.segment import STAGES, check_outdir, segment_images
 from caffeish.data import palette as palettes
 from caffeish.errors import CaffeishError
 from caffeish.tools import report
-from caffeish.tools.options import (add_gpu_option, add_preprocess_options, device_from_args, finite_float, int_arg,
-                                    preprocess_from_args)
+from caffeish.tools.options import (add_gpu_option, add_preprocess_options, add_ray_options, device_from_args,
+                                    finite_float, int_arg, preprocess_from_args, ray_from_args)
 from caffeish.tools.report import FORMATS
 from caffeish.values import parse_wxh
 
@@ -72,9 +76,11 @@ def add_arguments(p):
     p.add_argument("--format", choices=FORMATS, default="table", help="summary format (default table)")
     add_preprocess_options(p, keep_size=True)
     add_gpu_option(p)
+    add_ray_options(p, resume=True)
 
 
 def run(args):
+    cluster = ray_from_args(args)
     check_outdir(args.output)
     images, notes = find_images(args.images, exclude=[args.output])
     for note in notes:
@@ -88,7 +94,7 @@ def run(args):
     tile = parse_wxh(args.tile, "--tile")[::-1] if args.tile else None  # (height, width)
     weights = None if args.weights.lower() == "none" else args.weights
     t0 = time.perf_counter()
-    net = open_net(args.net, weights, device_from_args(args), seed=args.seed)
+    net = open_net(args.net, weights, None if cluster else device_from_args(args), seed=args.seed)
     warning = constant_weight_warning(net, weights is not None)
     if warning:
         print(f"caffeish segment: warning: {warning}", file=sys.stderr)
@@ -99,8 +105,16 @@ def run(args):
         seg.check_tile()
     setup = time.perf_counter() - t0
     with terminated_as_exit():
-        rows, failed, seconds = segment_images(seg, images, args.output, args.palette, labels, args.overlay,
-                                               args.legend, args.npy)
+        if cluster is None:
+            rows, failed, seconds = segment_images(seg, images, args.output, args.palette, labels, args.overlay,
+                                                   args.legend, args.npy, resume=args.resume)
+        else:  # the same outputs, from a pool of actors on a Ray cluster
+            rows, failed, seconds, ray_report = distributed.segment_images(
+                cluster, args.net, weights, args.seed, spec, args.blob, tile, args.max_memory, images, args.output,
+                args.palette, labels, args.overlay, args.legend, args.npy, args.resume,
+                gpu=True if args.gpu is not None else None)
+            for line in ray_report.lines() if ray_report else ():
+                print(f"caffeish segment: {line}", file=sys.stderr)
     columns = [("image", "image"), ("size", "size"), ("classes", "classes present"), ("outputs", "outputs")]
     sys.stdout.write(report.render(columns, rows, args.format))
     if args.timings:

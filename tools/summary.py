@@ -14,7 +14,9 @@ import math
 from caffeish.formats import io
 from caffeish.tools import report
 from caffeish.graph import weights
-from caffeish.graph.graph import Graph
+from caffeish.apps.offsets import check_python_bottoms, without_python_layers
+from caffeish.graph.graph import Graph, default_max_blob_bytes, filter_net, layer_included, make_state
+from caffeish.tools.options import add_allow_python_layers_option
 
 COLUMNS = [
     ("name", "layer"),
@@ -66,75 +68,182 @@ def per_image(macs, batch):
 
 
 def summarize(net_path, weights_path=None, phase="TEST", input_shapes=None, stages=(), level=0,
-              max_blob_bytes=None):
-    """Build the summary of a net: {'rows': [...], 'totals': {...}, 'notes': [...], ...}."""
+              max_blob_bytes=None, allow_python_layers=False):
+    """Build the summary of a net: {'rows': [...], 'totals': {...}, 'notes': [...], ...}.
+
+    Python layers' code does not run unless allow_python_layers: their tops, and every layer computed
+    from them, get rows with unknown shapes ("?") and no counts (offsets.without_python_layers)."""
     net = io.read_net(net_path, caffemodel=weights_path is None)  # a caffemodel alone: its own layers
-    graph = Graph(net, phase=phase, level=level, stages=stages, input_shapes=input_shapes,
-                  max_blob_bytes=max_blob_bytes)
-    rows = []
+    shapes = dict(input_shapes or {})
+    cap = default_max_blob_bytes() if max_blob_bytes is None else max_blob_bytes
+    kept, skipped = without_python_layers(net, phase, level, stages, shapes)
+    if allow_python_layers and skipped:
+        known = Graph(kept, phase=phase, level=level, stages=stages, input_shapes=shapes, max_blob_bytes=cap)
+        check_python_bottoms(net, known, skipped, cap)
+        kept, skipped = net, []
+    graph = Graph(kept, phase=phase, level=level, stages=stages, input_shapes=shapes, max_blob_bytes=cap)
     batch, batch_blob = batch_size(graph)
-    for node in graph.nodes:
-        weight_params, bias_params = split_params(node)
-        rows.append({
-            "name": node.name,
-            "type": node.type,
-            "bottoms": node.bottoms,
-            "tops": node.tops,
-            "top_shapes": [list(s) for s in node.top_shapes],
-            "params": node.param_count,
-            "weight_params": weight_params,
-            "bias_params": bias_params,
-            "macs_per_image": per_image(node.macs, batch),
-            "macs": node.macs,
-        })
+    rows = _rows(net, graph, kept, skipped, batch)
+    known = [r for r in rows if not r.get("unknown")]
     totals = {"name": "total", "params": graph.param_count,
-              "weight_params": sum(r["weight_params"] for r in rows),
-              "bias_params": sum(r["bias_params"] for r in rows),
+              "weight_params": sum(r["weight_params"] for r in known),
+              "bias_params": sum(r["bias_params"] for r in known),
               "macs_per_image": per_image(graph.macs, batch), "macs": graph.macs}
+    outputs = _outputs(net, graph, skipped)
     notes = [
         f"inputs: {', '.join(f'{b} {_shape(graph.blob_shapes[b])}' for b in graph.sources) or '(none)'}",
-        f"outputs: {', '.join(f'{b} {_shape(graph.blob_shapes[b])}' for b in graph.outputs) or '(none)'}",
+        f"outputs: {', '.join(f'{b} {_shape(graph.blob_shapes.get(b))}' for b in outputs) or '(none)'}",
     ]
     if batch_blob is not None:
         notes.append(f"batch: {batch} (the first dimension of '{batch_blob}'); MACs/image = MACs/batch / {batch}")
-    extra = {"inputs": graph.sources, "outputs": graph.outputs, "batch": batch}
+    if skipped:
+        python = [net.layer[i].name for i in skipped if net.layer[i].type == "Python"]
+        notes.append(f"Python layer(s) {_names(python)} not run (their code runs only with --allow-python-layers): "
+                     f"the shapes of their tops and of the {len(skipped) - len(python)} layer(s) computed from "
+                     f"them are unknown (?), and the totals leave those layers out")
+    extra = {"inputs": graph.sources, "outputs": outputs, "batch": batch,
+             "python_layers_not_run": [net.layer[i].name for i in skipped if net.layer[i].type == "Python"]}
     if weights_path is not None:
         model = io.read_caffemodel(weights_path)
         binding = weights.bind(graph, model, source=str(weights_path))
+        unknown = {net.layer[i].name for i in skipped}
+        in_file = set(model.layer_blobs())
+        unused = [n for n in binding.unused if n not in unknown]
         for r in rows:
             if r["name"] in binding.missing:
                 r["weights"] = "missing"
             elif r["name"] in binding.arrays:
                 r["weights"] = "loaded"
+            elif r.get("unknown") and r["name"] in in_file:
+                r["weights"] = "in file (not checked)"
         if binding.missing:
             notes.append(f"missing from the weights (will keep their fillers): {', '.join(binding.missing)}")
-        if binding.unused:
-            notes.append(f"in the weights but not in the net (ignored): {', '.join(binding.unused)}")
-        if not binding.missing and not binding.unused:
-            notes.append("weights: every layer with parameters is matched")
-        extra.update({"missing": binding.missing, "unused": binding.unused})
+        if unused:
+            notes.append(f"in the weights but not in the net (ignored): {', '.join(unused)}")
+        if not binding.missing and not unused:
+            notes.append("weights: every layer with parameters is matched"
+                         + (" (the layers of unknown shape are not checked)" if skipped else ""))
+        extra.update({"missing": binding.missing, "unused": unused})
     return {"rows": rows, "totals": totals, "notes": notes, "extra": extra, "graph": graph}
 
 
+def _rows(net, graph, kept, skipped, batch):
+    """One row per graph node, with the layers left out (skipped) in their places, in the net's order."""
+    state = make_state(net, graph.phase, graph.state.level, list(graph.state.stage))
+    included = [layer for layer in kept.layer if layer_included(layer, state)]
+    groups = []  # per kept layer: its node, then the Splits the graph inserted after it
+    for node in graph.nodes:
+        k = len(groups)
+        if k < len(included) and (node.name, node.type) == (included[k].name, included[k].type):
+            groups.append([])
+        if groups:
+            groups[-1].append(_row(node, batch))
+    groups = iter(groups)
+    out = []
+    for i, layer in enumerate(net.layer):
+        if i in skipped:
+            out.append({"name": layer.name, "type": layer.type, "bottoms": list(layer.bottom),
+                        "tops": list(layer.top), "top_shapes": "?", "params": None, "weight_params": None,
+                        "bias_params": None, "macs_per_image": None, "macs": None, "unknown": True})
+        elif layer_included(layer, state):
+            out += next(groups, [])
+    for rest in groups:
+        out += rest
+    return out
+
+
+def _row(node, batch):
+    weight_params, bias_params = split_params(node)
+    return {"name": node.name, "type": node.type, "bottoms": node.bottoms, "tops": node.tops,
+            "top_shapes": [list(s) for s in node.top_shapes], "params": node.param_count,
+            "weight_params": weight_params, "bias_params": bias_params,
+            "macs_per_image": per_image(node.macs, batch), "macs": node.macs}
+
+
+def _outputs(net, graph, skipped):
+    """The net's outputs: the graph's, or, with layers left out, the blobs no later layer reads."""
+    if not skipped:
+        return graph.outputs
+    readers = {}
+    produced = []
+    for layer in filter_net(net, graph.state).layer:
+        for b in layer.bottom:
+            readers[b] = readers.get(b, 0) + 1
+        for t in layer.top:
+            produced.append(t)
+            readers[t] = 0
+    return [b for b in dict.fromkeys(reversed(produced)) if not readers.get(b)][::-1]
+
+
+def _names(names, limit=5):
+    shown = ", ".join(f"'{n}'" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def _shape(shape):
+    if shape is None:
+        return "?"
     return "x".join(str(d) for d in shape) if shape else "()"
 
 
+# A table row is padded to its widest cell, so one very long cell (a Split with 10,000 tops, a name
+# of a megabyte) would make the whole table quadratic in the net's size: cells are shortened.
+MAX_LIST_ITEMS = 6
+MAX_CELL = 80
+
+
+def _short_list(values, sep, fmt):
+    """At most MAX_LIST_ITEMS items (the first ones, '...', the last and the count), each shortened."""
+    items = [_short(fmt(v), MAX_CELL // 3) for v in (values if len(values) <= MAX_LIST_ITEMS else
+                                                     list(values[:MAX_LIST_ITEMS - 2]) + [values[-1]])]
+    if len(values) > MAX_LIST_ITEMS:
+        items[-1:-1] = ["..."]
+        items[-1] += f" ({len(values):,})"
+    return sep.join(items)
+
+
+def _short(text, limit=MAX_CELL):
+    text = io.printable(text)
+    if len(text) <= limit:
+        return text
+    half = (limit - 3) // 2
+    return f"{text[:half]}...{text[-half:]}"
+
+
+def _table_row(row):
+    """A row for the table and markdown formats: names escaped, long lists and names shortened."""
+    out = dict(row)
+    for key in ("name", "type"):
+        out[key] = _short(row[key])
+    for key in ("bottoms", "tops"):
+        out[key] = _short_list(row[key], ",", str)
+    if isinstance(row["top_shapes"], list):
+        out["top_shapes"] = _short_list(row["top_shapes"], " ", _shape)
+    return out
+
+
 def render(summary, fmt="table"):
+    """The summary as text; the table and markdown formats escape names from the file and shorten long
+    cells (JSON and CSV carry every value as it is, JSON-escaped or quoted)."""
     columns = list(COLUMNS)
     if any("weights" in r for r in summary["rows"]):
         columns.append(("weights", "in weights file"))
-    return report.render(columns, summary["rows"], fmt, totals=summary["totals"],
-                         notes=summary["notes"], extra=summary["extra"])
+    rows, notes = summary["rows"], summary["notes"]
+    if fmt in ("table", "markdown"):
+        rows = [_table_row(r) for r in rows]
+        notes = [io.printable(n) for n in notes]
+    return report.render(columns, rows, fmt, totals=summary["totals"], notes=notes, extra=summary["extra"])
 
 
 def add_arguments(p):
     p.add_argument("net", help="net definition (.prototxt; a .caffemodel also works)")
     p.add_argument("weights", nargs="?", help="optional .caffemodel to check against the net")
+    add_allow_python_layers_option(p)
 
 
 def run(args):
     s = summarize(args.net, args.weights, phase=args.phase, input_shapes=args.input_shape,
-                  stages=args.stage, level=args.level, max_blob_bytes=args.max_blob_bytes)
+                  stages=args.stage, level=args.level, max_blob_bytes=args.max_blob_bytes,
+                  allow_python_layers=args.allow_python_layers)
     print(render(s, args.format), end="")
     return 0

@@ -51,6 +51,7 @@ from caffeish.apps.surgery_files import (bilinear_file, convolutionalize_files, 
                                          transplant_file)
 from caffeish.apps.surgery_fcn import UINT32_MAX
 from caffeish.errors import CaffeishError
+from caffeish.formats import io
 from caffeish.tools import report
 from caffeish.tools.options import (add_ignore_label_option, add_mean_options, input_shape_arg, int_arg,
                                     mean_from_args)
@@ -144,11 +145,12 @@ def _human(fmt):
 def _print_report(rep, fmt, totals=None, extra=None):
     if fmt == "json":
         extra = dict(extra or {}, checks=rep.checks) if rep.checks else extra
-    print(report.render(rep.columns, rep.rows, fmt, totals=totals, notes=rep.notes if fmt == "json" else (),
+    rows = rep.rows if fmt in ("json", "csv") else [io.printable_cells(r) for r in rep.rows]
+    print(report.render(rep.columns, rows, fmt, totals=totals, notes=rep.notes if fmt == "json" else (),
                         extra=extra if fmt == "json" else None), end="")
     if _human(fmt):
         for note in rep.notes:
-            print(f"note: {note}")
+            print(f"note: {io.printable(note)}")
 
 
 def _print_checks(rep, fmt):
@@ -174,7 +176,7 @@ def run_convolutionalize(args):
 
 def _warn(lines):
     for line in lines:
-        print(f"warning: {line}", file=sys.stderr)
+        print(f"warning: {io.printable(line)}", file=sys.stderr)
 
 
 def run_transplant(args):
@@ -217,7 +219,7 @@ def run_fcn(args):
     if fcn.conv_report is not None and _human(args.format):
         _print_checks(fcn.conv_report, args.format)
         for note in fcn.conv_report.notes:
-            print(f"note: {note}")
+            print(f"note: {io.printable(note)}")
     conv = fcn.conv_report
     _print_report(fcn.report, args.format, extra={"convolutionalize": {"rows": conv.rows, "notes": conv.notes,
                                                                        "checks": conv.checks}} if conv else None)

@@ -36,6 +36,8 @@ def upgrade_file(src, dst):
         if "solver" not in str(e):
             raise
         net, changes = _upgrade_solver_file(src)
+    if isinstance(net, pb.NetParameter):
+        io.check_has_layers(net, src)  # an empty or comment-only file is not a net to upgrade
     io.write_prototxt(dst, net, inputs=[src])
     return changes
 
@@ -50,7 +52,7 @@ def run(args):
         raise CaffeishError(f"{args.dst}: refusing to overwrite the input; give another output path")
     changes = upgrade_file(args.src, args.dst)
     for line in changes:
-        print(line)
+        print(io.printable(line))
     print(f"wrote {args.dst}: {len(changes)} change(s)" if changes else
           f"wrote {args.dst}: already in the current format, nothing changed")
     return 0

@@ -38,11 +38,12 @@ import threading
 import numpy as np
 
 from caffeish.data import dataset_meta
-from caffeish.formats import io
+from caffeish.formats import io, staging
 from caffeish.apps import progress
 from caffeish.data import palette as palettes
 from caffeish.runtime.data_transform import resize_linear, resize_nearest
-from caffeish.formats.datum import LmdbReader, LmdbWriter, datum_array, datum_encoding, make_datum
+from caffeish.formats.datum import (LmdbReader, LmdbWriter, check_pair, datum_array, datum_encoding,
+                                    encoded_shape, make_datum)
 from caffeish.errors import CaffeishError
 from caffeish.formats.images import IMAGE_EXTENSIONS, decode_8bit, is_image_name
 
@@ -289,18 +290,36 @@ def check_output(path, inputs=(), force=False):
                            f"replaces datasets: remove it yourself or choose another -o")
 
 
+DATASET_ENTRIES = frozenset({"train_db", "val_db", "test_db", "labels.txt", "palette.txt", "mean.binaryproto",
+                             "train.txt", "val.txt", "dataset.json"})
+
+
+def _earlier_build(folder):
+    """Whether a marker-less `.NAME.tmp-PID` folder holds only what a dataset build writes (earlier
+    versions left such folders behind when killed)."""
+    try:
+        return set(os.listdir(folder)) <= DATASET_ENTRIES
+    except OSError:
+        return False
+
+
 class OutputFolder:
-    """A dataset folder built beside its final place and renamed into it on success (see check_output)."""
+    """A dataset folder built beside its final place and swapped into it on success (see check_output).
+
+    The build goes into `.OUT.tmp-PID`; once complete it takes OUT's place in one step
+    (caffeish.formats.staging.swap_in), so a kill at any moment leaves the old dataset or the new one,
+    and what killed runs left beside OUT (their build folders, a swap half done) is finished or
+    removed by the next run (staging.recover_folder) before it starts."""
 
     def __init__(self, path, force=False, inputs=()):
-        check_output(path, inputs, force)
         self.path = os.path.abspath(path)
         parent = os.path.dirname(self.path)
+        if os.path.isdir(parent):
+            staging.recover_folder(self.path, looks_ours=_earlier_build)
+        check_output(path, inputs, force)
         if not os.path.isdir(parent):
             raise DatasetError(f"{path}: the folder {parent} does not exist")
-        self.tmp = os.path.join(parent, f".{os.path.basename(self.path)}.tmp-{os.getpid()}")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        os.makedirs(self.tmp)
+        self.tmp = staging.build_folder(self.path)
 
     def __enter__(self):
         return self
@@ -309,15 +328,11 @@ class OutputFolder:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
-        old = None
-        if os.path.exists(self.path):
-            old = self.path + f".old-{os.getpid()}"
-            os.rename(self.path, old)
-        os.rename(self.tmp, self.path)
-        if old and os.path.islink(old):
-            os.unlink(old)  # -o was a link to a dataset: the link is replaced, its target left alone
-        elif old:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            staging.swap_in(self.tmp, self.path)
+        except OSError as e:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise DatasetError(f"{self.path}: cannot put the dataset in place: {e.strerror or e}") from None
         return False
 
     def join(self, *parts):
@@ -717,27 +732,43 @@ def write_classification_split(out, split, entries, root, resize, encoding, chan
 
 
 def find_databases(path):
-    """[(name, LMDB path)] of a database or of the databases of a dataset folder."""
+    """([(name, LMDB path)], dataset folder) of a database or of the databases of a dataset folder.
+
+    Every database a dataset folder has is listed, a broken one included (a stage folder without
+    data.mdb, a database that is a plain file, a data.mdb that links to a device): reading it then
+    says what is wrong, rather than `show` leaving it out.  A stage with features but no labels (or
+    the reverse) is an error here."""
     path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, "data.mdb")) or os.path.isfile(path):
+    if os.path.lexists(os.path.join(path, "data.mdb")) or not os.path.isdir(path):
         return [(os.path.basename(path), path)], os.path.dirname(path)
     found = []
-    for split in ("train_db", "val_db", "test_db"):
-        folder = os.path.join(path, split)
-        if os.path.isfile(os.path.join(folder, "data.mdb")):
-            found.append((split, folder))
-        for part in ("features", "labels"):
-            sub = os.path.join(folder, part)
-            if os.path.isfile(os.path.join(sub, "data.mdb")):
-                found.append((f"{split}/{part}", sub))
-    if os.path.isdir(os.path.join(path, "features")) or os.path.isdir(os.path.join(path, "labels")):
-        for part in ("features", "labels"):
-            sub = os.path.join(path, part)
-            if os.path.isfile(os.path.join(sub, "data.mdb")):
-                found.append((part, sub))
+    stages = [(split, os.path.join(path, split)) for split in ("train_db", "val_db", "test_db")]
+    stages += [("", path)]
+    for split, folder in stages:
+        parts = [p for p in ("features", "labels") if os.path.lexists(os.path.join(folder, p))]
+        if split and not os.path.lexists(folder):
+            continue
+        if split and (not os.path.isdir(folder) or os.path.lexists(os.path.join(folder, "data.mdb")) or not parts):
+            found.append((split, folder))  # a classification database (or not a database: LmdbReader says)
+            continue
+        if len(parts) == 1:
+            missing = "labels" if parts[0] == "features" else "features"
+            raise CaffeishError(f"{os.path.join(folder, parts[0])}: has no '{missing}' database beside it; a "
+                                f"segmentation stage holds both features and labels")
+        found += [(f"{split}/{part}" if split else part, os.path.join(folder, part)) for part in parts]
     if not found:
         LmdbReader(path)  # raises the error that says what is there
     return found, path
+
+
+def stage_pairs(databases):
+    """[(features, labels)] of the stages whose two databases are both listed."""
+    paths = {name: db for name, db in databases}
+    pairs = []
+    for name, db in databases:
+        if name.endswith("features") and name[:-len("features")] + "labels" in paths:
+            pairs.append((db, paths[name[:-len("features")] + "labels"]))
+    return pairs
 
 
 def read_palette(root, n):
@@ -749,8 +780,6 @@ def read_palette(root, n):
 
 def scan_database(path, is_label_db):
     """Record count, shapes, encodings, Datum labels and (for a label database) class pixel counts."""
-    from PIL import Image
-
     shapes, encodings, labels = {}, {}, {}
     pixels = np.zeros(256, dtype=np.int64)
     with LmdbReader(path) as reader:
@@ -765,11 +794,7 @@ def scan_database(path, is_label_db):
                 if arr.dtype == np.uint8:
                     pixels += np.bincount(arr.ravel(), minlength=256)
             elif datum.encoded:
-                import io as pyio
-
-                with Image.open(pyio.BytesIO(datum.data)) as img:
-                    mode_channels = {"L": 1, "1": 1, "RGBA": 4, "LA": 4}.get(img.mode, 3)
-                    shape = (mode_channels, img.size[1], img.size[0])
+                shape = encoded_shape(datum.data, reader.where(key))
             else:
                 shape = (datum.channels, datum.height, datum.width)
             shapes[shape] = shapes.get(shape, 0) + 1
@@ -785,10 +810,12 @@ def inspect_dataset(path, dump=None):
     root = root if os.path.isfile(os.path.join(root, "labels.txt")) else dataset_meta.dataset_root(databases[0][1])
     names = palettes.read_labels(os.path.join(root, "labels.txt")) if root and os.path.isfile(
         os.path.join(root, "labels.txt")) else []
-    ignore = None
-    if root and os.path.isfile(os.path.join(root, "dataset.json")):
-        with open(os.path.join(root, "dataset.json"), encoding="utf-8") as f:
-            ignore = json.load(f).get("ignore_label")
+    try:
+        ignore = dataset_meta.read(root).ignore_label if root else None
+    except RecursionError:
+        raise CaffeishError(f"{os.path.join(root, 'dataset.json')}: nested too deeply to be a dataset's record") from None
+    for features, labels in stage_pairs(databases):
+        check_pair(features, labels)  # records pair by position: a lost one would shift every later pair
     rows, class_rows, notes = [], [], []
     for name, db in databases:
         is_label_db = os.path.basename(db) == "labels"

@@ -43,6 +43,7 @@ The score blob is the loss or accuracy layer's first bottom, else the net's one
 is walked back to the scores it reads, with a note; any other blob of one
 channel is refused (its argmax is class 0 at every pixel).
 """
+import contextlib
 import math
 import os
 
@@ -410,132 +411,294 @@ def _source_layers(net):
 
 def _pairs_from_db(db, features, labels):
     """(image C x H x W, label H x W, where) from a features and a labels database (of --db), key by key."""
-    from caffeish.formats.datum import LmdbReader, datum_array
+    from caffeish.formats.datum import LmdbReader
 
     if labels is None:
         raise CaffeishError(f"--db {db}: no labels database beside {features}")
     with LmdbReader(features) as fr, LmdbReader(labels) as lr:
-        if len(fr) != len(lr):
-            raise CaffeishError(f"--db {db}: {features} holds {len(fr):,} records but {labels} holds {len(lr):,}")
+        _check_db_counts(db, features, labels, fr, lr)
         yield len(fr)
         for i, ((fkey, fdatum), (lkey, ldatum)) in enumerate(zip(fr.datums(), lr.datums())):
-            if fkey != lkey:
-                raise CaffeishError(f"--db {db}: record {i} has key {fkey!r} in features but {lkey!r} in labels; "
-                                    f"the two databases are not aligned")
-            yield (lambda color, fd=fdatum, k=fkey: datum_array(fd, color, fr.where(k)),
-                   datum_array(ldatum, None, lr.where(lkey))[0], lr.where(lkey))
+            _check_db_keys(db, i, fkey, lkey)
+            yield _db_pair(fr, lr, fkey, fdatum, ldatum)
+
+
+def _check_db_counts(db, features, labels, fr, lr):
+    if len(fr) != len(lr):
+        raise CaffeishError(f"--db {db}: {features} holds {len(fr):,} records but {labels} holds {len(lr):,}")
+
+
+def _check_db_keys(db, i, fkey, lkey):
+    if fkey != lkey:
+        raise CaffeishError(f"--db {db}: record {i} has key {fkey!r} in features but {lkey!r} in labels; "
+                            f"the two databases are not aligned")
+
+
+def _db_pair(fr, lr, key, fdatum, ldatum):
+    """(image loader, label H x W, where) of one record of --db's features and labels databases."""
+    from caffeish.formats.datum import datum_array
+
+    return (lambda color, fd=fdatum, k=key: datum_array(fd, color, fr.where(k)),
+            datum_array(ldatum, None, lr.where(key))[0], lr.where(key))
+
+
+def _db_keys(db, features, labels):
+    """The record keys of --db's databases, in order, checked as _pairs_from_db checks them."""
+    from caffeish.formats.datum import LmdbReader
+
+    if labels is None:
+        raise CaffeishError(f"--db {db}: no labels database beside {features}")
+    with LmdbReader(features) as fr, LmdbReader(labels) as lr:
+        _check_db_counts(db, features, labels, fr, lr)
+        keys = []
+        for i, ((fkey, _), (lkey, _)) in enumerate(zip(fr.items(), lr.items())):
+            _check_db_keys(db, i, fkey, lkey)
+            keys.append(fkey)
+    return keys
 
 
 def _pairs_from_folders(images, labels, color_map):
-    from caffeish.apps.dataset import LabelDecoder, load_image, pair_folders
+    from caffeish.apps.dataset import LabelDecoder, pair_folders
 
     colors = palettes.read_colormap(color_map, "--color-map")[0] if color_map else None
     decoder = LabelDecoder(colors)
     pairs = pair_folders(images, labels)
     yield len(pairs)
     for _, image_path, label_path in pairs:
-        lab = decoder(label_path)
+        yield _folder_pair(decoder, image_path, label_path)
 
-        def image(color, path=image_path, shape=lab.shape, label_path=label_path):
-            arr, size = load_image(path, 1 if color is False else 3)
-            if (size[1], size[0]) != shape:
-                raise CaffeishError(f"{path} is {size[0]}x{size[1]} but its label image {label_path} is "
-                                    f"{shape[1]}x{shape[0]} (WxH)")
-            return arr
 
-        yield image, lab, label_path
+def _folder_pair(decoder, image_path, label_path):
+    """(image loader, label H x W, where) of one --images/--labels pair."""
+    from caffeish.apps.dataset import load_image
+
+    lab = decoder(label_path)
+
+    def image(color, path=image_path, shape=lab.shape, label_path=label_path):
+        arr, size = load_image(path, 1 if color is False else 3)
+        if (size[1], size[0]) != shape:
+            raise CaffeishError(f"{path} is {size[0]}x{size[1]} but its label image {label_path} is "
+                                f"{shape[1]}x{shape[0]} (WxH)")
+        return arr
+
+    return image, lab, label_path
 
 
 def _evaluate_pairs(net_path, weights, db, images, labels, color_map, ignore_label, score, label, stages,
                     level, device, mean_value, mean_file, scale):
     """Feed image/label pairs one at a time through the net's data inputs and score the predictions."""
-    from caffeish.runtime.data_transform import DataTransformer
-    from caffeish.graph.graph import filter_net, make_state
-    from caffeish.runtime.net import Net
-
-    param = io.read_net(net_path)
-    stages = net_state(param, stages)
-    filtered = filter_net(param, make_state(param, TEST, level, stages))
-    scorer = next((layer for layer in filtered.layer if layer.type in LOSS_TYPES_WITH_LABEL
-                   and len(layer.bottom) >= 2), None)
-    label_blob = label or (scorer.bottom[1] if scorer is not None else None)
-    sources = _source_layers(filtered)
-    data_layer = next((layer for layer in sources if label_blob not in layer.top), None)
-    if data_layer is None:
-        raise CaffeishError(f"{net_path}: no data input layer (Input or Data) at TEST")
-    data_blob = data_layer.top[0]
-    label_fed = any(label_blob in layer.top for layer in sources)
-    tp = pb.TransformationParameter()
-    if data_layer.type != "Input":
-        tp.CopyFrom(data_layer.transform_param)
-    no_mean = isinstance(mean_file, str) and mean_file.lower() == "none"
-    if no_mean:
-        mean_file = None
-    notes = []
-    databases = stage_databases(db) if db else None
-    meta = dataset_of(databases[0]) if db else None
-    if data_layer.type == "Input" and db and mean_value is None and mean_file is None and scale is None \
-            and not no_mean:
-        mean_file, mean_value, note = dataset_mean(meta, data_layer.name)
-        notes += [note] if note else []
-    if no_mean or mean_value is not None or mean_file is not None:
-        tp.ClearField("mean_value")
-        tp.ClearField("mean_file")
-        if mean_value is not None:
-            tp.mean_value.extend(mean_value)
-        if mean_file is not None:
-            tp.mean_file = mean_file
-    if scale is not None:
-        tp.scale = scale
-    if tp.mean_file and mean_file is None:  # the data layer's own: found as Caffe users expect
-        tp.mean_file = resolve_mean_file(tp.mean_file, data_layer, net_path, db)
-    transform = DataTransformer(tp, TEST, f"layer '{data_layer.name}' transform_param")
-    color = transform.color
-    if color is None and data_layer.type == "Input" and len(data_layer.input_param.shape):
-        dims = data_layer.input_param.shape[0].dim
-        color = (dims[1] == 3) if len(dims) > 1 and dims[1] in (1, 3) else None
-    pairs = _pairs_from_db(db, *databases) if db else _pairs_from_folders(images, labels, color_map)
-    known = dataset_info(meta)
-    if color_map:
-
-        colors, map_names = palettes.read_colormap(color_map, "--color-map")
-        known = (len(colors), color_map, None)
+    scoring = PairScoring(net_path, weights, db, images, labels, color_map, ignore_label, score, label, stages,
+                          level, device, mean_value, mean_file, scale)
+    pairs = scoring.pairs()
     total = next(pairs)
-    net = cm = None
-    extra = OutOfRange()
-    count = 0
     for image_of, lab, where in progress.bar(pairs, total=total, desc="evaluate", unit="img"):
-        x = transform(image_of(color), where)
-        y = transform.crop(lab)
-        feed = {data_blob: x[np.newaxis]}
-        if label_fed:
-            feed[label_blob] = y[np.newaxis, np.newaxis].astype(np.float32)
-        if net is None:
-            shapes = {k: v.shape for k, v in feed.items()}
-            try:
-                net = Net(param, weights=None if weights in (None, "none") else weights, phase=TEST,
-                          level=level, stages=stages, device=device, input_shapes=shapes, keep=False)
-            except InputShapeRequired as e:
-                raise CaffeishError(f"{net_path}: {e}") from None
-            score_blob, _, node = find_blobs(net, score, label_blob if label_fed else None, notes)
-            ignore = pick_ignore(ignore_label, node, known[2])
-            n = net.blob_shape(score_blob)[1]
-            cm = ConfusionMatrix(n, ignore)
-        out = net.forward(blobs=[score_blob], **feed)
-        _update(cm, np.asarray(out[score_blob])[0], y, where, extra)
-        count += 1
-    if cm is None:
-        raise CaffeishError("no image/label pairs to evaluate")
-    if db:
-        names = meta.names if meta else []
-    elif color_map:
-        names = map_names or []
-    else:
-        names = []
-    result = _result(cm, names, count, net_path, _root_blob(net, score_blob)[0],
-                     label_blob if label_fed else None, extra, known)
-    result["notes"] = notes
-    return result
+        scoring.add(image_of, lab, where)
+    return scoring.result()
+
+
+class PairScoring:
+    """Scoring image/label pairs (--db, or --images/--labels): set up once from the net and the options
+    (its data layer, the transform_param or the mean options, the dataset's classes), then `add` one pair
+    at a time (the net is built at the first pair, with its shapes) and `result()`.
+
+    `pair_refs()` names every pair and `reader()` reads a pair from its name, so that other processes
+    score parts of a run (caffeish.apps.distributed): a copy sent to one (pickled) leaves the net, the
+    counts and the label decoder behind, keeping the palette the first label image set, and `merge`
+    adds the counts that come back."""
+
+    def __init__(self, net_path, weights, db, images, labels, color_map, ignore_label, score, label, stages,
+                 level, device, mean_value, mean_file, scale):
+        from caffeish.runtime.data_transform import DataTransformer
+        from caffeish.graph.graph import filter_net, make_state
+
+        param = io.read_net(net_path)
+        stages = net_state(param, stages)
+        filtered = filter_net(param, make_state(param, TEST, level, stages))
+        scorer = next((layer for layer in filtered.layer if layer.type in LOSS_TYPES_WITH_LABEL
+                       and len(layer.bottom) >= 2), None)
+        label_blob = label or (scorer.bottom[1] if scorer is not None else None)
+        sources = _source_layers(filtered)
+        data_layer = next((layer for layer in sources if label_blob not in layer.top), None)
+        if data_layer is None:
+            raise CaffeishError(f"{net_path}: no data input layer (Input or Data) at TEST")
+        self.data_blob = data_layer.top[0]
+        self.label_fed = any(label_blob in layer.top for layer in sources)
+        tp = pb.TransformationParameter()
+        if data_layer.type != "Input":
+            tp.CopyFrom(data_layer.transform_param)
+        no_mean = isinstance(mean_file, str) and mean_file.lower() == "none"
+        if no_mean:
+            mean_file = None
+        notes = []
+        self.databases = stage_databases(db) if db else None
+        meta = dataset_of(self.databases[0]) if db else None
+        if data_layer.type == "Input" and db and mean_value is None and mean_file is None and scale is None \
+                and not no_mean:
+            mean_file, mean_value, note = dataset_mean(meta, data_layer.name)
+            notes += [note] if note else []
+        if no_mean or mean_value is not None or mean_file is not None:
+            tp.ClearField("mean_value")
+            tp.ClearField("mean_file")
+            if mean_value is not None:
+                tp.mean_value.extend(mean_value)
+            if mean_file is not None:
+                tp.mean_file = mean_file
+        if scale is not None:
+            tp.scale = scale
+        if tp.mean_file and mean_file is None:  # the data layer's own: found as Caffe users expect
+            tp.mean_file = resolve_mean_file(tp.mean_file, data_layer, net_path, db)
+        self.transform = DataTransformer(tp, TEST, f"layer '{data_layer.name}' transform_param")
+        color = self.transform.color
+        if color is None and data_layer.type == "Input" and len(data_layer.input_param.shape):
+            dims = data_layer.input_param.shape[0].dim
+            color = (dims[1] == 3) if len(dims) > 1 and dims[1] in (1, 3) else None
+        known = dataset_info(meta)
+        map_names = None
+        if color_map:
+            colors, map_names = palettes.read_colormap(color_map, "--color-map")
+            known = (len(colors), color_map, None)
+        if db:
+            self.names = meta.names if meta else []
+        elif color_map:
+            self.names = map_names or []
+        else:
+            self.names = []
+        self.param, self.stages, self.color, self.known, self.notes = param, stages, color, known, notes
+        self.label_blob = label_blob
+        self.net_path, self.weights, self.db, self.images, self.labels = net_path, weights, db, images, labels
+        self.color_map, self.ignore_label, self.score, self.level, self.device = (color_map, ignore_label, score,
+                                                                                  level, device)
+        self.net = self.cm = self.score_blob = self._decoder = None
+        self._palette = None  # (palette, file) the first label image set, for the copies sent elsewhere
+        self.extra = OutOfRange()
+        self.count = 0
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        decoder = state.pop("_decoder")
+        if decoder is not None and decoder.palette is not None:
+            state["_palette"] = (decoder.palette, decoder.palette_file)
+        state.update(net=None, cm=None, score_blob=None, _decoder=None, extra=OutOfRange(), count=0)
+        # protobuf messages travel as their bytes (the generated classes do not pickle)
+        state["param"] = self.param.SerializeToString()
+        state["transform"] = dict(self.transform.__dict__, param=self.transform.param.SerializeToString())
+        return state
+
+    def __setstate__(self, state):
+        from caffeish.runtime.data_transform import DataTransformer
+
+        param = pb.NetParameter()
+        param.ParseFromString(state["param"])
+        tp = pb.TransformationParameter()
+        tp.ParseFromString(state["transform"]["param"])
+        transform = DataTransformer.__new__(DataTransformer)  # the mean stays the one read here, not read again
+        transform.__dict__.update(state["transform"], param=tp)
+        self.__dict__.update(state, param=param, transform=transform)
+
+    def pairs(self):
+        """The pairs, one at a time, after their count."""
+        if self.db:
+            return _pairs_from_db(self.db, *self.databases)
+        return _pairs_from_folders(self.images, self.labels, self.color_map)
+
+    def pair_refs(self):
+        """[a name for each pair, in order]: a record key of --db, or the (image, label) paths."""
+        from caffeish.apps.dataset import pair_folders
+
+        if self.db:
+            return _db_keys(self.db, *self.databases)
+        return [(image, label) for _, image, label in pair_folders(self.images, self.labels)]
+
+    @contextlib.contextmanager
+    def reader(self):
+        """A function: a name from pair_refs -> (image loader, label H x W, where), as pairs() yields them."""
+        if self.db:
+            from caffeish.formats.datum import LmdbReader
+
+            features, labels = self.databases
+            with LmdbReader(features) as fr, LmdbReader(labels) as lr:
+                def read(key):
+                    fdatum, ldatum = fr.get(key), lr.get(key)
+                    if fdatum is None or ldatum is None:
+                        raise CaffeishError(f"{(fr if fdatum is None else lr).where(key)}: no such record "
+                                            f"(the database changed during the run)")
+                    return _db_pair(fr, lr, key, fdatum, ldatum)
+
+                yield read
+            return
+        if self._decoder is None:
+            from caffeish.apps.dataset import LabelDecoder
+
+            colors = palettes.read_colormap(self.color_map, "--color-map")[0] if self.color_map else None
+            self._decoder = LabelDecoder(colors)
+            if self._palette is not None:
+                self._decoder.palette, self._decoder.palette_file = self._palette
+        yield lambda ref: _folder_pair(self._decoder, *ref)
+
+    def prepare(self, image_of, lab, where):
+        """(the net's inputs, the label cropped as the image) of one pair."""
+        x = self.transform(image_of(self.color), where)
+        y = self.transform.crop(lab)
+        feed = {self.data_blob: x[np.newaxis]}
+        if self.label_fed:
+            feed[self.label_blob] = y[np.newaxis, np.newaxis].astype(np.float32)
+        return feed, y
+
+    def build(self, feed):
+        """The net at the shapes of `feed`, its score blob and an empty confusion matrix."""
+        from caffeish.runtime.net import Net
+
+        shapes = {k: v.shape for k, v in feed.items()}
+        try:
+            self.net = Net(self.param, weights=None if self.weights in (None, "none") else self.weights,
+                           phase=TEST, level=self.level, stages=self.stages, device=self.device,
+                           input_shapes=shapes, keep=False)
+        except InputShapeRequired as e:
+            raise CaffeishError(f"{self.net_path}: {e}") from None
+        self.score_blob, _, node = find_blobs(self.net, self.score, self.label_blob if self.label_fed else None,
+                                              self.notes)
+        ignore = pick_ignore(self.ignore_label, node, self.known[2])
+        self.cm = ConfusionMatrix(self.net.blob_shape(self.score_blob)[1], ignore)
+
+    def add(self, image_of, lab, where):
+        """Score one pair."""
+        feed, y = self.prepare(image_of, lab, where)
+        if self.net is None:
+            self.build(feed)
+        out = self.net.forward(blobs=[self.score_blob], **feed)
+        _update(self.cm, np.asarray(out[self.score_blob])[0], y, where, self.extra)
+        self.count += 1
+
+    def take_counts(self):
+        """What `merge` adds: (confusion matrix, pixels not scored, out-of-range pixels, their lowest and
+        highest label, pairs); the counts then start again from zero."""
+        counts = (self.cm.hist.copy(), self.cm.ignored, self.extra.pixels, self.extra.low, self.extra.high,
+                  self.count)
+        self.cm = ConfusionMatrix(self.cm.n, self.cm.ignore_label)
+        self.extra = OutOfRange()
+        self.count = 0
+        return counts
+
+    def merge(self, counts):
+        """Add the take_counts() of a copy that scored other pairs (the confusion matrices are summed)."""
+        hist, ignored, pixels, low, high, count = counts
+        if hist.shape != self.cm.hist.shape:
+            raise CaffeishError(f"a worker scored {hist.shape[0]} classes, this net {self.cm.n}")
+        self.cm.hist += hist
+        self.cm.ignored += ignored
+        self.count += count
+        if pixels:
+            self.extra.pixels += pixels
+            self.extra.low = low if self.extra.low is None else min(self.extra.low, low)
+            self.extra.high = high if self.extra.high is None else max(self.extra.high, high)
+
+    def result(self):
+        if self.cm is None:
+            raise CaffeishError("no image/label pairs to evaluate")
+        result = _result(self.cm, self.names, self.count, self.net_path, _root_blob(self.net, self.score_blob)[0],
+                         self.label_blob if self.label_fed else None, self.extra, self.known)
+        result["notes"] = self.notes
+        return result
 
 
 def dataset_mean(known, input_name):

@@ -40,6 +40,68 @@ from caffeish.formats.upgrade import upgrade_net
 IDENTITY = geometry.identity()
 
 
+# -- looking at a net without running its code ------------------------------------------------------
+
+
+def runs_python(layer, input_shapes):
+    """Whether building this layer runs code from the user's files: a Python layer does (its module is
+    imported, its setup() and reshape() run), unless it is a data layer whose tops all have shapes given
+    with --input-shape (then its tops are inputs and its code does not run)."""
+    if layer.type != "Python":
+        return False
+    fed = not len(layer.bottom) and len(layer.top) and all(t in (input_shapes or {}) for t in layer.top)
+    return not fed
+
+
+def without_python_layers(net, phase=TEST, level=0, stages=(), input_shapes=None):
+    """(net, skipped): `net` without the Python layers whose code would run (in its net state) and every
+    layer that reads what they compute; `skipped` are the indices (into net.layer) of the layers left
+    out, whose tops' shapes cannot be known without running that code.
+
+    Inspection commands (summary, offsets, store build) build their Graph from this net unless the
+    user allows Python layers (--allow-python-layers): looking at a file must not run code from it."""
+    state = make_state(net, phase, level, stages)
+    kept = pb.NetParameter()
+    kept.CopyFrom(net)
+    del kept.layer[:]
+    unknown, skipped = set(), []
+    for i, layer in enumerate(net.layer):
+        if not layer_included(layer, state):
+            kept.layer.add().CopyFrom(layer)  # the Graph leaves it out again (and names it when it is missed)
+            continue
+        if runs_python(layer, input_shapes) or any(b in unknown for b in layer.bottom):
+            unknown.update(layer.top)
+            skipped.append(i)
+        else:
+            unknown.difference_update(layer.top)  # a blob name written again is known again
+            kept.layer.add().CopyFrom(layer)
+    return kept, skipped
+
+
+def check_python_bottoms(net, graph, skipped, max_blob_bytes):
+    """With Python layers allowed: refuse, before any is run, a Python layer whose bottoms (which its
+    reshape sees as arrays of zeros) would take more than the memory cap together.  Only layers whose
+    bottoms the Python-free `graph` knows can be checked; the others are checked by the graph as they
+    are produced."""
+    for i in skipped:
+        layer = net.layer[i]
+        if layer.type != "Python" or not all(b in graph.blob_shapes for b in layer.bottom):
+            continue
+        total = 0
+        for b in layer.bottom:
+            count = 1
+            for d in graph.blob_shapes[b]:
+                count *= d
+            total += 4 * count
+        if total > max_blob_bytes:
+            from caffeish.errors import MemoryCapError
+
+            raise MemoryCapError(
+                f"layer '{layer.name}' (Python): its bottoms would need {total:,} bytes as the arrays its "
+                f"reshape() sees, over the cap of {max_blob_bytes:,} bytes; refusing before allocating (raise "
+                f"the cap with --max-blob-bytes or CAFFEISH_MAX_BLOB_BYTES)")
+
+
 # -- per-axis maps: {blob axis: CoordMap}, axes not named are the identity ------------------------
 
 
@@ -208,8 +270,11 @@ class Analysis:
     offset upstream is reported once, not again at every later Crop).
     """
 
-    def __init__(self, net, phase=TEST, level=0, stages=(), input_shapes=None, start=None):
+    def __init__(self, net, phase=TEST, level=0, stages=(), input_shapes=None, start=None,
+                 allow_python_layers=False):
         self.net = _as_net(net)
+        self.allow_python_layers = allow_python_layers
+        self.python_skipped = []  # layers not run (Python code, or downstream of it): their sizes are unknown
         self.state = make_state(self.net, phase, level, stages)
         self.layers = []
         self.blobs = []
@@ -231,14 +296,18 @@ class Analysis:
     # -- wiring ------------------------------------------------------------------------
     def _shapes(self, phase, level, stages, input_shapes):
         """{layer index: (bottom shapes, top shapes)} from the graph, or {} when sizes are unknown."""
+        net, skipped = self.net, []
+        if not self.allow_python_layers:
+            net, skipped = without_python_layers(self.net, phase, level, stages, input_shapes)
+            self.python_skipped = [self.net.layer[i].name for i in skipped]
         try:
-            graph = Graph(self.net, phase=phase, level=level, stages=stages, input_shapes=input_shapes)
+            graph = Graph(net, phase=phase, level=level, stages=stages, input_shapes=input_shapes)
         except CaffeishError as e:
             if input_shapes:
                 raise
             self.sizes_unknown = str(e).split(". ")[0]
             return {}
-        kept = [i for i, l in enumerate(self.net.layer) if layer_included(l, self.state)]
+        kept = [i for i, l in enumerate(self.net.layer) if layer_included(l, self.state) and i not in skipped]
         out, k = {}, 0
         for node in graph.nodes:  # the graph's extra Split layers are skipped
             want = self.net.layer[kept[k]] if k < len(kept) else None
@@ -530,9 +599,11 @@ def _xs(values):
 # -- the public API -------------------------------------------------------------------------------------
 
 
-def analyze(net, phase=TEST, level=0, stages=(), input_shapes=None, start=None):
-    """The Analysis of a net (a path or a pb.NetParameter)."""
-    return Analysis(net, phase=phase, level=level, stages=stages, input_shapes=input_shapes, start=start)
+def analyze(net, phase=TEST, level=0, stages=(), input_shapes=None, start=None, allow_python_layers=False):
+    """The Analysis of a net (a path or a pb.NetParameter).  Python layers' code runs only with
+    allow_python_layers (see without_python_layers)."""
+    return Analysis(net, phase=phase, level=level, stages=stages, input_shapes=input_shapes, start=start,
+                    allow_python_layers=allow_python_layers)
 
 
 def crop_offsets(net, phase=TEST, level=0, stages=(), input_shapes=None):
@@ -656,6 +727,11 @@ def global_notes(a, secs):
     for sec in secs:
         for part in sec["parts"]:
             notes += [n for n in a.ceil_notes(part["to_id"], part["from_id"]) if n not in notes]
+    if a.python_skipped:
+        notes.append(f"Python layers were not run (their code runs only with --allow-python-layers), so the "
+                     f"sizes of {', '.join(repr(n) for n in a.python_skipped[:5])}"
+                     f"{f' and {len(a.python_skipped) - 5} more' if len(a.python_skipped) > 5 else ''} "
+                     f"are unknown")
     if a.sizes_unknown is not None:
         shown = [layer for sec in secs for part in sec["parts"] for layer in _path_layers(a, part)]
         if any(l.type == "Pooling" for l in shown):
@@ -714,7 +790,7 @@ def _edit_crop(text, msg, values):
     return [_insert_lines(text, msg, block)]
 
 
-def fix_text(text, phase=TEST, level=0, stages=(), input_shapes=None, path="<string>"):
+def fix_text(text, phase=TEST, level=0, stages=(), input_shapes=None, path="<string>", allow_python_layers=False):
     """(new text, [(crop name, axis, old offsets, new offsets)]): the prototxt with computed Crop offsets.
 
     Only the offset values change (or an `offset:` line / crop_param block is added
@@ -722,7 +798,7 @@ def fix_text(text, phase=TEST, level=0, stages=(), input_shapes=None, path="<str
     ShapeError when some Crop's offset cannot be computed.
     """
     raw = io.parse_text(text, pb.NetParameter(), path=path)
-    a = analyze(raw, phase, level, stages, input_shapes)
+    a = analyze(raw, phase, level, stages, input_shapes, allow_python_layers=allow_python_layers)
     errors = [c.problem() for c in a.crops if c.error is not None]
     if errors:
         raise ShapeError(f"{path}: not fixing, some Crop offsets cannot be computed: " + "; ".join(errors))
@@ -756,13 +832,21 @@ def fix_text(text, phase=TEST, level=0, stages=(), input_shapes=None, path="<str
     return text, changes
 
 
-def fix_file(net_path, out_path, phase=TEST, level=0, stages=(), input_shapes=None):
+def fix_file(net_path, out_path, phase=TEST, level=0, stages=(), input_shapes=None, allow_python_layers=False):
     """Write `net_path` with computed Crop offsets to `out_path` (never over the input)."""
     if io.is_binary_file(net_path):
         raise CaffeishError(f"{net_path}: --fix edits a prototxt's text; this is a binary file")
     with open(net_path, "rb") as f:
-        text = f.read().decode("utf-8-sig")
-    new, changes = fix_text(text, phase, level, stages, input_shapes, path=str(net_path))
+        raw = f.read()
+    text = io.decode_text(raw, net_path)  # UTF-16, or bytes that are not UTF-8 outside comments: one line
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise CaffeishError(f"{net_path}: --fix keeps every byte of the text but its comments are not UTF-8; "
+                            f"save the file as UTF-8 first") from None
+    io.check_has_layers(io.parse_text(text, pb.NetParameter(), path=str(net_path)), net_path)
+    new, changes = fix_text(text, phase, level, stages, input_shapes, path=str(net_path),
+                            allow_python_layers=allow_python_layers)
     with io.atomic_output(out_path, inputs=[net_path]) as f:
         f.write(new.encode("utf-8"))
     return changes

@@ -40,6 +40,7 @@ from caffeish.errors import CaffeishError
 from caffeish.formats import io
 
 STAGES = ("decode", "preprocess", "forward", "argmax", "write")
+MARKER_TEXT = "written by caffeish segment: folders holding this file are not searched for images\n"
 
 
 def output_names(images, npy, overlay):
@@ -168,29 +169,53 @@ class _Clock:
         self._t = now
 
 
+def many_classes_note(n_classes):
+    """The note for a net scoring more classes than a palette PNG holds (None when it does not)."""
+    if n_classes <= PALETTE_PNG_CLASSES:
+        return None
+    return (f"caffeish segment: note: the net scores {n_classes} classes, more than a palette PNG's "
+            f"{PALETTE_PNG_CLASSES}: NAME.png holds the class indices as 16-bit gray (mode I;16, no colors); the "
+            "overlay shows them in color")
+
+
+def unfinished(images, plan, outdir, warn=None):
+    """(images, plan) without the images whose outputs all exist in outdir already (--resume), with a note
+    through `warn` saying how many were skipped.  Each output is written whole (renamed into place), so an
+    existing file is a finished one."""
+    keep = [i for i, names in enumerate(plan) if not all(os.path.isfile(os.path.join(outdir, n)) for n in names)]
+    if warn is not None and len(keep) < len(plan):
+        warn(f"caffeish segment: note: --resume: {len(plan) - len(keep)} of {len(plan)} images already have their "
+             f"outputs in {outdir}; segmenting the other {len(keep)}")
+    return [images[i] for i in keep], [plan[i] for i in keep]
+
+
 def segment_images(seg, images, outdir, colors_spec="pascal", labels=None, overlay=0.6, legend=False,
-                   npy=False, warn=None):
+                   npy=False, warn=None, resume=False):
     """Segment `images` ([(path, relative name)]) into outdir; returns (rows, failed, seconds per stage).
 
     An image that cannot be read, preprocessed or run (a CaffeishError: a bad
     file, a size the net refuses) is named through `warn`, counted in `failed`,
     and the others go on.  Anything else (a failed write, an interrupt, a bug)
-    stops the run with OUTDIR as it was."""
+    stops the run with OUTDIR as it was.  `resume`: skip the images whose
+    outputs all exist in outdir (`unfinished`)."""
     plan = output_names(images, npy, overlay > 0)
     _check_inputs(images, plan, outdir)
     check_outdir(outdir)
     base_colors, dataset_labels = palettes.load_palette(colors_spec)
     labels = labels if labels is not None else dataset_labels
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    holds_inputs = _holds_inputs(outdir, images)
+    if resume:
+        images, plan = unfinished(images, plan, outdir, warn)
     rows, failed, colors = [], 0, None
     clock = _Clock()
     pending = None
     blank_failure = None  # (image, message pattern) of a failure a blank image shares, while none has run
     with staging(outdir) as stage, progress.bar(total=len(images), desc="segment", unit="img") as bar, \
             ThreadPoolExecutor(max_workers=1) as writer:
-        if not _holds_inputs(outdir, images):  # an input folder written into stays an input folder
+        if not holds_inputs:  # an input folder written into stays an input folder
             with open(os.path.join(stage, OUTPUT_MARKER), "w") as f:
-                f.write("written by caffeish segment: folders holding this file are not searched for images\n")
+                f.write(MARKER_TEXT)
         for i, ((path, _), names) in enumerate(zip(images, plan)):
             clock.lap("write")  # the bar and bookkeeping count with writing
             x = None
@@ -216,10 +241,8 @@ def segment_images(seg, images, outdir, colors_spec="pascal", labels=None, overl
             n_classes = seg.n_classes
             if colors is None:
                 colors = class_colors(colors_spec, base_colors, n_classes)
-                if n_classes > PALETTE_PNG_CLASSES:
-                    warn(f"caffeish segment: note: the net scores {n_classes} classes, more than a palette "
-                         f"PNG's {PALETTE_PNG_CLASSES}: NAME.png holds the class indices as 16-bit gray "
-                         "(mode I;16, no colors); the overlay shows them in color")
+                if many_classes_note(n_classes):
+                    warn(many_classes_note(n_classes))
             if pending is not None:
                 pending.result()  # one image is written while the next one is decoded and run
             clock.lap("write")

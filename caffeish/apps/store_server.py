@@ -5,25 +5,40 @@ folders) read-only: GET and HEAD, `Range: bytes=a-b`, `bytes=a-` and
 `bytes=-n` answered with 206 Partial Content and Content-Range, 416 for a
 range past the end, ETag/Last-Modified and If-Range (a changed file is sent
 whole).  Only regular files inside `root` are served: no directory listings,
-no hidden files (a pull's `.part` files), nothing reached through `..` or a
-symlink out of the store.  It binds to 127.0.0.1 unless told otherwise.
+no hidden files (a pull's `.part` files) whatever path or symbolic link leads
+to them, nothing reached through `..` or a symbolic link out of the store.  It
+binds to 127.0.0.1 unless told otherwise.
+
+Hostile clients are bounded: a connection that sends nothing (or does not
+read) for `timeout` seconds is closed, at most `max_connections` are served at
+once (the next ones get 503 at once), a Range header's numbers of any length
+are read without converting thousands of digits, and a request's text is
+escaped in the log.  Binding errors (a port in use, an unknown host) are
+CaffeishErrors raised before anything is served.
 
     with StoreServer("store", port=0) as server:   # port 0: any free port
         print(server.url)                          # http://127.0.0.1:PORT/
 """
 import email.utils
+import errno
 import os
 import re
 import socket
+import stat
 import sys
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from caffeish.errors import CaffeishError
-from caffeish.apps.store import INDEX, safe_name
+from caffeish.apps.store import INDEX, safe_name, shown
 
 SEND_CHUNK = 1 << 20
+TIMEOUT = 30.0        # seconds a connection may stay silent (or not read) before it is closed
+MAX_CONNECTIONS = 32  # connections served at once
+_BIG = 18             # digits: a number this long is larger than any file
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 0\r\n"
+         b"Connection: close\r\n\r\n")
 CONTENT_TYPES = {
     ".json": "application/json",
     ".md": "text/markdown; charset=utf-8",
@@ -38,17 +53,17 @@ def parse_range(header, size):
     As RFC 9110 allows, a header we do not understand (another unit, several
     ranges, bad syntax) is ignored and the whole file is sent.
     """
-    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header or "")
+    m = re.fullmatch(r"[ \t]*bytes[ \t]*=[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)[ \t]*", header or "")
     if not m or (not m.group(1) and not m.group(2)):
         return None
     first, last = m.group(1), m.group(2)
     if not first:  # suffix range: the last n bytes
-        n = int(last)
+        n = _int(last)
         if n == 0:
             return "unsatisfiable"
         return (max(size - n, 0), size - 1) if size else "unsatisfiable"
-    start = int(first)
-    end = int(last) if last else size - 1
+    start = _int(first)
+    end = _int(last) if last else size - 1
     if last and end < start:
         return None  # invalid: ignored
     if start >= size:
@@ -56,10 +71,21 @@ def parse_range(header, size):
     return start, min(end, size - 1)
 
 
+def _int(digits):
+    """A decimal number; one of more than 18 digits (past any file size) is taken as 10**18, so that
+    thousands of digits are never converted."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _BIG else 10 ** _BIG
+
+
 class StoreHandler(BaseHTTPRequestHandler):
     """GET/HEAD of the store's files with single byte ranges."""
 
     server_version = "caffeish-store/1"
+
+    def setup(self):
+        self.timeout = self.server.read_timeout  # StreamRequestHandler sets it on the socket
+        super().setup()
 
     def do_GET(self):
         self._respond(body=True)
@@ -78,7 +104,10 @@ class StoreHandler(BaseHTTPRequestHandler):
             return None
         root = self.server.root
         full = os.path.realpath(os.path.join(root, *parts))
-        if os.path.commonpath([root, full]) != root or not os.path.isfile(full):
+        if os.path.commonpath([root, full]) != root:
+            return None
+        # Where links lead counts too: no hidden file or folder of the store, whatever the path.
+        if not all(safe_name(p) for p in os.path.relpath(full, root).split(os.sep)) or not os.path.isfile(full):
             return None
         return full
 
@@ -88,8 +117,13 @@ class StoreHandler(BaseHTTPRequestHandler):
             self.send_error(404, "Not Found")
             return
         try:
-            f = open(full, "rb")
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
+            self.send_error(404, "Not Found")
+            return
+        f = os.fdopen(fd, "rb")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped for a FIFO or a device since resolve()
+            f.close()
             self.send_error(404, "Not Found")
             return
         with f:
@@ -125,8 +159,8 @@ class StoreHandler(BaseHTTPRequestHandler):
                 f.seek(start)
                 try:
                     self.send_body(f, length)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client went away; it will resume with a range
+                except OSError:  # the client went away or stopped reading (timeout); it can resume
+                    self.close_connection = True
 
     def send_body(self, f, length):
         """Copy `length` bytes of the open file to the client in chunks (tests override this)."""
@@ -140,29 +174,67 @@ class StoreHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         if self.server.log:
-            self.server.log.write("%s - %s\n" % (self.address_string(), format % args))
+            self.server.log.write("%s - %s\n" % (self.address_string(), shown(format % args, 1000)))
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address, handler, root, log):
+    def __init__(self, address, handler, root, log, timeout=TIMEOUT, max_connections=MAX_CONNECTIONS):
         host = address[0]
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.root = root
         self.log = log
+        self.read_timeout = timeout
+        self.slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        """Serve in a thread while a slot is free; otherwise answer 503 at once and close."""
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 class StoreServer:
     """The store at `root` served over HTTP; start()/stop() run it in a thread, serve_forever() in front."""
 
-    def __init__(self, root, host="127.0.0.1", port=8000, handler=StoreHandler, log=None):
+    def __init__(self, root, host="127.0.0.1", port=8000, handler=StoreHandler, log=None, timeout=TIMEOUT,
+                 max_connections=MAX_CONNECTIONS):
         self.root = os.path.realpath(os.fspath(root))
         if not os.path.isdir(self.root):
             raise CaffeishError(f"{root}: not a directory")
-        self.httpd = _Server((host, port), handler, self.root, log)
+        if not 0 <= port <= 65535:
+            raise CaffeishError(f"port {port}: must be between 0 and 65535")
+        try:
+            self.httpd = _Server((host, port), handler, self.root, log, timeout, max_connections)
+        except socket.gaierror as e:
+            raise CaffeishError(f"--host {shown(host)}: unknown host or address ({e.strerror})") from None
+        except OSError as e:
+            why = {errno.EADDRINUSE: "the port is in use (another server?); choose another --port",
+                   errno.EACCES: "permission denied (ports below 1024 need privileges); choose another --port",
+                   errno.EADDRNOTAVAIL: "not an address of this machine; choose another --host"}.get(
+                       e.errno, e.strerror)
+            raise CaffeishError(f"cannot serve at {shown(host)} port {port}: {why}") from None
+        except (OverflowError, ValueError, UnicodeError) as e:
+            raise CaffeishError(f"cannot serve at {shown(host)} port {port}: {shown(e, 100)}") from None
         self.host = host
         self.port = self.httpd.server_address[1]
         self._thread = None
@@ -200,6 +272,10 @@ class StoreServer:
         self.stop()
 
 
-def serve(root, host="127.0.0.1", port=8000, log=sys.stderr):
-    """Serve until interrupted (Ctrl-C)."""
-    StoreServer(root, host, port, log=log).serve_forever()
+def serve(root, host="127.0.0.1", port=8000, log=sys.stderr, timeout=TIMEOUT, max_connections=MAX_CONNECTIONS,
+          ready=None):
+    """Serve until interrupted (Ctrl-C); `ready(server)` is called once the port is bound."""
+    server = StoreServer(root, host, port, log=log, timeout=timeout, max_connections=max_connections)
+    if ready:
+        ready(server)
+    server.serve_forever()

@@ -16,21 +16,26 @@ Here:
     `DecodeDatumToCVMat(datum, is_color)` do, with Pillow;
   * `parse_datum(value, where)` refuses a value that is not a Datum, saying
     what it looks like instead (a bare PNG file, a BlobProto, text, ...);
-  * `LmdbReader` opens a database read-only and without a lock file, so that
-    reading never writes into the user's folder; `LmdbWriter` writes in
-    batched transactions and doubles the map size whenever it fills up.
+  * `LmdbReader` reads a database with caffeish.formats.lmdb_file (pread, every
+    page checked; no lock file, so reading never writes into the user's folder,
+    and a truncated or corrupt database is an error, never a crash); `check_pair`
+    refuses a features/labels pair whose keys differ; `LmdbWriter` writes with
+    py-lmdb in batched transactions and doubles the map size whenever it fills up.
 
 The numpy <-> Datum conversions of pycaffe (`caffe.io.array_to_datum`,
 `datum_to_array`) live in caffeish.formats.arrays; this module builds on them.
 """
 import io
+import itertools
 import os
+import stat
 
 import numpy as np
 
 from caffeish.errors import CaffeishError
 from caffeish.formats.schema import pb
 from caffeish.formats.arrays import array_to_datum, datum_to_array
+from caffeish.formats.lmdb_file import DamagedLmdbError, LmdbError, LmdbFile
 
 ENCODINGS = ("none", "png", "jpg")
 IMAGE_MAGIC = (
@@ -97,6 +102,22 @@ def encode_image(array, encoding="png"):
 
 def _chw(arr):
     return arr[np.newaxis] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def encoded_shape(data, where="an encoded Datum"):
+    """(C, H, W) of encoded image bytes as decode_image would give them (color=None), from the header
+    alone; a CaffeishError when the bytes are not an image Pillow opens (or claim too many pixels)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as img:
+            mode, (width, height) = img.mode, img.size
+    except Exception as e:  # Pillow raises many types for undecodable data (DecompressionBombError too)
+        kind = image_format(data) or "image"
+        raise CaffeishError(f"{where}: cannot decode its {kind} bytes ({e})") from None
+    channels = 1 if mode in ("1", "L", "I", "F") or mode.startswith("I;16") else 4 if mode in (
+        "RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info) else 3
+    return channels, height, width
 
 
 def decode_image(data, color=None, where="an encoded Datum"):
@@ -212,7 +233,7 @@ def _datum_problem(datum):
     if datum.encoded:
         return None if image_format(datum.data) else "encoded, but its data is not a PNG/JPEG/BMP/GIF/TIFF file"
     count = datum.channels * datum.height * datum.width
-    if count <= 0:
+    if min(datum.channels, datum.height, datum.width) <= 0:
         return f"channels x height x width = {datum.channels} x {datum.height} x {datum.width}"
     if len(datum.data) == count or (not len(datum.data) and len(datum.float_data) == count):
         return None
@@ -293,46 +314,49 @@ def _listing(path):
     return f"; it holds: {shown}" if names else "; it is empty"
 
 
-# py-lmdb opens an environment once per process: readers of one database share it.
-_OPEN_ENVS = {}  # real path -> [environment, number of open readers]
+def _data_file(path):
+    """(data file, st) of an LMDB path (a folder holding data.mdb, or the data file itself), checked:
+    it must be a regular file (a link to /dev/zero, a FIFO or a folder is refused before it is read)."""
+    if not os.path.lexists(path):
+        raise LmdbError(f"{path}: no such LMDB database")
+    data = os.path.join(path, "data.mdb") if os.path.isdir(path) else path
+    if data != path and not os.path.lexists(data):
+        hint = ""
+        if os.path.isdir(os.path.join(path, "features")):
+            hint = "; it looks like a DIGITS dataset stage: its databases are 'features' and 'labels'"
+        elif os.path.isdir(os.path.join(path, "train_db")):
+            hint = "; it looks like a dataset folder: its databases are under train_db/ and val_db/"
+        raise LmdbError(f"{path}: not an LMDB database (no data.mdb){hint or _listing(path)}")
+    try:
+        st = os.stat(data)
+    except OSError as e:
+        raise LmdbError(f"{data}: cannot read: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        what = ("a folder" if stat.S_ISDIR(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or
+                stat.S_ISBLK(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "not a regular file")
+        link = f" (a link to {os.path.realpath(data)})" if os.path.islink(data) else ""
+        raise DamagedLmdbError(f"{data}: is {what}{link}, not an LMDB data file")
+    if not st.st_size:
+        raise DamagedLmdbError(f"{data}: is an empty file, not an LMDB database")
+    return data, st
 
 
 class LmdbReader:
     """A read-only view of an LMDB database of Datums, in key order (Caffe's cursor order).
 
-    The environment is opened read-only and without locking, so nothing is
-    written into the user's folder (no lock.mdb is created); readers of the
-    same database in one process share it.  `path` is the
-    database directory (data.mdb inside) or the data file itself.
+    `path` is the database directory (data.mdb inside) or the data file itself.  The
+    file is read with caffeish.formats.lmdb_file (pread, every page checked), never
+    through LMDB's memory map: nothing is written into the user's folder (no
+    lock.mdb), and a damaged database (truncated, corrupt, a data.mdb that is not a
+    regular file) is a DamagedLmdbError naming it, never a crash.
     """
 
-    env = None
-    _txn = None
+    _file = None
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        lmdb = _lmdb()
-        if not os.path.exists(self.path):
-            raise CaffeishError(f"{self.path}: no such LMDB database")
-        subdir = os.path.isdir(self.path)
-        if subdir and not os.path.isfile(os.path.join(self.path, "data.mdb")):
-            hint = ""
-            if os.path.isdir(os.path.join(self.path, "features")):
-                hint = "; it looks like a DIGITS dataset stage: its databases are 'features' and 'labels'"
-            elif os.path.isdir(os.path.join(self.path, "train_db")):
-                hint = "; it looks like a dataset folder: its databases are under train_db/ and val_db/"
-            raise CaffeishError(f"{self.path}: not an LMDB database (no data.mdb){hint or _listing(self.path)}")
-        self._key = os.path.realpath(self.path)
-        shared = _OPEN_ENVS.get(self._key)
-        if shared is None:
-            try:
-                env = lmdb.open(self.path, readonly=True, lock=False, subdir=subdir, readahead=False)
-            except lmdb.Error as e:
-                raise CaffeishError(f"{self.path}: cannot open as an LMDB database ({e})") from None
-            shared = _OPEN_ENVS[self._key] = [env, 0]
-        shared[1] += 1
-        self.env = shared[0]
-        self._txn = None
+        data, _ = _data_file(self.path)
+        self._file = LmdbFile(data, shown=self.path)
 
     def __enter__(self):
         return self
@@ -341,16 +365,9 @@ class LmdbReader:
         self.close()
 
     def close(self):
-        if self._txn is not None:
-            self._txn.abort()
-            self._txn = None
-        if self.env is not None:
-            shared = _OPEN_ENVS[self._key]
-            shared[1] -= 1
-            if not shared[1]:
-                del _OPEN_ENVS[self._key]
-                self.env.close()
-            self.env = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def __del__(self):
         try:
@@ -358,22 +375,25 @@ class LmdbReader:
         except Exception:
             pass
 
+    def _open_file(self):
+        if self._file is None:
+            raise LmdbError(f"{self.path}: the database was closed")
+        return self._file
+
     def __len__(self):
-        return int(self.env.stat()["entries"])
+        return len(self._open_file())
 
-    def txn(self):
-        """The reader's long-lived read transaction (the database is not written meanwhile)."""
-        if self._txn is None:
-            self._txn = self.env.begin(buffers=False)
-        return self._txn
+    def items(self, start=None, values=True):
+        """(key, value bytes) in key order, from `start` (the first key >= start) or the first record
+        (values=False: keys only, with None for each value)."""
+        for key, value in self._open_file().items(values):
+            if start is None or key >= start:
+                yield key, value
 
-    def items(self, start=None):
-        """(key, value bytes) in key order, from `start` (a key) or the first record."""
-        cursor = self.txn().cursor()
-        ok = cursor.set_range(start) if start is not None else cursor.first()
-        while ok:
-            yield cursor.key(), cursor.value()
-            ok = cursor.next()
+    def keys(self):
+        """The keys in order (bytes), without reading the values."""
+        for key, _ in self.items(values=False):
+            yield key
 
     def datums(self, start=None):
         """(key, Datum) in key order; a value that is not a Datum raises NotDatumError."""
@@ -387,34 +407,73 @@ class LmdbReader:
         """The first (key, Datum), or a CaffeishError when the database is empty."""
         for item in self.datums():
             return item
-        raise CaffeishError(f"{self.path}: the LMDB database holds no records")
+        raise LmdbError(f"{self.path}: the LMDB database holds no records")
 
     def get(self, key):
-        value = self.txn().get(key)
+        value = self._open_file().get(key)
         return None if value is None else parse_datum(value, self.where(key))
 
 
+def check_pair(features, labels):
+    """A LmdbError unless the two databases of one stage (DIGITS' features and labels) hold the same keys:
+    their records are paired by position, so one lost record would pair every later image with the
+    wrong labels."""
+    def shown(key):
+        return "(none)" if key is None else repr(key.decode("ascii", "backslashreplace"))
+
+    with LmdbReader(features) as fr, LmdbReader(labels) as lr:
+        nf = nl = 0
+        first = None
+        for i, (fk, lk) in enumerate(itertools.zip_longest(fr.keys(), lr.keys())):
+            nf, nl = nf + (fk is not None), nl + (lk is not None)
+            if first is None and fk != lk:
+                first = f"record {i} has the key {shown(fk)} in {features} but {shown(lk)} in {labels}"
+    if nf != nl:
+        raise LmdbError(f"{features} holds {nf:,} records but {labels} holds {nl:,} ({first}): the features and "
+                        f"labels of one stage pair up one to one (a lost record? build the dataset again)")
+    if first is not None:
+        raise LmdbError(f"{first}: the features and labels of one stage must have the same keys (build the "
+                        f"dataset again)")
+
+
+def sibling_pair(path):
+    """(features, labels) when `path` is one of the two databases of a DIGITS stage folder and the other
+    exists beside it, else None."""
+    folder, name = os.path.split(os.path.normpath(os.fspath(path)))
+    other = {"features": "labels", "labels": "features"}.get(name)
+    if other is None or not os.path.lexists(os.path.join(folder, other)):
+        return None
+    pair = {name: os.path.join(folder, name), other: os.path.join(folder, other)}
+    return pair["features"], pair["labels"]
+
+
 class BatchCursor:
-    """Caffe's Data-layer cursor: records in key order, `take(n)` at a time, wrapping at the end."""
+    """Caffe's Data-layer cursor: records in key order, `take(n)` at a time, wrapping at the end.
+
+    It walks the database forward once per pass (first, next, ..., first again), never searching
+    for a key."""
 
     def __init__(self, reader):
         self.reader = reader
-        self.next_key = None
+        self._records = None
 
     def take(self, n):
         """The next n (key, Datum) records; after the last record comes the first again."""
         out = []
+        fresh = False
         while len(out) < n:
+            if self._records is None:
+                self._records, fresh = self.reader.datums(), True
             before = len(out)
-            for key, datum in self.reader.datums(self.next_key):
-                out.append((key, datum))
-                self.next_key = key + b"\x00"  # the smallest key after `key`
+            for item in self._records:
+                out.append(item)
                 if len(out) == n:
                     break
             else:  # the end of the database: wrap around, as Caffe's "Restarting data prefetching"
-                if len(out) == before and self.next_key is None:
-                    raise CaffeishError(f"{self.reader.path}: the LMDB database holds no records")
-                self.next_key = None
+                self._records = None
+                if fresh and len(out) == before:
+                    raise LmdbError(f"{self.reader.path}: the LMDB database holds no records")
+                fresh = False
         return out
 
 

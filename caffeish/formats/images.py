@@ -67,7 +67,11 @@ def _open(source, read):
         raise CaffeishError(f"{path}: no such image file") from None
     except IsADirectoryError:
         raise CaffeishError(f"{path}: is a folder, not an image") from None
-    except (OSError, SyntaxError, ValueError) as e:  # Pillow: UnidentifiedImageError, truncated data
+    except CaffeishError:
+        raise
+    except (MemoryError, RecursionError):
+        raise CaffeishError(f"{path}: cannot read as an image: too large to decode") from None
+    except Exception as e:  # Pillow: UnidentifiedImageError, truncated data, DecompressionBombError, ...
         raise CaffeishError(f"{path}: cannot read as an image: {e}") from None
 
 

@@ -22,13 +22,12 @@ import contextlib
 import mmap
 import os
 import re
-import tempfile
 
 import numpy as np
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
-from caffeish.formats import wire
+from caffeish.formats import staging, wire
 from caffeish.errors import CaffeishError, CorruptFileError, ForkFieldError, ParseError
 from caffeish.formats.schema import pb
 from caffeish.formats.upgrade import upgrade_net
@@ -39,7 +38,8 @@ __all__ = [
     "atomic_output", "atomic_outputs", "labelled_name", "same_file", "inside_folder", "check_outputs",
     "missing_folders", "make_folders", "remove_empty_folders", "current_umask",
     "format_prototxt", "write_prototxt", "model_chunks", "serialize_model", "write_caffemodel",
-    "write_binaryproto", "MAX_BINARY_BYTES", "FORK_FIELDS",
+    "write_binaryproto", "MAX_BINARY_BYTES", "FORK_FIELDS", "printable", "printable_cells", "decode_text", "check_has_layers",
+    "check_strings", "check_dims",
 ]
 
 MAX_BINARY_BYTES = 2**31 - 1
@@ -155,6 +155,120 @@ def parse_text(text, message, path="<string>"):
     return message
 
 
+def printable(text):
+    """`text` with every character that is not printable escaped (\\n, \\t, \\x1b, \\u2028, ...), so that a
+    name taken from a file can neither split a one-line message nor reach a terminal as an escape
+    sequence.  Bytes kept by surrogateescape show as \\xNN.  Every message quoting a file's content
+    goes through it (the CLI applies it to every error line)."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+            continue
+        code = ord(ch)
+        if ch in _NAMED_ESCAPES:
+            out.append(_NAMED_ESCAPES[ch])
+        elif 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
+def printable_cells(row):
+    """A report row (a dict) with its text values, and the text items of its list values, escaped with
+    `printable` (for the table and markdown formats; JSON escapes by itself)."""
+    def cell(value):
+        if isinstance(value, str):
+            return printable(value)
+        if isinstance(value, (list, tuple)):
+            return [cell(v) for v in value]
+        return value
+    return {key: cell(value) for key, value in row.items()}
+
+
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_WHITESPACE = frozenset(b"\t\n\v\f\r")
+
+
+def _utf16(head):
+    """True when the bytes are UTF-16 text: a byte-order mark, or ASCII text with every other byte NUL."""
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return True
+    n = len(head) - len(head) % 2
+    if n < 8:
+        return False
+    for text, zeros in ((head[0:n:2], head[1:n:2]), (head[1:n:2], head[0:n:2])):
+        if zeros.count(0) == len(zeros) and 0 not in text and all(32 <= c < 127 or c in _WHITESPACE for c in text):
+            return True
+    return False
+
+
+def _mostly_text(head):
+    """True for bytes a person typed in some 8-bit encoding: no control characters but whitespace, and at
+    least half plain ASCII (a caffemodel's first bytes always hold field tags and lengths below 32)."""
+    if not head:
+        return False
+    controls = sum(1 for c in head if (c < 32 and c not in _WHITESPACE) or c == 127)
+    plain = sum(1 for c in head if 32 <= c < 127 or c in _WHITESPACE)
+    return controls == 0 and plain * 2 >= len(head)
+
+
+def _comment_start(line):
+    """Where a `#` comment starts in a prototxt line (bytes), outside quoted strings; len(line) if none."""
+    quote = None
+    i = 0
+    while i < len(line):
+        c = line[i]
+        if quote is not None:
+            if c == 0x5C:  # backslash: skip the escaped byte
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in (0x22, 0x27):
+            quote = c
+        elif c == 0x23:
+            return i
+        i += 1
+    return len(line)
+
+
+def decode_text(raw, path):
+    """The text of a prototxt's bytes (UTF-8; a byte-order mark is dropped).  Bytes that are not UTF-8
+    are allowed in comments, as Caffe allows them; anywhere else they are a ParseError naming the line,
+    the column and the byte, and UTF-16 text is one saying so: Caffe reads prototxt files as UTF-8."""
+    if _utf16(bytes(raw[:4096])):
+        raise ParseError(f"{path}: this is a UTF-16 text file; Caffe reads prototxt files as UTF-8: save it as "
+                         f"UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
+    raw = bytes(raw)
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    lines = []
+    for number, line in enumerate(raw.split(b"\n"), 1):
+        code = line[:_comment_start(line)]
+        try:
+            code.decode("utf-8")
+        except UnicodeDecodeError as e:
+            column = len(code[:e.start].decode("utf-8", errors="replace")) + 1
+            raise ParseError(
+                f"{path}:{number}:{column}: a text file with an encoding problem: byte 0x{code[e.start]:02x} is not "
+                f"UTF-8; Caffe reads prototxt files as UTF-8: save the file as UTF-8 (e.g. iconv -f latin1 "
+                f"-t UTF-8)") from None
+        lines.append(line.decode("utf-8", errors="replace"))
+    return "\n".join(lines)
+
+
 def _image_kind(head):
     """'PNG', 'JPEG', ... when the bytes start an image file, else None."""
     for signature, kind in IMAGE_SIGNATURES:
@@ -177,6 +291,8 @@ def _looks_text(head):
 
     Stricter than `not _looks_binary`: a caffemodel always holds control bytes (its
     field tags and lengths) or bytes that are not UTF-8."""
+    if head and _utf16(head):
+        return True
     if not head or _looks_binary(head):
         return False
     return not any(c in _CONTROL for c in head)
@@ -235,11 +351,11 @@ def _read_text_file(path):
             raw = f.read()
     except OSError as e:
         raise CaffeishError(f"{path}: cannot read: {e.strerror}") from None
-    if b"\0" in raw[:4096] or _image_kind(raw[:4096]) or raw.startswith(HDF5_SIGNATURE):
-        raise not_a_prototxt(path, *file_kind(path, raw[:4096])) or ParseError(
+    head = raw[:4096]
+    if (b"\0" in head and not _utf16(head)) or _image_kind(head) or raw.startswith(HDF5_SIGNATURE):
+        raise not_a_prototxt(path, *file_kind(path, head)) or ParseError(
             f"{path}: this is a binary file, not a prototxt; {NET_FIRST}")
-    # utf-8-sig: a byte-order mark some editors add is not part of the text format.
-    return raw.decode("utf-8-sig", errors="replace")
+    return decode_text(raw, path)
 
 
 def read_prototxt(path, upgrade=True, message=None):
@@ -280,11 +396,36 @@ def read_net(path, upgrade=True, caffemodel=False):
         if caffemodel and kind == "hdf5":
             read_caffemodel(path, upgrade=upgrade)  # its own error: HDF5 weights are not read
         raise error
-    return read_prototxt(path, upgrade=upgrade)[0]
+    net = read_prototxt(path, upgrade=upgrade)[0]
+    check_has_layers(net, path)
+    return net
+
+
+def check_has_layers(net, path):
+    """A ParseError for a net that defines no layers (an empty file, or only comments)."""
+    if len(net.layer) or len(net.layers):
+        return
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1 << 20)
+    except OSError:
+        raw = b"?"
+    lines = [line.strip() for line in raw.splitlines()]
+    if not any(lines):
+        why = " (the file is empty)"
+    elif all(not line or line.startswith(b"#") for line in lines):
+        why = " (the file holds only comments)"
+    else:
+        why = ""
+    raise ParseError(f"{path}: defines no layers{why}; a net prototxt needs at least one layer")
 
 
 def _looks_binary(head):
+    """True for binary protobuf; False for text, UTF-16 text and text in another 8-bit encoding included."""
     if not head:
+        return False
+    head = bytes(head)
+    if _utf16(head):
         return False
     if b"\0" in head:
         return True
@@ -292,7 +433,7 @@ def _looks_binary(head):
         head.decode("utf-8")
     except UnicodeDecodeError as e:
         # A multi-byte character cut at the end of the window is still text.
-        return e.start < len(head) - 4
+        return e.start < len(head) - 4 and not _mostly_text(head)
     return False
 
 
@@ -467,8 +608,10 @@ def _read_caffemodel(path, buf, upgrade, copy=True):
         raise wire.corrupt(path, "caffemodel", f"the layer definitions do not parse ({e}){_text_hint(buf)}") from None
     if not len(net.layer) and not len(net.layers):
         raise wire.corrupt(path, "caffemodel", f"no layers found{_text_hint(buf) or ' (is this really a caffemodel?)'}")
+    check_strings(net, path)
     for records, name in zip(blobs, _layer_names(net)):
         for i, r in enumerate(records):
+            check_dims(r, path, f"layer '{printable(name)}' blob {i}")
             if r.data.size != r.count:
                 raise CorruptFileError(
                     f"{path}: layer '{name}' blob {i}: declared shape {r.declared_shape} "
@@ -481,6 +624,41 @@ def _read_caffemodel(path, buf, upgrade, copy=True):
         net, changes, origin = upgrade_net(net)
         blobs = [source[o] if o is not None else [] for o in origin]
     return Model(net, blobs, changes, path=path)
+
+
+def check_dims(record, path, where):
+    """A CorruptFileError for a blob whose declared shape has a negative dimension."""
+    shape = record.declared_shape
+    if any(d < 0 for d in shape):
+        raise CorruptFileError(f"{path}: {where}: declared shape {tuple(shape)} has a negative dimension")
+
+
+def _bad_string(message, where=""):
+    """(field path, raw bytes) of the first string field of `message` that is not UTF-8, or None.
+
+    protobuf hands such a field back as bytes instead of str (and fails later, when it is copied)."""
+    for field, value in message.ListFields():
+        repeated = field.is_repeated
+        values = list(value) if repeated else [value]
+        for i, v in enumerate(values):
+            here = f"{where}{field.name}" + (f"[{i}]" if repeated else "")
+            if field.type == field.TYPE_STRING and isinstance(v, bytes):
+                return here, v
+            if field.type == field.TYPE_MESSAGE:
+                found = _bad_string(v, here + ".")
+                if found:
+                    return found
+    return None
+
+
+def check_strings(message, path):
+    """A CorruptFileError naming the first string field (a layer name, a top, ...) that is not UTF-8 text."""
+    found = _bad_string(message)
+    if found:
+        field, raw = found
+        shown = printable(raw.decode("utf-8", errors="surrogateescape"))
+        raise CorruptFileError(f"{path}: {field} is not UTF-8 text ('{shown}'); Caffe's names and other "
+                               f"strings are UTF-8")
 
 
 def _text_hint(buf):
@@ -501,6 +679,7 @@ def read_binaryproto(path):
         record = wire.decode_blob(memoryview(buf), 0, len(buf))
     except wire.Truncated as e:
         raise wire.corrupt(path, "binaryproto", str(e)) from None
+    check_dims(record, path, "the blob")
     if record.data.size != record.count:
         raise CorruptFileError(
             f"{path}: declared shape {record.declared_shape} holds {record.count} values "
@@ -523,14 +702,17 @@ def current_umask():
 def atomic_output(path, inputs=()):
     """Open a temp file beside `path` for binary writing; rename it over `path` on success.
 
-    Refuses to write over any of `inputs` (inputs are never modified).
+    Refuses to write over any of `inputs` (inputs are never modified).  The temp file is named
+    `.NAME.PID-XXXXXXXX.tmp`; those that killed runs left in the folder are removed first
+    (caffeish.formats.staging).
     """
     path = os.fspath(path)
     for src in inputs:
         if src is not None and same_file(path, src):
             raise CaffeishError(f"{path}: refusing to overwrite an input file; choose another output path")
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    staging.recover(folder)
+    fd, tmp = staging.temp_file(path)
     try:
         # mkstemp makes the file owner-only (0600); give it the mode a plain open() would.
         os.fchmod(fd, 0o666 & ~current_umask())
@@ -539,9 +721,12 @@ def atomic_output(path, inputs=()):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        staging.mark_clean(folder)
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):
+            raise CaffeishError(f"{path}: cannot write: {e.strerror or e} (nothing was written)") from None
         raise
 
 
@@ -549,24 +734,27 @@ def atomic_output(path, inputs=()):
 def atomic_outputs(paths, inputs=()):
     """Several outputs all or nothing: yields one open binary temp file per path (beside it).
 
-    On success every temp file is flushed, synced and closed first, and only then
-    are they renamed into place, in order; if anything fails before the first
-    rename, no destination is touched and the temps are removed.  A rename
-    failing after earlier ones succeeded (a full disk cannot cause it, only the
-    folder vanishing or losing its permissions) leaves those earlier files in
-    place: renames cannot be undone without keeping the old files.
+    On success every temp file is flushed, synced and closed first; then a journal of the
+    renames is written and synced in each output folder, the temps are renamed into place and
+    the journal removed (caffeish.formats.staging.commit_files).  If anything fails before the
+    journal exists, no destination is touched and the temps are removed.  A run killed during
+    the renames leaves the journal, which the next run writing into any of those folders
+    completes (it also removes the temps of runs killed earlier): once anyone writes there
+    again, the outputs are all old or all new.  (A rename failing in a live run, which a full
+    disk cannot cause, raises RenameError and leaves the files renamed before it.)
     """
     paths = [os.fspath(p) for p in paths]
     for path in paths:
         for src in inputs:
             if src is not None and same_file(path, src):
                 raise CaffeishError(f"{path}: refusing to overwrite an input file; choose another output path")
-    staged, files, renamed = [], [], 0
+    for folder in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in paths):
+        staging.recover(folder)
+    staged, files, committed = [], [], False
     try:
         mode = 0o666 & ~current_umask()
         for path in paths:
-            fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                                       dir=os.path.dirname(os.path.abspath(path)))
+            fd, tmp = staging.temp_file(path)
             staged.append(tmp)
             os.fchmod(fd, mode)
             files.append(os.fdopen(fd, "wb"))
@@ -575,16 +763,18 @@ def atomic_outputs(paths, inputs=()):
             f.flush()
             os.fsync(f.fileno())
             f.close()
-        for tmp, path in zip(staged, paths):
-            os.replace(tmp, path)
-            renamed += 1
+        staging.commit_files(list(zip(staged, paths)))
+        committed = True
+        for folder in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in paths):
+            staging.mark_clean(folder)
     finally:
         for f in files:
             with contextlib.suppress(OSError):
                 f.close()
-        for tmp in staged[renamed:]:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        if not committed:
+            for tmp in staged:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
 
 
 def _labelled(item):
