@@ -211,29 +211,19 @@ def _byte_mutation(data, rng):
 
 
 def _varint(buf, pos):
-    result = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ValueError
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
+    """caffeish.formats.wire's varint reader; ValueError where the buffer ends inside one."""
+    from caffeish.formats import wire
+
+    try:
+        return wire.read_varint(buf, pos, len(buf))
+    except wire.Truncated:
+        raise ValueError from None
 
 
 def _encode_varint(value):
-    value &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        b = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
+    from caffeish.formats.wire import encode_varint
+
+    return encode_varint(value & ((1 << 64) - 1))
 
 
 def _parse(buf, depth=0):
