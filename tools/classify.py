@@ -24,8 +24,8 @@ from caffeish.apps.inference import Classifier, constant_weight_warning, find_im
 from caffeish.data import palette
 from caffeish.errors import CaffeishError
 from caffeish.tools import report
-from caffeish.tools.options import (add_gpu_option, add_preprocess_options, add_ray_options, device_from_args,
-                                    int_arg, preprocess_from_args, ray_from_args)
+from caffeish.tools.options import (add_gpu_option, add_images_argument, add_preprocess_options, add_ray_options,
+                                    device_from_args, int_arg, preprocess_from_args, ray_from_args)
 
 FORMATS = ("table", "json", "csv")
 
@@ -33,7 +33,7 @@ FORMATS = ("table", "json", "csv")
 def add_arguments(p):
     p.add_argument("net", metavar="NET.prototxt", help="deploy prototxt (an Input layer or input fields)")
     p.add_argument("weights", metavar="WEIGHTS", help="caffemodel, or 'none' for the layers' fillers (--seed)")
-    p.add_argument("images", metavar="IMAGE|DIR", nargs="+", help="image files and folders of images")
+    add_images_argument(p)
     p.add_argument("--labels", metavar="FILE", help="class names, one per line (synset_words.txt, labels.txt)")
     p.add_argument("--top-k", type=int_arg(1), default=5, help="classes shown per image (default 5)")
     p.add_argument("--batch-size", type=int_arg(1), default=16,

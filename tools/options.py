@@ -38,6 +38,13 @@ def add_net_state_options(p, input_help="shape of an input blob, e.g. data=1,3,5
                    help=input_help)
 
 
+def add_images_argument(p, what="images"):
+    """The IMAGE|DIR|@LIST|DATASET... arguments of segment and classify (caffeish.apps.inference.find_images)."""
+    p.add_argument("images", metavar="IMAGE|DIR|@LIST|DATASET", nargs="+",
+                   help=f"{what}: image files, folders of images, @LIST.txt (one image path a line, relative to "
+                        "the list's folder; '#' comments) and LMDB datasets of `caffeish dataset` (a record each)")
+
+
 def add_gpu_option(p):
     """--gpu [ID]: run on a GPU (the CuPy kernels); without it, the CPU (numpy)."""
     p.add_argument("--gpu", nargs="?", const=0, default=None, type=int, metavar="ID",

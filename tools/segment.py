@@ -45,8 +45,8 @@ from caffeish.apps.segment import STAGES, check_outdir, segment_images
 from caffeish.data import palette as palettes
 from caffeish.errors import CaffeishError
 from caffeish.tools import report
-from caffeish.tools.options import (add_gpu_option, add_preprocess_options, add_ray_options, device_from_args,
-                                    finite_float, int_arg, preprocess_from_args, ray_from_args)
+from caffeish.tools.options import (add_gpu_option, add_images_argument, add_preprocess_options, add_ray_options,
+                                    device_from_args, finite_float, int_arg, preprocess_from_args, ray_from_args)
 from caffeish.tools.report import FORMATS
 from caffeish.values import parse_wxh
 
@@ -54,7 +54,7 @@ from caffeish.values import parse_wxh
 def add_arguments(p):
     p.add_argument("net", metavar="NET.prototxt", help="fully convolutional deploy prototxt")
     p.add_argument("weights", metavar="WEIGHTS", help="caffemodel, or 'none' for the layers' fillers (--seed)")
-    p.add_argument("images", metavar="IMAGE|DIR", nargs="+", help="image files and folders of images")
+    add_images_argument(p)
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the pictures")
     p.add_argument("--palette", default="pascal", metavar="pascal|FILE|DATASET",
                    help="class colors: 'pascal' (default), a DIGITS color-map file, or a dataset folder")

@@ -219,7 +219,10 @@ class _ImageRunner:
         self.preprocess.swap_for(self.channels)
 
     def load(self, image):
-        """Decode one image for this net (H x W x K, 0..255); CaffeishError names an unreadable file."""
+        """Decode one image for this net (H x W x K, 0..255); CaffeishError names an unreadable file.
+        An LMDB record's reference (`record_ref`, from find_images) is read from its database."""
+        if isinstance(image, (str, os.PathLike)) and parse_record_ref(image) is not None:
+            image = read_record(image, self.__dict__.setdefault("_readers", {}))
         return self.preprocess.load(image, self.channels)
 
 
@@ -822,8 +825,134 @@ def image_error(path, error):
     return message if message.startswith(os.fspath(path)) else f"{os.fspath(path)}: {message}"
 
 
+LIST_PREFIX = "@"  # an argument "@LIST.txt": a list file of images, one path a line (find_images)
+DATASET_STAGES = ("train_db", "val_db", "test_db")
+RECORD_DB = "data.mdb"  # a record's reference: DATABASE/data.mdb/ESCAPED_KEY (data.mdb is a file: never a real path)
+
+
+def record_name(key):
+    """The escaped key that names an LMDB record's outputs: one path component, only [A-Za-z0-9_.~%-]
+    ('/', '\\', '%', spaces, control and non-ASCII bytes as %XX, a leading '.' as %2E), or None for a key
+    that must not name a file (empty, or a '.' or '..' component)."""
+    from urllib.parse import quote
+
+    key = bytes(key)
+    if not key or any(part in (b".", b"..") for part in key.replace(b"\\", b"/").split(b"/")):
+        return None
+    name = quote(key, safe="")
+    return "%2E" + name[1:] if name.startswith(".") else name
+
+
+def record_ref(database, key):
+    """The image-list path of one record of an LMDB database (a string that survives os.path.abspath, so
+    that Ray workers read it as the single-machine run does), or None for a key record_name refuses."""
+    name = record_name(key)
+    return None if name is None else os.path.join(os.fspath(database), RECORD_DB, name)
+
+
+def parse_record_ref(ref):
+    """(database, key bytes) of a record_ref, else None (an ordinary path)."""
+    from urllib.parse import unquote_to_bytes
+
+    folder, name = os.path.split(os.fspath(ref))
+    if os.path.basename(folder) != RECORD_DB or not name or not os.path.isfile(folder):
+        return None
+    return os.path.dirname(folder), unquote_to_bytes(name)
+
+
+def read_record(ref, readers=None):
+    """A Pillow image of one LMDB record (caffeish.formats.datum.LmdbReader, every page checked): an encoded
+    Datum's image file as a file would be read, a raw Datum's BGR pixels as RGB; a CaffeishError names ref."""
+    import io as _io
+
+    from PIL import Image
+
+    from caffeish.formats.datum import LmdbReader, datum_array
+
+    database, key = parse_record_ref(ref)
+    readers = {} if readers is None else readers
+    ref = os.fspath(ref)
+    try:
+        if database not in readers:
+            readers[database] = LmdbReader(database)
+        datum = readers[database].get(key)
+        if datum is None:
+            raise CaffeishError(f"{ref}: no such record in {database}")
+        if datum.encoded:
+            img = Image.open(_io.BytesIO(bytes(datum.data)))
+            img.load()
+            return img
+        arr = datum_array(datum, None, ref)
+    except CaffeishError as e:
+        raise CaffeishError(image_error(ref, e)) from None
+    except Exception as e:  # Pillow: undecodable bytes
+        raise CaffeishError(f"{ref}: cannot read as an image: {e}") from None
+    if arr.dtype != np.uint8:
+        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    if arr.shape[0] not in (1, 3, 4):
+        raise CaffeishError(f"{ref}: a Datum of {arr.shape[0]} channels is not an image")
+    if arr.shape[0] == 1:
+        return Image.fromarray(np.ascontiguousarray(arr[0]), "L")
+    return Image.fromarray(np.ascontiguousarray(arr[2::-1].transpose(1, 2, 0)), "RGB")
+
+
+def _databases(folder):
+    """[(LMDB database, name prefix)] when `folder` is an LMDB database, a DIGITS stage folder (its
+    features) or a dataset folder (each stage's), else None (an ordinary folder)."""
+    def stage(path):
+        if os.path.isfile(os.path.join(path, RECORD_DB)):
+            return path
+        features = os.path.join(path, "features")
+        return features if os.path.isfile(os.path.join(features, RECORD_DB)) else None
+
+    if stage(folder):
+        return [(stage(folder), "")]
+    found = [(stage(os.path.join(folder, s)), s) for s in DATASET_STAGES if stage(os.path.join(folder, s))]
+    return found or None
+
+
+def _dataset_images(databases):
+    """[(record_ref, NAME)] of every record, in key order; keys that cannot name a file are notes."""
+    from caffeish.formats.datum import LmdbReader
+
+    images, notes = [], []
+    for db, prefix in databases:
+        with LmdbReader(db) as reader:
+            for key in reader.keys():
+                ref = record_ref(db, key)
+                if ref is None:
+                    notes.append(f"skipped {reader.where(key)}: its key cannot name an output file")
+                    continue
+                name = os.path.basename(ref)
+                images.append((ref, f"{prefix}/{name}" if prefix else name))
+    return images, notes
+
+
+def list_file_paths(path):
+    """The image paths of a list file: one a line, relative ones against the list file's folder, blank
+    lines and '#' comments skipped."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise CaffeishError(f"{path}: no such list file") from None
+    except OSError as e:
+        raise CaffeishError(f"{path}: cannot read the list file: {e.strerror or e}") from None
+    base = os.path.dirname(path)
+    entries = [line.strip() for line in lines]
+    return [e if os.path.isabs(e) else os.path.normpath(os.path.join(base, e))
+            for e in entries if e and not e.startswith("#")]
+
+
 def find_images(paths, exclude=()):
     """(images, notes): every image named or found (recursively, sorted) in folders.
+
+    Besides image files and folders: "@LIST.txt" (unless a file of that very name exists) is a list
+    file (`list_file_paths`), its lines taken like arguments (named by their base name; a missing one
+    fails when decoded, as a missing image does); an LMDB database, a DIGITS stage folder (its features)
+    or a dataset folder made by `caffeish dataset` (each of train_db, val_db, test_db, in a subfolder
+    of that name) gives one image per record, in key order, named by its escaped key (`record_name`)
+    and read from the database when decoded (`record_ref`).
 
     images: [(path, name relative to its folder argument)]; a named file is
     taken whatever its extension (a bad one fails when decoded); files in
@@ -838,10 +967,22 @@ def find_images(paths, exclude=()):
 
     skip = {os.path.realpath(os.fspath(e)) for e in exclude}
     images, notes = [], []
+    expanded = []
     for p in paths:
         p = os.fspath(p)
+        if p.startswith(LIST_PREFIX) and len(p) > 1 and not os.path.lexists(p):
+            expanded += list_file_paths(p[len(LIST_PREFIX):])
+        else:
+            expanded.append(p)
+    for p in expanded:
         if not os.path.isdir(p):
             images.append((p, os.path.basename(p)))
+            continue
+        databases = _databases(p)
+        if databases is not None:
+            found, skipped = _dataset_images(databases)
+            images += found
+            notes += skipped
             continue
         for root, dirs, files in os.walk(p):
             kept = []
