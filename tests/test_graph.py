@@ -202,3 +202,10 @@ def test_loss_layer_without_top_gets_an_automatic_one():
     """))
     assert g.node("loss").tops == ["(automatic)"] and g.node("loss").top_shapes == [()]
     assert g.outputs == [] and "(automatic)" not in g.blob_shapes
+
+
+def test_a_layer_without_a_type_says_so():
+    net = pb.NetParameter()
+    text_format.Parse('layer { name: "a" top: "a" }', net)
+    with pytest.raises(UnknownLayerTypeError, match="layer 'a' has no type"):
+        Graph(net, TEST)

@@ -65,6 +65,8 @@ def closest_type(type_name):
 def lookup(type_name, layer_name="?"):
     _load_families()
     cls = _REGISTRY.get(type_name)
+    if cls is None and not type_name:
+        raise UnknownLayerTypeError(f"layer '{layer_name}' has no type (every layer needs `type: \"...\"`)")
     if cls is None:
         close = closest_type(type_name)
         msg = f"layer '{layer_name}': unknown layer type '{type_name}'"
