@@ -404,3 +404,41 @@ def test_col2im_and_2d_conv_arrays_on_the_strict_backend(geom, x_shape):
         assert rel_err(to_numpy(dx_d), dx) < 1e-6
         assert rel_err(to_numpy(dw_d), dw) < 1e-6
         assert rel_err(to_numpy(db_d), db) < 1e-6
+
+
+def test_blas_gemm_adds_into_its_output():
+    from caffeish.runtime import blas
+
+    rng = np.random.default_rng(7)
+    a, b = rng.standard_normal((5, 7), dtype=np.float32), rng.standard_normal((3, 7), dtype=np.float32)
+    c = rng.standard_normal((5, 3), dtype=np.float32)
+    expected = c.astype(np.float64) + a.astype(np.float64) @ b.T.astype(np.float64)
+    if not blas.gemm_nt_add(a, b, c):
+        pytest.skip("numpy's OpenBLAS is not reachable here: the numpy fallback is what runs")
+    np.testing.assert_allclose(c, expected, rtol=1e-5, atol=1e-5)
+    assert not blas.gemm_nt_add(a, b, c[:, :2])  # shapes that do not fit are refused, not guessed
+
+
+def test_a_big_weight_gradient_needs_no_weight_sized_temporary():
+    """FCN's fc6 (a 7x7 convolution, 411 MB of weights) must not double its memory in backward."""
+    import tracemalloc
+
+    from caffeish.runtime import blas
+    from caffeish.runtime.conv_grad import SMALL_WEIGHT, conv_backward
+
+    if not blas.gemm_nt_add(np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32)):
+        pytest.skip("numpy's OpenBLAS is not reachable here: the weight gradient goes through a temporary")
+    rng = np.random.default_rng(8)
+    o, c, k = 1024, 512, 3
+    assert o * c * k * k > SMALL_WEIGHT
+    x = rng.standard_normal((1, c, k, k), dtype=np.float32)
+    w = rng.standard_normal((o, c, k, k), dtype=np.float32)
+    dy = rng.standard_normal((1, o, 1, 1), dtype=np.float32)
+    dw = np.zeros_like(w)
+    g = ConvGeometry((k, k), (1, 1), (0, 0), (1, 1))
+    tracemalloc.start()
+    conv_backward(np, x, w, dy, g, 1, False, dw, None)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < w.nbytes // 4, peak
+    np.testing.assert_allclose(dw, (dy[0, :, 0, 0][:, None] * x.reshape(1, -1)).reshape(w.shape), rtol=1e-5, atol=1e-6)

@@ -86,6 +86,51 @@ def axpy(a, x, y):
         y += np.float32(a) * x
 
 
+_sgemm = None
+
+
+def _sgemm_function():
+    global _sgemm
+    if _sgemm is None:
+        found = _library()
+        if found is None:
+            _sgemm = False
+        else:
+            lib, prefix, suffix, int_type = found
+            try:
+                f = getattr(lib, f"{prefix}cblas_sgemm{suffix}")
+            except AttributeError:
+                _sgemm = False
+                return _sgemm
+            f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, int_type, int_type, int_type, ctypes.c_float,
+                          ctypes.c_void_p, int_type, ctypes.c_void_p, int_type, ctypes.c_float, ctypes.c_void_p,
+                          int_type]
+            f.restype = None
+            _sgemm = f
+    return _sgemm
+
+
+def _gemm_ready(*arrays):
+    return all(isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == 2 and a.flags.c_contiguous
+               for a in arrays)
+
+
+def gemm_nt_add(a, b, c):
+    """c += a @ b.T for float32 C-contiguous 2-D numpy arrays, in place, without a temporary of c's
+    size (Caffe's weight gradients: caffe_cpu_gemm(NoTrans, Trans, ..., beta = 1)).  Returns False
+    (and does nothing) where OpenBLAS is not reachable or the arrays do not fit; the caller then
+    uses numpy."""
+    f = _sgemm_function()
+    m, k = a.shape
+    n = b.shape[0]
+    if not f or not _gemm_ready(a, b, c) or b.shape[1] != k or c.shape != (m, n) or not c.flags.writeable:
+        return False
+    if m and n:
+        f(101, 111, 112, m, n, k, 1.0, a.ctypes.data, max(k, 1), b.ctypes.data, max(k, 1), 1.0,
+          c.ctypes.data, max(n, 1))  # row-major, A as is, B transposed
+    return True
+
+
 def powx(xp, a, b, out=None):
     """Caffe's caffe_powx: a ** b for float32 `a`, evaluated in double and rounded to float32."""
     if xp is not np:

@@ -35,6 +35,7 @@ import math
 import numpy as np
 
 from caffeish.graph.geometry import ConvGeometry
+from caffeish.runtime import blas
 from caffeish.runtime.im2col import COL_BUDGET, MIN_COLUMNS, conv_forward, work_chunks
 
 # Largest weight (elements) whose gradient is computed transposed, see _im2col_backward.
@@ -165,6 +166,21 @@ def _add_into(dweight, acc):
     dweight += acc.reshape(dweight.shape)
 
 
+def _gemm_into(xp, dyc, mat, dweight, g):
+    """dW += dy . cols^T per group straight into the parameter diff (BLAS with beta = 1, as Caffe's
+    weight gradient), with no weight-sized temporary: FCN's fc6 would need 411 MB for one.  False
+    where that is not available (another array module or BLAS); the caller then uses a temporary."""
+    if xp is not np or not dweight.flags.c_contiguous:
+        return False
+    target = dweight.reshape(g, dyc.shape[1], mat.shape[1])
+    for i in range(g):
+        if not blas.gemm_nt_add(dyc[i], mat[i], target[i]):
+            if i:
+                raise AssertionError("gemm_nt_add refused a group after accepting the first")
+            return False
+    return True
+
+
 def _im2col_backward(xp, x, weight, dy, geom, g, dx, dweight, budget):
     """The general case: columns chunk by chunk, one matmul per group for dW and one for dcol."""
     n, c = x.shape[:2]
@@ -182,8 +198,9 @@ def _im2col_backward(xp, x, weight, dy, geom, g, dx, dweight, budget):
     # The weight gradient of a chunk is one matmul per group.  OpenBLAS is much faster (and
     # steadier on a busy machine) at cols . dy^T, whose output is (Cg*k, Og), than at
     # dy . cols^T when that output is small and the chunk long, so a small dW is summed
-    # transposed (acc) and added into dweight once; a big one (FCN's fc6: 51M floats) is
-    # computed as dy . cols^T and added chunk by chunk (tmp), with no transposed pass over it.
+    # transposed (acc) and added into dweight once; a big one (FCN's fc6: 103M floats) is
+    # computed as dy . cols^T straight into dweight by BLAS with beta = 1 (_gemm_into), or
+    # where that is not reachable added chunk by chunk through one temporary (tmp).
     small_weight = dweight is not None and g * og * cg * k <= SMALL_WEIGHT
     acc = tmp = None
     plans = {}
@@ -220,7 +237,7 @@ def _im2col_backward(xp, x, weight, dy, geom, g, dx, dweight, budget):
                         tmp = xp.empty(acc.shape, dtype=F32)
                     xp.matmul(mat, dyc.transpose(0, 2, 1), out=tmp)
                     acc += tmp
-            else:
+            elif not _gemm_into(xp, dyc, mat, dweight, g):
                 if tmp is None:
                     tmp = xp.matmul(dyc, mat.transpose(0, 2, 1))
                 else:
