@@ -177,6 +177,19 @@ def deconv_output_shape(in_sizes, geom):
     return _output_shape(deconv_out, in_sizes, geom)
 
 
+def conv_tap_range(q, pad, stride, dil, size_in, p0, p1):
+    """A convolution's output positions p in [p0, p1) whose tap q lands in the input [0, size_in):
+    (lo, hi, r), r the input position of p = lo.
+
+    r = p*stride - pad + q*dil; the range is empty (lo >= hi) when none does.
+    """
+    off = q * dil - pad
+    lo = max(p0, -(off // stride))  # ceil(-off / stride)
+    last = size_in - 1 - off
+    hi = min(p1, last // stride + 1) if last >= 0 else p0
+    return lo, hi, lo * stride + off
+
+
 def _output_shape(size_fn, in_sizes, geom):
     out = tuple(
         size_fn(n, k, s, p, d)

@@ -19,6 +19,7 @@ and C, quirks included), then `Backward` walks the layers from last to first
 The pycaffe face (`net.backward(...)`, `net._backward`, `forward_backward_all`,
 `clear_param_diffs`, `blob.diff`, `param.diff`) is the mixin below.
 """
+import itertools
 from collections import OrderedDict
 
 import numpy as np
@@ -34,12 +35,11 @@ class Plan:
     each bottom whether it gets a diff (`bottoms`), for each parameter whether it gets one
     (`params`); and each top's loss weight (`loss_weights`)."""
 
-    def __init__(self, layer, bottoms, params, loss_weights, blob_need):
+    def __init__(self, layer, bottoms, params, loss_weights):
         self.layer = layer
         self.bottoms = bottoms
         self.params = params
         self.loss_weights = loss_weights
-        self.blob_need = blob_need
 
 
 def plan(nodes, force_backward, loss_weight):
@@ -100,11 +100,10 @@ def plan(nodes, force_backward, loss_weight):
     if force_backward:
         for i, node in enumerate(nodes):
             layer[i] = True
-            for j, b in enumerate(node.bottoms):
+            for j in range(len(node.bottoms)):
                 bottoms[i][j] = bottoms[i][j] or bool(node.layer.allow_force_backward(j))
-                blob_need[b] = blob_need.get(b, False) or bottoms[i][j]
             params[i] = [True] * len(params[i])
-    return Plan(layer, bottoms, params, weights, blob_need)
+    return Plan(layer, bottoms, params, weights)
 
 
 class BackwardMixin:
@@ -285,7 +284,7 @@ class BackwardMixin:
         grads = OrderedDict((name, []) for name in dict.fromkeys(self.inputs + list(diffs or [])))
         forward = self._batches({k: kwargs[k] for k in self.inputs if k in kwargs})
         backward = self._batches({k: kwargs[k] for k in self.outputs if k in kwargs})
-        for fb, bb in _zip_longest(forward, backward):
+        for fb, bb in itertools.zip_longest(forward, backward, fillvalue={}):
             for name, value in self.forward(blobs=blobs, **fb).items():
                 outs.setdefault(name, []).extend(np.array(value, copy=True))
             for name, value in self.backward(diffs=diffs, **bb).items():
@@ -337,7 +336,3 @@ class BackwardMixin:
             self._host[key] = np.array(backends.to_numpy(diff), dtype=np.float32, copy=True)
         return self._host[key]
 
-
-def _zip_longest(a, b):
-    for k in range(max(len(a), len(b))):
-        yield (a[k] if k < len(a) else {}), (b[k] if k < len(b) else {})

@@ -54,27 +54,36 @@ def _library():
     return None
 
 
-_saxpy = None
+_functions = {}
+INT = object()  # stands for the library's integer type in an argument list
+
+
+def _function(name, argtypes):
+    """cblas_NAME from numpy's OpenBLAS with these argument types (INT: its int, 32 or 64 bits), or
+    False when there is no such library or function."""
+    if name not in _functions:
+        found = _library()
+        f = False
+        if found is not None:
+            lib, prefix, suffix, int_type = found
+            try:
+                f = getattr(lib, f"{prefix}cblas_{name}{suffix}")
+            except AttributeError:
+                f = False
+            else:
+                f.argtypes = [int_type if t is INT else t for t in argtypes]
+                f.restype = None
+        _functions[name] = f
+    return _functions[name]
 
 
 def _saxpy_function():
-    global _saxpy
-    if _saxpy is None:
-        found = _library()
-        if found is None:
-            _saxpy = False
-        else:
-            lib, prefix, suffix, int_type = found
-            f = getattr(lib, f"{prefix}cblas_saxpy{suffix}")
-            f.argtypes = [int_type, ctypes.c_float, ctypes.c_void_p, int_type, ctypes.c_void_p, int_type]
-            f.restype = None
-            _saxpy = f
-    return _saxpy
+    return _function("saxpy", [INT, ctypes.c_float, ctypes.c_void_p, INT, ctypes.c_void_p, INT])
 
 
-def have_blas():
-    """Whether the calls below reach OpenBLAS (else they are numpy's approximations)."""
-    return bool(_saxpy_function())
+def _sgemm_function():
+    return _function("sgemm", [ctypes.c_int, ctypes.c_int, ctypes.c_int, INT, INT, INT, ctypes.c_float,
+                               ctypes.c_void_p, INT, ctypes.c_void_p, INT, ctypes.c_float, ctypes.c_void_p, INT])
 
 
 def axpy(a, x, y):
@@ -84,30 +93,6 @@ def axpy(a, x, y):
         f(x.size, float(a), x.ctypes.data, 1, y.ctypes.data, 1)
     else:
         y += np.float32(a) * x
-
-
-_sgemm = None
-
-
-def _sgemm_function():
-    global _sgemm
-    if _sgemm is None:
-        found = _library()
-        if found is None:
-            _sgemm = False
-        else:
-            lib, prefix, suffix, int_type = found
-            try:
-                f = getattr(lib, f"{prefix}cblas_sgemm{suffix}")
-            except AttributeError:
-                _sgemm = False
-                return _sgemm
-            f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, int_type, int_type, int_type, ctypes.c_float,
-                          ctypes.c_void_p, int_type, ctypes.c_void_p, int_type, ctypes.c_float, ctypes.c_void_p,
-                          int_type]
-            f.restype = None
-            _sgemm = f
-    return _sgemm
 
 
 def _gemm_ready(*arrays):

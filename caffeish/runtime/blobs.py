@@ -281,18 +281,12 @@ class PycaffeNetMixin:
         results, as pycaffe does; the batch size is the net's first blob's."""
         if not kwargs:
             return self.forward(blobs=blobs)
-        batch = self.blob_shape(self._blob_names[0])[0] if self._blob_names else 1
         total = len(next(iter(kwargs.values())))
         results = {}
-        for lo in range(0, total, batch):
-            chunk = {k: np.asarray(v[lo:lo + batch]) for k, v in kwargs.items()}
-            n = len(next(iter(chunk.values())))
-            if n < batch:
-                chunk = {k: np.concatenate([v, np.zeros((batch - n,) + v.shape[1:], v.dtype)]) for k, v in chunk.items()}
-            outs = self.forward(blobs=blobs, **chunk)
-            for k, v in outs.items():
-                results.setdefault(k, []).append(np.array(v[:n]))
-        return OrderedDict((k, np.concatenate(v)) for k, v in results.items())
+        for chunk in self._batches(kwargs):
+            for k, v in self.forward(blobs=blobs, **chunk).items():
+                results.setdefault(k, []).append(np.array(v))
+        return OrderedDict((k, np.concatenate(v)[:total]) for k, v in results.items())
 
     # -- MemoryData --------------------------------------------------------------------
     def set_input_arrays(self, data, labels):

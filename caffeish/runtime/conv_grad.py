@@ -34,7 +34,7 @@ import math
 
 import numpy as np
 
-from caffeish.graph.geometry import ConvGeometry
+from caffeish.graph.geometry import ConvGeometry, conv_tap_range
 from caffeish.runtime import blas
 from caffeish.runtime.im2col import COL_BUDGET, MIN_COLUMNS, conv_forward, work_chunks
 
@@ -45,18 +45,6 @@ F32 = np.float32
 
 
 # -- geometry helpers ----------------------------------------------------------------------
-
-
-def _tap_range(q, pad, stride, dil, size_in, p0, p1):
-    """Output positions p in [p0, p1) whose tap q lands in the image [0, size_in): (lo, hi), r at lo.
-
-    r = p*stride - pad + q*dil; the range is empty (lo >= hi) when none does.
-    """
-    off = q * dil - pad
-    lo = max(p0, -(off // stride))  # ceil(-off / stride)
-    last = size_in - 1 - off
-    hi = min(p1, last // stride + 1) if last >= 0 else p0
-    return lo, hi, lo * stride + off
 
 
 def _tap_plan(geom, spatial_in, out, r0, r1):
@@ -75,7 +63,7 @@ def _tap_plan(geom, spatial_in, out, r0, r1):
         empty = False
         for ax, (qa, (b0, b1)) in enumerate(zip(q, bounds)):
             s, d, p = geom.stride[ax], geom.dilation[ax], geom.pad[ax]
-            lo, hi, r = _tap_range(qa, p, s, d, spatial_in[ax], b0, b1)
+            lo, hi, r = conv_tap_range(qa, p, s, d, spatial_in[ax], b0, b1)
             if hi <= lo:
                 empty = True
                 break
