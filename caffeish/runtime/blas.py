@@ -116,6 +116,27 @@ def gemm_nt_add(a, b, c):
     return True
 
 
+def sgemm_raw(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc):
+    """C = A @ B + beta * C on raw float32 pointers, row-major, OpenBLAS's cblas_sgemm (alpha 1).
+
+    A is (m, k) (stored (k, m) when `trans_a`), B (k, n) (stored (n, k) when `trans_b`);
+    lda, ldb, ldc are row strides in elements, so any submatrix of a C-contiguous array
+    with unit column stride is a valid operand.  The caller checks bounds and keeps the
+    arrays alive.  Returns False (and does nothing) where OpenBLAS is not reachable.
+    """
+    f = _sgemm_function()
+    if not f:
+        return False
+    if m and n:
+        f(101, 112 if trans_a else 111, 112 if trans_b else 111, m, n, k, 1.0, a, max(lda, 1), b,
+          max(ldb, 1), float(beta), c, max(ldc, 1))
+    return True
+
+
+def have_sgemm():
+    return bool(_sgemm_function())
+
+
 def powx(xp, a, b, out=None):
     """Caffe's caffe_powx: a ** b for float32 `a`, evaluated in double and rounded to float32."""
     if xp is not np:

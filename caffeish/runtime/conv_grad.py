@@ -35,7 +35,7 @@ import math
 import numpy as np
 
 from caffeish.graph.geometry import ConvGeometry, conv_tap_range
-from caffeish.runtime import blas
+from caffeish.runtime import blas, conv_rows
 from caffeish.runtime.im2col import COL_BUDGET, MIN_COLUMNS, conv_forward, work_chunks
 
 # Largest weight (elements) whose gradient is computed transposed, see _im2col_backward.
@@ -145,7 +145,10 @@ def conv_backward(xp, x, weight, dy, geom, group, want_dx, dweight, dbias, budge
     if cg == 1 and og == 1:
         _depthwise_backward(xp, x, weight, dy, geom, dx, dweight)
         return dx
-    _im2col_backward(xp, x, weight, dy, geom, g, dx, dweight, budget)
+    if conv_rows.applies(xp, x, geom, g, out):
+        conv_rows.backward(x, weight, dy, geom, g, dx, dweight)
+    else:
+        _im2col_backward(xp, x, weight, dy, geom, g, dx, dweight, budget)
     return dx
 
 
