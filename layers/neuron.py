@@ -17,6 +17,7 @@ import numpy as np
 
 from caffeish.graph.registry import Layer, register
 from caffeish.formats.schema import TRAIN, pb
+from caffeish.runtime import parallel
 
 
 def layer_phase(param, phase):
@@ -154,6 +155,10 @@ class ReLU(NeuronLayer):
         Leaky: x *= (negative_slope where x < 0, else 1), in float32.  x * 1 is x exactly (NaN and
         -0 too), so this equals multiplying the negatives alone; CuPy's ufuncs take no `where=`."""
         if self.negative_slope == 0:
+            if xp is np and x.flags.c_contiguous:  # both cores on a big blob
+                flat = x.reshape(-1)
+                parallel.split(np, flat.size, lambda a, b: np.maximum(flat[a:b], 0, out=flat[a:b]))
+                return [x]
             return [xp.maximum(x, 0, out=x)]
         factor = xp.where(x < 0, f32(self.negative_slope), f32(1))
         xp.multiply(x, factor, out=x)
@@ -165,9 +170,14 @@ class ReLU(NeuronLayer):
         In place, x is the output (what Caffe reads): the same mask for negative_slope >= 0."""
         if not propagate_down[0]:
             return [None]
-        x = bottoms[0]
+        x, dy = bottoms[0], top_diffs[0]
         if self.negative_slope == 0:
-            return [top_diffs[0] * (x > 0)]
+            if xp is np and x.flags.c_contiguous and dy.flags.c_contiguous and dy.shape == x.shape:
+                dx = np.empty(dy.shape, dtype=np.result_type(dy.dtype, np.float32))
+                fx, fdy, fdx = x.reshape(-1), dy.reshape(-1), dx.reshape(-1)
+                parallel.split(np, fx.size, lambda a, b: np.multiply(fdy[a:b], fx[a:b] > 0, out=fdx[a:b]))
+                return [dx]
+            return [dy * (x > 0)]
         return [top_diffs[0] * xp.where(x > 0, f32(1), f32(self.negative_slope))]
 
 

@@ -10,6 +10,8 @@ says.  In place (the param names the top as the bottom) LRN and MVN give Caffe's
 garbled numbers (9.3); BatchNorm and Scale are exact through what their forward
 kept (run with `needs_backward`): BatchNorm its output and std, Scale its bottom.
 """
+import math
+
 import numpy as np
 
 from caffeish.graph.registry import Layer, register
@@ -18,7 +20,7 @@ from caffeish.formats.schema import TEST, pb
 from caffeish.ops.neuron import (
     channel_view, constant_filler, copy_filler, f32, in_place, layer_phase, legacy_shape,
     pass_through, power_gradient, times_top_diff)
-from caffeish.runtime import blas
+from caffeish.runtime import blas, parallel
 from caffeish.runtime.backend import kernels_for
 
 
@@ -110,17 +112,22 @@ class LRN(_OneToOne):
         pre = (size - 1) // 2
         step = f32(self.alpha) / f32(size)  # Caffe's alpha_over_size: a float division
         dtype = np.result_type(x.dtype, np.float32)
-        scale = np.full(x.shape, self.k, dtype=dtype)
-        squares = np.zeros((c + size - 1,) + tuple(x.shape[2:]), dtype=dtype)
-        for i in range(n_img):
-            np.multiply(x[i], x[i], out=squares[pre:pre + c])
-            s = scale[i]
-            for j in range(size):
-                blas.axpy(step, squares[j], s[0])
-            for j in range(1, c):
-                s[j] = s[j - 1]
-                blas.axpy(step, squares[j + size - 1], s[j])
-                blas.axpy(-step, squares[j - 1], s[j])
+        # Channel-major (C, N, ...), so that each step of the running sum is one axpy over all the
+        # images (the same operations per element as Caffe's image by image, in fewer calls).
+        swap = (1, 0) + tuple(range(2, x.ndim))
+        xt = x.transpose(swap)
+        squares = np.zeros((c + size - 1, n_img) + tuple(x.shape[2:]), dtype=dtype)
+        parallel.split(np, c, lambda a, b: np.multiply(xt[a:b], xt[a:b], out=squares[pre + a:pre + b]),
+                       elements=x.size)
+        s = np.full((c, n_img) + tuple(x.shape[2:]), self.k, dtype=dtype)
+        for j in range(size):
+            blas.axpy(step, squares[j], s[0])
+        for j in range(1, c):
+            s[j] = s[j - 1]
+            blas.axpy(step, squares[j + size - 1], s[j])
+            blas.axpy(-step, squares[j - 1], s[j])
+        scale = np.empty(x.shape, dtype=dtype)
+        parallel.copy(np, scale, s.transpose(swap))
         return scale
 
     def backward(self, xp, top_diffs, tops, bottoms, blobs, propagate_down, param_diffs):
@@ -211,9 +218,16 @@ def _window_sum_hw(xp, a, n):
 
 
 def _times_power(xp, x, scale, beta):
-    """x * scale^-beta, written into scale, as Caffe: powx(scale, -beta), then times x."""
-    blas.powx(xp, scale, -beta, out=scale)
-    scale *= x
+    """x * scale^-beta, written into scale, as Caffe: powx(scale, -beta), then times x (on both
+    cores, image by image, on the CPU)."""
+    rows = math.prod(scale.shape[:2])
+    flat_s, flat_x = xp.reshape(scale, (rows, -1)), xp.reshape(x, (rows, -1))
+
+    def part(a, b):
+        blas.powx(xp, flat_s[a:b], -beta, out=flat_s[a:b])
+        flat_s[a:b] *= flat_x[a:b]
+
+    parallel.split(xp, rows, part, elements=scale.size)
     return scale
 
 
