@@ -1,7 +1,8 @@
-"""Benchmark: caffeish's CPU forward pass against OpenCV DNN on the same nets and weights.
+"""Benchmark: caffeish's CPU forward pass against PyTorch eager and OpenCV DNN, same nets and weights.
 
     python benchmarks/cpu_forward.py [--repeat 5] [--rounds 3] [--nets fcn_alexnet,fcn8s,alexnet]
-                                     [--threads N] [--input-size S]
+                                     [--threads N] [--input-size S] [--no-torch] [--no-opencv]
+                                     [--compile]
 
 Nets (prototxts from ../shared/models, beside the repository):
   * fcn_alexnet  DIGITS' FCN-Alexnet deploy net, 1 x 3 x 500 x 500
@@ -18,9 +19,14 @@ biases gaussian with std 0.01), and saves them with net.save() to a temporary
 caffemodel.  Then, --rounds times, alternating, each in its own fresh subprocess
 (so that the slow spells of a shared machine hit both sides alike):
   * caffeish: Net(prototxt, caffemodel), one warm-up forward, then --repeat timed ones;
+  * PyTorch:  the same graph in torch.nn.functional (benchmarks/torch_graph.py, the
+              weights aliasing the caffeish Net's arrays), under torch.no_grad(), with
+              torch.set_num_threads(--threads) and the same glibc allocator tuning caffeish
+              makes (without it PyTorch pays a page fault per fresh page of every blob);
+              with --compile also torch.compile of that forward (a separate side);
   * OpenCV:   cv2.dnn.readNetFromCaffe(prototxt, caffemodel), setInput, forward,
               the same way, with cv2.setNumThreads(--threads).
-Both get the same random input (uniform in [0, 255)).  numpy's BLAS gets the
+All get the same random input (uniform in [0, 255)).  numpy's BLAS gets the
 same thread count through OMP/OPENBLAS/MKL_NUM_THREADS.
 
 Printed per net: the median forward time of each, their ratio, the peak
@@ -28,7 +34,8 @@ resident memory (RSS high-water mark, getrusage ru_maxrss of the subprocess:
 interpreter + libraries + weights + forward; "after load" is the RSS before the
 first forward, so peak - after load is what the forward itself adds), and the
 maximum relative difference of the two outputs, max|a - b| / max|b|.
-OpenCV (opencv-python-headless<5) is optional: without it, caffeish alone is timed.
+PyTorch (pip install torch) and OpenCV (opencv-python-headless<5) are optional,
+benchmark-only dependencies: a side whose library is missing is left out.
 """
 import argparse
 import json
@@ -144,7 +151,46 @@ def worker_opencv(spec):
             "version": cv2.__version__}
 
 
-WORKERS = {"prepare": worker_prepare, "caffeish": worker_caffeish, "opencv": worker_opencv}
+def worker_torch(spec):
+    import numpy as np
+
+    from caffeish.runtime import backend
+
+    backend.tune_allocator()  # the same mallopt settings caffeish's Net makes
+    import torch
+    from torch_graph import TorchNet
+
+    from caffeish.runtime.net import Net
+
+    torch.set_num_threads(spec["threads"])
+    x = np.load(spec["input_file"])
+    net = Net(spec["prototxt"], spec["weights"], input_shapes={spec["input"]: x.shape}, keep=False)
+    tnet = TorchNet(net, device="cpu")
+    net._arrays.clear()  # only the graph and the weights (aliased by tnet) are used
+    xt = torch.from_numpy(x)
+    forward = tnet
+    if spec.get("compile"):
+        forward = torch.compile(lambda t: tnet(t))
+    after_load = _rss_kb()
+
+    def run():
+        with torch.no_grad():
+            return forward(xt)
+
+    times, outs = _time_forward(run, spec["repeat"])
+    wanted = spec["compare"]
+    missing = [b for b in wanted if b not in outs]
+    if missing:  # an intermediate blob (AlexNet's fc8): run once more keeping the tops
+        with torch.no_grad():
+            tnet(xt, retain=True)
+        owners = {top: tensors[i] for layer, tensors in tnet.tops.items()
+                  for i, top in enumerate(next(n for n in net.nodes if n.name == layer).tops)}
+        outs = dict(outs, **{b: owners[b] for b in missing})
+    np.savez(spec["output_file"], *[outs[b].numpy() for b in wanted])
+    return {"times": times, "peak_kb": _peak_kb(), "after_load_kb": after_load, "version": torch.__version__}
+
+
+WORKERS = {"prepare": worker_prepare, "caffeish": worker_caffeish, "torch": worker_torch, "opencv": worker_opencv}
 
 
 def run_worker(kind, spec, threads, script=__file__, path=()):
@@ -227,13 +273,17 @@ def bench_net(key, args, tmp):
                   threads=args.threads, compare=[output, *extra])
     row = {"net": key, "shape": shape, "compare": common["compare"]}
     sides = [("caffeish", dict(common, output_file=str(folder / "caffeish.npz")))]
+    if args.torch:
+        sides.append(("torch", dict(common, output_file=str(folder / "torch.npz"))))
+    if args.torch and args.compile:
+        sides.append(("compile", dict(common, output_file=str(folder / "compile.npz"), compile=True)))
     if args.opencv:
         sides.append(("opencv", dict(common, output_file=str(folder / "opencv.npz"),
                                      compare_layers=[output_layer(str(prototxt), b) for b in common["compare"]])))
-    # Rounds alternate the two sides, so slow spells of a shared machine hit both alike.
+    # Rounds alternate the sides, so slow spells of a shared machine hit all alike.
     for _ in range(args.rounds):
         for side, side_spec in sides:
-            res, err = run_worker(side, side_spec, args.threads)
+            res, err = run_worker("torch" if side == "compile" else side, side_spec, args.threads)
             row[f"{side}_error"] = row.get(f"{side}_error") or err
             if res is None:
                 continue
@@ -245,28 +295,43 @@ def bench_net(key, args, tmp):
                 for k in ("peak_kb", "after_load_kb", "load_peak_kb"):
                     if k in res and res[k] is not None:
                         merged[k] = max(merged.get(k) or 0, res[k])
-    if row.get("caffeish") and row.get("opencv"):
-        with np.load(folder / "caffeish.npz") as a, np.load(folder / "opencv.npz") as b:
+    row["diffs"] = {}
+    for side, _ in sides[1:]:
+        if not (row.get("caffeish") and row.get(side)):
+            continue
+        with np.load(folder / "caffeish.npz") as a, np.load(folder / f"{side}.npz") as b:
             pairs = [(a[f"arr_{i}"], b[f"arr_{i}"]) for i in range(len(common["compare"]))]
-        row["diffs"] = {name: rel_diff(p, q) for name, (p, q) in zip(common["compare"], pairs)}
-        row["out_shapes"] = {name: (p.shape, q.shape) for name, (p, q) in zip(common["compare"], pairs)}
-        known = [d for d in row["diffs"].values() if d is not None]
-        row["rel_diff"] = max(known) if len(known) == len(pairs) else None
+        diffs = {name: rel_diff(p, q) for name, (p, q) in zip(common["compare"], pairs)}
+        known = [d for d in diffs.values() if d is not None]
+        row["diffs"][side] = (max(known) if len(known) == len(pairs) else None, diffs,
+                              {name: (p.shape, q.shape) for name, (p, q) in zip(common["compare"], pairs)})
     return row
 
 
-def report(rows, args, cv_version):
+SIDE_NAMES = {"torch": "PyTorch", "compile": "compiled", "opencv": "OpenCV"}
+
+
+def report(rows, args, cv_version, torch_version):
     import numpy as np
 
-    print(f"caffeish CPU forward vs OpenCV DNN: median of {args.rounds} x {args.repeat} forward(s) "
-          f"(rounds alternate caffeish and OpenCV, each in a fresh process after 1 warm-up), "
-          f"{args.threads} thread(s)")
+    others = [k for k, on in (("torch", args.torch), ("compile", args.torch and args.compile),
+                              ("opencv", args.opencv)) if on]
+    names = ", ".join(SIDE_NAMES[k] for k in others) or "nothing"
+    print(f"caffeish CPU forward vs {names}: median of {args.rounds} x {args.repeat} forward(s) "
+          f"(rounds alternate the sides, each in a fresh process after 1 warm-up), {args.threads} thread(s)")
     print(f"python {platform.python_version()}, numpy {np.__version__}, "
-          f"OpenCV {cv_version or ('not installed' if args.opencv_wanted else 'not used')}, {os.cpu_count()} CPU(s), {platform.machine()}")
+          f"PyTorch {torch_version or ('not installed' if args.torch_wanted else 'not used')}, "
+          f"OpenCV {cv_version or ('not installed' if args.opencv_wanted else 'not used')}, "
+          f"{os.cpu_count()} CPU(s), {platform.machine()}")
+    if not torch_version and args.torch_wanted:
+        print("PyTorch is not installed (pip install torch): timing without it.")
     if not cv_version and args.opencv_wanted:
-        print("OpenCV is not installed (pip install 'opencv-python-headless<5'): timing caffeish only.")
-    head = (f"{'net':<12} {'input':<15} {'caffeish ms':>11} {'OpenCV ms':>10} {'ratio':>6} "
-            f"{'peak MiB':>8} {'load MiB':>8} {'ld peak':>8} {'cv peak':>8} {'max rel diff':>12}")
+        print("OpenCV is not installed (pip install 'opencv-python-headless<5'): timing without it.")
+    head = f"{'net':<12} {'input':<15} {'caffeish ms':>11}"
+    for k in others:
+        head += f" {SIDE_NAMES[k] + ' ms':>12} {'ratio':>6}"
+    head += f" {'peak MiB':>8} {'load MiB':>8}" + "".join(f" {SIDE_NAMES[k][:7] + ' pk':>10}" for k in others)
+    head += f" {'max rel diff':>12}"
     print(head)
     print("-" * len(head))
     problems = []
@@ -276,42 +341,51 @@ def report(rows, args, cv_version):
             print(f"{row['net']:<12} {shape:<15} error")
             problems.append(f"{row['net']}: {row['error']}")
             continue
-        c, o = row.get("caffeish"), row.get("opencv")
+        c = row.get("caffeish")
         c_ms = statistics.median(c["times"]) * 1000 if c else None
-        o_ms = statistics.median(o["times"]) * 1000 if o else None
-        ratio = f"{c_ms / o_ms:.2f}" if c_ms and o_ms else "-"
-        diff = row.get("rel_diff")
-        if c and o and diff is None:
-            verdict = "SHAPES DIFFER"
-            problems.append(f"{row['net']}: output shapes (caffeish, OpenCV) {row['out_shapes']}")
-        elif diff is None:
-            verdict = "-"
-        else:
-            verdict = f"{diff:.1e} {'ok' if diff <= AGREE else 'MISMATCH'}"
+        line = f"{row['net']:<12} {shape:<15} {'-' if c_ms is None else f'{c_ms:.0f}':>11}"
+        for k in others:
+            o = row.get(k)
+            o_ms = statistics.median(o["times"]) * 1000 if o else None
+            ratio = f"{c_ms / o_ms:.2f}" if c_ms and o_ms else "-"
+            line += f" {'-' if o_ms is None else f'{o_ms:.0f}':>12} {ratio:>6}"
+        line += f" {mib(c['peak_kb']) if c else '-':>8} {mib(c['after_load_kb']) if c else '-':>8}"
+        for k in others:
+            o = row.get(k)
+            line += f" {mib(o['peak_kb']) if o else '-':>10}"
+        worst = None
+        for k, (diff, diffs, shapes) in row.get("diffs", {}).items():
+            if diff is None:
+                problems.append(f"{row['net']}: output shapes (caffeish, {SIDE_NAMES[k]}) {shapes}")
+                worst = float("inf")
+                continue
             if diff > AGREE:
-                problems.append(f"{row['net']}: outputs disagree: {row['diffs']}")
-        print(f"{row['net']:<12} {shape:<15} {'-' if c_ms is None else f'{c_ms:.0f}':>11} "
-              f"{'-' if o_ms is None else f'{o_ms:.0f}':>10} {ratio:>6} "
-              f"{mib(c['peak_kb']) if c else '-':>8} {mib(c['after_load_kb']) if c else '-':>8} "
-              f"{mib(c['load_peak_kb']) if c else '-':>8} "
-              f"{mib(o['peak_kb']) if o else '-':>8} {verdict:>12}")
-        for side in ("caffeish", "opencv"):
+                problems.append(f"{row['net']}: caffeish and {SIDE_NAMES[k]} disagree: {diffs}")
+            worst = diff if worst is None else max(worst, diff)
+        verdict = "-" if worst is None else ("SHAPES DIFFER" if worst == float("inf")
+                                             else f"{worst:.1e} {'ok' if worst <= AGREE else 'MISMATCH'}")
+        print(line + f" {verdict:>12}")
+        for side in ("caffeish", *others):
             if row.get(f"{side}_error"):
                 problems.append(f"{row['net']}: {row[side + '_error']}")
     print()
+    print("ratio: caffeish's median time / that side's (below 1: caffeish is faster).")
     print("peak MiB: caffeish subprocess RSS high-water mark (getrusage ru_maxrss): interpreter, numpy,")
     print("          the loaded weights and the forward's live blobs and scratch; load MiB: its RSS after")
-    print("          Net(prototxt, caffemodel), before the first forward; ld peak: its high-water mark at that")
-    print("          point (peak > ld peak: the forward set the peak); cv peak: OpenCV subprocess's high-water mark.")
-    print(f"max rel diff: max|caffeish - OpenCV| / max|OpenCV| over the output blob; ok when <= {AGREE:g}.")
-    for row in rows:
-        if len(row.get("diffs") or ()) > 1:
-            each = ", ".join(f"{k} {'-' if v is None else f'{v:.1e}'}" for k, v in row["diffs"].items())
-            print(f"              {row['net']}: worst of {each}")
-    print("weights: random (He-scaled gaussian), saved by caffeish's net.save and read by both.")
+    print("          Net(prototxt, caffemodel), before the first forward; '... pk': the other sides' high-water marks.")
+    print(f"max rel diff: max|caffeish - other| / max|other| over the compared blobs, worst side; ok when <= {AGREE:g}.")
+    print("weights: random (He-scaled gaussian), saved by caffeish's net.save and read by all.")
     for p in problems:
         print("problem:", p)
     return 1 if problems else 0
+
+
+def torch_version():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.__version__
 
 
 def main(argv=None):
@@ -323,7 +397,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for numpy's BLAS and OpenCV")
     ap.add_argument("--input-size", type=int, default=None,
                     help="H = W of the fully convolutional nets (default 500); AlexNet stays 227")
-    ap.add_argument("--no-opencv", dest="opencv", action="store_false", help="time caffeish only")
+    ap.add_argument("--no-opencv", dest="opencv", action="store_false", help="leave OpenCV out")
+    ap.add_argument("--no-torch", dest="torch", action="store_false", help="leave PyTorch out")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of PyTorch's forward")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -342,13 +418,16 @@ def main(argv=None):
     args.opencv_wanted = args.opencv
     cv_version = opencv_version() if args.opencv else None
     args.opencv = cv_version is not None
+    args.torch_wanted = args.torch
+    th_version = torch_version() if args.torch else None
+    args.torch = th_version is not None
     with tempfile.TemporaryDirectory(prefix="caffeish_bench_") as tmp:
         rows = []
         for key in nets:
             t = time.perf_counter()
             rows.append(bench_net(key, args, tmp))
             print(f"[{key}: done in {time.perf_counter() - t:.0f} s]", flush=True)
-    return report(rows, args, cv_version)
+    return report(rows, args, cv_version, th_version)
 
 
 if __name__ == "__main__":
