@@ -183,21 +183,24 @@ def backward(x, weight, dy, geom, group, dx, dweight):
     plane = ho * wo
     dy = np.ascontiguousarray(dy, dtype=F32)
     wr = _row_major_weight(weight, g) if dx is not None else None
-    dwr = np.zeros((kh, o, depth), dtype=F32) if dweight is not None else None
+    # dW_i^T per group, (depth x Og): OpenBLAS runs S_i . dy^T faster than dy . S_i^T when Og is
+    # small (VGG's 64 channels: 158 against 139 GFLOP/s on 2 cores) and as fast otherwise.
+    dwt = np.zeros((kh, g, depth, og), dtype=F32) if dweight is not None else None
     for i in range(n):
         for r0, r1 in bands:
             cols = (r1 - r0) * wo
             rows = r1 - r0 + stack.ext
             top = dy.ctypes.data + (i * o * plane + r0 * wo) * _ITEM
-            if dwr is not None:
+            if dwt is not None:
                 s = stack.band(c, r0, r1)
                 stack.fill(s, x[i], r0, r1)
                 for gi in range(g):
                     for ki in range(kh):
-                        # dW_i (Og x Cg*kw) += dy (Og x cols) . S_i^T
-                        blas.sgemm_raw(False, True, og, depth, cols, top + gi * og * plane * _ITEM, plane,
+                        # dW_i^T (Cg*kw x Og) += S_i (Cg*kw x cols) . dy^T
+                        blas.sgemm_raw(False, True, depth, og, cols,
                                        s.ctypes.data + (gi * depth * rows + ki * dil) * wo * _ITEM, rows * wo,
-                                       1.0, dwr.ctypes.data + (ki * o + gi * og) * depth * _ITEM, depth)
+                                       top + gi * og * plane * _ITEM, plane,
+                                       1.0, dwt.ctypes.data + (ki * g + gi) * depth * og * _ITEM, og)
             if dx is not None:
                 ds = grad.band(c, r0, r1)
                 ds[:, :, r1 - r0:] = 0  # the rows the first kernel row does not write
@@ -209,5 +212,6 @@ def backward(x, weight, dy, geom, group, dx, dweight):
                                        top + gi * og * plane * _ITEM, plane, 0.0 if ki == 0 else 1.0,
                                        ds.ctypes.data + (gi * depth * rows + ki * dil) * wo * _ITEM, rows * wo)
                 grad.fold(ds, dx[i], r0, r1)
-    if dwr is not None:
-        dweight += dwr.reshape(kh, o, cg, kw).transpose(1, 2, 0, 3)
+    if dwt is not None:
+        # (kh, G, Cg, kw, Og) -> (G, Og, Cg, kh, kw)
+        dweight += dwt.reshape(kh, g, cg, kw, og).transpose(1, 4, 2, 0, 3).reshape(dweight.shape)

@@ -13,7 +13,9 @@ most COL_BUDGET floats, and each chunk is one batched float32 matmul over all
 groups, its bias added afterwards as Caffe does.  A big input is padded band by
 band rather than copied whole.  1x1 convolutions without padding skip the
 columns (a plain matmul); depthwise ones (one input and one output channel per
-group) sum shifted slices tap by tap instead.
+group) sum shifted slices tap by tap instead.  Big 2-D convolutions with stride
+1 down the rows (VGG's 3x3 layers) copy the input kw times rather than kh*kw and
+multiply kernel row by kernel row (caffeish.runtime.conv_rows).
 
 Deconvolution (Caffe's adjoint of convolution) is turned into a convolution by
 splitting the kernel into stride phases, see deconv_forward: no scatter-add.
