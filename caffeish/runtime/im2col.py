@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from caffeish.runtime import conv_rows
+from caffeish.runtime import conv_rows, parallel
 
 # Upper bound on a column buffer, in float32 elements (16 MiB).  Measured on 2
 # cores (median ms, 1 / 2 / 4 Mi elements): VGG 3x3 64->64 at 698x698 387/355/339,
@@ -378,8 +378,12 @@ def deconv_forward(xp, x, weight, bias, geom, group, out, budget=COL_BUDGET):
         res = res_buf[:m * r * rest * o * n_phases].reshape(m, g, r * rest, og * n_phases)
         xp.matmul(col, wmat, out=res)
         res = res.reshape((m, g, r) + blocks[1:] + (og,) + stride)
-        fullv[(slice(n0, n1), slice(None), slice(None), slice(r0, r1))] = res.transpose(back)
+        parallel.copy(xp, fullv[(slice(n0, n1), slice(None), slice(None), slice(r0, r1))], res.transpose(back))
     if bias is not None:
         full += bias.reshape((1, o) + (1,) * nsp)
     crop = full[(slice(None), slice(None)) + tuple(slice(p, p + m) for p, m in zip(geom.pad, out))]
-    return xp.ascontiguousarray(crop)
+    if crop.flags.c_contiguous:
+        return crop
+    y = xp.empty(crop.shape, dtype=np.float32)
+    parallel.copy(xp, y, crop)
+    return y
