@@ -127,7 +127,9 @@ class _Stack:
 def _row_major_weight(weight, group):
     """weight (O, Cg, kh, kw) as (kh, O, Cg * kw), contiguous: one GEMM operand per kernel row."""
     o, cg, kh, kw = weight.shape
-    return np.ascontiguousarray(weight.transpose(2, 0, 1, 3)).reshape(kh, o, cg * kw)
+    wr = np.empty((kh, o, cg, kw), dtype=F32)
+    parallel.copy(np, wr, weight.transpose(2, 0, 1, 3))
+    return wr.reshape(kh, o, cg * kw)
 
 
 def forward(x, weight, bias, geom, group, out, y):

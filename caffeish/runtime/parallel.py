@@ -78,11 +78,12 @@ def split(xp, n, fn, elements=None, parts=None):
 
 
 def copy(xp, dst, src):
-    """dst[...] = src, split along the first axis of length > 1."""
+    """dst[...] = src, split along the first axis long enough to share evenly (else the longest)."""
     if dst.ndim == 0:
         dst[...] = src
         return
-    axis = next((i for i, s in enumerate(dst.shape) if s > 1), 0)
+    axis = next((i for i, s in enumerate(dst.shape) if s >= 8),
+                max(range(dst.ndim), key=lambda i: dst.shape[i]))
     lead = (slice(None),) * axis
     src = xp.broadcast_to(src, dst.shape) if src.shape != dst.shape else src
 
