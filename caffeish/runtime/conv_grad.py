@@ -35,7 +35,7 @@ import math
 import numpy as np
 
 from caffeish.graph.geometry import ConvGeometry, conv_tap_range
-from caffeish.runtime import blas, conv_rows
+from caffeish.runtime import blas, conv_rows, winograd
 from caffeish.runtime.im2col import COL_BUDGET, MIN_COLUMNS, conv_forward, work_chunks
 
 # Largest weight (elements) whose gradient is computed transposed, see _im2col_backward.
@@ -145,11 +145,33 @@ def conv_backward(xp, x, weight, dy, geom, group, want_dx, dweight, dbias, budge
     if cg == 1 and og == 1:
         _depthwise_backward(xp, x, weight, dy, geom, dx, dweight)
         return dx
-    if conv_rows.applies(xp, x, geom, g, out):
-        conv_rows.backward(x, weight, dy, geom, g, dx, dweight)
+    if dx is not None and _winograd_input_gradient(xp, weight, dy, geom, g, dx):
+        dx_left = None  # done
     else:
-        _im2col_backward(xp, x, weight, dy, geom, g, dx, dweight, budget)
+        dx_left = dx
+    if dx_left is None and dweight is None:
+        return dx
+    if conv_rows.applies(xp, x, geom, g, out):
+        conv_rows.backward(x, weight, dy, geom, g, dx_left, dweight)
+    else:
+        _im2col_backward(xp, x, weight, dy, geom, g, dx_left, dweight, budget)
     return dx
+
+
+def _winograd_input_gradient(xp, weight, dy, geom, g, dx):
+    """dx of a 3x3 stride-1 convolution by Winograd (caffeish.runtime.winograd), where it applies:
+    the convolution of dy with the kernel rotated by 180 degrees and its channel axes swapped,
+    padded by 2 - pad.  Returns whether it did."""
+    if any(p > 2 for p in geom.pad):
+        return False
+    turned = ConvGeometry(tuple(geom.kernel), tuple(geom.stride), tuple(2 - p for p in geom.pad),
+                          tuple(geom.dilation))
+    spatial = tuple(dx.shape[2:])
+    if not winograd.applies(xp, dy, turned, g, spatial):
+        return False
+    rotated = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
+    winograd.forward(dy, rotated, None, turned, spatial, dx)
+    return True
 
 
 def _add_into(dweight, acc):

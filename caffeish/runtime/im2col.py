@@ -15,7 +15,8 @@ band rather than copied whole.  1x1 convolutions without padding skip the
 columns (a plain matmul); depthwise ones (one input and one output channel per
 group) sum shifted slices tap by tap instead.  Big 2-D convolutions with stride
 1 down the rows (VGG's 3x3 layers) copy the input kw times rather than kh*kw and
-multiply kernel row by kernel row (caffeish.runtime.conv_rows).
+multiply kernel row by kernel row (caffeish.runtime.conv_rows); deep 3x3 ones
+(256 channels and more) use Winograd's F(2x2, 3x3) (caffeish.runtime.winograd).
 
 Deconvolution (Caffe's adjoint of convolution) is turned into a convolution by
 splitting the kernel into stride phases, see deconv_forward: no scatter-add.
@@ -24,7 +25,7 @@ import math
 
 import numpy as np
 
-from caffeish.runtime import conv_rows, parallel
+from caffeish.runtime import conv_rows, parallel, winograd
 
 # Upper bound on a column buffer, in float32 elements (16 MiB).  Measured on 2
 # cores (median ms, 1 / 2 / 4 Mi elements): VGG 3x3 64->64 at 698x698 387/355/339,
@@ -137,6 +138,9 @@ def conv_forward(xp, x, weight, bias, geom, group, out, budget=COL_BUDGET):
         _conv_1x1(xp, x, weight, geom, g, out, y)
     elif cg == 1 and og == 1:
         _conv_depthwise(xp, x, weight, geom, out, y)
+    elif winograd.applies(xp, x, geom, g, out):
+        winograd.forward(x, weight, bias, geom, out, y)
+        return y
     elif conv_rows.applies(xp, x, geom, g, out):
         conv_rows.forward(x, weight, bias, geom, g, out, y)
         return y

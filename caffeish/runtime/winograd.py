@@ -1,0 +1,145 @@
+"""3x3 convolutions with stride 1 by Winograd's minimal filtering F(2x2, 3x3) (numpy, CPU).
+
+Each 2x2 block of outputs is computed from the 4x4 input tile under it as
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A        (* elementwise, summed over input channels)
+
+with B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]] and
+A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] (Lavin and Gray, 2015).  The sum over
+channels of the 16 elementwise products is 16 GEMMs (O x C) . (C x tiles), 16
+multiply-adds per tile and channel pair where direct convolution needs 36: 2.25
+times fewer flops in the part that dominates.  The transforms are adds and
+subtractions over strided views (no multiplications on the data), done band by
+band of tile rows so that a band's transformed input and products stay bounded,
+on both cores (caffeish.runtime.parallel).
+
+The result differs from direct convolution by float32 rounding only (the
+transforms' few extra additions, of the same size as a reordered sum): checked
+against float64 in tests/test_winograd.py and against the golden cases through
+whole nets.  The input gradient of such a convolution is one too (dy with the
+kernel rotated and the channels swapped, padded by 2 - pad), see
+caffeish.runtime.conv_grad.
+"""
+import numpy as np
+
+from caffeish.runtime import parallel
+
+F32 = np.float32
+
+# Floats of transformed input (16 x C x tiles) per band (16 MiB).
+BAND_BUDGET = 1 << 22
+# The fewest input channels, and 2x2 output tiles per image, for which the transforms pay
+# (measured on 2 cores, benchmarks/conv_layers.py: VGG's 64- and 128-channel layers and
+# AlexNet's 13x13 ones are faster by conv_rows or im2col).
+MIN_CHANNELS = 256
+MIN_TILES = 256
+
+
+def applies(xp, x, geom, group, out):
+    """Whether the convolution of x (N, C, H, W) with this geometry is taken here."""
+    if xp is not np or tuple(geom.kernel) != (3, 3) or tuple(geom.stride) != (1, 1):
+        return False
+    if tuple(geom.dilation) != (1, 1) or group != 1 or x.dtype != F32:
+        return False
+    return x.shape[1] >= MIN_CHANNELS and ((out[0] + 1) // 2) * ((out[1] + 1) // 2) >= MIN_TILES
+
+
+_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+# U[4a + b] = sum over i, j of G[a, i] G[b, j] g[3i + j]: one (16 x 9) . (9 x O*C) GEMM.
+_KRON32 = np.kron(_G, _G).astype(F32)  # its entries (products of 0, 1/2 and 1) are exact
+
+
+def transform_weight(weight):
+    """G g G^T for weight (O, C, 3, 3): (16, O, C) float32, index 4a + b for G's rows a, b."""
+    o, c = weight.shape[:2]
+    return (_KRON32 @ np.reshape(weight, (o * c, 9)).T).reshape(16, o, c)
+
+
+def _input_tiles(d, out):
+    """B^T d B along one axis: four arrays from the four stride-2 views d[k::2] of d's axis -1."""
+    d0, d1, d2, d3 = d
+    np.subtract(d0, d2, out=out[0])
+    np.add(d1, d2, out=out[1])
+    np.subtract(d2, d1, out=out[2])
+    np.subtract(d1, d3, out=out[3])
+
+
+def _output_tiles(m, out):
+    """A^T m along one axis: two arrays from four."""
+    m0, m1, m2, m3 = m
+    np.add(m0, m1, out=out[0])
+    np.add(out[0], m2, out=out[0])
+    np.subtract(m1, m2, out=out[1])
+    np.subtract(out[1], m3, out=out[1])
+
+
+def forward(x, weight, bias, geom, out, y, wt=None):
+    """y (N, O, Ho, Wo) = Caffe's 3x3 stride-1 convolution of x (N, C, H, W), by F(2x2, 3x3)."""
+    n, c, h, w = x.shape
+    o = weight.shape[0]
+    ho, wo = out
+    ph, pw = geom.pad
+    th, tw = (ho + 1) // 2, (wo + 1) // 2
+    if wt is None:
+        wt = transform_weight(weight)
+    rows = max(1, min(th, BAND_BUDGET // max(1, 16 * max(c, o) * tw)))
+    count = -(-th // rows)
+    bands = [(th * i // count, th * (i + 1) // count) for i in range(count)]
+    most = max(b - a for a, b in bands)
+    wp = 2 * tw + 2
+    pad_buf = np.empty(c * (2 * most + 2) * wp, dtype=F32)
+    rows_buf = np.empty(4 * c * most * wp, dtype=F32)
+    v_buf = np.empty(16 * c * most * tw, dtype=F32)
+    m_buf = np.empty(16 * o * most * tw, dtype=F32)
+    half_buf = np.empty(8 * o * most * tw, dtype=F32)
+    for i in range(n):
+        xi, yi = x[i], y[i]
+        for t0, t1 in bands:
+            tb = t1 - t0
+            hp = 2 * tb + 2
+            # The band's input, zero-padded: rows 2*t0 - ph ..., columns -pw ...
+            p = pad_buf[:c * hp * wp].reshape(c, hp, wp)
+            first = 2 * t0 - ph
+            lo, hi = max(first, 0), min(first + hp, h)
+            clo, chi = max(-pw, 0), min(wp - pw, w)
+
+            def fill(a, b):
+                p[a:b] = 0
+                if hi > lo and chi > clo:
+                    p[a:b, lo - first:hi - first, clo + pw:chi + pw] = xi[a:b, lo:hi, clo:chi]
+
+            parallel.split(np, c, fill, elements=p.size)
+            u = rows_buf[:4 * c * tb * wp].reshape(4, c, tb, wp)
+            v = v_buf[:16 * c * tb * tw].reshape(4, 4, c, tb, tw)
+
+            def transform_in(a, b):
+                _input_tiles([p[a:b, k:k + 2 * tb:2] for k in range(4)], [u[r, a:b] for r in range(4)])
+                for r in range(4):
+                    _input_tiles([u[r, a:b, :, k:k + 2 * tw:2] for k in range(4)], [v[r, s, a:b] for s in range(4)])
+
+            parallel.split(np, c, transform_in, elements=16 * c * tb * tw)
+            m = m_buf[:16 * o * tb * tw].reshape(16, o, tb * tw)
+            np.matmul(wt, v.reshape(16, c, tb * tw), out=m)
+            m = m.reshape(4, 4, o, tb, tw)
+            half = half_buf[:8 * o * tb * tw].reshape(2, 4, o, tb, tw)
+
+            def transform_out(a, b):
+                for s in range(4):
+                    _output_tiles([m[r, s, a:b] for r in range(4)], [half[q, s, a:b] for q in range(2)])
+                for q in range(2):
+                    res = (m[q, 0, a:b], m[q, 1, a:b])  # m is consumed: scratch
+                    _output_tiles([half[q, s, a:b] for s in range(4)], res)
+                    r0 = 2 * t0 + q
+                    for e in range(2):
+                        n_rows = min(tb, (ho - r0 + 1) // 2)
+                        n_cols = (wo - e + 1) // 2
+                        if n_rows <= 0 or n_cols <= 0:
+                            continue
+                        dst = yi[a:b, r0:r0 + 2 * n_rows - 1:2, e:e + 2 * n_cols - 1:2]
+                        dst[...] = res[e][:, :n_rows, :n_cols]
+                        if bias is not None:
+                            dst += bias[a:b].reshape(-1, 1, 1)
+
+            parallel.split(np, o, transform_out, elements=16 * o * tb * tw)
+    return y
