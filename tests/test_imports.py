@@ -3,7 +3,7 @@
 Every import statement of every module is read from the source (module level
 and inside functions alike: a lazy import is still a dependency), and:
   * no module reaches a module of a later stage (README's layout section):
-        errors, values -> formats -> graph -> runtime (+ ops, kernels) -> pycaffe -> data -> apps -> tools
+        errors, values -> formats -> graph -> runtime (+ ops, kernels) -> pycaffe -> data -> apps -> web -> tools
     (the root `caffeish` module, the public face, may import anything);
   * the modules' import graph has no cycle;
   * setup.py installs every subpackage, and maps the top-level folders as
@@ -27,6 +27,7 @@ STAGES = [
     ("caffeish.pycaffe",),
     ("caffeish.data",),
     ("caffeish.apps",),
+    ("caffeish.web",),  # the web app: a face beside tools/ (tools/serve.py starts it)
     ("caffeish.tools",),
 ]
 

@@ -24,6 +24,7 @@ TOOLS = {
     "store": ("store", "model store: build, serve, list, pull and verify pretrained nets"),
     "run": ("run", "run an unchanged pycaffe script (`import caffe`) on caffeish"),
     "export": ("export", "export a net and its weights to another format (ONNX), Caffe's semantics kept"),
+    "serve": ("serve", "a local web app over a workspace: models, inference, surgery, datasets (caffeish[web])"),
 }
 # Tools whose errors from a Python layer's own code reach the user as the script's own
 # exceptions would (`run` executes a user's script: its exceptions pass through).

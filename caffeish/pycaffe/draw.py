@@ -209,6 +209,12 @@ def get_pydot_graph(caffe_net, rankdir, label_edges=True, phase=None, display_lr
 def draw_net(caffe_net, rankdir, ext="png", phase=None, display_lrm=False):
     """The picture of the net as bytes in format `ext` (png, svg, pdf, ...; 'raw': the DOT text)."""
     graph = get_pydot_graph(caffe_net, rankdir, phase=phase, display_lrm=display_lrm)
+    return render(graph, ext)
+
+
+def render(graph, ext="png"):
+    """A pydot graph as bytes in format `ext` through Graphviz's dot ('raw': the DOT text); also draws
+    the web app's layer graph (caffeish.web.pictures)."""
     if ext == "raw":
         return graph.to_string().encode("utf-8")
     if shutil.which("dot") is None:
