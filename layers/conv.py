@@ -135,6 +135,16 @@ class Convolution(_ConvGeometryLayer):
             tops.append(self._restore(y, x.shape))
         return tops
 
+    def forward_relu(self, xp, bottoms, blobs):
+        """forward, then max(top, 0): the work of an in-place ReLU right after this layer, done
+        while each part of the output is still in cache (the Net offers this on the CPU only, see
+        Net.run).  One bottom."""
+        x = bottoms[0]
+        spatial = tuple(x.shape[self.channel_axis + 1:])
+        y = conv_forward(xp, self._as_ncs(xp, x), blobs[0], blobs[1] if self.bias_term else None,
+                         self.geometry, self.group, self._spatial_out(spatial), relu=True)
+        return [self._restore(y, x.shape)]
+
     _backward = staticmethod(conv_backward)
     _gpu_backward = "conv2d_backward"
 
@@ -178,6 +188,8 @@ class Deconvolution(Convolution):
 
     out = stride*(in-1) + extent - 2*pad; the weight blob is (C_in, num_output/group, k...).
     """
+
+    forward_relu = None  # Convolution's fused ReLU is not offered here
 
     def _spatial_out(self, spatial_in):
         return deconv_output_shape(spatial_in, self.geometry)

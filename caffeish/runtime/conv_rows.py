@@ -132,8 +132,9 @@ def _row_major_weight(weight, group):
     return wr.reshape(kh, o, cg * kw)
 
 
-def forward(x, weight, bias, geom, group, out, y):
-    """y (N, O, Ho, Wo) = Caffe's convolution of x (N, C, H, W) with weight (O, C/group, kh, kw)."""
+def forward(x, weight, bias, geom, group, out, y, relu=False):
+    """y (N, O, Ho, Wo) = Caffe's convolution of x (N, C, H, W) with weight (O, C/group, kh, kw);
+    relu: then max(y, 0), band by band while in cache (an in-place ReLU after it, see Net)."""
     n, c = x.shape[:2]
     o = weight.shape[0]
     g = group
@@ -157,15 +158,18 @@ def forward(x, weight, bias, geom, group, out, y):
                     cc = y.ctypes.data + ((i * o + gi * og) * plane + r0 * wo) * _ITEM
                     blas.sgemm_raw(False, False, og, (r1 - r0) * wo, depth, a, depth, b, rows * wo,
                                    0.0 if ki == 0 else 1.0, cc, plane)
-            if bias is not None:
+            if bias is not None or relu:
                 yb = y[i, :, r0:r1]
-                parallel.split(np, o, lambda a0, a1: _add_bias(yb, bias, a0, a1),
-                               elements=yb.size)
+                parallel.split(np, o, lambda a0, a1: _epilogue(yb[a0:a1], bias, a0, a1, relu), elements=yb.size)
     return y
 
 
-def _add_bias(yb, bias, a0, a1):
-    yb[a0:a1] += bias[a0:a1].reshape(-1, 1, 1)
+def _epilogue(yb, bias, a0, a1, relu):
+    """yb (channels a0..a1 of an output band) += bias, then max(., 0) when relu."""
+    if bias is not None:
+        yb += bias[a0:a1].reshape((-1,) + (1,) * (yb.ndim - 1))
+    if relu:
+        np.maximum(yb, 0, out=yb)
 
 
 def backward(x, weight, dy, geom, group, dx, dweight):

@@ -121,8 +121,11 @@ def col_windows(xp, x, geom, out):
 # -- convolution ------------------------------------------------------------------------
 
 
-def conv_forward(xp, x, weight, bias, geom, group, out, budget=COL_BUDGET):
-    """Caffe's convolution of x (N, C, *in) with weight (O, C/group, *kernel) -> (N, O, *out)."""
+def conv_forward(xp, x, weight, bias, geom, group, out, budget=COL_BUDGET, relu=False):
+    """Caffe's convolution of x (N, C, *in) with weight (O, C/group, *kernel) -> (N, O, *out).
+
+    relu: then max(y, 0) (what an in-place ReLU after the layer computes), done while each
+    chunk of the output is in cache where the path allows."""
     n, c = x.shape[:2]
     o = weight.shape[0]
     g = group
@@ -139,16 +142,18 @@ def conv_forward(xp, x, weight, bias, geom, group, out, budget=COL_BUDGET):
     elif cg == 1 and og == 1:
         _conv_depthwise(xp, x, weight, geom, out, y)
     elif winograd.applies(xp, x, geom, g, out):
-        winograd.forward(x, weight, bias, geom, out, y)
+        winograd.forward(x, weight, bias, geom, out, y, relu=relu)
         return y
     elif conv_rows.applies(xp, x, geom, g, out):
-        conv_rows.forward(x, weight, bias, geom, g, out, y)
+        conv_rows.forward(x, weight, bias, geom, g, out, y, relu=relu)
         return y
     else:
-        _conv_im2col(xp, x, weight, bias, geom, g, out, y, budget)
+        _conv_im2col(xp, x, weight, bias, geom, g, out, y, budget, relu)
         return y
     if bias is not None:
         y += bias.reshape((1, o) + (1,) * len(out))
+    if relu:
+        xp.maximum(y, 0, out=y)
     return y
 
 
@@ -255,7 +260,7 @@ def _chunk_windows(xp, x, geom, out, chunks, budget):
     return get
 
 
-def _conv_im2col(xp, x, weight, bias, geom, g, out, y, budget):
+def _conv_im2col(xp, x, weight, bias, geom, g, out, y, budget, relu=False):
     """Columns copied from the window view chunk by chunk, each chunk one matmul per group.
 
     The columns of a chunk of several images are laid out (G, Cg*k, images, positions), so
@@ -301,6 +306,8 @@ def _conv_im2col(xp, x, weight, bias, geom, g, out, y, budget):
             target[...] = res.reshape(g, og, m, positions).transpose(2, 0, 1, 3)
         if bias_view is not None:
             target += bias_view
+        if relu:
+            xp.maximum(target, 0, out=target)
 
 
 def im2col(xp, x, geom, out):

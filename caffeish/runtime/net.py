@@ -161,6 +161,7 @@ class Net(PycaffeNetMixin, BackwardMixin):
                               if n.type == "Python" and getattr(n.layer, "instance", None) is not None}
         self._before_forward, self._after_forward = [], []
         self._memory = {}  # MemoryData layers that set_input_arrays gave arrays: name -> layer
+        self._relu_fusion = {}  # layer index -> whether a ReLU after it runs fused (_relu_follows)
         paths = [weights] if isinstance(weights, (str, bytes)) or hasattr(weights, "__fspath__") else list(weights or [])
         paths = [os.fsdecode(p) for p in paths]
         for path in paths:
@@ -438,6 +439,7 @@ class Net(PycaffeNetMixin, BackwardMixin):
         arrays = self._arrays
         given = set(inputs or ())
         hooks = bool(self._before_forward or self._after_forward)
+        fused = None  # a ReLU whose work the Convolution before it did
         for i in range(first, last + 1):
             node = self.nodes[i]
             if hooks:
@@ -464,7 +466,12 @@ class Net(PycaffeNetMixin, BackwardMixin):
                 node.top_shapes = [tuple(s) for s in node.layer.reshape(shapes)]
                 self._check_params(node, shapes)
                 node.bottom_shapes = shapes
-            if node.layer.forward_in_place is not None and node.in_place == [True] and \
+            if i == fused:
+                tops = [bottoms[0]]  # the Convolution before already applied it
+            elif not hooks and i < last and xp is np and self._relu_follows(i):
+                tops = node.layer.forward_relu(xp, bottoms, self._params.get(node.name, []))
+                fused = i + 1
+            elif node.layer.forward_in_place is not None and node.in_place == [True] and \
                     self._exclusive(node.bottoms[0], bottoms[0]):
                 tops = node.layer.forward_in_place(xp, bottoms[0], self._params.get(node.name, []))
             else:
@@ -572,6 +579,23 @@ class Net(PycaffeNetMixin, BackwardMixin):
                 self._arrays[name] = array if self.xp is np else self.xp.asarray(array)
                 self._shapes[name] = tuple(array.shape)
                 self._freed.discard(name)
+
+    def _relu_follows(self, i):
+        """Whether layer i is a Convolution of one bottom whose top the next layer, a plain ReLU
+        (negative_slope 0), rewrites in place: the Convolution may then apply max(., 0) while
+        its output is in cache, and the ReLU's pass is skipped.  Nothing can read the top in
+        between (no hooks: checked by the caller), so every blob ends as Caffe's."""
+        found = self._relu_fusion.get(i)
+        if found is None:
+            node = self.nodes[i]
+            nxt = self.nodes[i + 1] if i + 1 < len(self.nodes) else None
+            found = (node.type == "Convolution" and getattr(node.layer, "forward_relu", None) is not None
+                     and len(node.bottoms) == 1 and len(node.tops) == 1 and nxt is not None
+                     and nxt.type == "ReLU" and getattr(nxt.layer, "negative_slope", None) == 0
+                     and nxt.in_place == [True] and list(nxt.bottoms) == list(node.tops)
+                     and nxt.name not in self._fed_nodes and node.tops[0] not in self.input_names)
+            self._relu_fusion[i] = found
+        return found
 
     def _exclusive(self, name, array):
         """True when `array` (the blob `name`) may be overwritten: its memory belongs to

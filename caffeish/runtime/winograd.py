@@ -74,8 +74,9 @@ def _output_tiles(m, out):
     np.subtract(out[1], m3, out=out[1])
 
 
-def forward(x, weight, bias, geom, out, y, wt=None):
-    """y (N, O, Ho, Wo) = Caffe's 3x3 stride-1 convolution of x (N, C, H, W), by F(2x2, 3x3)."""
+def forward(x, weight, bias, geom, out, y, wt=None, relu=False):
+    """y (N, O, Ho, Wo) = Caffe's 3x3 stride-1 convolution of x (N, C, H, W), by F(2x2, 3x3);
+    relu: then max(y, 0), while in cache."""
     n, c, h, w = x.shape
     o = weight.shape[0]
     ho, wo = out
@@ -87,9 +88,9 @@ def forward(x, weight, bias, geom, out, y, wt=None):
     count = -(-th // rows)
     bands = [(th * i // count, th * (i + 1) // count) for i in range(count)]
     most = max(b - a for a, b in bands)
-    wp = 2 * tw + 2
-    pad_buf = np.empty(c * (2 * most + 2) * wp, dtype=F32)
-    rows_buf = np.empty(4 * c * most * wp, dtype=F32)
+    half_w = tw + 1  # the padded band's columns, split into even and odd ones
+    pad_buf = np.empty(2 * c * (2 * most + 2) * half_w, dtype=F32)
+    rows_buf = np.empty(4 * 2 * c * most * half_w, dtype=F32)
     v_buf = np.empty(16 * c * most * tw, dtype=F32)
     m_buf = np.empty(16 * o * most * tw, dtype=F32)
     half_buf = np.empty(8 * o * most * tw, dtype=F32)
@@ -98,25 +99,40 @@ def forward(x, weight, bias, geom, out, y, wt=None):
         for t0, t1 in bands:
             tb = t1 - t0
             hp = 2 * tb + 2
-            # The band's input, zero-padded: rows 2*t0 - ph ..., columns -pw ...
-            p = pad_buf[:c * hp * wp].reshape(c, hp, wp)
+            # The band's input, zero-padded (rows 2*t0 - ph ..., columns -pw ...), its even and odd
+            # columns apart (p[0], p[1]), so that every later pass reads contiguous rows.
+            p = pad_buf[:2 * c * hp * half_w].reshape(2, c, hp, half_w)
             first = 2 * t0 - ph
             lo, hi = max(first, 0), min(first + hp, h)
-            clo, chi = max(-pw, 0), min(wp - pw, w)
+            columns = []
+            for e in range(2):  # padded column 2j + e is input column 2j + e - pw
+                j0 = max(0, (pw - e + 1) // 2)
+                j1 = min(half_w, (w + pw - e + 1) // 2)
+                columns.append((j0, j1, 2 * j0 + e - pw))
 
             def fill(a, b):
-                p[a:b] = 0
-                if hi > lo and chi > clo:
-                    p[a:b, lo - first:hi - first, clo + pw:chi + pw] = xi[a:b, lo:hi, clo:chi]
+                for e, (j0, j1, col) in enumerate(columns):
+                    dst = p[e, a:b]
+                    if hi <= lo or j1 <= j0:
+                        dst[...] = 0
+                        continue
+                    dst[:, :lo - first] = 0
+                    dst[:, hi - first:] = 0
+                    dst[:, lo - first:hi - first, :j0] = 0
+                    dst[:, lo - first:hi - first, j1:] = 0
+                    dst[:, lo - first:hi - first, j0:j1] = xi[a:b, lo:hi, col:col + 2 * (j1 - j0) - 1:2]
 
             parallel.split(np, c, fill, elements=p.size)
-            u = rows_buf[:4 * c * tb * wp].reshape(4, c, tb, wp)
+            u = rows_buf[:8 * c * tb * half_w].reshape(4, 2, c, tb, half_w)
             v = v_buf[:16 * c * tb * tw].reshape(4, 4, c, tb, tw)
 
             def transform_in(a, b):
-                _input_tiles([p[a:b, k:k + 2 * tb:2] for k in range(4)], [u[r, a:b] for r in range(4)])
+                for e in range(2):
+                    _input_tiles([p[e, a:b, k:k + 2 * tb:2] for k in range(4)], [u[r, e, a:b] for r in range(4)])
                 for r in range(4):
-                    _input_tiles([u[r, a:b, :, k:k + 2 * tw:2] for k in range(4)], [v[r, s, a:b] for s in range(4)])
+                    # padded columns 2j + k: even ones at j (k = 0) and j + 1 (k = 2), odd ones likewise
+                    taps = [u[r, k % 2, a:b, :, k // 2:k // 2 + tw] for k in range(4)]
+                    _input_tiles(taps, [v[r, s, a:b] for s in range(4)])
 
             parallel.split(np, c, transform_in, elements=16 * c * tb * tw)
             m = m_buf[:16 * o * tb * tw].reshape(16, o, tb * tw)
@@ -140,6 +156,8 @@ def forward(x, weight, bias, geom, out, y, wt=None):
                         dst[...] = res[e][:, :n_rows, :n_cols]
                         if bias is not None:
                             dst += bias[a:b].reshape(-1, 1, 1)
+                        if relu:
+                            np.maximum(dst, 0, out=dst)
 
             parallel.split(np, o, transform_out, elements=16 * o * tb * tw)
     return y
