@@ -8,6 +8,7 @@ from caffeish.runtime import conv_rows, winograd
 from caffeish.graph import registry
 
 CONV = """
+force_backward: true
 layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 2 dim: {c} dim: 12 dim: 13 }} }} }}
 layer {{ name: "conv" type: "Convolution" bottom: "data" top: "conv"
         convolution_param {{ num_output: {o} kernel_size: {k} pad: {pad} group: {group} bias_term: {bias}
@@ -96,8 +97,6 @@ def test_hooks_see_the_convolution_output_before_the_relu(tmp_path, monkeypatch)
 
 def test_backward_through_the_fused_pair(tmp_path):
     fused, separate = build(tmp_path, "rows", True), build(tmp_path, "rows", False)
-    for net in (fused, separate):
-        net.force_backward = True
     x = np.random.default_rng(4).standard_normal(fused.blobs["data"].data.shape).astype(np.float32)
     fused.forward(data=x)
     separate.forward(data=x)
