@@ -81,3 +81,41 @@ def test_copy_equals_assignment(two_threads, shape):
     np.testing.assert_array_equal(dst, src)
     parallel.copy(np, dst, np.float32(2.5))  # a broadcast source
     assert np.all(dst == 2.5)
+
+
+# -- OpenBLAS's idle workers (caffeish.runtime.blas.tune_threads) ----------------------------
+
+
+def test_blas_tuning_only_from_the_main_thread_and_when_asked(monkeypatch):
+    from caffeish.runtime import blas
+
+    monkeypatch.setitem(blas._threads, "tuned", False)
+    result = []
+    worker = threading.Thread(target=lambda: result.append(blas.tune_threads()))
+    worker.start()
+    worker.join()
+    assert result == [False] and not blas._threads["tuned"]  # tried again from the main thread
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "25")  # the user's own setting wins
+    assert blas.tune_threads() is False
+    assert blas._threads["tuned"]
+    monkeypatch.setitem(blas._threads, "tuned", False)
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT")
+    monkeypatch.setenv("CAFFEISH_BLAS_TUNING", "0")
+    assert blas.tune_threads() is False
+
+
+def test_blas_still_multiplies_after_its_workers_restart(monkeypatch):
+    from caffeish.runtime import blas
+
+    if blas._library() is None:
+        pytest.skip("numpy's OpenBLAS is not reachable here")
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((300, 200)).astype(np.float32)
+    b = rng.standard_normal((200, 400)).astype(np.float32)
+    before = a @ b
+    monkeypatch.setitem(blas._threads, "tuned", False)
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    monkeypatch.delenv("CAFFEISH_BLAS_TUNING", raising=False)
+    assert blas.tune_threads() is True
+    assert "OPENBLAS_THREAD_TIMEOUT" not in __import__("os").environ  # children keep the default
+    np.testing.assert_array_equal(a @ b, before)

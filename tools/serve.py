@@ -16,6 +16,7 @@ reach the port can read and write the workspace through the app.  Needs `pip ins
 import sys
 
 from caffeish.errors import CaffeishError
+from caffeish.runtime import blas
 from caffeish.tools.options import bytes_arg, int_arg
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -53,6 +54,7 @@ def run(args):
                      allowed_hosts=hosts)
     print(f"caffeish serve: {app.state.web['ws'].root} at http://{'[' + args.host + ']' if ':' in args.host else args.host}"
           f":{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
+    blas.tune_threads()  # here, on the main thread: the pages build their nets in worker threads
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     except SystemExit as e:  # uvicorn exits when the port cannot be bound

@@ -20,6 +20,7 @@ are within float32 rounding of it.
 import ctypes
 import glob
 import os
+import threading
 
 import numpy as np
 
@@ -135,6 +136,50 @@ def sgemm_raw(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc):
 
 def have_sgemm():
     return bool(_sgemm_function())
+
+
+# OpenBLAS's worker threads spin for 2**SPIN_EXPONENT cycles after each call before they sleep
+# (its default, 2**28, is about 0.1 s).  While they spin they hold a core that caffeish's own
+# threads (caffeish.runtime.parallel: copies, transforms, pooling between the GEMMs) need: on 2
+# cores FCN-8s's forward took 2238 ms so and 1732 ms with 2**18 (benchmarks/cpu_forward.py).
+SPIN_EXPONENT = 18
+_threads = {"tuned": False}
+_threads_lock = threading.Lock()
+
+
+def tune_threads():
+    """Make OpenBLAS's idle worker threads sleep after ~0.1 ms instead of spinning ~0.1 s.
+
+    Done once per process, from the main thread (the workers are restarted: nothing else
+    may be inside OpenBLAS then), through OpenBLAS's own entry points: openblas_read_env
+    re-reads OPENBLAS_THREAD_TIMEOUT, blas_thread_shutdown_ and blas_thread_init restart the
+    workers with it.  Left alone where the user set OPENBLAS_THREAD_TIMEOUT, with
+    CAFFEISH_BLAS_TUNING=0, and without numpy's OpenBLAS.  Returns whether it changed it."""
+    with _threads_lock:
+        if _threads["tuned"] or threading.current_thread() is not threading.main_thread():
+            return False
+        _threads["tuned"] = True
+        if os.environ.get("CAFFEISH_BLAS_TUNING", "1") == "0" or "OPENBLAS_THREAD_TIMEOUT" in os.environ:
+            return False
+        found = _library()
+        if found is None:
+            return False
+        lib = found[0]
+        try:
+            read_env, shutdown, init = lib.openblas_read_env, lib.blas_thread_shutdown_, lib.blas_thread_init
+        except AttributeError:
+            return False
+        for f in (read_env, shutdown, init):
+            f.argtypes = []
+            f.restype = ctypes.c_int if f is not read_env else None
+        os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(SPIN_EXPONENT)
+        try:
+            read_env()
+        finally:
+            del os.environ["OPENBLAS_THREAD_TIMEOUT"]  # read; children keep their own default
+        shutdown()
+        init()
+        return True
 
 
 def powx(xp, a, b, out=None):

@@ -27,7 +27,7 @@ from collections import OrderedDict
 import numpy as np
 
 from caffeish.runtime import backend as backends
-from caffeish.runtime import fillers
+from caffeish.runtime import blas, fillers
 from caffeish.formats import io
 from caffeish.errors import (ArgumentError, BlobShapeError, CaffeishError, FileOpenError, GraphError,
                              InputArrayError, LayerIndexError, MissingDependencyError, ShapeError,
@@ -130,6 +130,7 @@ class Net(PycaffeNetMixin, BackwardMixin):
             backend = backends.for_device(device)
         self.xp = backends.get(backend)
         backends.tune_allocator()
+        blas.tune_threads()
         self.nodes = self.graph.nodes
         # Input layers, and bottomless layers that cannot run here (HDF5Data, MemoryData, a Data
         # layer whose source is missing, a Python data layer whose module does not import, or any
