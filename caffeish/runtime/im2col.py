@@ -293,7 +293,7 @@ def _conv_im2col(xp, x, weight, bias, geom, g, out, y, budget, relu=False):
         src = chunk_windows(n0, n1, r0, r1)  # (m, C, *kernel, rows, *out[1:])
         src = src.reshape((m, g, cg) + src.shape[2:]).transpose(perm)
         col = buf[:m * g * rows_k * positions]
-        col.reshape(src.shape)[...] = src
+        parallel.copy(xp, col.reshape(src.shape), src)
         col = col.reshape(g, rows_k, m * positions)
         target = reshape_view(xp, y[n0:n1, :, r0:r1], (m, g, og, positions))
         if m == 1:
