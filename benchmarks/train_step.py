@@ -318,8 +318,9 @@ def worker_profile_caffeish(spec):
 
     for node in net.nodes:
         wrap(node, "forward", 0)
-        if getattr(node.layer, "forward_in_place", None) is not None:
-            wrap(node, "forward_in_place", 0)
+        for attr in ("forward_in_place", "forward_relu"):  # forward_relu: the Net fuses a ReLU after it
+            if getattr(node.layer, attr, None) is not None:
+                wrap(node, attr, 0)
         wrap(node, "backward", 1)
     history = []
 
