@@ -41,20 +41,26 @@ def test_forward_and_input_gradient_match_float64(small_thresholds, seed):
 
 
 def test_the_paths_are_taken(small_thresholds, monkeypatch):
-    """Forward and input gradient go through winograd.forward (pad <= 2); pad 3 falls back."""
+    """Forward and input gradient go through winograd.forward (pad <= 2; pad 3 falls back), the
+    weight gradient through winograd.weight_gradient."""
     calls = []
     real = winograd.forward
     monkeypatch.setattr(winograd, "forward", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 4, 6, 7), dtype=np.float32)
     w = rng.standard_normal((5, 4, 3, 3), dtype=np.float32)
+    grads = []
+    real_grad = winograd.weight_gradient
+    monkeypatch.setattr(winograd, "weight_gradient", lambda *a, **k: grads.append(1) or real_grad(*a, **k))
     for pad, expected in ((1, 2), (3, 1)):
         calls.clear()
+        grads.clear()
         geom = ConvGeometry((3, 3), (1, 1), (pad, pad), (1, 1))
         out = (6 + 2 * pad - 2, 7 + 2 * pad - 2)
         im2col.conv_forward(np, x, w, None, geom, 1, out)
-        conv_grad.conv_backward(np, x, w, np.ones((1, 5) + out, np.float32), geom, 1, True, None, None)
-        assert len(calls) == expected
+        dw = np.zeros_like(w)
+        conv_grad.conv_backward(np, x, w, np.ones((1, 5) + out, np.float32), geom, 1, True, dw, None)
+        assert len(calls) == expected and len(grads) == 1
 
 
 def test_weight_transform_is_g_g_gt():

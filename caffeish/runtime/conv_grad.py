@@ -145,16 +145,18 @@ def conv_backward(xp, x, weight, dy, geom, group, want_dx, dweight, dbias, budge
     if cg == 1 and og == 1:
         _depthwise_backward(xp, x, weight, dy, geom, dx, dweight)
         return dx
+    dx_left, dweight_left = dx, dweight
     if dx is not None and _winograd_input_gradient(xp, weight, dy, geom, g, dx):
         dx_left = None  # done
-    else:
-        dx_left = dx
-    if dx_left is None and dweight is None:
+    if dweight is not None and winograd.applies(xp, x, geom, g, out):
+        winograd.weight_gradient(x, dy, geom, dweight)
+        dweight_left = None
+    if dx_left is None and dweight_left is None:
         return dx
     if conv_rows.applies(xp, x, geom, g, out):
-        conv_rows.backward(x, weight, dy, geom, g, dx_left, dweight)
+        conv_rows.backward(x, weight, dy, geom, g, dx_left, dweight_left)
     else:
-        _im2col_backward(xp, x, weight, dy, geom, g, dx_left, dweight, budget)
+        _im2col_backward(xp, x, weight, dy, geom, g, dx_left, dweight_left, budget)
     return dx
 
 

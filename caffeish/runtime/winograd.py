@@ -19,7 +19,8 @@ transforms' few extra additions, of the same size as a reordered sum): checked
 against float64 in tests/test_winograd.py and against the golden cases through
 whole nets.  The input gradient of such a convolution is one too (dy with the
 kernel rotated and the channels swapped, padded by 2 - pad), see
-caffeish.runtime.conv_grad.
+caffeish.runtime.conv_grad; its weight gradient goes through the same transforms'
+adjoints (weight_gradient).
 """
 import numpy as np
 
@@ -74,67 +75,88 @@ def _output_tiles(m, out):
     np.subtract(out[1], m3, out=out[1])
 
 
+def _bands(th, tw, channels):
+    """Balanced bands [t0, t1) of tile rows whose transformed arrays fit BAND_BUDGET."""
+    rows = max(1, min(th, BAND_BUDGET // max(1, 16 * channels * tw)))
+    count = -(-th // rows)
+    return [(th * i // count, th * (i + 1) // count) for i in range(count)]
+
+
+class _Input:
+    """B^T d B for the tiles of a band of tile rows of one image: V (4, 4, C, tb, tw)."""
+
+    def __init__(self, c, geom, size, tiles, most):
+        self.c, self.geom, self.size, self.tiles = c, geom, size, tiles
+        tw = tiles[1]
+        self.half_w = tw + 1  # the padded band's columns, split into even and odd ones
+        self.pad_buf = np.empty(2 * c * (2 * most + 2) * self.half_w, dtype=F32)
+        self.rows_buf = np.empty(4 * 2 * c * most * self.half_w, dtype=F32)
+        self.v_buf = np.empty(16 * c * most * tw, dtype=F32)
+
+    def transform(self, xi, t0, t1):
+        c, half_w, tw = self.c, self.half_w, self.tiles[1]
+        h, w = self.size
+        ph, pw = self.geom.pad
+        tb = t1 - t0
+        hp = 2 * tb + 2
+        # The band's input, zero-padded (rows 2*t0 - ph ..., columns -pw ...), its even and odd
+        # columns apart (p[0], p[1]), so that every later pass reads contiguous rows.
+        p = self.pad_buf[:2 * c * hp * half_w].reshape(2, c, hp, half_w)
+        first = 2 * t0 - ph
+        lo, hi = max(first, 0), min(first + hp, h)
+        columns = []
+        for e in range(2):  # padded column 2j + e is input column 2j + e - pw
+            j0 = max(0, (pw - e + 1) // 2)
+            j1 = min(half_w, (w + pw - e + 1) // 2)
+            columns.append((j0, j1, 2 * j0 + e - pw))
+
+        def fill(a, b):
+            for e, (j0, j1, col) in enumerate(columns):
+                dst = p[e, a:b]
+                if hi <= lo or j1 <= j0:
+                    dst[...] = 0
+                    continue
+                dst[:, :lo - first] = 0
+                dst[:, hi - first:] = 0
+                dst[:, lo - first:hi - first, :j0] = 0
+                dst[:, lo - first:hi - first, j1:] = 0
+                dst[:, lo - first:hi - first, j0:j1] = xi[a:b, lo:hi, col:col + 2 * (j1 - j0) - 1:2]
+
+        parallel.split(np, c, fill, elements=p.size)
+        u = self.rows_buf[:8 * c * tb * half_w].reshape(4, 2, c, tb, half_w)
+        v = self.v_buf[:16 * c * tb * tw].reshape(4, 4, c, tb, tw)
+
+        def transform_in(a, b):
+            for e in range(2):
+                _input_tiles([p[e, a:b, k:k + 2 * tb:2] for k in range(4)], [u[r, e, a:b] for r in range(4)])
+            for r in range(4):
+                # padded columns 2j + k: even ones at j (k = 0) and j + 1 (k = 2), odd ones likewise
+                taps = [u[r, k % 2, a:b, :, k // 2:k // 2 + tw] for k in range(4)]
+                _input_tiles(taps, [v[r, s, a:b] for s in range(4)])
+
+        parallel.split(np, c, transform_in, elements=16 * c * tb * tw)
+        return v
+
+
 def forward(x, weight, bias, geom, out, y, wt=None, relu=False):
     """y (N, O, Ho, Wo) = Caffe's 3x3 stride-1 convolution of x (N, C, H, W), by F(2x2, 3x3);
     relu: then max(y, 0), while in cache."""
     n, c, h, w = x.shape
     o = weight.shape[0]
     ho, wo = out
-    ph, pw = geom.pad
     th, tw = (ho + 1) // 2, (wo + 1) // 2
     if wt is None:
         wt = transform_weight(weight)
-    rows = max(1, min(th, BAND_BUDGET // max(1, 16 * max(c, o) * tw)))
-    count = -(-th // rows)
-    bands = [(th * i // count, th * (i + 1) // count) for i in range(count)]
+    bands = _bands(th, tw, max(c, o))
     most = max(b - a for a, b in bands)
-    half_w = tw + 1  # the padded band's columns, split into even and odd ones
-    pad_buf = np.empty(2 * c * (2 * most + 2) * half_w, dtype=F32)
-    rows_buf = np.empty(4 * 2 * c * most * half_w, dtype=F32)
-    v_buf = np.empty(16 * c * most * tw, dtype=F32)
+    source = _Input(c, geom, (h, w), (th, tw), most)
     m_buf = np.empty(16 * o * most * tw, dtype=F32)
     half_buf = np.empty(8 * o * most * tw, dtype=F32)
     for i in range(n):
         xi, yi = x[i], y[i]
         for t0, t1 in bands:
             tb = t1 - t0
-            hp = 2 * tb + 2
-            # The band's input, zero-padded (rows 2*t0 - ph ..., columns -pw ...), its even and odd
-            # columns apart (p[0], p[1]), so that every later pass reads contiguous rows.
-            p = pad_buf[:2 * c * hp * half_w].reshape(2, c, hp, half_w)
-            first = 2 * t0 - ph
-            lo, hi = max(first, 0), min(first + hp, h)
-            columns = []
-            for e in range(2):  # padded column 2j + e is input column 2j + e - pw
-                j0 = max(0, (pw - e + 1) // 2)
-                j1 = min(half_w, (w + pw - e + 1) // 2)
-                columns.append((j0, j1, 2 * j0 + e - pw))
-
-            def fill(a, b):
-                for e, (j0, j1, col) in enumerate(columns):
-                    dst = p[e, a:b]
-                    if hi <= lo or j1 <= j0:
-                        dst[...] = 0
-                        continue
-                    dst[:, :lo - first] = 0
-                    dst[:, hi - first:] = 0
-                    dst[:, lo - first:hi - first, :j0] = 0
-                    dst[:, lo - first:hi - first, j1:] = 0
-                    dst[:, lo - first:hi - first, j0:j1] = xi[a:b, lo:hi, col:col + 2 * (j1 - j0) - 1:2]
-
-            parallel.split(np, c, fill, elements=p.size)
-            u = rows_buf[:8 * c * tb * half_w].reshape(4, 2, c, tb, half_w)
-            v = v_buf[:16 * c * tb * tw].reshape(4, 4, c, tb, tw)
-
-            def transform_in(a, b):
-                for e in range(2):
-                    _input_tiles([p[e, a:b, k:k + 2 * tb:2] for k in range(4)], [u[r, e, a:b] for r in range(4)])
-                for r in range(4):
-                    # padded columns 2j + k: even ones at j (k = 0) and j + 1 (k = 2), odd ones likewise
-                    taps = [u[r, k % 2, a:b, :, k // 2:k // 2 + tw] for k in range(4)]
-                    _input_tiles(taps, [v[r, s, a:b] for s in range(4)])
-
-            parallel.split(np, c, transform_in, elements=16 * c * tb * tw)
+            v = source.transform(xi, t0, t1)
             m = m_buf[:16 * o * tb * tw].reshape(16, o, tb * tw)
             np.matmul(wt, v.reshape(16, c, tb * tw), out=m)
             m = m.reshape(4, 4, o, tb, tw)
@@ -161,3 +183,64 @@ def forward(x, weight, bias, geom, out, y, wt=None, relu=False):
 
             parallel.split(np, o, transform_out, elements=16 * o * tb * tw)
     return y
+
+
+def _gradient_tiles(d, out):
+    """A d along one axis (the adjoint of A^T): four arrays from two; out[3] = -d1."""
+    d0, d1 = d
+    np.copyto(out[0], d0)
+    np.add(d0, d1, out=out[1])
+    np.subtract(d0, d1, out=out[2])
+    np.negative(d1, out=out[3])
+
+
+def weight_gradient(x, dy, geom, dweight):
+    """dweight (O, C, 3, 3) += the weight gradient of the 3x3 stride-1 convolution of x (N, C, H, W)
+    with output gradient dy (N, O, Ho, Wo), by F(2x2, 3x3)'s adjoint:
+
+        dU[ab] = sum over tiles of (A dY A^T)[ab] (O x tiles) . (B^T d B)[ab]^T (tiles x C),
+        dW = G^T dU G,
+
+    16 GEMMs over the tiles (2.25 times fewer flops than the direct sum over positions)."""
+    n, c, h, w = x.shape
+    o = dy.shape[1]
+    ho, wo = dy.shape[2:]
+    th, tw = (ho + 1) // 2, (wo + 1) // 2
+    bands = _bands(th, tw, max(c, o))
+    most = max(b - a for a, b in bands)
+    source = _Input(c, geom, (h, w), (th, tw), most)
+    g_buf = np.empty(4 * o * most * tw, dtype=F32)  # dy's tiles, rows and columns even/odd apart
+    r_buf = np.empty(8 * o * most * tw, dtype=F32)
+    m_buf = np.empty(16 * o * most * tw, dtype=F32)
+    du = np.zeros((16, o, c), dtype=F32)
+    tmp = np.empty((16, o, c), dtype=F32)
+    for i in range(n):
+        xi, dyi = x[i], dy[i]
+        for t0, t1 in bands:
+            tb = t1 - t0
+            v = source.transform(xi, t0, t1)
+            d = g_buf[:4 * o * tb * tw].reshape(2, 2, o, tb, tw)
+            rows = r_buf[:8 * o * tb * tw].reshape(4, 2, o, tb, tw)
+            m = m_buf[:16 * o * tb * tw].reshape(4, 4, o, tb, tw)
+
+            def transform_dy(a, b):
+                for q in range(2):
+                    r0 = 2 * t0 + q
+                    n_rows = max(0, min(tb, (ho - r0 + 1) // 2))
+                    for e in range(2):
+                        n_cols = (wo - e + 1) // 2
+                        dst = d[q, e, a:b]
+                        dst[...] = 0
+                        if n_rows and n_cols:
+                            dst[:, :n_rows, :n_cols] = dyi[a:b, r0:r0 + 2 * n_rows - 1:2, e:e + 2 * n_cols - 1:2]
+                for e in range(2):
+                    _gradient_tiles([d[0, e, a:b], d[1, e, a:b]], [rows[r, e, a:b] for r in range(4)])
+                for r in range(4):
+                    _gradient_tiles([rows[r, 0, a:b], rows[r, 1, a:b]], [m[r, s, a:b] for s in range(4)])
+
+            parallel.split(np, o, transform_dy, elements=16 * o * tb * tw)
+            np.matmul(m.reshape(16, o, tb * tw), v.reshape(16, c, tb * tw).transpose(0, 2, 1), out=tmp)
+            du += tmp
+    # dW[o, c, i, j] = sum over a, b of G[a, i] G[b, j] dU[4a + b]
+    dw = (_KRON32.T @ du.reshape(16, o * c)).reshape(3, 3, o, c)
+    dweight += dw.transpose(2, 3, 0, 1)
