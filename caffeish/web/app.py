@@ -26,8 +26,9 @@ from starlette.templating import Jinja2Templates
 
 from caffeish.errors import CaffeishError
 from caffeish.formats.io import printable
+from caffeish.runtime import backend
 from caffeish.web import pages
-from caffeish.web.tasks import Tasks, one_arena
+from caffeish.web.tasks import Tasks
 from caffeish.web.workspace import Workspace, WorkspaceError, check_name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -131,7 +132,7 @@ def create_app(root, stores=(), max_upload=DEFAULT_MAX_UPLOAD, max_pixels=pages.
                allowed_hosts=None):
     """The ASGI app over the workspace `root` (see caffeish.web.workspace)."""
     ws = Workspace(root, stores)
-    one_arena()  # nets run in task threads: give them the main thread's malloc arena
+    backend.tune_allocator()  # nets run in task threads: the main thread's malloc arena for them too
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(os.path.join(HERE, "templates")), autoescape=True)
     templates = Jinja2Templates(env=env)
     tasks, results = Tasks(), pages.Results()

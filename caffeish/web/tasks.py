@@ -7,11 +7,8 @@ message, the page to go to when done).  An error a user can act on (CaffeishErro
 task's one-line message; anything else is logged and said in one line too, never a traceback.
 At most `MAX_RUNNING` tasks run at once; finished ones are forgotten after `KEEP` of them.
 """
-import ctypes
 import itertools
 import logging
-import os
-import sys
 import threading
 import time
 
@@ -24,23 +21,6 @@ KEEP = 200
 log = logging.getLogger("caffeish.web")
 
 
-_M_ARENA_MAX = -8  # glibc's mallopt parameter
-
-
-def one_arena():
-    """Let the worker threads allocate from glibc's main arena, as the CLI's main thread does.
-
-    glibc gives threads arenas of their own whose heaps stop at 64 MiB, so a net's big blobs
-    allocated in a task thread are mapped afresh and page-faulted on every request (FCN-Alexnet at
-    500x375 ran 3-5x slower in a thread than on the main thread); with one arena, the memory a
-    forward freed serves the next one (caffeish.runtime.backend.tune_allocator raises the
-    thresholds that keep it).  Linux with glibc only; CAFFEISH_MALLOC_TUNING=0 leaves it alone."""
-    if not sys.platform.startswith("linux") or os.environ.get("CAFFEISH_MALLOC_TUNING", "1") == "0":
-        return False
-    try:
-        return ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, 1) == 1
-    except (OSError, AttributeError):
-        return False
 
 
 class Task:
