@@ -33,6 +33,7 @@ def small_thresholds(monkeypatch):
     monkeypatch.setattr(conv_rows, "MIN_DEPTH", 1)
     monkeypatch.setattr(winograd, "MIN_TILES", 1)
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "BACKWARD_MIN_CHANNELS", 1)
 
 
 def build(tmp_path, name, in_place, bias=True):

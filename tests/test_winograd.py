@@ -17,6 +17,7 @@ from conv_reference import random_case, reference
 @pytest.fixture
 def small_thresholds(monkeypatch):
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "BACKWARD_MIN_CHANNELS", 1)
     monkeypatch.setattr(winograd, "MIN_TILES", 1)
     monkeypatch.setattr(winograd, "BAND_BUDGET", 300)
 
@@ -81,3 +82,6 @@ def test_shipped_thresholds():
     assert not winograd.applies(np, np.zeros((1, 512, 88, 88), np.float32), geom, 2, (88, 88))
     strided = ConvGeometry((3, 3), (2, 2), (1, 1), (1, 1))
     assert not winograd.applies(np, np.zeros((1, 512, 88, 88), np.float32), strided, 1, (44, 44))
+    # the backward from 128 channels on both sides
+    assert winograd.applies(np, np.zeros((1, 128, 88, 88), np.float32), geom, 1, (88, 88),
+                            min_channels=winograd.BACKWARD_MIN_CHANNELS)

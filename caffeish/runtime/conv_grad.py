@@ -148,7 +148,7 @@ def conv_backward(xp, x, weight, dy, geom, group, want_dx, dweight, dbias, budge
     dx_left, dweight_left = dx, dweight
     if dx is not None and _winograd_input_gradient(xp, weight, dy, geom, g, dx):
         dx_left = None  # done
-    if dweight is not None and winograd.applies(xp, x, geom, g, out):
+    if dweight is not None and _winograd_backward(xp, x, dy, geom, g, out):
         winograd.weight_gradient(x, dy, geom, dweight)
         dweight_left = None
     if dx_left is None and dweight_left is None:
@@ -160,6 +160,13 @@ def conv_backward(xp, x, weight, dy, geom, group, want_dx, dweight, dbias, budge
     return dx
 
 
+def _winograd_backward(xp, a, b, geom, g, out):
+    """Whether a backward convolution (of a, with b's channel count on the other side) goes through
+    Winograd: both channel counts at least winograd.BACKWARD_MIN_CHANNELS."""
+    least = winograd.BACKWARD_MIN_CHANNELS
+    return b.shape[1] >= least and winograd.applies(xp, a, geom, g, out, min_channels=least)
+
+
 def _winograd_input_gradient(xp, weight, dy, geom, g, dx):
     """dx of a 3x3 stride-1 convolution by Winograd (caffeish.runtime.winograd), where it applies:
     the convolution of dy with the kernel rotated by 180 degrees and its channel axes swapped,
@@ -169,7 +176,7 @@ def _winograd_input_gradient(xp, weight, dy, geom, g, dx):
     turned = ConvGeometry(tuple(geom.kernel), tuple(geom.stride), tuple(2 - p for p in geom.pad),
                           tuple(geom.dilation))
     spatial = tuple(dx.shape[2:])
-    if not winograd.applies(xp, dy, turned, g, spatial):
+    if not _winograd_backward(xp, dy, dx, turned, g, spatial):
         return False
     rotated = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
     winograd.forward(dy, rotated, None, turned, spatial, dx)

@@ -35,15 +35,20 @@ BAND_BUDGET = 1 << 22
 # AlexNet's 13x13 ones are faster by conv_rows or im2col).
 MIN_CHANNELS = 256
 MIN_TILES = 256
+# The backward pays from 128 input and output channels (VGG's conv2_2 backward at 291x291:
+# 327 ms by conv_rows, 255 by Winograd; conv2_1, 64 -> 128, is slower by Winograd).
+BACKWARD_MIN_CHANNELS = 128
 
 
-def applies(xp, x, geom, group, out):
-    """Whether the convolution of x (N, C, H, W) with this geometry is taken here."""
+def applies(xp, x, geom, group, out, min_channels=None):
+    """Whether the convolution of x (N, C, H, W) with this geometry is taken here (x with at
+    least `min_channels` channels, default MIN_CHANNELS)."""
     if xp is not np or tuple(geom.kernel) != (3, 3) or tuple(geom.stride) != (1, 1):
         return False
     if tuple(geom.dilation) != (1, 1) or group != 1 or x.dtype != F32:
         return False
-    return x.shape[1] >= MIN_CHANNELS and ((out[0] + 1) // 2) * ((out[1] + 1) // 2) >= MIN_TILES
+    least = MIN_CHANNELS if min_channels is None else min_channels
+    return x.shape[1] >= least and ((out[0] + 1) // 2) * ((out[1] + 1) // 2) >= MIN_TILES
 
 
 _G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
