@@ -139,6 +139,8 @@ def conv_forward(xp, x, weight, bias, geom, group, out, budget=COL_BUDGET, relu=
         y[...] = 0
     elif all(kk == 1 for kk in kernel) and not any(geom.pad):
         _conv_1x1(xp, x, weight, geom, g, out, y)
+    elif cg == 1 and og == 1 and _strided_blocks(geom):
+        _conv_depthwise_blocks(xp, x, weight, geom, out, y)
     elif cg == 1 and og == 1:
         _conv_depthwise(xp, x, weight, geom, out, y)
     elif winograd.applies(xp, x, geom, g, out):
@@ -196,6 +198,45 @@ def _conv_depthwise(xp, x, weight, geom, out, y):
         else:
             term = xp.multiply(tap, wq, out=term)
             y += term
+
+
+def _strided_blocks(geom):
+    """Whether a depthwise convolution goes by stride blocks (_conv_depthwise_blocks): 2-D, no
+    dilation, strides of 4 and more (FCN's upsampling adjoints: kernel 63 stride 32, 16 / 8)."""
+    return (len(geom.kernel) == 2 and all(d == 1 for d in geom.dilation)
+            and all(s >= 4 for s in geom.stride))
+
+
+def _conv_depthwise_blocks(xp, x, weight, geom, out, y):
+    """Depthwise convolution with a big stride s, by blocks of s x s input pixels.
+
+    Output (i, j) reads the input rows and columns i*s - pad + q, q < k, that is the A x A
+    blocks (A = ceil(k / s)) of the input shifted by -pad cut into s x s blocks, starting at
+    block (i, j).  With the blocks laid out (C, rows of blocks, columns of blocks, s*s) and the
+    kernel zero-padded to A*s taps a side, y[c, i, j] is the sum over the A*A block offsets
+    (a, b) of matrix-vector products over s*s: A*A GEMVs per image and channel over two copies
+    of the input, where the tap loop would make k*k passes (3969 for FCN-Alexnet's kernel 63)."""
+    n, c = x.shape[:2]
+    (kh, kw), (sh, sw), (ph, pw) = geom.kernel, geom.stride, geom.pad
+    ah, aw = -(-kh // sh), -(-kw // sw)
+    bh, bw = out[0] - 1 + ah, out[1] - 1 + aw  # blocks a side
+    z = xp.zeros((n, c, bh * sh, bw * sw), dtype=np.float32)  # z[r] = x[r - pad]
+    rows = min(x.shape[2], bh * sh - ph)
+    cols = min(x.shape[3], bw * sw - pw)
+    if rows > 0 and cols > 0:
+        z[:, :, ph:ph + rows, pw:pw + cols] = x[:, :, :rows, :cols]
+    blocks = xp.ascontiguousarray(
+        z.reshape(n, c, bh, sh, bw, sw).transpose(0, 1, 2, 4, 3, 5)).reshape(n, c, bh, bw, sh * sw)
+    del z
+    w = xp.zeros((c, ah * sh, aw * sw), dtype=np.float32)
+    w[:, :kh, :kw] = weight.reshape(c, kh, kw)
+    w = xp.ascontiguousarray(w.reshape(c, ah, sh, aw, sw).transpose(0, 1, 3, 2, 4)).reshape(c, ah, aw, sh * sw)
+    y[...] = 0
+    for i in range(n):
+        for ch in range(c):
+            for a in range(ah):
+                for b in range(aw):
+                    y[i, ch] += xp.matmul(blocks[i, ch, a:a + out[0], b:b + out[1]], w[ch, a, b])
 
 
 def work_chunks(n, rows_total, row_size, per_row, budget, min_positions):
