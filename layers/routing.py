@@ -23,6 +23,7 @@ from caffeish.graph.graph import MAX_BLOB_AXES
 from caffeish.errors import UnsupportedError
 from caffeish.graph.registry import Layer, register
 from caffeish.formats.schema import pb
+from caffeish.runtime import parallel
 from caffeish.runtime.backend import kernels_for
 
 
@@ -40,6 +41,23 @@ def softmax(xp, x, axis):
     gpu = kernels_for(xp)
     if gpu is not None:
         return gpu.softmax(x, axis)
+    if xp is np and x.ndim:
+        # Each position's classes apart from the others: split the positions over the cores.
+        axis = axis % x.ndim
+        outer, inner = prod(x.shape[:axis]), prod(x.shape[axis + 1:])
+        x3 = np.reshape(x, (outer, x.shape[axis], inner))
+        out = np.empty(x3.shape, dtype=np.result_type(x.dtype, np.float32))
+        along = 2 if inner > 1 else 0
+
+        def part(lo, hi):
+            at = (slice(None), slice(None), slice(lo, hi)) if along == 2 else (slice(lo, hi),)
+            xs, o = x3[at], out[at]
+            np.subtract(xs, xs.max(axis=1, keepdims=True), out=o)
+            np.exp(o, out=o)
+            o /= o.sum(axis=1, keepdims=True)
+
+        parallel.split(np, x3.shape[along], part, elements=x3.size)
+        return out.reshape(x.shape)
     out = x - xp.max(x, axis=axis, keepdims=True)
     xp.exp(out, out=out)
     out /= xp.sum(out, axis=axis, keepdims=True)
