@@ -23,7 +23,9 @@ def small_thresholds(monkeypatch):
 
 
 @pytest.mark.parametrize("seed", range(80))
-def test_forward_and_input_gradient_match_float64(small_thresholds, seed):
+def test_forward_and_input_gradient_match_float64(small_thresholds, monkeypatch, seed):
+    if seed % 4 == 0:  # a budget that holds several whole images: chunks of images, not bands
+        monkeypatch.setattr(winograd, "BAND_BUDGET", 1 << 22)
     rng = np.random.default_rng(seed)
     shape, group, o, geom, out = random_case(rng, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), group=1)
     x = rng.standard_normal(shape, dtype=np.float32)

@@ -80,25 +80,47 @@ def _output_tiles(m, out):
     np.subtract(out[1], m3, out=out[1])
 
 
-def _bands(th, tw, channels):
-    """Balanced bands [t0, t1) of tile rows whose transformed arrays fit BAND_BUDGET."""
+def _chunks(n, th, tw, channels):
+    """Work chunks (i0, i1, t0, t1): several whole images while their transformed arrays fit
+    BAND_BUDGET together (one GEMM over all their tiles), else balanced bands [t0, t1) of tile
+    rows of one image."""
+    per_image = 16 * channels * th * tw
+    if per_image <= BAND_BUDGET:
+        m = max(1, min(n, BAND_BUDGET // max(per_image, 1)))
+        count = -(-n // m)
+        return [(n * i // count, n * (i + 1) // count, 0, th) for i in range(count)]
     rows = max(1, min(th, BAND_BUDGET // max(1, 16 * channels * tw)))
     count = -(-th // rows)
-    return [(th * i // count, th * (i + 1) // count) for i in range(count)]
+    bands = [(th * i // count, th * (i + 1) // count) for i in range(count)]
+    return [(i, i + 1, t0, t1) for i in range(n) for t0, t1 in bands]
+
+
+def _most(chunks, tw):
+    """The most tiles in one chunk."""
+    return max((i1 - i0) * (t1 - t0) for i0, i1, t0, t1 in chunks) * tw
 
 
 class _Input:
-    """B^T d B for the tiles of a band of tile rows of one image: V (4, 4, C, tb, tw)."""
+    """B^T d B for the tiles of a chunk (images i0..i1, tile rows t0..t1): V (4, 4, C, m, tb, tw)."""
 
-    def __init__(self, c, geom, size, tiles, most):
+    def __init__(self, c, geom, size, tiles, chunks):
         self.c, self.geom, self.size, self.tiles = c, geom, size, tiles
         tw = tiles[1]
+        rows = max(t1 - t0 for _, _, t0, t1 in chunks)
         self.half_w = tw + 1  # the padded band's columns, split into even and odd ones
-        self.pad_buf = np.empty(2 * c * (2 * most + 2) * self.half_w, dtype=F32)
-        self.rows_buf = np.empty(4 * 2 * c * most * self.half_w, dtype=F32)
-        self.v_buf = np.empty(16 * c * most * tw, dtype=F32)
+        self.pad_buf = np.empty(2 * c * (2 * rows + 2) * self.half_w, dtype=F32)
+        self.rows_buf = np.empty(4 * 2 * c * rows * self.half_w, dtype=F32)
+        self.v_buf = np.empty(16 * c * _most(chunks, tw), dtype=F32)
 
-    def transform(self, xi, t0, t1):
+    def transform(self, x, i0, i1, t0, t1):
+        tb, tw = t1 - t0, self.tiles[1]
+        v = self.v_buf[:16 * self.c * (i1 - i0) * tb * tw].reshape(4, 4, self.c, i1 - i0, tb, tw)
+        for j in range(i1 - i0):
+            self._image(x[i0 + j], t0, t1, v[:, :, :, j])
+        return v
+
+    def _image(self, xi, t0, t1, v):
+        """v (4, 4, C, tb, tw) = the tiles of tile rows t0..t1 of image xi (C, H, W)."""
         c, half_w, tw = self.c, self.half_w, self.tiles[1]
         h, w = self.size
         ph, pw = self.geom.pad
@@ -129,7 +151,6 @@ class _Input:
 
         parallel.split(np, c, fill, elements=p.size)
         u = self.rows_buf[:8 * c * tb * half_w].reshape(4, 2, c, tb, half_w)
-        v = self.v_buf[:16 * c * tb * tw].reshape(4, 4, c, tb, tw)
 
         def transform_in(a, b):
             for e in range(2):
@@ -140,7 +161,6 @@ class _Input:
                 _input_tiles(taps, [v[r, s, a:b] for s in range(4)])
 
         parallel.split(np, c, transform_in, elements=16 * c * tb * tw)
-        return v
 
 
 def forward(x, weight, bias, geom, out, y, wt=None, relu=False):
@@ -152,41 +172,41 @@ def forward(x, weight, bias, geom, out, y, wt=None, relu=False):
     th, tw = (ho + 1) // 2, (wo + 1) // 2
     if wt is None:
         wt = transform_weight(weight)
-    bands = _bands(th, tw, max(c, o))
-    most = max(b - a for a, b in bands)
-    source = _Input(c, geom, (h, w), (th, tw), most)
-    m_buf = np.empty(16 * o * most * tw, dtype=F32)
-    half_buf = np.empty(8 * o * most * tw, dtype=F32)
-    for i in range(n):
-        xi, yi = x[i], y[i]
-        for t0, t1 in bands:
-            tb = t1 - t0
-            v = source.transform(xi, t0, t1)
-            m = m_buf[:16 * o * tb * tw].reshape(16, o, tb * tw)
-            np.matmul(wt, v.reshape(16, c, tb * tw), out=m)
-            m = m.reshape(4, 4, o, tb, tw)
-            half = half_buf[:8 * o * tb * tw].reshape(2, 4, o, tb, tw)
+    chunks = _chunks(n, th, tw, max(c, o))
+    most = _most(chunks, tw)
+    source = _Input(c, geom, (h, w), (th, tw), chunks)
+    m_buf = np.empty(16 * o * most, dtype=F32)
+    half_buf = np.empty(8 * o * most, dtype=F32)
+    for i0, i1, t0, t1 in chunks:
+        tb, mi = t1 - t0, i1 - i0
+        tiles = mi * tb * tw
+        v = source.transform(x, i0, i1, t0, t1)
+        m = m_buf[:16 * o * tiles].reshape(16, o, tiles)
+        np.matmul(wt, v.reshape(16, c, tiles), out=m)
+        m = m.reshape(4, 4, o, mi, tb, tw)
+        half = half_buf[:8 * o * tiles].reshape(2, 4, o, mi, tb, tw)
 
-            def transform_out(a, b):
-                for s in range(4):
-                    _output_tiles([m[r, s, a:b] for r in range(4)], [half[q, s, a:b] for q in range(2)])
-                for q in range(2):
-                    res = (m[q, 0, a:b], m[q, 1, a:b])  # m is consumed: scratch
-                    _output_tiles([half[q, s, a:b] for s in range(4)], res)
-                    r0 = 2 * t0 + q
-                    for e in range(2):
-                        n_rows = min(tb, (ho - r0 + 1) // 2)
-                        n_cols = (wo - e + 1) // 2
-                        if n_rows <= 0 or n_cols <= 0:
-                            continue
-                        dst = yi[a:b, r0:r0 + 2 * n_rows - 1:2, e:e + 2 * n_cols - 1:2]
-                        dst[...] = res[e][:, :n_rows, :n_cols]
+        def transform_out(a, b):
+            for s in range(4):
+                _output_tiles([m[r, s, a:b] for r in range(4)], [half[q, s, a:b] for q in range(2)])
+            for q in range(2):
+                res = (m[q, 0, a:b], m[q, 1, a:b])  # m is consumed: scratch
+                _output_tiles([half[q, s, a:b] for s in range(4)], res)
+                r0 = 2 * t0 + q
+                n_rows = min(tb, (ho - r0 + 1) // 2)
+                for e in range(2):
+                    n_cols = (wo - e + 1) // 2
+                    if n_rows <= 0 or n_cols <= 0:
+                        continue
+                    for j in range(mi):
+                        dst = y[i0 + j, a:b, r0:r0 + 2 * n_rows - 1:2, e:e + 2 * n_cols - 1:2]
+                        dst[...] = res[e][:, j, :n_rows, :n_cols]
                         if bias is not None:
                             dst += bias[a:b].reshape(-1, 1, 1)
                         if relu:
                             np.maximum(dst, 0, out=dst)
 
-            parallel.split(np, o, transform_out, elements=16 * o * tb * tw)
+        parallel.split(np, o, transform_out, elements=16 * o * tiles)
     return y
 
 
@@ -211,41 +231,42 @@ def weight_gradient(x, dy, geom, dweight):
     o = dy.shape[1]
     ho, wo = dy.shape[2:]
     th, tw = (ho + 1) // 2, (wo + 1) // 2
-    bands = _bands(th, tw, max(c, o))
-    most = max(b - a for a, b in bands)
-    source = _Input(c, geom, (h, w), (th, tw), most)
-    g_buf = np.empty(4 * o * most * tw, dtype=F32)  # dy's tiles, rows and columns even/odd apart
-    r_buf = np.empty(8 * o * most * tw, dtype=F32)
-    m_buf = np.empty(16 * o * most * tw, dtype=F32)
+    chunks = _chunks(n, th, tw, max(c, o))
+    most = _most(chunks, tw)
+    source = _Input(c, geom, (h, w), (th, tw), chunks)
+    g_buf = np.empty(4 * o * most, dtype=F32)  # dy's tiles, rows and columns even/odd apart
+    r_buf = np.empty(8 * o * most, dtype=F32)
+    m_buf = np.empty(16 * o * most, dtype=F32)
     du = np.zeros((16, o, c), dtype=F32)
     tmp = np.empty((16, o, c), dtype=F32)
-    for i in range(n):
-        xi, dyi = x[i], dy[i]
-        for t0, t1 in bands:
-            tb = t1 - t0
-            v = source.transform(xi, t0, t1)
-            d = g_buf[:4 * o * tb * tw].reshape(2, 2, o, tb, tw)
-            rows = r_buf[:8 * o * tb * tw].reshape(4, 2, o, tb, tw)
-            m = m_buf[:16 * o * tb * tw].reshape(4, 4, o, tb, tw)
+    for i0, i1, t0, t1 in chunks:
+        tb, mi = t1 - t0, i1 - i0
+        tiles = mi * tb * tw
+        v = source.transform(x, i0, i1, t0, t1)
+        d = g_buf[:4 * o * tiles].reshape(2, 2, o, mi, tb, tw)
+        rows = r_buf[:8 * o * tiles].reshape(4, 2, o, mi, tb, tw)
+        m = m_buf[:16 * o * tiles].reshape(4, 4, o, mi, tb, tw)
 
-            def transform_dy(a, b):
-                for q in range(2):
-                    r0 = 2 * t0 + q
-                    n_rows = max(0, min(tb, (ho - r0 + 1) // 2))
-                    for e in range(2):
-                        n_cols = (wo - e + 1) // 2
-                        dst = d[q, e, a:b]
-                        dst[...] = 0
-                        if n_rows and n_cols:
-                            dst[:, :n_rows, :n_cols] = dyi[a:b, r0:r0 + 2 * n_rows - 1:2, e:e + 2 * n_cols - 1:2]
+        def transform_dy(a, b):
+            for q in range(2):
+                r0 = 2 * t0 + q
+                n_rows = max(0, min(tb, (ho - r0 + 1) // 2))
                 for e in range(2):
-                    _gradient_tiles([d[0, e, a:b], d[1, e, a:b]], [rows[r, e, a:b] for r in range(4)])
-                for r in range(4):
-                    _gradient_tiles([rows[r, 0, a:b], rows[r, 1, a:b]], [m[r, s, a:b] for s in range(4)])
+                    n_cols = (wo - e + 1) // 2
+                    dst = d[q, e, a:b]
+                    dst[...] = 0
+                    if n_rows and n_cols:
+                        for j in range(mi):
+                            dst[:, j, :n_rows, :n_cols] = dy[i0 + j, a:b, r0:r0 + 2 * n_rows - 1:2,
+                                                             e:e + 2 * n_cols - 1:2]
+            for e in range(2):
+                _gradient_tiles([d[0, e, a:b], d[1, e, a:b]], [rows[r, e, a:b] for r in range(4)])
+            for r in range(4):
+                _gradient_tiles([rows[r, 0, a:b], rows[r, 1, a:b]], [m[r, s, a:b] for s in range(4)])
 
-            parallel.split(np, o, transform_dy, elements=16 * o * tb * tw)
-            np.matmul(m.reshape(16, o, tb * tw), v.reshape(16, c, tb * tw).transpose(0, 2, 1), out=tmp)
-            du += tmp
+        parallel.split(np, o, transform_dy, elements=16 * o * tiles)
+        np.matmul(m.reshape(16, o, tiles), v.reshape(16, c, tiles).transpose(0, 2, 1), out=tmp)
+        du += tmp
     # dW[o, c, i, j] = sum over a, b of G[a, i] G[b, j] dU[4a + b]
     dw = (_KRON32.T @ du.reshape(16, o * c)).reshape(3, 3, o, c)
     dweight += dw.transpose(2, 3, 0, 1)
