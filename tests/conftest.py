@@ -1,5 +1,6 @@
 """Shared test fixtures: the read-only ../shared folder beside the checkout, and the CPU/GPU modes."""
 import importlib.util
+import logging
 import os
 import pathlib
 import shutil
@@ -47,3 +48,16 @@ def mode(request, monkeypatch):
         caffe.set_mode_cpu()
     yield request.param
     caffe.set_mode_cpu()
+
+
+@pytest.fixture(scope="module")
+def ray():
+    """A local Ray cluster of 2 CPUs on 127.0.0.1 for a module's tests (--ray uses the one running)."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'caffeish[ray]'): --ray is not tested")
+    pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'ray[data]')")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
+             logging_level=logging.ERROR, log_to_driver=False)
+    yield ray
+    ray.shutdown()

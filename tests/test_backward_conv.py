@@ -21,28 +21,14 @@ The references are independent of the backward code:
 """
 import numpy as np
 import pytest
-from google.protobuf import text_format
 
-from caffeish.formats.schema import TRAIN, pb
 from caffeish.graph.geometry import ConvGeometry, conv_output_shape
-from caffeish.graph.registry import create
 from caffeish.kernels import strict
 from caffeish.runtime import conv_grad
 from caffeish.runtime.backend import to_numpy
+from layer_checks import make, rel_err
 
 TOL = 1e-5
-
-
-def make(text):
-    return create(text_format.Parse(text, pb.LayerParameter()), TRAIN)
-
-
-def rel_err(ours, ref):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape
-    if ref.size == 0:
-        return 0.0
-    return float(np.max(np.abs(ours - ref)) / (np.max(np.abs(ref)) + 1e-12))
 
 
 def rand(rng, shape):

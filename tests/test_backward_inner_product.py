@@ -12,25 +12,13 @@
 """
 import numpy as np
 import pytest
-from google.protobuf import text_format
 
 from caffeish.errors import CaffeishError
-from caffeish.formats.schema import TRAIN, pb
-from caffeish.graph.registry import create
 from caffeish.kernels import strict
 from caffeish.runtime.backend import to_numpy
+from layer_checks import make, rel_err
 
 TOL = 1e-5
-
-
-def make(text):
-    return create(text_format.Parse(text, pb.LayerParameter()), TRAIN)
-
-
-def rel_err(ours, ref):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape
-    return float(np.max(np.abs(ours - ref)) / (np.max(np.abs(ref)) + 1e-12))
 
 
 def rand(rng, shape):

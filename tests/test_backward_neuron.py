@@ -23,6 +23,7 @@ from caffeish.formats.schema import TEST, TRAIN, pb
 from caffeish.graph.registry import create
 from caffeish.kernels import strict
 from caffeish.runtime import backend
+from layer_checks import assert_close, numeric
 
 SHAPE = (2, 3, 4, 5)
 
@@ -72,24 +73,6 @@ def run_in_place(layer, x, dy, blobs=()):
     layer.needs_backward = True
     y = forward(layer, x, blobs)
     return backward(layer, y, y, dy, blobs)[0]
-
-
-def numeric(f, x, dy, h=1e-6):
-    """d sum(f(x) * dy) / dx by central differences, in float64."""
-    g = np.zeros(x.shape, np.float64)
-    for idx in np.ndindex(*x.shape):
-        plus, minus = x.copy(), x.copy()
-        plus[idx] += h
-        minus[idx] -= h
-        g[idx] = (np.sum(f(plus) * dy) - np.sum(f(minus) * dy)) / (2 * h)
-    return g
-
-
-def assert_close(ours, ref, tol=1e-6):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape
-    err = np.abs(ours - ref).max() / (np.abs(ref).max() + 1e-12)
-    assert err <= tol, f"relative error {err:.3g} > {tol}"
 
 
 # -- 1. finite differences ------------------------------------------------------------------------

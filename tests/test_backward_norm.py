@@ -24,6 +24,7 @@ from caffeish.formats.schema import TEST, TRAIN, pb
 from caffeish.graph.registry import create
 from caffeish.kernels import strict
 from caffeish.runtime import backend
+from layer_checks import assert_close, numeric
 
 HAVE_CXX = shutil.which(os.environ.get("CXX", "g++")) is not None or bool(os.environ.get("CI"))
 needs_cxx = pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler for the kernel harness (g++ or $CXX)")
@@ -57,24 +58,6 @@ def forward_backward(layer, bottoms, dy, blobs=(), propagate=None, param_diffs=N
     if param_diffs is None:
         param_diffs = [None] * len(blobs)
     return layer.backward(xp, [dy], [y], given, list(blobs), list(propagate), param_diffs)
-
-
-def numeric(f, x, dy, h=1e-6):
-    """d sum(f(x) * dy) / dx by central differences (x float64)."""
-    g = np.zeros(x.shape, np.float64)
-    for idx in np.ndindex(*x.shape):
-        plus, minus = x.copy(), x.copy()
-        plus[idx] += h
-        minus[idx] -= h
-        g[idx] = (np.sum(f(plus) * dy) - np.sum(f(minus) * dy)) / (2 * h)
-    return g
-
-
-def assert_close(ours, ref, tol=1e-6):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    err = np.abs(ours - ref).max() / (np.abs(ref).max() + 1e-12)
-    assert err <= tol, f"relative error {err:.3g} > {tol}"
 
 
 # -- LRN -------------------------------------------------------------------------------------------

@@ -1,8 +1,7 @@
 """The image list of segment and classify (caffeish.apps.inference.find_images): besides image files,
 folders and globs, a list file (@LIST.txt) and an LMDB dataset made by `caffeish dataset` (one image a
-record, named by its escaped key).  The Ray path uses the same list (tests/test_ray.py's cluster)."""
+record, named by its escaped key).  The Ray path uses the same list (the cluster of tests/conftest.py's ray fixture)."""
 import json
-import logging
 import os
 
 import numpy as np
@@ -168,18 +167,6 @@ def test_corrupt_record_is_named_and_skipped(work, capsys):
     code, _, err = _segment(work, [db], work / "out", capsys)
     assert code == 1 and os.path.join("data.mdb", "bad") in err
     assert sorted(_files(work / "out")) == ["good.png", "good_overlay.png"]
-
-
-@pytest.fixture(scope="module")
-def ray():
-    ray = pytest.importorskip("ray", reason="Ray is not installed: --ray is not tested")
-    pytest.importorskip("ray.data", reason="Ray Data is not installed")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
-             logging_level=logging.ERROR, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 def test_ray_gives_the_single_machine_outputs_for_lists_and_datasets(ray, work, capsys):

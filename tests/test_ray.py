@@ -1,10 +1,9 @@
 """`--ray`: segment, classify and evaluate segmentation on a local Ray cluster (Ray Data, an actor pool),
 against the single-machine runs: the same files byte for byte, the same JSON Lines, the same metrics;
 a worker killed mid-run still yields every output; --resume; without Ray, one line saying how to
-install it.  The cluster is started here (ray.init(num_cpus=2) on 127.0.0.1) and shared by the tests;
+install it.  The cluster is tests/conftest.py's ray fixture (ray.init(num_cpus=2) on 127.0.0.1), shared by the tests;
 they skip, saying so, when Ray is not installed (pip install 'caffeish[ray]')."""
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -20,30 +19,10 @@ import caffeish
 from caffeish.apps.dataset import build_segmentation
 from caffeish.data.palette import pascal_palette
 from caffeish.tools.cli import main
+from test_segment import FCN  # conv/pool, a 1x1 score, a bilinear x4 Deconvolution, a Crop back to the input
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# conv/pool, a 1x1 score, a bilinear x4 Deconvolution and a Crop back to the input (tests/test_segment.py's net)
-FCN = """
-name: "tiny_fcn"
-layer { name: "input" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 37 dim: 53 } } }
-layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
-  convolution_param { num_output: 8 kernel_size: 3 pad: 5
-    weight_filler { type: "gaussian" std: 0.01 } bias_filler { type: "constant" value: 0.1 } } }
-layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
-layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
-layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
-  convolution_param { num_output: 8 kernel_size: 3 pad: 1
-    weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "constant" value: 0.1 } } }
-layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
-layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2" pooling_param { pool: AVE kernel_size: 2 stride: 2 } }
-layer { name: "score_fr" type: "Convolution" bottom: "pool2" top: "score_fr"
-  convolution_param { num_output: 5 kernel_size: 1 weight_filler { type: "gaussian" std: 1 } } }
-layer { name: "upscore" type: "Deconvolution" bottom: "score_fr" top: "upscore" param { lr_mult: 0 }
-  convolution_param { num_output: 5 group: 5 bias_term: false kernel_size: 7 stride: 4
-    weight_filler { type: "bilinear" } } }
-layer { name: "score" type: "Crop" bottom: "upscore" bottom: "data" top: "score" crop_param { axis: 2 offset: 5 } }
-"""
 DEPLOY = """
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 20 } } }
 layer { name: "score" type: "Convolution" bottom: "data" top: "score"
@@ -51,19 +30,6 @@ layer { name: "score" type: "Convolution" bottom: "data" top: "score"
 """
 N_IMAGES = 40
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")  # Ray Data's own settings
-
-
-@pytest.fixture(scope="module")
-def ray():
-    """A local Ray cluster of 2 CPUs on 127.0.0.1 for the module's tests (--ray uses the one running)."""
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'caffeish[ray]'): --ray is not tested")
-    pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'ray[data]')")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
-             logging_level=logging.ERROR, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 def _picture(rng, h, w):
