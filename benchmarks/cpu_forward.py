@@ -388,6 +388,18 @@ def torch_version():
     return torch.__version__
 
 
+def checked_nets(ap, args, known):
+    """The --nets list (each one of `known`), with --repeat, --rounds and --threads at least 1;
+    argparse's error otherwise."""
+    nets = [n.strip() for n in args.nets.split(",") if n.strip()]
+    unknown = [n for n in nets if n not in known]
+    if unknown:
+        ap.error(f"unknown net(s) {unknown}; choose from {list(known)}")
+    if args.repeat < 1 or args.threads < 1 or args.rounds < 1:
+        ap.error("--repeat, --rounds and --threads must be at least 1")
+    return nets
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=5, help="timed forwards per net (after one warm-up)")
@@ -409,12 +421,7 @@ def main(argv=None):
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
-    nets = [n.strip() for n in args.nets.split(",") if n.strip()]
-    unknown = [n for n in nets if n not in NETS]
-    if unknown:
-        ap.error(f"unknown net(s) {unknown}; choose from {list(NETS)}")
-    if args.repeat < 1 or args.threads < 1 or args.rounds < 1:
-        ap.error("--repeat, --rounds and --threads must be at least 1")
+    nets = checked_nets(ap, args, NETS)
     args.opencv_wanted = args.opencv
     cv_version = opencv_version() if args.opencv else None
     args.opencv = cv_version is not None

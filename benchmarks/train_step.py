@@ -84,7 +84,7 @@ RATIO_TARGET = 1.0
 
 sys.path.insert(0, str(BENCH))
 # The worker plumbing and memory readings are cpu_forward.py's (one copy).
-from cpu_forward import _peak_kb, _rss_kb, mib, rel_diff  # noqa: E402
+from cpu_forward import _peak_kb, _rss_kb, checked_nets, mib, rel_diff  # noqa: E402
 from cpu_forward import run_worker as _run_worker  # noqa: E402
 
 
@@ -660,12 +660,7 @@ def main(argv=None):
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
-    nets = [n.strip() for n in args.nets.split(",") if n.strip()]
-    unknown = [n for n in nets if n not in NETS]
-    if unknown:
-        ap.error(f"unknown net(s) {unknown}; choose from {list(NETS)}")
-    if args.repeat < 1 or args.threads < 1 or args.rounds < 1:
-        ap.error("--repeat, --rounds and --threads must be at least 1")
+    nets = checked_nets(ap, args, NETS)
     sys.path.insert(0, str(ROOT))
     if args.gpu is None:
         args.gpu = gpu_available(args.device)

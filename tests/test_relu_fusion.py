@@ -42,8 +42,7 @@ def build(tmp_path, name, in_place, bias=True):
                        relu_top="conv" if in_place else "relu")
     path = tmp_path / f"{name}_{in_place}.prototxt"
     path.write_text(text)
-    caffe.set_random_seed(5)
-    return caffe.Net(str(path), caffe.TEST)
+    return caffe.Net(str(path), caffe.TEST, seed=5)  # the same weights in both nets; no global state
 
 
 def count_fused(monkeypatch):

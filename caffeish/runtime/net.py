@@ -582,15 +582,15 @@ class Net(PycaffeNetMixin, BackwardMixin):
                 self._freed.discard(name)
 
     def _relu_follows(self, i):
-        """Whether layer i is a Convolution of one bottom whose top the next layer, a plain ReLU
-        (negative_slope 0), rewrites in place: the Convolution may then apply max(., 0) while
-        its output is in cache, and the ReLU's pass is skipped.  Nothing can read the top in
-        between (no hooks: checked by the caller), so every blob ends as Caffe's."""
+        """Whether layer i offers forward_relu (Convolution does), has one bottom, and the next
+        layer, a plain ReLU (negative_slope 0), rewrites its one top in place: the layer may then
+        apply max(., 0) while its output is in cache, and the ReLU's pass is skipped.  Nothing can
+        read the top in between (no hooks: checked by the caller), so every blob ends as Caffe's."""
         found = self._relu_fusion.get(i)
         if found is None:
             node = self.nodes[i]
             nxt = self.nodes[i + 1] if i + 1 < len(self.nodes) else None
-            found = (node.type == "Convolution" and getattr(node.layer, "forward_relu", None) is not None
+            found = (getattr(node.layer, "forward_relu", None) is not None
                      and len(node.bottoms) == 1 and len(node.tops) == 1 and nxt is not None
                      and nxt.type == "ReLU" and getattr(nxt.layer, "negative_slope", None) == 0
                      and nxt.in_place == [True] and list(nxt.bottoms) == list(node.tops)
