@@ -245,3 +245,39 @@ def test_plan_reads_the_nets_own_param_specs():
     text_format.Parse(CLASSIFIER % ("", "", ""), net)
     built = caffe.Net(net, caffe.TRAIN)
     assert needs(built)["conv"][2] == [True, True]
+
+
+def test_a_second_backward_needs_no_more_memory_than_the_first(tmp_path):
+    """Each bottom's old diff is let go before its layer makes the new one, so the backwards after
+    the first never hold two diffs of a blob at once (tracemalloc sees numpy's allocations)."""
+    import tracemalloc
+
+    text = """
+    layer { name: "data" type: "Input" top: "data" top: "label"
+            input_param { shape { dim: 2 dim: 4 dim: 48 dim: 48 } shape { dim: 2 dim: 1 dim: 48 dim: 48 } } }
+    layer { name: "c1" type: "Convolution" bottom: "data" top: "c1"
+            convolution_param { num_output: 16 kernel_size: 3 pad: 1 weight_filler { type: "xavier" } } }
+    layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" }
+    layer { name: "c2" type: "Convolution" bottom: "c1" top: "c2"
+            convolution_param { num_output: 16 kernel_size: 3 pad: 1 weight_filler { type: "xavier" } } }
+    layer { name: "r2" type: "ReLU" bottom: "c2" top: "c2" }
+    layer { name: "c3" type: "Convolution" bottom: "c2" top: "c3"
+            convolution_param { num_output: 3 kernel_size: 3 pad: 1 weight_filler { type: "xavier" } } }
+    layer { name: "loss" type: "SoftmaxWithLoss" bottom: "c3" bottom: "label" top: "loss" }
+    """
+    net = make_net(tmp_path, "force_backward: true\n" + text)
+    rng = np.random.default_rng(0)
+    net.blobs["data"].data[...] = rng.standard_normal(net.blobs["data"].data.shape)
+    net.blobs["label"].data[...] = rng.integers(0, 3, net.blobs["label"].data.shape)
+    peaks = []
+    tracemalloc.start()
+    try:
+        for _ in range(3):
+            net.forward()
+            tracemalloc.reset_peak()
+            net.backward()
+            peaks.append(tracemalloc.get_traced_memory()[1])
+    finally:
+        tracemalloc.stop()
+    diffs = sum(net.blobs[b].diff.nbytes for b in ("data", "c1", "c2", "c3"))
+    assert max(peaks[1:]) <= peaks[0] + diffs // 4, (peaks, diffs)

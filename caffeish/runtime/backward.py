@@ -206,6 +206,13 @@ class BackwardMixin:
             param_diffs = [self.param_diff(node.name, j) if plan_.params[i][j] else None
                            for j in range(len(params))]
             propagate = list(plan_.bottoms[i])
+            if node.type != "Python":  # (its bottoms' diffs are its own blobs')
+                # The last backward's diff of a bottom this layer rewrites goes before the layer
+                # makes the new one, so that the two are never alive together: the pass then needs
+                # no more memory than the first one did (whose heap later passes reuse).
+                for b, p in zip(node.bottoms, propagate):
+                    if p and b not in node.tops:
+                        self._bdiffs.pop(b, None)
             diffs = node.layer.backward(xp, top_diffs, tops, bottoms, params, propagate, param_diffs)
             if diffs is None or len(diffs) != len(node.bottoms):
                 raise GraphError(f"layer '{node.name}' ({node.type}): backward gave "
