@@ -1,6 +1,6 @@
 """Benchmark: one training step (forward + backward) of caffeish against PyTorch eager, same nets and weights.
 
-    python benchmarks/train_step.py [--rounds 3] [--repeat 3] [--nets fcn_alexnet,fcn8s] [--threads 2]
+    python benchmarks/train_step.py [--rounds 3] [--repeat 3] [--warmup 2] [--nets fcn_alexnet,fcn8s] [--threads 2]
                                     [--size S] [--batch B] [--no-profile] [--top 12] [--no-f64]
                                     [--gpu [--device N] | --cpu]
 
@@ -18,7 +18,7 @@ sqrt(2 / fan_in); biases std 0.01) and saves them with net.save() to a
 temporary caffemodel.  The input is uniform in [0, 255), the label map uniform
 integers in [0, classes).  Then, --rounds times, alternating, each in its own
 fresh subprocess (so that the slow spells of a shared machine hit both alike),
-one warm-up step and --repeat timed steps of
+--warmup untimed steps (2 by default) and --repeat timed steps of
   * caffeish: Net(train prototxt, caffemodel, TRAIN), inputs set once through
     net.blobs[...].data[...]; a step is net.clear_param_diffs(); net.forward();
     net.backward();
@@ -29,6 +29,13 @@ one warm-up step and --repeat timed steps of
 Both use --threads threads (torch.set_num_threads; OMP/OPENBLAS/MKL_NUM_THREADS
 for numpy's BLAS) and the same glibc allocator tuning
 (caffeish.runtime.backend.tune_allocator: freed memory stays in the process).
+A training run is thousands of steps, and its step time is what follows a
+process's first ones: those fill the heap (caffeish's first step makes every
+diff; on the 2-core VM its first two steps took 16.8k and 2.7k page faults,
+later ones none, and the second was 0.1-0.15 s slower than the rest), load
+the caches and, on the GPU, run cuDNN's algorithm search.  Both sides get the
+same --warmup; the line under the table gives each side's last warm-up step
+(with --warmup 1, the process's second step is timed).
 
 Correctness, printed beside the timings: the two losses of the steps (Dropout
 masks differ, so they agree only roughly where the net has Dropout), and one
@@ -128,9 +135,20 @@ def training_net(prototxt, shape):
 
 
 
-def _timed(step, repeat, sync):
-    loss = step()  # warm-up: first-touch allocations, caches, cuDNN's algorithm search
-    sync()
+def _counts(spec):
+    """(timed steps, warm-up steps) of a worker: one untimed step for the correctness check."""
+    return (0, 1) if spec.get("check") else (spec["repeat"], spec["warmup"])
+
+
+def _timed(step, repeat, warmup, sync):
+    """(times of `repeat` steps after `warmup` untimed ones, their losses (the last warm-up's
+    first), the warm-up steps' times) (see the module doc)."""
+    warm, loss = [], None
+    for _ in range(max(1, warmup)):  # first-touch allocations, caches, cuDNN's algorithm search
+        t = time.perf_counter()
+        loss = step()
+        sync()
+        warm.append(time.perf_counter() - t)
     times, losses = [], [loss]
     for _ in range(repeat):
         t = time.perf_counter()
@@ -138,7 +156,7 @@ def _timed(step, repeat, sync):
         sync()
         times.append(time.perf_counter() - t)
         losses.append(loss)
-    return times, losses
+    return times, losses, warm
 
 
 def _learned_convs(net):
@@ -201,8 +219,8 @@ def worker_caffeish(spec):
         return loss
 
     sync = _cupy_sync(spec)
-    times, losses = _timed(step, 0 if spec.get("check") else spec["repeat"], sync)
-    result = {"times": times, "losses": losses, "peak_kb": _peak_kb(), "after_load_kb": after_load,
+    times, losses, warm = _timed(step, *_counts(spec), sync=sync)
+    result = {"times": times, "losses": losses, "warm": warm, "peak_kb": _peak_kb(), "after_load_kb": after_load,
               "load_peak_kb": load_peak}
     if spec["gpu"]:
         import cupy
@@ -268,8 +286,8 @@ def worker_torch(spec):
     _net, tnet, x, label = _torch_net(spec, torch, device, caffeish.TEST if spec.get("check") else None)
     after_load, load_peak = _rss_kb(), _peak_kb()
     sync = torch.cuda.synchronize if spec["gpu"] else (lambda: None)
-    times, losses = _timed(_torch_step(tnet, x, label), 0 if spec.get("check") else spec["repeat"], sync)
-    result = {"times": times, "losses": losses, "peak_kb": _peak_kb(), "after_load_kb": after_load,
+    times, losses, warm = _timed(_torch_step(tnet, x, label), *_counts(spec), sync=sync)
+    result = {"times": times, "losses": losses, "warm": warm, "peak_kb": _peak_kb(), "after_load_kb": after_load,
               "load_peak_kb": load_peak, "version": torch.__version__, "threads": torch.get_num_threads()}
     if spec["gpu"]:
         result["gpu_peak_b"] = torch.cuda.max_memory_reserved()
@@ -333,7 +351,8 @@ def worker_profile_caffeish(spec):
             sync()
             current[part] = clock() - t
 
-    step()
+    for _ in range(spec["warmup"]):
+        step()
     active[0] = True
     for _ in range(spec["repeat"]):
         current.clear()
@@ -398,6 +417,7 @@ def _merge(row, side, res):
         row[side] = res
         return
     merged["times"] += res["times"]
+    merged["warm"] = merged.get("warm", []) + res.get("warm", [])
     merged["losses"] += res["losses"]
     for k in ("peak_kb", "after_load_kb", "load_peak_kb", "gpu_peak_b"):
         if res.get(k) is not None:
@@ -424,7 +444,7 @@ def bench_net(key, args, tmp):
     prototxt = str(folder / "train.prototxt")
     io.write_prototxt(prototxt, net_param)
     spec = {"prototxt": prototxt, "weights": str(folder / "weights.caffemodel"), "score": score, "seed": 1,
-            "threads": args.threads, "repeat": args.repeat, "gpu": args.gpu, "device": args.device}
+            "threads": args.threads, "repeat": args.repeat, "warmup": args.warmup, "gpu": args.gpu, "device": args.device}
     row = {"net": key, "shape": shape}
     prep, err = run_worker("prepare", spec, args.threads)
     if prep is None:
@@ -490,7 +510,7 @@ def report(rows, args):
     print()
     print(f"caffeish training step (clear_param_diffs + forward + backward) vs PyTorch eager "
           f"(zero_grad + forward + loss.backward()), {where}: median of {args.rounds} x {args.repeat} step(s) "
-          f"(rounds alternate the two, each in a fresh process after 1 warm-up step)")
+          f"(rounds alternate the two, each in a fresh process after {args.warmup} warm-up step(s))")
     print(f"python {platform.python_version()}, numpy {np.__version__}, PyTorch {torch_version or '-'}"
           + (f", cuDNN {next((r['torch'].get('cudnn') for r in rows if r.get('torch')), '-')}, TF32 off "
              f"(CuPy: CUPY_TF32={os.environ.get('CUPY_TF32', 'unset')})" if args.gpu else "")
@@ -537,6 +557,16 @@ def report(rows, args):
         "peak resident memory (getrusage ru_maxrss) of the caffeish / PyTorch worker: interpreter,\n"
         "          libraries, weights, blobs, diffs and gradients."))
     print("best c / t: the fastest step of each (ms), the least disturbed by other work on a shared machine.")
+    for row in rows:
+        c, t = row.get("caffeish"), row.get("torch")
+        if c and t and c.get("warm") and t.get("warm"):
+            per = args.warmup
+
+            def steps(side):
+                return " / ".join(", ".join(f"{w * 1e3:.0f}" for w in side["warm"][k:k + per])
+                                  for k in range(0, len(side["warm"]), per))
+            print(f"warm-up steps (ms, untimed, per round) of {row['net']}: caffeish {steps(c)}; "
+                  f"PyTorch {steps(t)}")
     print("c/t step+: peak RSS minus the RSS after loading (what the steps themselves add); c/t load: RSS after load.")
     print("loss c / t: median loss of the steps (TRAIN: Dropout masks differ between the two sides).")
     print()
@@ -634,7 +664,9 @@ def load_average():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeat", type=int, default=3, help="timed steps per worker (after one warm-up)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed steps per worker (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="untimed steps per worker before the timed ones (at least 1; see the module doc)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="alternating caffeish/PyTorch rounds per net, each a fresh process (default 3)")
     ap.add_argument("--nets", default=",".join(NETS), help=f"comma-separated subset of {','.join(NETS)}")
@@ -661,6 +693,8 @@ def main(argv=None):
         return 0
 
     nets = checked_nets(ap, args, NETS)
+    if args.warmup < 1:
+        ap.error("--warmup must be at least 1")
     sys.path.insert(0, str(ROOT))
     if args.gpu is None:
         args.gpu = gpu_available(args.device)
