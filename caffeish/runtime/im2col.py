@@ -34,6 +34,13 @@ from caffeish.runtime import conv_rows, parallel, winograd
 COL_BUDGET = 1 << 22
 # Fewest output positions per chunk, so that the matmul stays efficient.
 MIN_COLUMNS = 256
+# Images batched into one GEMM only up to about this many output positions: enough to
+# fill the matmul where an image has few (AlexNet's 13x13 layers), while an image with
+# many is its own chunk, multiplied straight into the output with its columns still in
+# cache.  Measured on AlexNet at batch 10 (interleaved, median ms, batched to the budget /
+# this cap): conv1 (3025 positions) 19.4 / 16.8, conv2 (729) 30.4 / 30.7, conv3-5 (169 each)
+# 16.6 / 16.7, 14.6 / 14.5 and 11.5 / 11.4; not batching at all: conv3-5 19.8, 17.6 and 13.8.
+BATCH_COLUMNS = 2048
 # Deconvolution: fewest input positions per chunk (its matmul is wide: Og*stride^2 columns).
 MIN_DECONV_ROWS = 64
 
@@ -322,6 +329,8 @@ def _conv_im2col(xp, x, weight, bias, geom, g, out, y, budget, relu=False):
     w = weight.reshape(g, og, rows_k)
     bias_view = None if bias is None else bias.reshape(1, g, og, 1)
     rest = math.prod(out[1:])
+    per_image = g * rows_k * rest * out[0]
+    budget = min(budget, max(per_image, per_image * (BATCH_COLUMNS // max(1, rest * out[0]))))
     chunks = list(work_chunks(n, out[0], rest, g * rows_k * rest, budget, MIN_COLUMNS))
     most = max((n1 - n0) * (r1 - r0) for n0, n1, r0, r1 in chunks) * rest
     buf = xp.empty(most * g * rows_k, dtype=np.float32)
