@@ -79,6 +79,37 @@ def test_inner_product_is_the_adjoint_of_its_forward(params, shape):
     assert pd[0].shape == ((k, lay.num_output) if lay.transpose else (lay.num_output, k))
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("m", [1, 2, 37, 300])
+def test_inner_product_every_batch_size_and_diff_layout(m, transpose):
+    """The forward's two matmul orientations (batches 2..SMALL_BATCH go as (W x^T)^T) and the weight
+    gradient added into the diff by BLAS (beta = 1), or through numpy where the diff is a view it
+    cannot hand to BLAS, all against float64."""
+    from caffeish.ops import inner_product
+
+    assert 2 <= 37 <= inner_product.SMALL_BATCH < 300
+    rng = np.random.default_rng(m)
+    lay, x, blobs, y, dy = ip_setup(f"num_output: 24 transpose: {str(transpose).lower()}", (m, 3, 5, 4))
+    x64, w64 = x.reshape(m, -1).astype(np.float64), blobs[0].astype(np.float64)
+    w64 = w64 if transpose else w64.T  # (K, N)
+    assert rel_err(y, x64 @ w64 + blobs[1]) < TOL
+    dy64 = dy.astype(np.float64)
+    ref_dw = x64.T @ dy64 if transpose else dy64.T @ x64
+    for layout in ("contiguous", "strided"):
+        start = rand(rng, blobs[0].shape)
+        if layout == "strided":  # a view BLAS cannot take: numpy adds a temporary instead
+            store = np.zeros(blobs[0].shape[:-1] + (2 * blobs[0].shape[-1],), np.float32)
+            dw = store[..., ::2]
+        else:
+            dw = np.empty_like(start)
+        dw[...] = start
+        db = np.zeros_like(blobs[1])
+        (dx,) = lay.backward(np, [dy], [y], [x], blobs, [True], [dw, db])
+        assert rel_err(dw - start, ref_dw) < TOL, layout
+        assert rel_err(db, dy64.sum(axis=0)) < TOL
+        assert rel_err(dx.reshape(m, -1), dy64 @ w64.T) < TOL
+
+
 def test_inner_product_conventions():
     lay, x, blobs, y, dy = ip_setup("num_output: 4", (3, 5), seed=1)
     fresh = [np.zeros_like(b) for b in blobs]

@@ -117,6 +117,21 @@ def gemm_nt_add(a, b, c):
     return True
 
 
+def gemm_tn_add(a, b, c):
+    """c += a.T @ b for float32 C-contiguous 2-D numpy arrays a (k, m), b (k, n), c (m, n), in place
+    (InnerProduct's weight gradients: Caffe's caffe_cpu_gemm(Trans, NoTrans, ..., beta = 1)).
+    False (and nothing done) as gemm_nt_add."""
+    f = _sgemm_function()
+    k, m = a.shape
+    n = b.shape[1]
+    if not f or not _gemm_ready(a, b, c) or b.shape[0] != k or c.shape != (m, n) or not c.flags.writeable:
+        return False
+    if m and n:
+        f(101, 112, 111, m, n, k, 1.0, a.ctypes.data, max(m, 1), b.ctypes.data, max(n, 1), 1.0,
+          c.ctypes.data, max(n, 1))  # row-major, A transposed, B as is
+    return True
+
+
 def sgemm_raw(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc):
     """C = A @ B + beta * C on raw float32 pointers, row-major, OpenBLAS's cblas_sgemm (alpha 1).
 
