@@ -16,7 +16,7 @@ columns (a plain matmul); depthwise ones (one input and one output channel per
 group) sum shifted slices tap by tap instead.  Big 2-D convolutions with stride
 1 down the rows (VGG's 3x3 layers) copy the input kw times rather than kh*kw and
 multiply kernel row by kernel row (caffeish.runtime.conv_rows); deep 3x3 ones
-(256 channels and more) use Winograd's F(2x2, 3x3) (caffeish.runtime.winograd).
+(128 channels and more) use Winograd's F(2x2, 3x3) (caffeish.runtime.winograd).
 
 Deconvolution (Caffe's adjoint of convolution) is turned into a convolution by
 splitting the kernel into stride phases, see deconv_forward: no scatter-add.

@@ -31,9 +31,11 @@ F32 = np.float32
 # Floats of transformed input (16 x C x tiles) per band (16 MiB).
 BAND_BUDGET = 1 << 22
 # The fewest input channels, and 2x2 output tiles per image, for which the transforms pay
-# (measured on 2 cores, benchmarks/conv_layers.py: VGG's 64- and 128-channel layers and
-# AlexNet's 13x13 ones are faster by conv_rows or im2col).
-MIN_CHANNELS = 256
+# (measured on 2 cores, benchmarks/conv_layers.py, median of 5, conv_rows / Winograd: VGG's
+# conv2_2 at 349x349 225 / 180 ms, conv3_1 98 / 79; its 64-channel layers and AlexNet's 13x13
+# ones are faster by conv_rows or im2col).  Since the transforms read even and odd columns
+# apart, the forward pays from 128 channels as the backward does.
+MIN_CHANNELS = 128
 MIN_TILES = 256
 # The backward pays from 128 input and output channels (VGG's conv2_2 backward at 291x291:
 # 327 ms by conv_rows, 255 by Winograd; conv2_1, 64 -> 128, is slower by Winograd).
