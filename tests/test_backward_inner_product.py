@@ -81,13 +81,15 @@ def test_inner_product_is_the_adjoint_of_its_forward(params, shape):
 
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("m", [1, 2, 37, 300])
-def test_inner_product_every_batch_size_and_diff_layout(m, transpose):
-    """The forward's two matmul orientations (batches 2..SMALL_BATCH go as (W x^T)^T) and the weight
-    gradient added into the diff by BLAS (beta = 1), or through numpy where the diff is a view it
-    cannot hand to BLAS, all against float64."""
+def test_inner_product_every_batch_size_and_diff_layout(m, transpose, monkeypatch):
+    """The forward's two matmul orientations (batches 2..SMALL_BATCH go as (W x^T)^T, by blocks of
+    WEIGHT_ROWS outputs: 7 here, the last block short) and the weight gradient added into the diff
+    by BLAS (beta = 1), or through numpy where the diff is a view it cannot hand to BLAS, all
+    against float64."""
     from caffeish.ops import inner_product
 
     assert 2 <= 37 <= inner_product.SMALL_BATCH < 300
+    monkeypatch.setattr(inner_product, "WEIGHT_ROWS", 7)
     rng = np.random.default_rng(m)
     lay, x, blobs, y, dy = ip_setup(f"num_output: 24 transpose: {str(transpose).lower()}", (m, 3, 5, 4))
     x64, w64 = x.reshape(m, -1).astype(np.float64), blobs[0].astype(np.float64)
