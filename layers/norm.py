@@ -126,7 +126,7 @@ class LRN(_OneToOne):
             s[j] = s[j - 1]
             blas.axpy(step, squares[j + size - 1], s[j])
             blas.axpy(-step, squares[j - 1], s[j])
-        del squares  # before the scale is allocated: the layer's peak holds three arrays of x's size
+        squares = None  # let go before the scale is allocated: the peak holds three arrays of x's size
         scale = np.empty(x.shape, dtype=dtype)
         parallel.copy(np, scale, s.transpose(swap))
         return scale
