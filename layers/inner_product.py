@@ -85,7 +85,7 @@ class InnerProduct(Layer):
         else:
             w = xp.reshape(weight, (self.num_output, k)).T
         x2 = xp.reshape(x, (m, k))
-        if xp is np and 2 <= m <= SMALL_BATCH:
+        if xp is np and 2 <= m <= SMALL_BATCH and x2.dtype == w.dtype == np.float32:
             # (W x^T)^T: OpenBLAS streams the weight faster with the batch as its M dimension
             # (AlexNet's fc6 at batch 10: 12 ms against 20; see SMALL_BATCH), by blocks of
             # WEIGHT_ROWS outputs (in one call it packed more of the weight at once: 7 MiB more

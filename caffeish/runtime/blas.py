@@ -106,29 +106,27 @@ def gemm_nt_add(a, b, c):
     size (Caffe's weight gradients: caffe_cpu_gemm(NoTrans, Trans, ..., beta = 1)).  Returns False
     (and does nothing) where OpenBLAS is not reachable or the arrays do not fit; the caller then
     uses numpy."""
-    f = _sgemm_function()
-    m, k = a.shape
-    n = b.shape[0]
-    if not f or not _gemm_ready(a, b, c) or b.shape[1] != k or c.shape != (m, n) or not c.flags.writeable:
-        return False
-    if m and n:
-        f(101, 111, 112, m, n, k, 1.0, a.ctypes.data, max(k, 1), b.ctypes.data, max(k, 1), 1.0,
-          c.ctypes.data, max(n, 1))  # row-major, A as is, B transposed
-    return True
+    return _gemm_add(a, b, c, trans_a=False)
 
 
 def gemm_tn_add(a, b, c):
     """c += a.T @ b for float32 C-contiguous 2-D numpy arrays a (k, m), b (k, n), c (m, n), in place
     (InnerProduct's weight gradients: Caffe's caffe_cpu_gemm(Trans, NoTrans, ..., beta = 1)).
     False (and nothing done) as gemm_nt_add."""
+    return _gemm_add(a, b, c, trans_a=True)
+
+
+def _gemm_add(a, b, c, trans_a):
+    """c += a @ b.T (trans_a false) or a.T @ b (trans_a true) by row-major cblas_sgemm, beta = 1."""
     f = _sgemm_function()
-    k, m = a.shape
-    n = b.shape[1]
-    if not f or not _gemm_ready(a, b, c) or b.shape[0] != k or c.shape != (m, n) or not c.flags.writeable:
+    if not f or not _gemm_ready(a, b, c) or not c.flags.writeable:
+        return False
+    (k, m), n = (a.shape, b.shape[1]) if trans_a else (a.shape[::-1], b.shape[0])
+    if (b.shape[0] if trans_a else b.shape[1]) != k or c.shape != (m, n):
         return False
     if m and n:
-        f(101, 112, 111, m, n, k, 1.0, a.ctypes.data, max(m, 1), b.ctypes.data, max(n, 1), 1.0,
-          c.ctypes.data, max(n, 1))  # row-major, A transposed, B as is
+        f(101, 112 if trans_a else 111, 111 if trans_a else 112, m, n, k, 1.0, a.ctypes.data,
+          max(a.shape[1], 1), b.ctypes.data, max(b.shape[1], 1), 1.0, c.ctypes.data, max(n, 1))
     return True
 
 
