@@ -1,9 +1,12 @@
 """Shared test fixtures: the read-only ../shared folder beside the checkout, and the CPU/GPU modes."""
+import importlib
 import importlib.util
 import logging
 import os
 import pathlib
 import shutil
+import sys
+import textwrap
 
 import pytest
 
@@ -61,3 +64,28 @@ def ray():
              logging_level=logging.ERROR, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def user_modules(tmp_path, monkeypatch):
+    """write(name, source): a module on sys.path for this test only (Python layers' modules); it and
+    any `caffe` alias a test made leave sys.modules afterwards."""
+    folder = tmp_path / "modules"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+    written = []
+    saved = {k: sys.modules.get(k) for k in ("caffe", "caffe.io")}
+
+    def write(name, source):
+        (folder / f"{name}.py").write_text(textwrap.dedent(source))
+        importlib.invalidate_caches()
+        written.append(name)
+
+    yield write
+    for name in written:
+        sys.modules.pop(name, None)
+    for name, module in saved.items():
+        if module is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = module

@@ -11,12 +11,10 @@ class without `backward` fails as in pycaffe (AttributeError) when Caffe would c
 otherwise; an error raised in the user's backward reaches the caller; propagate_down reaches the
 user's code, and a bottom diff the layer writes although not asked for is still returned.
 
-Test modules are written into tmp_path and put on sys.path by the `user_modules` fixture, which
+Test modules are written into tmp_path and put on sys.path by the `user_modules` fixture (conftest.py), which
 removes them (and any `caffe` alias) from sys.modules afterwards.
 """
-import importlib
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -139,30 +137,6 @@ OPS = """
             bottom[0].diff[...] = top[0].diff
             bottom[1].diff[...] = 2 * top[0].diff
 """
-
-
-@pytest.fixture
-def user_modules(tmp_path, monkeypatch):
-    """write(name, source): a module on sys.path for this test only."""
-    folder = tmp_path / "modules"
-    folder.mkdir()
-    monkeypatch.syspath_prepend(str(folder))
-    written = []
-    saved = {k: sys.modules.get(k) for k in ("caffe", "caffe.io")}
-
-    def write(name, source):
-        (folder / f"{name}.py").write_text(textwrap.dedent(source))
-        importlib.invalidate_caches()
-        written.append(name)
-
-    yield write
-    for name in written:
-        sys.modules.pop(name, None)
-    for name, module in saved.items():
-        if module is None:
-            sys.modules.pop(name, None)
-        else:
-            sys.modules[name] = module
 
 
 def make_net(tmp_path, text, backend="numpy"):

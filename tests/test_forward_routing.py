@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from caffeish.graph import registry
-from caffeish.errors import CaffeishError, ShapeError, UnsupportedError
+from caffeish.errors import ShapeError, UnsupportedError
 from caffeish.graph.graph import Graph
 from caffeish.formats.io import parse_text, read_prototxt
 from caffeish.formats.schema import TEST, pb

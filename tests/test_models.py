@@ -6,7 +6,7 @@ import pytest
 
 from caffeish.formats import io
 from caffeish.graph import weights
-from caffeish.errors import CaffeishError, GraphError, InputShapeRequired, UnsupportedError
+from caffeish.errors import GraphError, InputShapeRequired, UnsupportedError
 from caffeish.graph.graph import Graph
 from caffeish.formats.schema import TEST, TRAIN
 from conftest import SHARED

@@ -7,7 +7,6 @@ removes them (and any `caffe` alias) from sys.modules afterwards.
 import importlib
 import json
 import sys
-import textwrap
 import types
 
 import numpy as np
@@ -23,30 +22,6 @@ from caffeish.ops.python_layer import PythonLayerError
 
 FLT_MIN = np.finfo(np.float32).tiny
 VOC_MEAN = (104.00699, 116.66877, 122.67892)  # the mean in voc-fcn8s/val.prototxt's param_str
-
-
-@pytest.fixture
-def user_modules(tmp_path, monkeypatch):
-    """write(name, source): a module on sys.path for this test only."""
-    folder = tmp_path / "modules"
-    folder.mkdir()
-    monkeypatch.syspath_prepend(str(folder))
-    written = []
-    saved = {k: sys.modules.get(k) for k in ("caffe", "caffe.io")}
-
-    def write(name, source):
-        (folder / f"{name}.py").write_text(textwrap.dedent(source))
-        importlib.invalidate_caches()
-        written.append(name)
-
-    yield write
-    for name in written:
-        sys.modules.pop(name, None)
-    for name, module in saved.items():
-        if module is None:
-            sys.modules.pop(name, None)
-        else:
-            sys.modules[name] = module
 
 
 # -- fcn.berkeleyvision.org's voc-fcn8s val.prototxt ------------------------------------------------

@@ -1,6 +1,5 @@
 """The schema is wire- and text-compatible with BVLC Caffe, and the committed module matches it."""
 import csv
-import pathlib
 import subprocess
 import sys
 
