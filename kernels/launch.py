@@ -521,6 +521,14 @@ class Kernels:
                 at = xp.ascontiguousarray(a[i, :, r0:r1, :].reshape(g, r, cols).transpose(0, 2, 1))
                 dweight += product(chunk, at, cols)
 
+    def _gradient_out(self, shape, incoming):
+        """A gradient's output array of `shape`, and whether it is final already: when it is
+        empty, or when the gradient flowing in (`incoming`) is, which leaves it all zeros."""
+        out = self._empty(shape)
+        if out.size and incoming.size == 0:
+            out.fill(0)
+        return out, out.size == 0 or incoming.size == 0
+
     def col2im(self, dcol, geom, x_shape):
         """The Im2col layer's backward: dx (N, C, H, W) = x_shape from the column gradient dcol
         (N, C*KH*KW, OH, OW) in Caffe's layout (row c*KH*KW + q): each pixel sums, in tap order,
@@ -528,11 +536,8 @@ class Kernels:
         n, c, h, w = x_shape
         oh, ow = conv_output_shape((h, w), geom)
         _check_shape("the column gradient", dcol.shape, (n, c * geom.kernel[0] * geom.kernel[1], oh, ow))
-        dx = self._empty((n, c, h, w))
-        if dx.size == 0:
-            return dx
-        if dcol.size == 0:
-            dx.fill(0)
+        dx, done = self._gradient_out((n, c, h, w), dcol)
+        if done:
             return dx
         dcol = self._input(dcol)
         self.launch("conv", "col2im", self.deconv_grid(h * w, c, n), (BLOCK,),
@@ -555,11 +560,8 @@ class Kernels:
             raise UnsupportedError("STOCHASTIC pooling has no backward here (Caffe's CPU build does not "
                                    "implement it)" if method == STOCHASTIC_POOL else
                                    f"unknown pooling method {method}")
-        dx = self._empty((n, c, h, w))
-        if dx.size == 0:
-            return dx
-        if dy.size == 0:
-            dx.fill(0)
+        dx, done = self._gradient_out((n, c, h, w), dy)
+        if done:
             return dx
         dy = self._input(dy)
         geo = _i32(n * c, h, w, oh, ow, *geom.kernel, *geom.stride, *geom.pad)

@@ -450,6 +450,22 @@ def test_col2im():
     assert k.count["col2im"] == MIN_CASES
 
 
+def test_empty_gradients_launch_nothing():
+    """An empty gradient output comes back as it is; a gradient flowing in that is empty (a 2-row
+    input under a 3-row kernel has no output rows) leaves the output all zeros, with no launch."""
+    k = CountingKernels()
+    geom = ConvGeometry((3, 3), (1, 1), (0, 0), (1, 1))
+    dx = k.col2im(np.ones((2, 27, 0, 2), np.float32), geom, (2, 3, 2, 4))
+    assert dx.shape == (2, 3, 2, 4) and dx.dtype == np.float32 and not dx.any()
+    assert k.col2im(np.ones((0, 27, 2, 2), np.float32), geom, (0, 3, 4, 4)).shape == (0, 3, 4, 4)
+    pool = pool_params(P(pool=P.MAX, kernel_size=2, stride=2), 4, 4)
+    for method in (P.MAX, P.AVE):
+        x = np.ones((0, 3, 4, 4), np.float32)
+        y = np.ones((0, 3) + tuple(pool.out), np.float32)
+        assert k.pool_backward(x, y, y.copy(), pool, method).shape == x.shape
+    assert not k.count
+
+
 # ---------------------------------------------------------------------------------- 3. pooling
 
 
