@@ -13,7 +13,6 @@ MAX pooling, and Crop offsets on every axis of 1- to 7-axis blobs.
 These tests need a C++ compiler (g++, or $CXX); they skip without one, except
 under CI (the CI environment variable set), where a missing compiler fails.
 """
-import collections
 import os
 import shutil
 import textwrap
@@ -30,24 +29,11 @@ if shutil.which(os.environ.get("CXX", "g++")) is None and not os.environ.get("CI
     pytest.skip("no C++ compiler for the kernel harness (g++ or $CXX)", allow_module_level=True)
 
 from caffeish.kernels import harness, launch  # noqa: E402
+from kernel_counting import CountingKernels  # noqa: E402
 from caffeish.ops.pooling import pool_forward  # noqa: E402
 
 MIN_CASES = 200
 P = pb.PoolingParameter
-
-
-class CountingKernels(launch.Kernels):
-    """The launchers on the harness, counting the launches of each kernel."""
-
-    def __init__(self, col_budget=1 << 20):
-        super().__init__(harness.XP, harness.module, col_budget)
-        self.count = collections.Counter()
-
-    def launch(self, module, name, grid, block, args):
-        self.count[name] += 1
-        if name == "crop_rows":  # rows shorter than a warp share one: count both kinds
-            self.count["crop_rows " + ("long" if int(args[4]) >= 32 else "short")] += 1
-        super().launch(module, name, grid, block, args)
 
 
 def relative_error(ours, ref):

@@ -34,28 +34,13 @@ if shutil.which(os.environ.get("CXX", "g++")) is None and not os.environ.get("CI
     pytest.skip("no C++ compiler for the kernel harness (g++ or $CXX)", allow_module_level=True)
 
 from caffeish.kernels import harness, launch  # noqa: E402
+from kernel_counting import CountingKernels  # noqa: E402
 from caffeish.ops.pooling import pool_forward  # noqa: E402
 
 MIN_CASES = 200
 P = pb.PoolingParameter
 FLT_MAX = np.finfo(np.float32).max
 SPECIALS = np.array([np.nan, np.inf, -np.inf, FLT_MAX, -FLT_MAX, 0.0, -0.0], np.float32)
-
-
-class CountingKernels(launch.Kernels):
-    """The launchers on the harness, counting launches by kernel name (and by extra keys)."""
-
-    def __init__(self):
-        super().__init__(harness.XP, harness.module)
-        self.count = collections.Counter()
-        self.last = None
-
-    def launch(self, module, name, grid, block, args):
-        self.count[name] += 1
-        if name == "crop_rows":  # rows shorter than a warp share one: count both kinds
-            self.count["crop_rows " + ("long" if int(args[4]) >= 32 else "short")] += 1
-        self.last = (name, grid, block, args)
-        super().launch(module, name, grid, block, args)
 
 
 def misaligned(module):
