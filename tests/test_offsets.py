@@ -677,3 +677,21 @@ def test_random_stacks_align_pixel_centres():
         kinds |= {layer[0] for layer in layers}
         checked += 1
     assert shift_checked and kinds == {"conv", "MAX", "AVE", "deconv"}
+
+
+@pytest.mark.parametrize("before", ["", 'layer { name: "py" type: "Python" top: "p" python_param { module: "m" layer: "L" } }\n'])
+def test_blob_counts_are_checked_where_the_graph_did_not_reach(before, capsys, tmp_path):
+    """A Crop given three bottoms is refused as Caffe refuses it (it was a traceback when the graph
+    gave up on sizes, or left the layer out after a Python layer that does not run); the loss
+    layers' own tops still count."""
+    three = ('layer { name: "c" type: "Crop" bottom: "a" bottom: "data" bottom: "data" top: "c" '
+             'crop_param { axis: 2 offset: 1 } }\n')
+    text = before + input_layer() + conv("a", "data", "kernel_size: 3") + three
+    path = write(tmp_path, text)
+    assert main(["offsets", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("layer 'c' (Crop): takes exactly 2 bottom blob(s), got 3") and "\n" not in err
+    loss = ('layer { name: "lab" type: "Input" top: "lab" input_param { shape { dim: 1 } } }\n'
+            'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "a" bottom: "lab" }\n')
+    text = input_layer() + conv("a", "data", "kernel_size: 3 pad: 2") + crop("c", "a", "data") + loss
+    assert O.crop_offsets(net_from(text)) == {"c": (1, 1)}

@@ -28,7 +28,7 @@ formatting are kept; the text editing is caffeish.formats.prototxt_edit).
 import os
 from fractions import Fraction
 
-from caffeish.graph import geometry
+from caffeish.graph import geometry, registry
 from caffeish.formats import io
 from caffeish.errors import CaffeishError, GraphError, ShapeError
 from caffeish.graph.graph import Graph, layer_included, make_state
@@ -317,9 +317,15 @@ class Analysis:
         return out
 
     def _wire(self, shapes):
+        known = set(registry.registered_types())
         for i, param in enumerate(self.net.layer):
             if not layer_included(param, self.state):
                 continue
+            if param.type != "Python" and param.type in known:
+                # Caffe's blob counts, also for the layers the graph left out (after a Python layer
+                # that does not run): a Crop given three bottoms is refused, as Caffe refuses it.
+                spec = registry.create(param, self.state.phase)
+                spec.check_counts(len(param.bottom), len(param.top) + spec.auto_tops(len(param.top)))
             layer = _Layer(i, param)
             bottom_shapes, top_shapes = shapes.get(i, (None, None))
             layer.bottom_shapes = bottom_shapes

@@ -253,12 +253,12 @@ class Graph:
             layer = registry.create(param, self.phase)
             node = Node(param, layer)
             layer.input_shapes = self.input_shapes
-            needed = max(layer.min_tops or 0, layer.exact_tops or 0)
-            if getattr(layer, "auto_top_blobs", False) and len(node.tops) < needed:
+            auto = layer.auto_tops(len(node.tops))
+            if auto:
                 # Caffe's loss layers create the tops they need but were not given:
                 # anonymous blobs that no other layer can use and that are not net outputs.
                 # (Added to our working copy of the layer, so the layer sees its top count.)
-                node.auto_tops = needed - len(node.tops)
+                node.auto_tops = auto
                 param.top.extend([AUTOMATIC] * node.auto_tops)
                 node.tops += [AUTOMATIC] * node.auto_tops
                 node.in_place += [False] * node.auto_tops

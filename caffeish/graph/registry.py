@@ -155,6 +155,12 @@ class Layer:
         check(n_bottoms, self.exact_bottoms, self.min_bottoms, self.max_bottoms, "bottom")
         check(n_tops, self.exact_tops, self.min_tops, self.max_tops, "top")
 
+    def auto_tops(self, n_tops):
+        """How many anonymous tops Caffe adds to this layer given n_tops (AutoTopBlobs: loss layers
+        make the tops they need but were not given)."""
+        needed = max(self.min_tops or 0, self.exact_tops or 0)
+        return needed - n_tops if getattr(self, "auto_top_blobs", False) and n_tops < needed else 0
+
     def canonical_axis(self, axis, num_axes):
         """Caffe's CanonicalAxisIndex: a in [-A, A) -> a mod A, anything else is an error."""
         if not -num_axes <= axis < num_axes:
