@@ -107,6 +107,17 @@ def _around(out, inner):
     return [r for r in rects if r[1] > r[0] and r[3] > r[2]]
 
 
+def _rest_after_pairs(geom, h, w, pairs, fast):
+    """The output rectangles left for the general tap loop: the whole grid ([None]), or, where
+    `pairs` allows and some windows lie wholly inside the image, `fast(inner)` does those (the
+    2x2 stride-2 path) and the rectangles around them are left."""
+    inner = _interior(geom, h, w) if pairs else None
+    if inner is None:
+        return [None]
+    fast(inner)
+    return _around(geom.out, inner)
+
+
 def _disjoint(geom):
     """No two windows share a cell (kernel <= stride on both axes)."""
     return geom.kernel[0] <= geom.stride[0] and geom.kernel[1] <= geom.stride[1]
@@ -233,11 +244,7 @@ def _mask_block(xp, x, top, mask, geom, pairs):
     wide = np.int32 if (h + kh) * (w + kw) < 1 << 28 else np.int64
     none = 1 << (30 if wide is np.int32 else 62)
     which = xp.full(top.shape, none, dtype=wide)
-    rects = [None]
-    inner = _interior(geom, h, w) if pairs else None
-    if inner is not None:
-        _mask_pairs(xp, x, top, which, geom, inner, none)
-        rects = _around(geom.out, inner)
+    rects = _rest_after_pairs(geom, h, w, pairs, lambda inner: _mask_pairs(xp, x, top, which, geom, inner, none))
     hit = xp.empty(top.shape, dtype=np.bool_)
     offset = xp.empty(top.shape, dtype=wide)
     whole = _whole(geom)
@@ -415,11 +422,7 @@ def _max_back_disjoint(xp, x, y, dy, dx, geom, fill, pairs):
     unseen = _unseen(xp, y)
     if unseen is not None:
         xp.multiply(rest_bits, xp.logical_not(unseen), out=rest_bits)  # those send nothing
-    rects = [None]
-    inner = _interior(geom, h, w) if pairs else None
-    if inner is not None:
-        _max_back_pairs(xp, x, y, rest, dx, geom, inner)
-        rects = _around(geom.out, inner)
+    rects = _rest_after_pairs(geom, h, w, pairs, lambda inner: _max_back_pairs(xp, x, y, rest, dx, geom, inner))
     hit = xp.empty(y.shape, dtype=np.bool_)
     dx_bits = dx.view(np.int32)
     for rect in rects:
@@ -534,13 +537,11 @@ def _ave_backward(xp, dy, x_shape, geom):
         xp.add(share, _ZERO, out=share)  # 0 + share
         if fill:
             out.fill(0)
-        rects = [None]
-        inner = _interior(geom, h, w) if pairs else None
-        if inner is not None:
+        def pairs_of(inner):
             p0, p1, q0, q1 = inner
             xp.copyto(_row_pairs(xp, out, geom, inner), _twice(xp, share[:, p0:p1, q0:q1])[:, :, None, :])
-            rects = _around(geom.out, inner)
-        for rect in rects:
+
+        for rect in _rest_after_pairs(geom, h, w, pairs, pairs_of):
             for _, _, o, c in _taps(geom, h, w, rect):
                 xp.copyto(out[c], share[o])
 
