@@ -73,6 +73,10 @@ _LAZY = {
     "Classifier": ("caffeish.pycaffe.classifier", "Classifier"),
     "Detector": ("caffeish.pycaffe.detector", "Detector"),
 }
+# pycaffe's solvers (caffeish.pycaffe.solver)
+for _name in ("get_solver", "SGDSolver", "NesterovSolver", "AdaGradSolver", "RMSPropSolver", "AdaDeltaSolver",
+              "AdamSolver"):
+    _LAZY[_name] = ("caffeish.pycaffe.solver", _name)
 # pycaffe's module-level functions from its `_caffe` extension (caffeish.pycaffe._caffe).
 for _name in ("layer_type_list", "has_nccl", "set_random_seed", "init_log", "log", "solver_count",
               "set_solver_count", "solver_rank", "set_solver_rank", "set_multiprocess", "Timer", "NCCL"):

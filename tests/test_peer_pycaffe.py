@@ -1,4 +1,4 @@
-"""BVLC Caffe's own pycaffe unit tests, unchanged, pass on caffeish (except training).
+"""BVLC Caffe's own pycaffe unit tests, unchanged, pass on caffeish, solvers included.
 
 The 52 tests of BVLC's python/caffe/test/*.py (../shared/peer/bvlc_pycaffe_tests, which
 real Caffe passes in full) run in one subprocess through caffeish's compat wrapper
@@ -7,10 +7,7 @@ temporary tree laid out like Caffe's: TREE/python/caffe/test/*.py, with TREE/mod
 TREE/examples pointing at ../shared/models/bvlc_caffe (test_draw.py walks them).  Each
 peer test is one pytest case here.
 
-The bar: every test passes, except those about backward passes and solvers, which
-caffeish (an inference runtime) does not run.  They are listed in TRAINING below as
-strict expected failures: one that starts to pass fails here, so that the list stays
-honest (take it off the list).
+The bar: every test passes.
 """
 import ast
 import json
@@ -27,13 +24,6 @@ PEER = SHARED / "peer" / "bvlc_pycaffe_tests"
 BVLC = SHARED / "models" / "bvlc_caffe"
 TIMEOUT = 240  # seconds for the whole peer run (it takes about 10 s)
 
-# Peer tests that need solvers (the training issue; test id -> what it needs).
-TRAINING = {
-    "test_solver.TestSolver.test_solve": "SGDSolver.solve()",
-    "test_solver.TestSolver.test_apply_update": "SGDSolver.apply_update()",
-    "test_solver.TestSolver.test_net_memory": "builds an SGDSolver",
-    "test_solver.TestSolver.test_snapshot": "SGDSolver.snapshot()",
-}
 
 # The peer runner: unittest discovery in the test folder (so that the tests import each
 # other, and Python layers their own modules, by name), one JSON record per test.
@@ -153,7 +143,6 @@ def test_six_is_installed():
 def test_the_peer_suite_is_the_one_real_caffe_passes():
     shared_path("peer", "bvlc_pycaffe_tests")
     assert len(TESTS) == 52, f"expected BVLC's 52 pycaffe tests, found {len(TESTS)}"
-    assert set(TRAINING) <= set(TESTS), f"TRAINING names tests that do not exist: {set(TRAINING) - set(TESTS)}"
 
 
 def test_every_peer_test_was_run(peer_results):
@@ -164,9 +153,6 @@ def test_every_peer_test_was_run(peer_results):
 
 
 def _param(test_id):
-    if test_id in TRAINING:
-        return pytest.param(test_id, id=test_id, marks=pytest.mark.xfail(
-            strict=True, reason=f"solvers (the training issue): {TRAINING[test_id]}"))
     return pytest.param(test_id, id=test_id)
 
 
