@@ -20,6 +20,7 @@ TOOLS = {
     "classify": ("classify", "classify images (a file or folders) with a trained net"),
     "segment": ("segment", "segment images with a fully convolutional net; palette and overlay PNGs"),
     "dataset": ("dataset", "build and inspect DIGITS-style LMDB datasets (segmentation, classification)"),
+    "train": ("train", "train a net with a Caffe solver, like `caffe train`: snapshots, resume, curves"),
     "evaluate": ("evaluate", "run a TEST-phase net like `caffe test`; segmentation metrics (mean IU, ...)"),
     "store": ("store", "model store: build, serve, list, pull and verify pretrained nets"),
     "run": ("run", "run an unchanged pycaffe script (`import caffe`) on caffeish"),

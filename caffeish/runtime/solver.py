@@ -235,14 +235,14 @@ class Solver:
 
     param: a SolverParameter (or a path to a solver prototxt).  weights: extra
     caffemodel paths (the `--weights` list) loaded into the train and test
-    nets after the solver's own `weights`.  level/stages: added to the train
-    net's state (caffe train's --level/--stage).  backend: "numpy"/"cupy"/None.
+    nets after the solver's own `weights`.  backend: "numpy"/"cupy"/None
+    (caffeish.set_mode_gpu decides), or device: "cpu"/"cuda:N".
     log: callable(message, where) for Caffe's INFO lines (default: stderr,
     glog-style).  type_: the solver type to build (pycaffe's SGDSolver(...)
     builds an SGD solver whatever the file says); default param.type.
     """
 
-    def __init__(self, param, weights=(), backend=None, log=None, type_=None, where=None):
+    def __init__(self, param, weights=(), backend=None, log=None, type_=None, where=None, device=None):
         if not isinstance(param, pb.SolverParameter):
             where = where or os.fspath(param)
             param = read_solver(param)
@@ -260,7 +260,7 @@ class Solver:
         self.log("Initializing solver from parameters: ", "solver.cpp:45")
         if param.random_seed >= 0:
             fillers.set_global_seed(int(param.random_seed) & 0xFFFFFFFF)
-        self.backend = backend
+        self.backend, self.device = backend, device
         self.net = self._train_net()
         self.test_nets = self._test_nets()
         for path in [w.strip() for entry in list(param.weights) + list(weights or ()) for w in entry.split(",")]:
@@ -292,7 +292,7 @@ class Solver:
         net_param.ClearField("state")
         self.log(f"Creating {what}", "solver.cpp:102")
         return Net(net_param, phase=state.phase, level=state.level, stages=list(state.stage),
-                   backend=self.backend)
+                   backend=self.backend, device=self.device)
 
     def _train_net(self):
         p = self.param
@@ -741,7 +741,7 @@ class Solver:
             self.net.copy_from(learned)
         self.iter, self.current_step = it, step
         for i, record in enumerate(history):
-            self.history[i] = self.xp.asarray(np.ascontiguousarray(record.array(), dtype=np.float32)
+            self.history[i] = self.xp.asarray(np.array(record.array(), dtype=np.float32, order="C", copy=True)
                                               .reshape(self.history[i].shape))
 
 
