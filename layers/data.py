@@ -13,14 +13,29 @@ top alone gives the label top Caffe's label shape (N,).
 
 At run time Input tops are fed by the caller, DummyData fills its tops, and
 Data (LMDB) and ImageData read their files batch by batch with transform_param
-applied (caffeish.runtime.data_transform), as Caffe does at TEST, when their source
-was readable at setup and the user gave no shape for their tops.  Otherwise,
-and for the other file readers (WindowData, HDF5Data, MemoryData), the tops
-are inputs the caller feeds, and `unsupported_reason` says why.
+applied (caffeish.runtime.data_transform), as Caffe does at TRAIN and TEST, when
+their source was readable at setup and the user gave no shape for their tops.
+Otherwise, and for the other file readers (WindowData, HDF5Data, MemoryData),
+the tops are inputs the caller feeds, and `unsupported_reason` says why.
+
+Data and ImageData start reading at their first forward (building a net reads
+only the first record, for the shapes): from then on one daemon thread per
+layer reads and transforms the next batches (data_param.prefetch of them, 4 by
+default, for ImageData too; 0 reads in the forward itself), handed over
+strictly in order, so the batches are the same with and without it.  An error
+while reading is raised by the forward that needs that batch (and by every
+forward after it).  `close()`, or the layer being garbage-collected, stops the
+thread; a later forward starts again from the first record.  Their random
+choices (crops, flips, ImageData's shuffle and rand_skip) are seeded at the
+first forward from the layer's `rng`, the Net's seeded stream.
 
 Backward is a no-op for all of them, and for HDF5Output, as in Caffe.
 """
+import hashlib
 import os
+import queue
+import threading
+import weakref
 
 import numpy as np
 
@@ -169,14 +184,19 @@ class FileBatchSourceLayer(BatchSourceLayer):
     It runs when the net is built from a readable source and the user gave no
     shape for its tops; otherwise (`--input-shape`, or a source that is not
     here) its tops are net inputs the caller feeds, as for the other file
-    readers.  Subclasses set `source_ok` in top_shapes and give `read_batch()`:
-    one (C x H x W array, label, where) per item of the batch.
+    readers.  Subclasses set `source_ok` in top_shapes and give
+    `start_reading()`, called at the first forward: it draws the layer's random
+    seeds and returns an item source whose `take(n)` gives n (C x H x W array,
+    label, where) and `close()` releases its files.  The item source, not the
+    layer, is what the prefetch thread holds, so the layer can be collected.
     """
 
     what_is_read = "files"
     source_ok = False
-    reader = cursor = None
+    rng = None  # the Net's random stream (set by the Net); None: the global one, else a fixed seed
     _transformer = None
+    _feed = None
+    _finalizer = None
 
     @property
     def can_forward(self):
@@ -191,31 +211,196 @@ class FileBatchSourceLayer(BatchSourceLayer):
             f"this layer"
         )
 
+    @property
+    def what(self):
+        return f"layer '{self.name}' ({self.type})"
+
     def transformer(self):
         if self._transformer is None:
-            self._transformer = DataTransformer(
-                self.param.transform_param, self.phase, f"layer '{self.name}' ({self.type}) transform_param")
+            self._transformer = DataTransformer(self.param.transform_param, self.phase, f"{self.what} transform_param")
         return self._transformer
+
+    def random_stream(self):
+        """The stream the layer's seeds are drawn from: the Net's, else the global one, else seed 0."""
+        if self.rng is None:
+            self.rng = fillers.global_rng() or np.random.default_rng(0)
+        return self.rng
+
+    def draw_seed(self):
+        """A 32-bit value from the layer's random stream (Caffe's caffe_rng_rand())."""
+        return int(self.random_stream().integers(0, 2 ** 32))
+
+    def batch_size(self):
+        raise NotImplementedError
+
+    def start_reading(self):
+        raise NotImplementedError
 
     def forward(self, xp, bottoms, blobs):
         if not self.can_forward:
-            raise UnsupportedError(f"layer '{self.name}' ({self.type}): cannot run: {self.unsupported_reason}")
-        transform = self.transformer()
-        items = self.read_batch()
+            raise UnsupportedError(f"{self.what}: cannot run: {self.unsupported_reason}")
+        if self._feed is None:
+            items = self.start_reading()
+            feed = BatchFeed(BatchMaker(items, self.transformer(), self.batch_size(), self.what),
+                             int(self.param.data_param.prefetch), f"caffeish prefetch: {self.what}")
+            self._finalizer = weakref.finalize(self, feed.close)
+            self._feed = feed
+        out, labels = self._feed.next()
+        tops = [xp.asarray(out), xp.asarray(labels)]
+        return tops[:len(self.param.top)]
+
+    def close(self):
+        """Stop the prefetch thread and close the files; a later forward starts again from the first item
+        (with a new transformer: the stopped thread may still hold the old one)."""
+        finalizer, self._feed, self._finalizer = self._finalizer, None, None
+        self._transformer = None
+        if finalizer is not None:
+            finalizer()
+
+
+class BatchMaker:
+    """One batch of a file data layer: the next batch_size items of `items`, transformed, as
+    (float32 N x C x H x W, float32 labels (N,)).  It holds no reference to the layer."""
+
+    def __init__(self, items, transform, batch_size, what):
+        self.items, self.transform, self.batch_size, self.what = items, transform, batch_size, what
+
+    def __call__(self):
+        items = self.items.take(self.batch_size)
         first, _, first_where = items[0]
-        out = np.empty((len(items),) + transform.output_shape(*first.shape), dtype=np.float32)
+        out = np.empty((len(items),) + self.transform.output_shape(*first.shape), dtype=np.float32)
         labels = np.empty(len(items), dtype=np.float32)
         for i, (array, label, where) in enumerate(items):
             if array.shape != first.shape:
                 raise ShapeError(
-                    f"layer '{self.name}' ({self.type}): {where} is {array.shape} (C, H, W) but {first_where}, "
+                    f"{self.what}: {where} is {array.shape} (C, H, W) but {first_where}, "
                     f"the first of its batch, is {first.shape}; a batch needs one size (use batch_size 1, "
                     f"a crop_size, or a dataset built with --resize)"
                 )
-            out[i] = transform(array, where)
+            out[i] = self.transform(array, where)
             labels[i] = label
-        tops = [xp.asarray(out), xp.asarray(labels)]
-        return tops[:len(self.param.top)]
+        return out, labels
+
+    def close(self):
+        self.items.close()
+
+
+class BatchFeed:
+    """The batches `make()` gives, in order: made ahead in one daemon thread (at most `depth` made and not
+    yet taken), or in `next()` itself when depth is 0.
+
+    An exception `make()` raises comes out of the `next()` that would have returned that batch, and out of
+    every later one.  `close()` stops the thread (it finishes the batch in hand) and closes `make`'s
+    files; the thread itself is started by the first `next()`.
+    """
+
+    JOIN_S = 10.0  # how long close() waits for the batch in hand
+
+    def __init__(self, make, depth, name):
+        self._make = make
+        self._depth = max(int(depth), 0)
+        self._name = name
+        self._thread = None
+        self._error = None
+        self._results = queue.Queue()
+        self._slots = threading.Semaphore(self._depth)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._released = False
+
+    def next(self):
+        if self._error is not None:
+            raise self._error
+        if self._stop.is_set():
+            raise CaffeishError(f"{self._name}: the data layer was closed")
+        if self._depth == 0:
+            try:
+                return self._make()
+            except Exception as e:
+                self._error = e
+                raise
+        if self._thread is None:
+            self._thread = threading.Thread(target=_prefetch, name=self._name, daemon=True,
+                                            args=(self._make, self._results, self._slots, self._stop,
+                                                  self._release))
+            self._thread.start()
+        while True:
+            try:
+                ok, value = self._results.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._results.empty():
+                    self._error = CaffeishError(f"{self._name}: the prefetch thread stopped without a batch")
+                    raise self._error from None
+        self._slots.release()
+        if not ok:
+            self._error = value
+            raise value
+        return value
+
+    @property
+    def thread(self):
+        return self._thread
+
+    def close(self):
+        """Stop the thread and close the files (the thread closes them if it is still reading)."""
+        self._stop.set()
+        self._slots.release()  # wakes a thread that waits for a free slot
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(self.JOIN_S)
+        if thread is None or not thread.is_alive():
+            self._release()
+
+    def _release(self):
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        try:
+            self._make.close()
+        except Exception:
+            pass
+
+
+def _prefetch(make, results, slots, stop, release):
+    """The prefetch thread: make batches while a slot is free, until stopped or until make() raises (the
+    exception is handed over as the next result).  Nothing escapes it (no traceback on stderr)."""
+    try:
+        while True:
+            slots.acquire()
+            if stop.is_set():
+                break
+            try:
+                batch = (True, make())
+            except BaseException as e:  # handed to the forward that needs this batch
+                batch = (False, e)
+            results.put(batch)
+            if not batch[0]:
+                break
+    except BaseException:
+        pass
+    finally:
+        if stop.is_set():
+            try:
+                release()
+            except BaseException:
+                pass
+
+
+def paired_seed(pair, transform, rng):
+    """The transformer seed of a Data layer over one database of a DIGITS features/labels pair: the same
+    for both (given the same crop_size, mirror and phase), so that an image and its label map get the
+    same window and flip, and taken from the Net's seed (its SeedSequence), not drawn, so that the two
+    layers need not draw alike.  A stream without a SeedSequence gives a fixed seed per pair."""
+    seed_seq = getattr(getattr(rng, "bit_generator", None), "seed_seq", None)
+    entropy = getattr(seed_seq, "entropy", None)
+    material = None if entropy is None else (int(entropy) if not isinstance(entropy, (list, tuple))
+                                             else tuple(int(e) for e in entropy),
+                                             tuple(int(k) for k in seed_seq.spawn_key))
+    key = ("caffeish paired transform", os.path.realpath(pair[0]), os.path.realpath(pair[1]),
+           transform.crop_size, bool(transform.param.mirror), int(transform.phase), material)
+    return int.from_bytes(hashlib.sha256(repr(key).encode("utf-8", "surrogateescape")).digest()[:4], "little")
 
 
 # -- declared shapes ------------------------------------------------------------------
@@ -370,11 +555,16 @@ class Data(FileBatchSourceLayer):
     C, H, W come from the database's first record (crop_size replaces H and W).
     caffeish reads LMDB only, read-only and without locking.  At run time each
     forward reads the next batch_size records in key order, wrapping around
-    at the end, as Caffe's DataLayer does at TEST: two Data layers over a
-    features and a labels database with the same keys stay aligned record by
-    record.  Raw (`data` bytes), `float_data` and encoded (PNG/JPEG) records
-    are read; transform_param applies (see caffeish.runtime.data_transform).  The
-    shape of each batch is its first record's, as in Caffe.
+    at the end, as Caffe's DataLayer does (a new net starts at the first
+    record; rand_skip is ignored, as in Caffe).  Raw (`data` bytes),
+    `float_data` and encoded (PNG/JPEG) records are read; transform_param
+    applies (see caffeish.runtime.data_transform): random crops at TRAIN,
+    random flips with mirror.  Two Data layers over a DIGITS features and
+    labels database (sibling folders with the same keys) stay aligned record
+    by record, and with the same crop_size and mirror they get the same
+    window and flip for every record (Caffe draws them apart).  The shape of
+    each batch is its first record's, as in Caffe.  The next batches are read
+    ahead in a thread (data_param.prefetch).
     """
 
     min_tops = 1
@@ -446,26 +636,36 @@ class Data(FileBatchSourceLayer):
             raise self.need_shape(f"could not decode the encoded image in the first record of '{source}' ({e})") from e
 
     # -- run time ------------------------------------------------------------------------
-    def read_batch(self):
+    def batch_size(self):
+        return int(self.param.data_param.batch_size)
+
+    def start_reading(self):
         p = self.param.data_param
-        if self.cursor is None:
-            pair = sibling_pair(p.source)
-            if pair is not None:  # DIGITS' features and labels: paired record by record, so they must agree
-                check_pair(*pair)
-            self.reader = LmdbReader(p.source)
-            self.cursor = BatchCursor(self.reader)
-        records = self.cursor.take(p.batch_size)
-        color = self.transformer().color
+        pair = sibling_pair(p.source)
+        if pair is not None:  # DIGITS' features and labels: paired record by record, so they must agree
+            check_pair(*pair)
+        transform = self.transformer()
+        if transform.random:
+            transform.seed(paired_seed(pair, transform, self.random_stream()) if pair is not None
+                           else self.draw_seed())
+        return LmdbItems(LmdbReader(p.source), transform.color)
+
+
+class LmdbItems:
+    """A Data layer's items: the records of an LMDB database in key order, wrapping around."""
+
+    def __init__(self, reader, color):
+        self.reader, self.cursor, self.color = reader, BatchCursor(reader), color
+
+    def take(self, n):
         items = []
-        for key, datum in records:
+        for key, datum in self.cursor.take(n):
             where = self.reader.where(key)
-            items.append((datum_array(datum, color, where), float(datum.label), where))
+            items.append((datum_array(datum, self.color, where), float(datum.label), where))
         return items
 
     def close(self):
-        if self.reader is not None:
-            self.reader.close()
-        self.reader = self.cursor = None
+        self.reader.close()
 
 
 @register("ImageData")
@@ -477,8 +677,11 @@ class ImageData(FileBatchSourceLayer):
     each forward reads the next batch_size lines, wrapping around at the end:
     the image root_folder + path, as BGR (is_color, the default) or grey,
     resized to new_height x new_width with OpenCV's bilinear rule when set,
-    then transform_param.  With shuffle, Caffe reads the lines in a random
-    order; caffeish reads them in file order.
+    then transform_param (random crops at TRAIN, random flips with mirror).
+    The lines come in file order; with shuffle, in a random order, shuffled
+    again at every wrap (a private generator seeded from the layer's `rng`).
+    rand_skip skips (a draw from `rng`) % rand_skip lines at the start.  The
+    next batches are read ahead in a thread (data_param.prefetch, 4 by default).
     """
 
     exact_tops = 2
@@ -534,9 +737,6 @@ class ImageData(FileBatchSourceLayer):
         return height, width
 
     # -- run time ------------------------------------------------------------------------
-    lines = None
-    next_line = 0
-
     def read_lines(self):
         """The list file's (path, label) entries (Caffe: each line splits at its last space)."""
         p = self.param.image_data_param
@@ -546,29 +746,62 @@ class ImageData(FileBatchSourceLayer):
             raise CaffeishError(f"layer '{self.name}' (ImageData): the list file '{p.source}' names no images")
         return lines
 
-    def read_batch(self):
+    def batch_size(self):
+        return int(self.param.image_data_param.batch_size)
+
+    def start_reading(self):
+        """Caffe's ImageDataLayer setup: the transformer's seed, then the shuffle, then rand_skip."""
         p = self.param.image_data_param
-        if self.lines is None:
-            self.lines = self.read_lines()
+        lines = self.read_lines()
+        transform = self.transformer()
+        if transform.random:
+            transform.seed(self.draw_seed())
+        order = None
+        if p.shuffle:
+            order = np.random.default_rng(self.draw_seed())
+            shuffle_lines(lines, order)
+        start = self.draw_seed() % p.rand_skip % len(lines) if p.rand_skip else 0
+        return ListItems(lines, start, order, p, self.name)
+
+
+def shuffle_lines(lines, order):
+    """Put the list's lines in a random order (in place), from the numpy Generator `order`."""
+    lines[:] = [lines[i] for i in order.permutation(len(lines))]
+
+
+class ListItems:
+    """An ImageData layer's items: the images of its list, from line `start`, shuffled again at every wrap
+    when `order` (a Generator) is given."""
+
+    def __init__(self, lines, start, order, p, name):
+        self.lines, self.next_line, self.order = lines, start, order
+        self.source, self.root, self.gray = p.source, p.root_folder, not p.is_color
+        self.size = (p.new_height, p.new_width) if p.new_height else None
+        self.name = name
+
+    def take(self, n):
         items = []
-        for _ in range(p.batch_size):
+        for _ in range(n):
             path, label = self.lines[self.next_line]
-            self.next_line = (self.next_line + 1) % len(self.lines)
-            full = p.root_folder + path
-            where = f"image '{full}' (listed in '{p.source}')"
+            self.next_line += 1
+            if self.next_line == len(self.lines):  # Caffe: back to the first line, reshuffled
+                self.next_line = 0
+                if self.order is not None:
+                    shuffle_lines(self.lines, self.order)
+            full = self.root + path
+            where = f"image '{full}' (listed in '{self.source}')"
             try:  # as cv::imread(IMREAD_COLOR / IMREAD_GRAYSCALE): 8 bits, a 16-bit image's high byte
-                arr = decode_8bit(full, gray=not p.is_color)
+                arr = decode_8bit(full, gray=self.gray)
             except CaffeishError as e:
-                raise CaffeishError(f"layer '{self.name}' (ImageData): {e} (listed in '{p.source}')") from None
-            if p.new_height:
-                arr = resize_linear(arr, p.new_height, p.new_width)
+                raise CaffeishError(f"layer '{self.name}' (ImageData): {e} (listed in '{self.source}')") from None
+            if self.size:
+                arr = resize_linear(arr, *self.size)
             arr = np.ascontiguousarray((arr[:, :, ::-1] if arr.shape[2] == 3 else arr).transpose(2, 0, 1))
             items.append((arr, float(label), where))
         return items
 
     def close(self):
-        self.lines = None
-        self.next_line = 0
+        pass
 
 
 def split_list_line(line):

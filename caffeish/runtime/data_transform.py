@@ -1,22 +1,30 @@
-"""Caffe's DataTransformer at TEST: what `transform_param` does to each record a data layer reads.
+"""Caffe's DataTransformer: what `transform_param` does to each record a data layer reads.
 
 For every image (a Datum's C x H x W pixels, or a decoded file), Caffe's
 `DataTransformer::Transform` computes, per channel c and output pixel (h, w):
 
-    top[c, h, w] = (pixel[c, h + h_off, w + w_off] - mean) * scale
+    top[c, h, w'] = (pixel[c, h + h_off, w + w_off] - mean) * scale
 
 where
-  * crop_size (if set) cuts a crop_size x crop_size window; at TEST it is the
-    centre one, h_off = (H - crop_size) // 2, w_off = (W - crop_size) // 2
-    (TRAIN draws random offsets; caffeish always uses the TEST window, so a
-    paired image/label database pair stays aligned);
+  * crop_size (if set) cuts a crop_size x crop_size window: at TEST the
+    centre one, h_off = (H - crop_size) // 2, w_off = (W - crop_size) // 2;
+    at TRAIN a random one, h_off = r % (H - crop_size + 1), then
+    w_off = r % (W - crop_size + 1);
+  * with `mirror`, each item is flipped left-right when r % 2 == 1 (drawn
+    first), at TRAIN and at TEST alike: w' = crop - 1 - w, else w' = w;
   * mean is mean_file's value at the same (uncropped) position, whose C x H x W
-    must equal the image's, or mean_value[c] (one value repeats for every
-    channel); mean_file and mean_value exclude each other;
+    must equal the image's (cropped alike, NOT mirrored: it is subtracted
+    before the flip), or mean_value[c] (one value repeats for every channel);
+    mean_file and mean_value exclude each other;
   * scale defaults to 1;
   * the arithmetic is float32, as Caffe's Dtype=float.
-`mirror` flips images at random in Caffe, at TEST too; caffeish does not
-mirror (it cannot reproduce Caffe's random draws) and warns once.
+Each r is a raw 32-bit output of the transformer's own mt19937 (std::mt19937
+seeded with a 32-bit value: `seed()`); there is no draw without mirror or a
+TRAIN crop.  The data layers seed it from the Net's random stream (or, for a
+DIGITS features/labels pair, from the pair and the Net's seed, so that image
+and label get the same window and flip).  Without a seed given, the first draw
+seeds it from `rng` (a numpy Generator), else from the global stream
+(caffeish.set_random_seed), else from 0.
 `force_color` / `force_gray` choose how encoded images are decoded (3-channel
 BGR / 1-channel grey); raw Datums are used as stored.
 
@@ -26,21 +34,25 @@ ImageData layer (new_height/new_width) and convert_imageset use;
 `resize_nearest` is cv::resize INTER_NEAREST, for label images.
 """
 import os
-import warnings
 
 import numpy as np
 
 from caffeish.errors import CaffeishError, ShapeError
 from caffeish.graph.geometry import center_crop_offsets
-from caffeish.formats.schema import TEST
+from caffeish.formats.schema import TEST, TRAIN
 
 
 class DataTransformer:
-    """transform_param applied to C x H x W arrays, with Caffe's semantics at TEST.
+    """transform_param applied to C x H x W arrays, with Caffe's semantics at TRAIN and TEST.
 
     `where` names the layer in error messages.  The mean file is read once, at
-    construction (Caffe reads it in the transformer's constructor).
+    construction (Caffe reads it in the transformer's constructor).  The random
+    crops and flips come from the transformer's own mt19937 (see `seed`); one
+    transformer serves one stream of items, in order (one thread at a time).
     """
+
+    rng = None  # a numpy Generator the first draw seeds the mt19937 from, when `seed` was not called
+    _mt = None  # the transformer's own mt19937 (Caffe's rng_), once seeded
 
     def __init__(self, param, phase=TEST, where="transform_param"):
         self.param = param
@@ -56,11 +68,6 @@ class DataTransformer:
         self.mean_values = np.array(param.mean_value, dtype=np.float32)
         if param.HasField("mean_file"):
             self.mean = self._read_mean(param.mean_file)
-        if param.mirror:
-            warnings.warn(
-                f"{where}: mirror is set; Caffe mirrors at random, caffeish does not mirror",
-                stacklevel=3,
-            )
 
     @property
     def color(self):
@@ -82,6 +89,42 @@ class DataTransformer:
         if mean.ndim != 3:
             raise ShapeError(f"{self.where}: mean_file '{path}' holds shape {mean.shape}; Caffe needs 1 x C x H x W")
         return mean
+
+    # -- randomness ---------------------------------------------------------------------------
+    @property
+    def random(self):
+        """Whether items draw from the mt19937: `mirror`, or a crop at TRAIN (Caffe's InitRand condition)."""
+        return bool(self.param.mirror) or (self.crop_size > 0 and self.phase == TRAIN)
+
+    def seed(self, value):
+        """Seed the transformer's own mt19937 as std::mt19937(value) (value taken modulo 2**32)."""
+        state = np.random.RandomState(int(value) & 0xFFFFFFFF).get_state(legacy=False)
+        self._mt = np.random.MT19937()
+        self._mt.state = state
+
+    def rand(self, n):
+        """Caffe's DataTransformer::Rand(n): a raw 32-bit mt19937 output modulo n."""
+        if self._mt is None:
+            source = self.rng
+            if source is None:
+                from caffeish.runtime import fillers
+
+                source = fillers.global_rng() or np.random.default_rng(0)
+            self.seed(int(source.integers(0, 2 ** 32)))
+        return int(self._mt.random_raw()) % n
+
+    def draw(self, height, width):
+        """(h_off, w_off, mirror) of the next item, H x W before the crop, drawn in Caffe's order:
+        the flip (with `mirror`), then h_off and w_off (a crop at TRAIN; the centre at TEST)."""
+        mirror = bool(self.param.mirror) and self.rand(2) == 1
+        if not self.crop_size:
+            return 0, 0, mirror
+        self._check_crop(height, width)
+        if self.phase == TRAIN:
+            h_off = self.rand(height - self.crop_size + 1)
+            w_off = self.rand(width - self.crop_size + 1)
+            return h_off, w_off, mirror
+        return self.offsets(height, width) + (mirror,)
 
     # -- geometry ----------------------------------------------------------------------------
     def output_shape(self, channels, height, width):
@@ -105,35 +148,48 @@ class DataTransformer:
         return center_crop_offsets((height, width), (self.crop_size, self.crop_size))
 
     def crop(self, array):
-        """The crop window of a (..., H, W) array: the same window for an image and its label."""
+        """The TEST crop window (the centre) of a (..., H, W) array: the same window for an image and its
+        label.  No flip: a mirrored item's flip is `draw`'s."""
         if not self.crop_size:
             return array
         h, w = array.shape[-2:]
-        h_off, w_off = self.offsets(h, w)
+        return self.window(array, *self.offsets(h, w))
+
+    def window(self, array, h_off, w_off):
+        """The crop_size x crop_size window of a (..., H, W) array at (h_off, w_off) (all of it without a crop)."""
+        if not self.crop_size:
+            return array
         return array[..., h_off:h_off + self.crop_size, w_off:w_off + self.crop_size]
 
     # -- values ------------------------------------------------------------------------------
     def __call__(self, array, what="an image"):
-        """The transformed float32 C x H' x W' array of a C x H x W image (uint8 or float)."""
+        """The transformed float32 C x H' x W' array of a C x H x W image (uint8 or float).
+
+        Each call is the next item: with `random`, it draws its window and flip (see `draw`)."""
         array = np.asarray(array)
         if array.ndim != 3:
             raise ShapeError(f"{self.where}: expected a C x H x W image, got shape {array.shape}")
         c, h, w = array.shape
-        x = self.crop(array).astype(np.float32)
+        if self.crop_size:
+            self._check_crop(h, w)
+        if self.mean is not None and self.mean.shape != (c, h, w):
+            raise ShapeError(
+                f"{self.where}: mean_file '{self.param.mean_file}' is {self.mean.shape} (C, H, W) "
+                f"but {what} is {(c, h, w)}; Caffe requires them equal"
+            )
+        if self.mean is None and self.mean_values.size not in (0, 1, c):
+            raise ShapeError(
+                f"{self.where}: {self.mean_values.size} mean_value entries for {what} with {c} channels; "
+                f"give one, or one per channel"
+            )
+        h_off, w_off, mirror = self.draw(h, w) if self.random else self.offsets(h, w) + (False,)
+        x = self.window(array, h_off, w_off).astype(np.float32)
         if self.mean is not None:
-            if self.mean.shape != (c, h, w):
-                raise ShapeError(
-                    f"{self.where}: mean_file '{self.param.mean_file}' is {self.mean.shape} (C, H, W) "
-                    f"but {what} is {(c, h, w)}; Caffe requires them equal"
-                )
-            x -= self.crop(self.mean)
+            x -= self.window(self.mean, h_off, w_off)  # cropped alike, subtracted before the flip
         elif self.mean_values.size:
-            if self.mean_values.size not in (1, c):
-                raise ShapeError(
-                    f"{self.where}: {self.mean_values.size} mean_value entries for {what} with {c} channels; "
-                    f"give one, or one per channel"
-                )
             x -= self.mean_values.reshape(-1, 1, 1)
+        if mirror:
+            x = np.ascontiguousarray(x[:, :, ::-1])
         if self.scale != 1:
             x *= self.scale
         return x
