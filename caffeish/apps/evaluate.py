@@ -545,6 +545,9 @@ class PairScoring:
                 tp.mean_file = mean_file
         if scale is not None:
             tp.scale = scale
+        if tp.mirror:  # Caffe mirrors at random at TEST too; a score needs each label on its own image
+            tp.mirror = False
+            notes.append(f"layer '{data_layer.name}': transform_param mirror ignored: images are scored unflipped")
         if tp.mean_file and mean_file is None:  # the data layer's own: found as Caffe users expect
             tp.mean_file = resolve_mean_file(tp.mean_file, data_layer, net_path, db)
         self.transform = DataTransformer(tp, TEST, f"layer '{data_layer.name}' transform_param")
