@@ -1,8 +1,9 @@
 """fcn.berkeleyvision.org's scripts run unchanged on caffeish, through the compat wrapper.
 
 surgery.py (transplant, interp), score.py (fast_hist, compute_hist, do_seg_tests: seg_tests
-less the solver), infer.py and vis.py, and voc_layers.VOCSegDataLayer as the data layer, from
-../shared/models/fcn.  They are Python 2: the only change made to them is print statements
+with the solver), infer.py and vis.py, and voc_layers.VOCSegDataLayer as the data layer, from
+../shared/models/fcn; and voc-fcn8s/solve.py's pattern (SGDSolver, copy_from, surgery.interp,
+step, score.seg_tests) with fewer iterations.  They are Python 2: the only change made to them is print statements
 -> print() calls and xrange -> range (`py2to3` below).  Each runs in a subprocess under
 `python -m caffeish.pycaffe.compat` (so `import caffe` gives caffeish), on small nets and
 images built here; every number is checked against a numpy computation of its own.
@@ -504,3 +505,108 @@ def test_vis_palette_is_pascal_voc(fcn):
     palette = np.array(json.loads((fcn / "palette.json").read_text()))
     np.testing.assert_array_equal(palette, _voc_palette(256))
     assert palette[15].tolist() == [192, 128, 128]  # person
+
+
+# ------------------------------------------------------------------ solve.py's pattern: training
+
+
+SOLVE_NET = """\
+name: "{name}"
+layer {{ name: "data" type: "Python" top: "data" top: "label"
+  python_param {{ module: "voc_layers" layer: "VOCSegDataLayer"
+    param_str: "{{'voc_dir': 'VOC', 'split': '{split}', 'mean': (104.00698793, 116.66876762, 122.67891434), 'seed': 1337}}" }} }}
+layer {{ name: "score_fr" type: "Convolution" bottom: "data" top: "score_fr"
+  param {{ lr_mult: 1 decay_mult: 1 }} param {{ lr_mult: 2 decay_mult: 0 }}
+  convolution_param {{ num_output: 4 kernel_size: 1 weight_filler {{ type: "gaussian" std: 0.002 }} }} }}
+layer {{ name: "upscore" type: "Deconvolution" bottom: "score_fr" top: "upscore" param {{ lr_mult: 0 }}
+  convolution_param {{ num_output: 4 kernel_size: 4 stride: 2 bias_term: false }} }}
+layer {{ name: "score" type: "Crop" bottom: "upscore" bottom: "data" top: "score" crop_param {{ axis: 2 offset: 1 }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" top: "loss"
+  loss_param {{ ignore_label: 255 normalize: false }} }}
+"""
+
+SOLVE_SOLVER = """\
+train_net: "train.prototxt"
+test_net: "val.prototxt"
+test_iter: 3
+# make test net, but don't invoke it from the solver itself
+test_interval: 999999999
+display: 4
+average_loss: 4
+lr_policy: "fixed"
+base_lr: 1e-6
+momentum: 0.9
+iter_size: 1
+max_iter: 100000
+weight_decay: 0.0005
+snapshot: 8
+snapshot_prefix: "snapshot/train"
+test_initialization: false
+"""
+
+# voc-fcn8s/solve.py's calls, in its order, with 2 rounds of 8 steps instead of 25 of 4000.
+SOLVE_DRIVER = """\
+import caffe
+import surgery, score
+
+import numpy as np
+import os
+import sys
+
+weights = 'init.caffemodel'
+
+# init
+caffe.set_device(0)
+caffe.set_mode_gpu()
+
+solver = caffe.SGDSolver('solver.prototxt')
+solver.net.copy_from(weights)
+
+# surgeries
+interp_layers = [k for k in solver.net.params.keys() if 'up' in k]
+surgery.interp(solver.net, interp_layers)
+
+# scoring
+val = np.loadtxt('VOC/ImageSets/Segmentation/seg11valid.txt', dtype=str)
+
+before = np.array(solver.net.params['score_fr'][0].data)
+for _ in range(2):
+    solver.step(8)
+    score.seg_tests(solver, False, val, layer='score')
+np.savez('out.npz', before=before, w=np.array(solver.net.params['score_fr'][0].data),
+         b=np.array(solver.net.params['score_fr'][1].data), up=np.array(solver.net.params['upscore'][0].data),
+         test_w=np.array(solver.test_nets[0].params['score_fr'][0].data), iter=solver.iter)
+"""
+
+
+def test_solve_pattern_trains_and_scores(fcn, monkeypatch):
+    """fcn.berkeleyvision.org's solve.py pattern: SGDSolver, copy_from, surgery.interp, step and
+    score.seg_tests (which shares the trained weights with the test net) on VOCSegDataLayer."""
+    rng = np.random.default_rng(7)
+    ids = _voc_folder(fcn / "VOC", rng)
+    (fcn / "VOC" / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(ids) + "\n")
+    write(fcn / "train.prototxt", SOLVE_NET.format(name="train", split="train"))
+    write(fcn / "val.prototxt", SOLVE_NET.format(name="val", split="seg11valid"))
+    write(fcn / "solver.prototxt", SOLVE_SOLVER)
+    (fcn / "snapshot").mkdir()
+    monkeypatch.syspath_prepend(str(fcn))  # voc_layers, for the net that writes the initial weights
+    monkeypatch.chdir(fcn)
+    init = caffeish.Net(str(fcn / "train.prototxt"), caffeish.TEST, seed=3)
+    init.save(str(fcn / "init.caffemodel"))
+    write(fcn / "solve.py", SOLVE_DRIVER)
+    proc = run_wrapped(fcn, "solve.py")
+    out = np.load(fcn / "out.npz")
+    assert int(out["iter"]) == 16
+    assert not np.array_equal(out["w"], out["before"]), "training moved score_fr"
+    np.testing.assert_array_equal(out["test_w"], out["w"])  # seg_tests shared the train net's weights
+    filt = np.array([0.25, 0.75, 0.75, 0.25])  # interp's bilinear kernel on the diagonal, kept by lr_mult 0
+    for i in range(4):
+        np.testing.assert_allclose(out["up"][i, i], np.outer(filt, filt), rtol=1e-6)
+    assert not out["up"][0, 1].any()
+    assert sorted(p.name for p in (fcn / "snapshot").iterdir()) == [
+        "train_iter_16.caffemodel", "train_iter_16.solverstate", "train_iter_8.caffemodel", "train_iter_8.solverstate"]
+    for it in (8, 16):
+        assert re.search(rf">>> \S+ \S+ Iteration {it} overall accuracy \S+", proc.stdout), proc.stdout
+    printed = float(re.findall(r"Iteration 16 overall accuracy (\S+)", proc.stdout)[0])
+    assert 0 <= printed <= 1
+    assert "Iteration 8 (" in proc.stderr and "Iteration 8, lr = 1e-06" in proc.stderr  # Caffe's log lines
