@@ -149,6 +149,15 @@ class Training:
         self.log = log or solvers.stderr_log
         self.bar = None
         device = device_for(param, gpu)
+        if device is not None and device.startswith("cuda"):
+            from caffeish.runtime import backend
+
+            reason = backend.gpu_unavailable_reason()
+            if reason:
+                raise CaffeishError(f"cannot train on the GPU: {reason}")
+            self.log(f"Use GPU with device ID {device.partition(':')[2] or 0}", "caffe.cpp:204")
+        else:
+            self.log("Use CPU.", "caffe.cpp:197")
         self.solver = solvers.Solver(param, log=self._log, where=solver_path, device=device)
         self.solver.check_snapshot_folder()
         self.curves = None
@@ -184,19 +193,33 @@ class Training:
 
 
 class _CurvesListener:
-    def __init__(self, curves):
+    """Feeds the curves; the CSV is rewritten (and synced) at most every `interval` seconds, after
+    each test pass and at each snapshot, so that a fast run does not spend its time writing it."""
+
+    def __init__(self, curves, interval=2.0):
         self.curves = curves
+        self.interval = interval
+        self.last = None
+
+    def _flush(self, force=False):
+        now = time.monotonic()
+        if force or self.last is None or now - self.last >= self.interval:
+            self.curves.flush()
+            self.last = now
 
     def on_train(self, it, loss, outputs):
         self.curves.train(it, loss, outputs={k: v for k, v in outputs.items() if k != "loss"} or None)
-        self.curves.flush()
+        self._flush()
 
     def on_lr(self, it, rate):
         self.curves.lr(it, rate)
 
     def on_test(self, it, index, outputs):
         self.curves.test(it, outputs, net_index=index)
-        self.curves.flush()
+        self._flush(force=True)
+
+    def on_snapshot(self, it, files):
+        self._flush(force=True)
 
 
 def run(solver_path, weights=None, snapshot=None, gpu=None, level=0, stages=None, out=None,

@@ -257,7 +257,10 @@ class Solver:
         self.callbacks = []  # pycaffe's add_callback: (on_start, on_gradients)
         self.action = lambda: NONE  # polled for signals (the train tool sets it)
         self.requested_early_exit = False
-        self.log("Initializing solver from parameters: ", "solver.cpp:45")
+        from google.protobuf import text_format
+
+        self.log("Initializing solver from parameters: \n" + text_format.MessageToString(param).rstrip("\n"),
+                 "solver.cpp:45")
         if param.random_seed >= 0:
             fillers.set_global_seed(int(param.random_seed) & 0xFFFFFFFF)
         self.backend, self.device = backend, device
