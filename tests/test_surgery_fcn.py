@@ -1,5 +1,6 @@
 """Building segmentation FCNs from classifiers: DIGITS' FCN-Alexnet and fcn.berkeleyvision.org's FCN-8s."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -463,3 +464,33 @@ def test_fcn_mean_and_ignore_label_spellings(tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
     assert main(base + ["--mean", str(proto)]) == 1
     assert "this is a text file (a prototxt?), not a binaryproto" in capsys.readouterr().err
+
+
+def test_dataset_trains_with_the_surgery_train_val_net_unedited(tmp_path, capsys, monkeypatch):
+    """`caffeish dataset segmentation` -> `caffeish surgery fcn --dataset` -> `caffeish train`: the
+    train/val net trains as written (Data layers on the dataset, its mean, SoftmaxWithLoss with
+    ignore_label, Accuracy at TEST), and the trained weights serve the deploy net."""
+    ds = seg_dataset(tmp_path, [(12, 16)] * 4)
+    out = tmp_path / "out"
+    src, weights = golden("alexnet_tiny", "net.prototxt"), golden("alexnet_tiny", "weights.caffemodel")
+    assert main(["surgery", "fcn", str(src), str(weights), "--classes", "3", "-o", str(out / "fcn.prototxt"),
+                 str(out / "fcn.caffemodel"), "--dataset", str(ds), "--no-verify"]) == 0
+    train_val = out / "fcn_train_val.prototxt"
+    before = train_val.read_bytes()
+    (out / "solver.prototxt").write_text(
+        f'net: "{train_val}"\nbase_lr: 1e-6\nlr_policy: "fixed"\nmomentum: 0.9\nweight_decay: 0.0005\n'
+        f'max_iter: 3\ndisplay: 1\ntest_iter: 2\ntest_interval: 3\nsnapshot_prefix: "{out}/snap"\n'
+        f'random_seed: 5\n')
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--solver", str(out / "solver.prototxt"), "--weights", str(out / "fcn.caffemodel")]) == 0
+    log = capsys.readouterr().err
+    losses = [float(x) for x in re.findall(r"Iteration \d+ \(.*\), loss = (\S+)", log)]
+    assert len(losses) == 3 and all(np.isfinite(losses)), log[-2000:]
+    assert re.search(r"Iteration 3, Testing net \(#0\)", log) and "Test net output #0: accuracy = " in log
+    assert train_val.read_bytes() == before  # used as written
+    assert (out / "snap_iter_3.caffemodel").is_file() and (out / "snap_iter_3.solverstate").is_file()
+    assert (out / "curves.csv").is_file() and (out / "curves.png").is_file()
+    deploy = Net(str(out / "fcn.prototxt"), str(out / "snap_iter_3.caffemodel"), TEST)
+    trained = io.read_caffemodel(str(out / "snap_iter_3.caffemodel"))
+    assert "score_fr" in {layer.name for layer in trained.net.layer} and deploy.params["score_fr"][0].data.any()
