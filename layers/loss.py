@@ -220,8 +220,12 @@ class SoftmaxWithLoss(LossLayer):
         valid = ignored_mask(xp, labels, self.ignore_label)
         check_labels(self, xp, labels, valid, classes)
         picked = pick(xp, xp.reshape(prob, (outer, classes, inner)), xp.where(valid, labels, 0))
-        logs = xp.log(xp.maximum(picked, FLT_MIN))
-        loss = -xp.sum(xp.where(valid, logs, f32(0)), dtype=xp.float32)
+        logs = xp.where(valid, xp.log(xp.maximum(picked, FLT_MIN)), f32(0))
+        if xp is np:  # Caffe's CPU loop adds one pixel at a time in float: an unnormalized FCN loss
+            # (a sum of 10^5 terms) then prints as Caffe's to the last digit; numpy's sum is pairwise.
+            loss = -np.cumsum(logs.reshape(-1), dtype=np.float32)[-1] if logs.size else f32(0)
+        else:
+            loss = -xp.sum(logs, dtype=xp.float32)
         mode = normalization_mode(self.param.loss_param, Norm.VALID)
         tops = [scalar(xp, loss / normalizer(mode, outer, inner, int(xp.sum(valid))))]
         return tops + [prob][: len(self.param.top) - 1]
