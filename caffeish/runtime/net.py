@@ -638,6 +638,8 @@ class Net(PycaffeNetMixin, BackwardMixin):
     # -- saving ---------------------------------------------------------------------------
     def to_proto(self):
         """The NetParameter Caffe's Net::ToProto writes (every layer, splits included, phase set)."""
+        from caffeish.ops.loss import LossLayer
+
         net = pb.NetParameter()
         net.name = self.graph.net.name
         for node in self.nodes:
@@ -649,6 +651,13 @@ class Net(PycaffeNetMixin, BackwardMixin):
             del layer.blobs[:]
             if not layer.HasField("phase"):
                 layer.phase = self.phase
+            # What Caffe's layers add to their own LayerParameter when set up, which ToProto writes:
+            # a loss layer's loss_weight 1, BatchNorm's lr_mult 0 for each statistic.
+            if not len(layer.loss_weight) and isinstance(node.layer, LossLayer):
+                layer.loss_weight.append(1.0)
+            if node.type == "BatchNorm":
+                while len(layer.param) < len(node.param_shapes or ()):
+                    layer.param.add().lr_mult = 0
         return net
 
     def save(self, path):
@@ -670,10 +679,11 @@ class Net(PycaffeNetMixin, BackwardMixin):
             raise CaffeishError(
                 f"{path}: refusing to overwrite an input file (the net's prototxt); choose another output path")
 
-    def save_hdf5(self, path):
+    def save_hdf5(self, path, diff=False):
         """pycaffe's save_hdf5 (Caffe's Net::ToHDF5): a group /data/<layer> for every layer, holding
         one float32 dataset per parameter blob the layer owns, named by its index ('0', '1').
-        Parameters shared by name (ParamSpec.name) are written by their owner only.  Needs h5py;
+        Parameters shared by name (ParamSpec.name) are written by their owner only.  diff (the
+        solvers' snapshot_diff): also /diff/<layer>/<index> for every parameter.  Needs h5py;
         written atomically."""
         h5py = _h5py("save_hdf5")
         path = os.fsdecode(path)
@@ -693,11 +703,16 @@ class Net(PycaffeNetMixin, BackwardMixin):
             # HDF5 reads back what it wrote: hand h5py a read-write object over the temp file's descriptor.
             with open(out.fileno(), "r+b", closefd=False) as rw, h5py.File(rw, "w") as f:
                 data = f.create_group("data")
+                diffs = f.create_group("diff") if diff else None
                 for node in self.nodes:
                     group = data.create_group(node.name)
+                    dgroup = diffs.create_group(node.name) if diff else None
                     for j, array in enumerate(self._params.get(node.name, [])):
                         if (node.name, j) not in self._sharers:
                             group.create_dataset(str(j), data=np.asarray(backends.to_numpy(array), dtype=np.float32))
+                        if diff:
+                            dgroup.create_dataset(str(j), data=np.asarray(
+                                backends.to_numpy(self.param_diff(node.name, j)), dtype=np.float32))
 
     def load_hdf5(self, path):
         """pycaffe's load_hdf5 (Caffe's CopyTrainedLayersFromHDF5): for each group /data/<layer> whose

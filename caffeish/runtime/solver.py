@@ -654,16 +654,15 @@ class Solver:
                               f"snapshot prefix)") from None
 
     def snapshot(self):
-        """Write the model and the solver state for the current iteration (atomically); returns the names."""
-        if not self.param.snapshot_prefix:
-            raise SolverError(f"{self.where}: snapshot_prefix is not set, so there is nowhere to snapshot")
+        """Write the model and the solver state for the current iteration (atomically); returns the names.
+        Without a snapshot_prefix they are `_iter_N.*` in the current folder, as Caffe writes them."""
         model, state = self.snapshot_names()
         folder = os.path.dirname(model)
         if folder and not os.path.isdir(folder):
             raise SolverError(f"cannot write the snapshot '{model}': the folder '{folder}' does not exist")
         if self.hdf5:
             self.log(f"Snapshotting to HDF5 file {model}", "solver.cpp:475")
-            self.net.save_hdf5(model)
+            self.net.save_hdf5(model, diff=self.param.snapshot_diff)
             self.log(f"Snapshotting solver state to HDF5 file {state}", "sgd_solver.cpp:300")
             self._write_state_hdf5(state, model)
         else:
