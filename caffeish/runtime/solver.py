@@ -114,8 +114,6 @@ def check_lr_policy(param, where=""):
         raise SolverError(f"{at}gamma must be at least 0 for lr_policy '{policy}', got {param.gamma:g}")
     if policy in ("step", "sigmoid") and param.stepsize <= 0:
         raise SolverError(f"{at}stepsize must be positive for lr_policy '{policy}', got {param.stepsize}")
-    if policy == "poly" and param.max_iter <= 0:
-        raise SolverError(f"{at}max_iter must be positive for lr_policy 'poly', got {param.max_iter}")
 
 
 def merged_state(phase, net_state, extra):
