@@ -53,6 +53,8 @@ setup(
         "lmdb>=1.4",
         # Progress bars for folders, datasets and downloads (caffeish/apps/progress.py).
         "tqdm>=4.66",
+        # `caffeish train`'s curves.png (caffeish/apps/curves.py), DIGITS' training chart.
+        "matplotlib>=3.8",
     ],
     extras_require={
         "gpu": ["cupy-cuda12x>=13.0"],
