@@ -579,7 +579,7 @@ np.savez('out.npz', before=before, w=np.array(solver.net.params['score_fr'][0].d
 """
 
 
-def test_solve_pattern_trains_and_scores(fcn, monkeypatch):
+def test_solve_pattern_trains_and_scores(fcn):
     """fcn.berkeleyvision.org's solve.py pattern: SGDSolver, copy_from, surgery.interp, step and
     score.seg_tests (which shares the trained weights with the test net) on VOCSegDataLayer."""
     rng = np.random.default_rng(7)
@@ -589,9 +589,14 @@ def test_solve_pattern_trains_and_scores(fcn, monkeypatch):
     write(fcn / "val.prototxt", SOLVE_NET.format(name="val", split="seg11valid"))
     write(fcn / "solver.prototxt", SOLVE_SOLVER)
     (fcn / "snapshot").mkdir()
-    monkeypatch.syspath_prepend(str(fcn))  # voc_layers, for the net that writes the initial weights
-    monkeypatch.chdir(fcn)
-    init = caffeish.Net(str(fcn / "train.prototxt"), caffeish.TEST, seed=3)
+    # The initial weights, from the same net with an Input layer for the data (voc_layers is the
+    # script's own module, imported in its process only).
+    init_net = SOLVE_NET.format(name="init", split="train").split("\n")
+    start = next(i for i, line in enumerate(init_net) if "score_fr" in line)
+    init_net = ['layer { name: "data" type: "Input" top: "data" top: "label" input_param { shape { dim: 1 '
+                'dim: 3 dim: 8 dim: 8 } shape { dim: 1 dim: 1 dim: 8 dim: 8 } } }'] + init_net[start:]
+    write(fcn / "init.prototxt", "\n".join(init_net))
+    init = caffeish.Net(str(fcn / "init.prototxt"), caffeish.TEST, seed=3)
     init.save(str(fcn / "init.caffemodel"))
     write(fcn / "solve.py", SOLVE_DRIVER)
     proc = run_wrapped(fcn, "solve.py")
