@@ -25,6 +25,18 @@ def shared_path(*parts):
 HAVE_CXX = shutil.which(os.environ.get("CXX", "g++")) is not None or bool(os.environ.get("CI"))
 
 
+@pytest.fixture(autouse=True)
+def fresh_global_seed():
+    """Each test starts with the global random stream unseeded, as a new process does: a solver
+    with random_seed (or caffe.set_random_seed) seeds it for the whole process, as Caffe's does."""
+    from caffeish.runtime import fillers
+
+    saved = fillers.GlobalRNG.generator
+    fillers.GlobalRNG.generator = None
+    yield
+    fillers.GlobalRNG.generator = saved
+
+
 @pytest.fixture(params=["cpu", "gpu"] + (["cuda"] if importlib.util.find_spec("cupy") else []))
 def mode(request, monkeypatch):
     """Run a test in pycaffe's CPU mode, then in GPU mode on the GPU code path: our CUDA kernels
