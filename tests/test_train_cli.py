@@ -252,6 +252,21 @@ def test_device_for():
     assert train.device_for(pb.SolverParameter(solver_mode=pb.SolverParameter.GPU, device_id=2), None) == "cuda:2"
 
 
+def test_solver_mode_gpu_without_a_gpu_trains_on_the_cpu_with_a_warning(cwd, capsys, monkeypatch):
+    """BVLC's and DIGITS' solvers say solver_mode: GPU; without one the file still trains (as pycaffe's
+    set_mode_gpu() does), while an explicit --gpu is an error."""
+    from caffeish.runtime import backend
+
+    monkeypatch.setattr(backend, "gpu_unavailable_reason", lambda: "no GPU here")
+    solver = setup(cwd, 'lr_policy: "fixed" base_lr: 0.1 max_iter: 2 solver_mode: GPU snapshot_prefix: "s"')
+    rc, err = run_main(capsys, "--solver", solver, "--no-curves")
+    assert rc == 0, err
+    assert "warning: the solver asks for solver_mode: GPU, but no GPU here; training on the CPU" in err
+    assert "Use CPU." in err and os.path.isfile(cwd / "s_iter_2.caffemodel")
+    rc, err = run_main(capsys, "--solver", solver, "--no-curves", "--gpu")
+    assert rc == 1 and one_line_error(err) == "caffeish train: error: cannot train on the GPU: no GPU here"
+
+
 # -- the log and the curves ----------------------------------------------------------------------------
 def test_log_lines_have_glog_prefixes_and_parse_to_the_solvers_losses(cwd, capsys):
     write_db(cwd / "train_db", XS, YS)

@@ -16,6 +16,7 @@ written atomically, so none is left half-written).
 """
 import os
 import signal
+import sys
 import time
 
 from caffeish.apps import progress
@@ -63,7 +64,8 @@ def prepare(solver_path, weights=None, snapshot=None, level=0, stages=None):
 
 
 def device_for(param, gpu):
-    """The device `caffe train` trains on: --gpu ID, else an explicit `solver_mode: GPU` (device_id),
+    """The device `caffe train` trains on: --gpu ID, else an explicit `solver_mode: GPU` (device_id;
+    without a usable GPU, Training warns and uses the CPU, as set_mode_gpu() does for pycaffe scripts),
     else None: the process's mode (the CPU, unless a Python caller chose caffeish.set_mode_gpu())."""
     if gpu is not None:
         return f"cuda:{gpu}"
@@ -153,8 +155,13 @@ class Training:
             from caffeish.runtime import backend
 
             reason = backend.gpu_unavailable_reason()
-            if reason:
+            if reason and gpu is None:  # the file's solver_mode: GPU (BVLC's and DIGITS' solvers say it)
+                sys.stderr.write(f"caffeish train: warning: the solver asks for solver_mode: GPU, but {reason}; "
+                                 f"training on the CPU (--gpu makes a missing GPU an error)\n")
+                device = None
+            elif reason:
                 raise CaffeishError(f"cannot train on the GPU: {reason}")
+        if device is not None and device.startswith("cuda"):
             self.log(f"Use GPU with device ID {device.partition(':')[2] or 0}", "caffe.cpp:204")
         else:
             self.log("Use CPU.", "caffe.cpp:197")
