@@ -1000,7 +1000,7 @@ def quiet(monkeypatch):
 def test_get_solver_builds_the_files_type_and_typed_classes_override_it(tmp_path, quiet):
     path = solver_file(tmp_path, 'type: "RMSProp" lr_policy: "fixed" base_lr: 0.1 test_iter: 2 test_interval: 5')
     s = caffeish.get_solver(path)
-    assert s.type == "RMSProp" and len(s.history) == 2
+    assert s.type == "RMSProp" and len(s.history) == 2 and type(s) is caffeish.RMSPropSolver
     assert isinstance(s.net, caffeish.Net)
     assert len(s.test_nets) == 1 and isinstance(s.test_nets[0], caffeish.Net) and s.test_nets[0] is not s.net
     a = caffeish.AdamSolver(path)

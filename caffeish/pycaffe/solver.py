@@ -66,6 +66,12 @@ AdaDeltaSolver = _typed("AdaDeltaSolver", "AdaDelta")
 AdamSolver = _typed("AdamSolver", "Adam")
 
 
+CLASSES = {cls.solver_type: cls for cls in (SGDSolver, NesterovSolver, AdaGradSolver, RMSPropSolver,
+                                              AdaDeltaSolver, AdamSolver)}
+
+
 def get_solver(filename):
-    """pycaffe's get_solver: a solver of the type the file names (`type`, or the old `solver_type`)."""
-    return Solver(filename)
+    """pycaffe's get_solver: a solver of the type the file names (`type`, or the old `solver_type`),
+    an instance of that type's class (get_solver('adam.prototxt') is a caffe.AdamSolver)."""
+    kind = _solver.read_solver(filename).type
+    return CLASSES.get(kind, Solver)(filename)  # an unknown type: Solver refuses it, naming the six
