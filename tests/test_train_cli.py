@@ -524,3 +524,16 @@ def test_kill_9_never_leaves_a_truncated_snapshot_under_a_final_name(tmp_path):
                 assert s.iter == n and len(s.history) == 2
         if os.path.exists(folder / "snaps" / "curves.csv"):
             read_csv(folder / "snaps" / "curves.csv")
+
+
+def test_names_from_files_are_escaped_in_the_log(cwd, capsys):
+    """A net name, a blob name and a snapshot prefix with a newline or an escape sequence reach the
+    log escaped: every line stays one line and no escape sequence reaches the terminal."""
+    net = dummy_net(name="evil\\033[2Jnet").replace('top: "loss"', 'top: "lo\\nss"')
+    solver = setup(cwd, 'lr_policy: "fixed" base_lr: 0.1 max_iter: 2 display: 1 snapshot_prefix: "p\\033[31m"', net)
+    rc, err = run_main(capsys, "--solver", solver, "--no-curves")
+    assert rc == 0, err
+    assert "\x1b" not in err
+    assert "Solving evil\\x1b[2Jnet" in err and "Train net output #0: lo\\nss = " in err
+    assert "Snapshotting to binary proto file p\\x1b[31m_iter_2.caffemodel" in err
+    assert os.path.isfile(cwd / "p\x1b[31m_iter_2.caffemodel")  # the file itself has the name asked for

@@ -298,6 +298,13 @@ def _looks_text(head):
     return not any(c in _CONTROL for c in head)
 
 
+def unreadable(path, e):
+    """The one-line error for a file that open() refused (OSError; ValueError: a NUL byte in the name)."""
+    if isinstance(e, ValueError):
+        return CaffeishError(f"{path!r}: cannot read: a file name cannot hold a NUL byte")
+    return CaffeishError(f"{path}: cannot read: {e.strerror or e}")
+
+
 def file_kind(path, head=None):
     """What a file is, judged by its first bytes: ("image", "PNG"), ("hdf5", None), ("empty", None),
     ("text", None) or ("binary", None) (binary protobuf: a caffemodel or binaryproto)."""
@@ -305,8 +312,8 @@ def file_kind(path, head=None):
         try:
             with open(path, "rb") as f:
                 head = f.read(4096)
-        except OSError as e:
-            raise CaffeishError(f"{path}: cannot read: {e.strerror}") from None
+        except (OSError, ValueError) as e:
+            raise unreadable(path, e) from None
     head = bytes(head[:4096])
     if not head:
         return "empty", None
@@ -349,8 +356,8 @@ def _read_text_file(path):
     try:
         with open(path, "rb") as f:
             raw = f.read()
-    except OSError as e:
-        raise CaffeishError(f"{path}: cannot read: {e.strerror}") from None
+    except (OSError, ValueError) as e:
+        raise unreadable(path, e) from None
     head = raw[:4096]
     if (b"\0" in head and not _utf16(head)) or _image_kind(head) or raw.startswith(HDF5_SIGNATURE):
         raise not_a_prototxt(path, *file_kind(path, head)) or ParseError(

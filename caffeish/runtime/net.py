@@ -64,6 +64,8 @@ def check_file(path):
             pass
     except OSError as e:
         raise FileOpenError(f"{path}: cannot read: {e.strerror or e}") from None
+    except ValueError:  # a NUL byte in the name
+        raise FileOpenError(f"{path!r}: cannot read: a file name cannot hold a NUL byte") from None
 
 
 def is_hdf5(path):

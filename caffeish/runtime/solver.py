@@ -170,7 +170,8 @@ def fmt(value):
 
 
 def stderr_log(message, where="solver.cpp:0"):
-    """Caffe's LOG(INFO) line on stderr, with glog's prefix (read by Caffe's parse_log.py)."""
+    """Caffe's LOG(INFO) line on stderr, with glog's prefix (read by Caffe's parse_log.py).  The
+    solver escapes the names from files it puts in messages (io.printable)."""
     if os.environ.get("GLOG_minloglevel", "0").strip() not in ("", "0"):
         return
     now = time.time()
@@ -267,7 +268,7 @@ class Solver:
         for path in [w.strip() for entry in list(param.weights) + list(weights or ()) for w in entry.split(",")]:
             if not path:
                 continue
-            self.log(f"Finetuning from {path}", "solver.cpp:72")
+            self.log(f"Finetuning from {io.printable(path)}", "solver.cpp:72")
             for net in [self.net] + self.test_nets:
                 net.copy_from(path)
         self.xp = self.net.xp
@@ -287,11 +288,13 @@ class Solver:
         if isinstance(source, pb.NetParameter):
             net_param = pb.NetParameter()
             net_param.CopyFrom(source)
+            if not len(net_param.layer) and not len(net_param.layers):
+                raise SolverError(f"{self.where}: the {what.split(' ')[0]} net given in the solver defines no layers")
         else:
-            net_param, _ = io.read_prototxt(source)
+            net_param = io.read_net(source)  # a prototxt (Caffe reads the net file as text) with layers
         state = merged_state(phase, net_param.state, extra)
         net_param.ClearField("state")
-        self.log(f"Creating {what}", "solver.cpp:102")
+        self.log(f"Creating {io.printable(what)}", "solver.cpp:102")
         return Net(net_param, phase=state.phase, level=state.level, stages=list(state.stage),
                    backend=self.backend, device=self.device)
 
@@ -425,7 +428,7 @@ class Solver:
         k = 0
         for name, weight, vals in (values if values is not None else self._output_values(net)):
             for i, v in enumerate(vals):
-                line = f"    {what} net output #{k}: {name} = {fmt(v)}"
+                line = f"    {what} net output #{k}: {io.printable(name)} = {fmt(v)}"
                 if weight:
                     line += f" (* {fmt(weight)} = {fmt(np.float32(weight) * v)} loss)"
                 self.log(line, where)
@@ -436,11 +439,11 @@ class Solver:
     def solve(self, resume_file=None):
         """Caffe's Solver::Solve: [restore], step to max_iter, the final snapshot, display and test."""
         p = self.param
-        self.log(f"Solving {self.net.name}", "solver.cpp:289")
-        self.log(f"Learning Rate Policy: {p.lr_policy}", "solver.cpp:290")
+        self.log(f"Solving {io.printable(self.net.name)}", "solver.cpp:289")
+        self.log(f"Learning Rate Policy: {io.printable(p.lr_policy)}", "solver.cpp:290")
         self.requested_early_exit = False
         if resume_file:
-            self.log(f"Restoring previous solver status from {resume_file}", "solver.cpp:294")
+            self.log(f"Restoring previous solver status from {io.printable(resume_file)}", "solver.cpp:294")
             self.restore(resume_file)
         self.step(p.max_iter - self.iter)
         if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
@@ -659,14 +662,14 @@ class Solver:
         if folder and not os.path.isdir(folder):
             raise SolverError(f"cannot write the snapshot '{model}': the folder '{folder}' does not exist")
         if self.hdf5:
-            self.log(f"Snapshotting to HDF5 file {model}", "solver.cpp:475")
+            self.log(f"Snapshotting to HDF5 file {io.printable(model)}", "solver.cpp:475")
             self.net.save_hdf5(model, diff=self.param.snapshot_diff)
-            self.log(f"Snapshotting solver state to HDF5 file {state}", "sgd_solver.cpp:300")
+            self.log(f"Snapshotting solver state to HDF5 file {io.printable(state)}", "sgd_solver.cpp:300")
             self._write_state_hdf5(state, model)
         else:
-            self.log(f"Snapshotting to binary proto file {model}", "solver.cpp:464")
+            self.log(f"Snapshotting to binary proto file {io.printable(model)}", "solver.cpp:464")
             self._write_model(model)
-            self.log(f"Snapshotting solver state to binary proto file {state}", "sgd_solver.cpp:284")
+            self.log(f"Snapshotting solver state to binary proto file {io.printable(state)}", "sgd_solver.cpp:284")
             self._write_state(state, model)
         self._notify("on_snapshot", self.iter, (model, state))
         return model, state
