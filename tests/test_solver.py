@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import caffeish
+from caffeish.errors import CaffeishError
 from caffeish.formats.datum import LmdbWriter, make_datum
 from caffeish.formats.io import parse_text
 from caffeish.formats.schema import TRAIN, pb
@@ -786,6 +787,32 @@ def test_history_count_mismatch_is_a_one_line_error_naming_both_counts(tmp_path)
     msg = str(e.value)
     assert "\n" not in msg
     assert re.search(r"\b2\b", msg) and re.search(r"\b4\b", msg), msg
+    assert t.iter == 0 and all(np.array_equal(a, b) for a, b in zip(data_of(t), before))
+
+
+@pytest.mark.parametrize("damage", ["negative", "short", "long"])
+def test_a_damaged_history_blob_is_a_one_line_error_and_changes_nothing(tmp_path, damage):
+    """Found by mutating Caffe's solverstates: a history blob whose declared shape has a negative
+    dimension, or whose values do not fill it, is refused before anything is restored."""
+    from caffeish.formats import wire
+
+    s, _ = make_solver(tmp_path, f'lr_policy: "fixed" base_lr: 0.1 snapshot_prefix: "{tmp_path}/m"')
+    s.step(1)
+    h = s.history[0]
+    values = np.ones(h.size + {"negative": 0, "short": -1, "long": 1}[damage], np.float32)
+    shape = (-h.shape[0],) + tuple(h.shape[1:]) if damage == "negative" else tuple(h.shape)
+    records = [wire.BlobRecord(values, shape=shape)] + [wire.BlobRecord.from_array(x) for x in s.history[1:]]
+    chunks = [wire.tag(1, wire.VARINT), wire.encode_varint(1)]  # SolverState: iter 1, its history
+    for record in records:
+        enc = wire.encode_blob(record)
+        chunks += [wire.tag(3, wire.LENGTH), wire.encode_varint(wire.chunks_size(enc))] + enc
+    path = tmp_path / "bad.solverstate"
+    path.write_bytes(b"".join(bytes(c) for c in chunks))
+    t, _ = make_solver(tmp_path, 'lr_policy: "fixed" base_lr: 0.1')
+    before = data_of(t)
+    with pytest.raises(CaffeishError, match="history blob 0") as e:
+        t.restore(str(path))
+    assert "\n" not in str(e.value)
     assert t.iter == 0 and all(np.array_equal(a, b) for a, b in zip(data_of(t), before))
 
 

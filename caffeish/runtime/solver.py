@@ -736,10 +736,14 @@ class Solver:
                 f"{len(self.history)} (Caffe: Incorrect length of history blobs); was it written for another "
                 f"net or solver type?")
         for i, (h, record) in enumerate(zip(self.history, history)):
+            io.check_dims(record, path, f"history blob {i}")
+            if record.data.size != record.count:
+                raise SolverError(f"{path}: history blob {i} declares shape {tuple(record.declared_shape)} but "
+                                  f"holds {record.data.size} values (a damaged or truncated solver state)")
             if record.count != h.size:
                 entry = self.learnable[i % len(self.learnable)]
                 raise SolverError(f"{path}: history blob {i} holds {record.count} values, but parameter "
-                                  f"{entry.index} of layer '{entry.layer}' has shape {tuple(h.shape)}")
+                                  f"{entry.index} of layer '{io.printable(entry.layer)}' has shape {tuple(h.shape)}")
         if learned:
             self.net.copy_from(learned)
         self.iter, self.current_step = it, step
@@ -785,6 +789,6 @@ def read_state_hdf5(path):
             group = f["history"]
             history = [wire.BlobRecord.from_array(np.asarray(group[str(i)][()], dtype=np.float32))
                        for i in range(len(group))]
-    except (OSError, KeyError) as e:
+    except (OSError, KeyError, TypeError, ValueError) as e:
         raise SolverError(f"{path}: not a Caffe HDF5 solver state: {e}") from None
     return it, learned, step, history
