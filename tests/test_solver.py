@@ -1103,3 +1103,22 @@ def test_pycaffe_apply_update_increments_iter_and_solve_reaches_max_iter(tmp_pat
     assert r.iter == 6
     r.snapshot()  # pycaffe's snapshot(): names use the restored iter
     assert os.path.isfile(f"{tmp_path}/p_iter_6.solverstate")
+
+
+def test_out_of_range_settings_give_cpp_numbers_not_python_errors(tmp_path):
+    """Found by benchmarks/fuzz_train.py: a huge gamma overflows the rate to inf (C++'s pow), and an Adam
+    momentum2 above 1 makes its correction NaN (C++'s sqrt of a negative), as in Caffe; neither may
+    raise OverflowError or 'math domain error'."""
+    for policy in ('lr_policy: "exp" gamma: 1e30', 'lr_policy: "step" gamma: 1e30 stepsize: 1'):
+        rate, _ = learning_rate(param_text(policy + " base_lr: 0.1"), 200, 0)
+        assert np.isinf(rate), policy
+    s, _ = make_solver(tmp_path, 'type: "Adam" momentum: 0.9 momentum2: 2 lr_policy: "fixed" base_lr: 0.1')
+    with np.errstate(all="ignore"):
+        s.step(2)
+    assert s.iter == 2 and np.isnan(data_of(s)[0]).all()
+
+
+def test_a_snapshot_prefix_with_a_nul_byte_is_refused_before_training(tmp_path):
+    s, _ = make_solver(tmp_path, 'lr_policy: "fixed" base_lr: 0.1 snapshot_prefix: "a\\000b"')
+    with pytest.raises(SolverError, match="NUL byte"):
+        s.check_snapshot_folder()

@@ -136,9 +136,9 @@ def learning_rate(param, it, current_step, log=None):
         rate = base
     elif policy == "step":
         current_step = it // param.stepsize
-        rate = base * gamma ** current_step
+        rate = base * _pow(gamma, current_step)
     elif policy == "exp":
-        rate = base * gamma ** it
+        rate = base * _pow(gamma, it)
     elif policy == "inv":  # pow(float, float) in Caffe's C++: float
         rate = base * float(np.power(np.float32(1) + np.float32(gamma) * np.float32(it), -power))
     elif policy == "multistep":
@@ -146,7 +146,7 @@ def learning_rate(param, it, current_step, log=None):
             current_step += 1
             if log is not None:
                 log(f"MultiStep Status: Iteration {it}, step = {current_step}", "sgd_solver.cpp:61")
-        rate = base * gamma ** current_step
+        rate = base * _pow(gamma, current_step)
     elif policy == "poly":  # float arithmetic throughout
         frac = np.float32(1) - np.float32(it) / np.float32(param.max_iter)
         rate = float(np.float32(base) * np.power(frac, power, dtype=np.float32))
@@ -157,6 +157,12 @@ def learning_rate(param, it, current_step, log=None):
         check_lr_policy(param)
         raise AssertionError(policy)
     return np.float32(rate), current_step
+
+
+def _pow(x, n):
+    """C++'s pow in double: inf or 0 where Python's ** would raise OverflowError."""
+    with np.errstate(all="ignore"):
+        return float(np.power(np.float64(x), n))
 
 
 def fmt(value):
@@ -614,7 +620,9 @@ class Solver:
             v = self.history[i + len(self.learnable)]
             beta1, beta2 = mu, np.float32(self.param.momentum2)
             t = self.iter + 1
-            correction = np.float32(math.sqrt(1.0 - float(beta2) ** t) / (1.0 - float(beta1) ** t))
+            with np.errstate(all="ignore"):  # C++'s pow and sqrt: out-of-range betas give inf or NaN, not errors
+                correction = np.float32(np.sqrt(1.0 - np.power(np.float64(beta2), t))
+                                        / (1.0 - np.power(np.float64(beta1), t)))
             h *= beta1
             self._axpy(np.float32(1) - beta1, g, h)
             v *= beta2
@@ -643,6 +651,9 @@ class Solver:
         if not self.param.snapshot_prefix:
             return
         probe = f"{self.param.snapshot_prefix}_iter_{self.iter}.tempfile"
+        if "\0" in probe:
+            raise SolverError(f"{self.where}: snapshot_prefix {self.param.snapshot_prefix!r} holds a NUL byte, "
+                              f"which no file name can")
         try:
             with open(probe, "xb"):
                 pass
