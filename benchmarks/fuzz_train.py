@@ -110,7 +110,7 @@ def main(argv=None):
 
     signal.signal(signal.SIGALRM, alarm)
     os.environ["GLOG_minloglevel"] = "0"
-    kinds, failures = collections.Counter(), []
+    kinds, failures, slow = collections.Counter(), [], []
     start, here = time.monotonic(), os.getcwd()
     deadline = start + args.minutes * 60 if args.minutes else None
     with tempfile.TemporaryDirectory() as scratch:
@@ -127,9 +127,14 @@ def main(argv=None):
             kinds[kind] += 1
             if kind == "failure":
                 failures.append((seed, what, " ".join(command), detail))
+            elif kind == "timeout":
+                slow.append(f"seed {seed}: {what}")
             seed += 1
     total = sum(kinds.values())
     print(f"{total} inputs in {time.monotonic() - start:.0f} s: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+    if slow:
+        print(f"over {args.timeout} s (a mutated max_iter, test_iter or batch size asks for that much work; "
+              f"check that each is one):\n  " + "\n  ".join(slow))
     for seed, what, command, detail in failures:
         print(f"\nseed {seed}: {what}\n  caffeish {command}\n  {detail}")
     return 1 if failures else 0
