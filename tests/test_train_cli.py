@@ -537,3 +537,19 @@ def test_names_from_files_are_escaped_in_the_log(cwd, capsys):
     assert "Solving evil\\x1b[2Jnet" in err and "Train net output #0: lo\\nss = " in err
     assert "Snapshotting to binary proto file p\\x1b[31m_iter_2.caffemodel" in err
     assert os.path.isfile(cwd / "p\x1b[31m_iter_2.caffemodel")  # the file itself has the name asked for
+
+
+def test_progress_bar_counts_iterations_from_where_training_starts(cwd, capsys, monkeypatch):
+    """On a terminal (CAFFEISH_PROGRESS=1 stands for one) a bar shows the iterations, the loss and the
+    rate; resumed, it starts at the restored iteration."""
+    monkeypatch.setenv("CAFFEISH_PROGRESS", "1")
+    solver = setup(cwd, 'lr_policy: "fixed" base_lr: 0.1 max_iter: 4 display: 1 snapshot: 2 snapshot_prefix: "s"')
+    rc, err = run_main(capsys, "--solver", solver, "--no-curves")
+    assert rc == 0, err
+    frames = err.replace("\r", "\n").splitlines()
+    assert any(re.search(r"train: 100%.*\b4/4\b.*iter/s, loss \S+", f) for f in frames), err[-2000:]
+    rc, err = run_main(capsys, "--solver", solver, "--no-curves", "--snapshot", "s_iter_2.solverstate")
+    assert rc == 0, err
+    frames = err.replace("\r", "\n").splitlines()
+    bars = [f for f in frames if f.startswith("train:") and "/4" in f]
+    assert any(" 2/4 " in f for f in bars) and not any(" 1/4 " in f for f in bars), bars

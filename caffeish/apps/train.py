@@ -129,6 +129,11 @@ class ProgressBar:
     def write(self, line):
         self.bar.write(line, file=self.bar.fp) if self.shown else None
 
+    def on_start(self, it):
+        """The iteration training starts from (after --snapshot): the rate and ETA count from there."""
+        self.bar.initial = self.bar.n = it
+        self.bar.refresh()
+
     def on_train(self, it, loss, outputs):
         self.loss = loss
         self.bar.set_postfix_str(f"loss {solvers.fmt(loss)}", refresh=False)

@@ -17,7 +17,7 @@ Our restatement of Caffe's `solver.cpp` and `sgd_solver.cpp` and friends, as
 
 The solver reports through `log(message, where)` (Caffe's LOG(INFO) lines, with
 the source position glog prints: `solver.cpp:239`) and through `listeners`
-(objects with any of `on_train(it, loss, outputs)`, `on_lr(it, rate)`,
+(objects with any of `on_start(it)` (solve, after a restore), `on_train(it, loss, outputs)`, `on_lr(it, rate)`,
 `on_test(it, index, outputs)`, `on_snapshot(it, files)`), which the `train`
 tool uses for its progress bar and curves.
 """
@@ -451,6 +451,7 @@ class Solver:
         if resume_file:
             self.log(f"Restoring previous solver status from {io.printable(resume_file)}", "solver.cpp:294")
             self.restore(resume_file)
+        self._notify("on_start", self.iter)
         self.step(p.max_iter - self.iter)
         if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
             self.snapshot()
