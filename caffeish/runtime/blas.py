@@ -6,7 +6,8 @@ its output (beta = 1), and its float32 power is a vectorised approximation.
 Where Caffe's rounding decides what later layers see (a ReLU gate at 4e-6 in a
 GoogLeNet, ../shared/golden_train), we call the same routines Caffe calls:
 
-* `axpy(a, x, y)`: y += a * x with cblas_saxpy from the OpenBLAS that numpy
+* `axpy(a, x, y)` and `axpby(a, x, b, y)`: y += a * x with cblas_saxpy (and
+  y = a * x + b * y with cblas_saxpby, the solvers' calls) from the OpenBLAS that numpy
   itself links (its wheels bundle one, the symbols prefixed `scipy_` and
   suffixed `64_`).  Without such a library (another BLAS), numpy's y += a * x
   (one rounding more).
@@ -82,6 +83,10 @@ def _saxpy_function():
     return _function("saxpy", [INT, ctypes.c_float, ctypes.c_void_p, INT, ctypes.c_void_p, INT])
 
 
+def _saxpby_function():
+    return _function("saxpby", [INT, ctypes.c_float, ctypes.c_void_p, INT, ctypes.c_float, ctypes.c_void_p, INT])
+
+
 def _sgemm_function():
     return _function("sgemm", [ctypes.c_int, ctypes.c_int, ctypes.c_int, INT, INT, INT, ctypes.c_float,
                                ctypes.c_void_p, INT, ctypes.c_void_p, INT, ctypes.c_float, ctypes.c_void_p, INT])
@@ -93,6 +98,17 @@ def axpy(a, x, y):
     if f and x.flags.c_contiguous and y.flags.c_contiguous and x.dtype == y.dtype == np.float32:
         f(x.size, float(a), x.ctypes.data, 1, y.ctypes.data, 1)
     else:
+        y += np.float32(a) * x
+
+
+def axpby(a, x, b, y):
+    """y = a * x + b * y in one pass (float32 numpy arrays of one size), as Caffe's caffe_cpu_axpby
+    (cblas_saxpby: the solvers' momentum and running averages)."""
+    f = _saxpby_function()
+    if f and x.flags.c_contiguous and y.flags.c_contiguous and x.dtype == y.dtype == np.float32:
+        f(x.size, float(a), x.ctypes.data, 1, float(b), y.ctypes.data, 1)
+    else:
+        y *= np.float32(b)
         y += np.float32(a) * x
 
 

@@ -541,6 +541,14 @@ class Solver:
         else:
             y += self.xp.float32(a) * x
 
+    def _axpby(self, a, x, b, y):
+        """y = a*x + b*y (Caffe's caffe_cpu_axpby: one pass of cblas_saxpby on the CPU)."""
+        if self.xp is np:
+            blas.axpby(a, x, b, y)
+        else:
+            y *= self.xp.float32(b)
+            y += self.xp.float32(a) * x
+
     def _clip(self):
         clip = np.float32(self.param.clip_gradients)
         if clip < 0:
@@ -583,15 +591,13 @@ class Solver:
         h = self.history[i]
         kind = self.type
         if kind == "SGD":
-            h *= mu
-            self._axpy(alpha, g, h)
+            self._axpby(alpha, g, mu, h)
             g[...] = h
         elif kind == "Nesterov":
             previous = h.copy()
-            h *= mu
-            self._axpy(alpha, g, h)
-            g[...] = h * np.float32(1 + mu)
-            self._axpy(-mu, previous, g)
+            self._axpby(alpha, g, mu, h)
+            self._axpby(np.float32(1 + mu), h, -mu, previous)
+            g[...] = previous
         elif kind == "AdaGrad":
             h += g * g
             update = xp.sqrt(h)
@@ -600,22 +606,19 @@ class Solver:
             g *= alpha
         elif kind == "RMSProp":
             rho = np.float32(self.param.rms_decay)
-            h *= rho
-            self._axpy(np.float32(1) - rho, g * g, h)
+            self._axpby(np.float32(1) - rho, g * g, rho, h)
             update = xp.sqrt(h)
             update += delta
             xp.divide(g, update, out=g)
             g *= alpha
         elif kind == "AdaDelta":
             h2 = self.history[i + len(self.learnable)]
-            h *= mu
-            self._axpy(np.float32(1) - mu, g * g, h)
+            self._axpby(np.float32(1) - mu, g * g, mu, h)
             update = h2 + delta
             update /= h + delta
             xp.sqrt(update, out=update)
             g *= update
-            h2 *= mu
-            self._axpy(np.float32(1) - mu, g * g, h2)
+            self._axpby(np.float32(1) - mu, g * g, mu, h2)
             g *= alpha
         elif kind == "Adam":
             v = self.history[i + len(self.learnable)]
@@ -624,10 +627,8 @@ class Solver:
             with np.errstate(all="ignore"):  # C++'s pow and sqrt: out-of-range betas give inf or NaN, not errors
                 correction = np.float32(np.sqrt(1.0 - np.power(np.float64(beta2), t))
                                         / (1.0 - np.power(np.float64(beta1), t)))
-            h *= beta1
-            self._axpy(np.float32(1) - beta1, g, h)
-            v *= beta2
-            self._axpy(np.float32(1) - beta2, g * g, v)
+            self._axpby(np.float32(1) - beta1, g, beta1, h)
+            self._axpby(np.float32(1) - beta2, g * g, beta2, v)
             update = xp.sqrt(v)
             update += delta
             xp.divide(h, update, out=update)
