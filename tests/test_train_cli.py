@@ -553,3 +553,17 @@ def test_progress_bar_counts_iterations_from_where_training_starts(cwd, capsys, 
     frames = err.replace("\r", "\n").splitlines()
     bars = [f for f in frames if f.startswith("train:") and "/4" in f]
     assert any(" 2/4 " in f for f in bars) and not any(" 1/4 " in f for f in bars), bars
+
+
+def test_a_net_given_as_the_solver_is_named_as_such(cwd, capsys):
+    (cwd / "net.prototxt").write_text(dummy_net())
+    rc, err = run_main(capsys, "--solver", "net.prototxt")
+    assert rc == 1
+    assert "this looks like a net prototxt (NetParameter), not a solver" in one_line_error(err)
+
+
+def test_a_missing_snapshot_folder_is_refused_before_the_nets_are_built(cwd, capsys):
+    solver = setup(cwd, 'lr_policy: "fixed" base_lr: 0.1 max_iter: 2 snapshot_prefix: "nowhere/run"')
+    rc, err = run_main(capsys, "--solver", solver, "--no-curves")
+    assert rc == 1 and "cannot write snapshots with snapshot_prefix 'nowhere/run'" in one_line_error(err)
+    assert "Creating training net" not in err and not (cwd / "nowhere").exists()

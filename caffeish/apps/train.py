@@ -170,8 +170,8 @@ class Training:
             self.log(f"Use GPU with device ID {device.partition(':')[2] or 0}", "caffe.cpp:204")
         else:
             self.log("Use CPU.", "caffe.cpp:197")
+        solvers.check_snapshot_prefix(param, solver_path)  # before the nets are built, which can take a while
         self.solver = solvers.Solver(param, log=self._log, where=solver_path, device=device)
-        self.solver.check_snapshot_folder()
         self.curves = None
         if curves:
             from caffeish.apps.curves import Curves

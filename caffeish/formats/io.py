@@ -143,6 +143,12 @@ def parse_text(text, message, path="<string>"):
                     f"{where}: field '{field}' belongs to a solver definition: this looks like a "
                     f"solver prototxt (SolverParameter), not a net; pass the net prototxt it names"
                 ) from None
+            if (isinstance(message, pb.SolverParameter) and owner and owner.group(1) == "SolverParameter"
+                    and field in pb.NetParameter.DESCRIPTOR.fields_by_name):
+                raise ParseError(
+                    f"{where}: field '{field}' belongs to a net definition: this looks like a net "
+                    f"prototxt (NetParameter), not a solver; pass the solver prototxt that names it (net: ...)"
+                ) from None
             origin = FORK_FIELDS.get(field, "a fork of Caffe")
             raise ForkFieldError(
                 f"{where}: field '{field}' is not a field of BVLC Caffe's "

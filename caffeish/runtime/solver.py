@@ -116,6 +116,26 @@ def check_lr_policy(param, where=""):
         raise SolverError(f"{at}stepsize must be positive for lr_policy '{policy}', got {param.stepsize}")
 
 
+def check_snapshot_prefix(param, where=""):
+    """Caffe's probe when it builds a solver: the snapshot folder must take a file (one is written, then
+    removed), so that a run does not fail at its first snapshot."""
+    at = _where(param, where)
+    if not param.snapshot_prefix:
+        return
+    probe = f"{param.snapshot_prefix}_iter_0.tempfile"
+    if "\0" in probe:
+        raise SolverError(f"{at}snapshot_prefix {param.snapshot_prefix!r} holds a NUL byte, which no file name can")
+    try:
+        with open(probe, "xb"):
+            pass
+        os.unlink(probe)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise SolverError(f"{at}cannot write snapshots with snapshot_prefix '{io.printable(param.snapshot_prefix)}': "
+                          f"{e.strerror or e} (Caffe: Cannot write to snapshot prefix)") from None
+
+
 def merged_state(phase, net_state, extra):
     """Caffe's NetState merging: {phase}, then the net's own state, then the solver's."""
     state = pb.NetState()
@@ -649,23 +669,8 @@ class Solver:
         return base + ext[0], base + ext[1]
 
     def check_snapshot_folder(self):
-        """Caffe's probe at construction: the snapshot folder must take a file (written, then removed)."""
-        if not self.param.snapshot_prefix:
-            return
-        probe = f"{self.param.snapshot_prefix}_iter_{self.iter}.tempfile"
-        if "\0" in probe:
-            raise SolverError(f"{self.where}: snapshot_prefix {self.param.snapshot_prefix!r} holds a NUL byte, "
-                              f"which no file name can")
-        try:
-            with open(probe, "xb"):
-                pass
-            os.unlink(probe)
-        except FileExistsError:
-            pass
-        except OSError as e:
-            raise SolverError(f"{self.where}: cannot write snapshots with snapshot_prefix "
-                              f"'{self.param.snapshot_prefix}': {e.strerror or e} (Caffe: Cannot write to "
-                              f"snapshot prefix)") from None
+        """Caffe's probe at construction (check_snapshot_prefix)."""
+        check_snapshot_prefix(self.param, self.where)
 
     def snapshot(self):
         """Write the model and the solver state for the current iteration (atomically); returns the names.
