@@ -127,7 +127,8 @@ class ProgressBar:
         return not self.bar.disable
 
     def write(self, line):
-        self.bar.write(line, file=self.bar.fp) if self.shown else None
+        if self.shown:
+            self.bar.write(line, file=self.bar.fp)
 
     def on_start(self, it):
         """The iteration training starts from (after --snapshot): the rate and ETA count from there."""

@@ -27,6 +27,7 @@ import sys
 import time
 
 import numpy as np
+from google.protobuf import text_format
 
 from caffeish.errors import CaffeishError
 from caffeish.formats import io, wire
@@ -272,9 +273,10 @@ class Solver:
             where = where or os.fspath(param)
             param = read_solver(param)
         self.where = where or "solver"
+        if type_ is not None and type_ != param.type:  # the caller's message stays as it was
+            param = type(param).FromString(param.SerializeToString())
+            param.type = type_
         self.param = param
-        if type_ is not None:
-            self.param.type = type_
         check_solver(param, self.where)
         self.type = param.type
         self.log = log or stderr_log
@@ -282,8 +284,6 @@ class Solver:
         self.callbacks = []  # pycaffe's add_callback: (on_start, on_gradients)
         self.action = lambda: NONE  # polled for signals (the train tool sets it)
         self.requested_early_exit = False
-        from google.protobuf import text_format
-
         self.log("Initializing solver from parameters: \n" + text_format.MessageToString(param).rstrip("\n"),
                  "solver.cpp:45")
         if param.random_seed >= 0:
