@@ -43,6 +43,7 @@ from fractions import Fraction
 
 import numpy as np
 
+from caffeish.apps import train_val
 from caffeish.data import dataset_meta
 from caffeish.runtime import fillers
 from caffeish.errors import CaffeishError, GraphError, ShapeError
@@ -553,46 +554,12 @@ def _mean(mean_file, known, report):
     return None
 
 
-def _data_layer(name, top, phase, source, batch_size, mean=None):
-    layer = pb.LayerParameter(name=name, type="Data")
-    layer.top.append(top)
-    layer.include.add().phase = phase
-    if mean is not None:
-        kind, value = mean
-        if kind == "file":
-            layer.transform_param.mean_file = value
-        else:
-            layer.transform_param.mean_value.extend(value)
-    dp = layer.data_param
-    dp.source = source
-    dp.batch_size = batch_size
-    dp.backend = pb.DataParameter.LMDB
-    return layer
-
-
 def _train_val(name, layers, inputs, data_blob, shapes, dataset, mean, batch_size, ignore_label):
     """The train/val net: LMDB Data layers (dataset layout), the FCN, SoftmaxWithLoss and Accuracy."""
     if [t for t in inputs if t != data_blob]:
         raise GraphError(f"the classifier has several inputs ({', '.join(inputs)}); the train/val net reads one image")
-    root = dataset or ""
-    out = []
-    for phase, db in ((TRAIN, "train_db"), (TEST, "val_db")):
-        out.append(_data_layer(data_blob, data_blob, phase, os.path.join(root, db, "features"), batch_size, mean))
-        out.append(_data_layer("label", "label", phase, os.path.join(root, db, "labels"), batch_size))
-    out += [l for l in layers if l.bottom]
-    loss = pb.LayerParameter(name="loss", type="SoftmaxWithLoss")
-    loss.bottom.extend(["score", "label"])
-    loss.top.append("loss")
-    loss.loss_param.normalize = False
-    acc = pb.LayerParameter(name="accuracy", type="Accuracy")
-    acc.bottom.extend(["score", "label"])
-    acc.top.append("accuracy")
-    acc.include.add().phase = TEST
-    if ignore_label is not None:
-        loss.loss_param.ignore_label = ignore_label
-        acc.accuracy_param.ignore_label = ignore_label
-    out += [loss, acc]
-    net = _net(name, out)
+    net = train_val.wrap(name, [l for l in layers if l.bottom], data_blob, "score", dataset or "",
+                         train_val.SEGMENTATION, mean, batch_size, ignore_label=ignore_label, normalize=False)
     n, c, h, w = shapes[data_blob]
     sizes = {data_blob: (batch_size, c, h, w), "label": (batch_size, 1, h, w)}
     for phase in (TRAIN, TEST):
