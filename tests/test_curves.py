@@ -382,3 +382,43 @@ def test_real_caffe_log(tmp_path, clock, no_warnings, case):
     losses = {int(r.split(",")[0]): r.split(",")[2] for r in lines[1:]}
     assert [float(losses[i]) for i in expected["loss_iterations"]] == expected["loss"]
     assert all(math.isfinite(v) for v in expected["loss"])
+
+
+# -- reading curves.csv back (a resumed run, the web app's live curves) ---------------------------------------
+def test_read_csv_gives_back_the_same_file(tmp_path, clock, no_warnings):
+    c = synthetic(tmp_path, png=False)
+    c.test(3, {"total_loss": 1 / 3, "f": np.array([0.5, 2.0])}, net_index=2)
+    c.flush()
+    again = curves_mod.read_csv(tmp_path / "curves.csv")
+    assert again.columns == c.columns
+    out = tmp_path / "again"
+    again.out_dir = str(out)
+    again.flush()
+    assert read(out / "curves.csv") == read(tmp_path / "curves.csv")
+    for a, b in zip(again.test_passes(1), c.test_passes(1)):  # a float32 value comes back as its shortest text
+        assert a["iteration"] == b["iteration"] and a["outputs"] == pytest.approx(b["outputs"], rel=1e-7)
+    assert again.series("lr") == c.series("lr")
+
+
+def test_read_csv_before_keeps_the_earlier_rows_only(tmp_path, clock, no_warnings):
+    c = synthetic(tmp_path, png=False)
+    c.flush()
+    part = curves_mod.read_csv(tmp_path / "curves.csv", before=5)
+    assert part.series("lr") == ([0, 1, 2, 3, 4], [0.01] * 5)
+    assert curves_mod.read_csv(tmp_path / "missing.csv").columns == ["iteration", "lr", "train_loss"]
+
+
+@pytest.mark.parametrize("text", ["a,b,c\n1,2,3\n", "iteration,lr,train_loss\nx,1,2\n",
+                                  "iteration,lr,train_loss\n1,abc,2\n"])
+def test_read_csv_refuses_another_file_in_one_line(tmp_path, text):
+    from caffeish.errors import CaffeishError
+
+    (tmp_path / "curves.csv").write_text(text)
+    with pytest.raises(CaffeishError, match="curves.csv") as e:
+        curves_mod.read_csv(tmp_path / "curves.csv")
+    assert "\n" not in str(e.value)
+
+
+def test_png_bytes(tmp_path, clock, no_warnings):
+    c = synthetic(tmp_path, png=False)
+    assert c.png_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

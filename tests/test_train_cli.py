@@ -567,3 +567,32 @@ def test_a_missing_snapshot_folder_is_refused_before_the_nets_are_built(cwd, cap
     rc, err = run_main(capsys, "--solver", solver, "--no-curves")
     assert rc == 1 and "cannot write snapshots with snapshot_prefix 'nowhere/run'" in one_line_error(err)
     assert "Creating training net" not in err and not (cwd / "nowhere").exists()
+
+
+def test_a_resumed_run_goes_on_with_its_curves(cwd, capsys):
+    solver = setup(cwd, 'lr_policy: "step" stepsize: 2 gamma: 0.5 base_lr: 0.1 max_iter: 3 snapshot_prefix: "m" '
+                        'display: 1')
+    rc, err = run_main(capsys, "--solver", solver, "-o", "out")
+    assert rc == 0, err
+    first = (cwd / "out" / "curves.csv").read_text().splitlines()
+    (cwd / solver).write_text((cwd / solver).read_text().replace("max_iter: 3", "max_iter: 5"))
+    rc, err = run_main(capsys, "--solver", solver, "--snapshot", "m_iter_3.solverstate", "-o", "out")
+    assert rc == 0, err
+    resumed = (cwd / "out" / "curves.csv").read_text().splitlines()
+    iters = [int(line.split(",")[0]) for line in resumed[1:]]
+    assert iters == [0, 1, 2, 3, 4, 5] or iters == [0, 1, 2, 3, 4]
+    assert resumed[:4] == first[:4]  # iterations 0-2 as the first run wrote them
+    lrs = [line.split(",")[1] for line in resumed[1:5]]
+    assert lrs == ["0.1", "0.1", "0.05", "0.05"]
+
+
+def test_a_damaged_curves_file_does_not_stop_a_resumed_run(cwd, capsys):
+    solver = setup(cwd, 'lr_policy: "fixed" base_lr: 0.1 max_iter: 2 snapshot_prefix: "m" display: 1')
+    rc, err = run_main(capsys, "--solver", solver, "-o", "out")
+    assert rc == 0, err
+    (cwd / "out" / "curves.csv").write_text("garbage\n")
+    (cwd / solver).write_text((cwd / solver).read_text().replace("max_iter: 2", "max_iter: 3"))
+    rc, err = run_main(capsys, "--solver", solver, "--snapshot", "m_iter_2.solverstate", "-o", "out")
+    assert rc == 0, err
+    assert "the curves start again at iteration 2" in err
+    assert (cwd / "out" / "curves.csv").read_text().splitlines()[1].startswith("2,")

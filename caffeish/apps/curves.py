@@ -118,6 +118,10 @@ class Curves:
         self._version = 0
         self._warned = set()
 
+    def clear(self):
+        """Forget every value (the settings stay)."""
+        self.__init__(self.out_dir, self.png, self.min_png_interval, self.title, self.max_points)
+
     # ------------------------------------------------------------------ recording
 
     def train(self, iteration, loss, lr=None, outputs=None):
@@ -273,6 +277,20 @@ class Curves:
             fig.savefig(f, format="png")
         return True
 
+    def png_bytes(self, size=(10, 6.5), dpi=100):
+        """The picture as PNG bytes (a web page's live curves); needs matplotlib."""
+        import io
+
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=size, dpi=dpi)
+        FigureCanvasAgg(fig)
+        self._draw(fig)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        return buf.getvalue()
+
     # ------------------------------------------------------------------ drawing
 
     def _plotted(self, column):
@@ -395,6 +413,55 @@ class Curves:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def read_csv(path, curves=None, before=None):
+    """Feed `curves` (a new in-memory Curves when None) from a curves.csv this module wrote; with
+    `before`, only the rows of iterations below it (a run resumed at that iteration goes on from
+    there).  A missing file gives empty curves; a malformed one raises CaffeishError.  Returns the curves."""
+    import csv
+
+    from caffeish.errors import CaffeishError
+
+    if curves is None:
+        curves = Curves(None)
+    try:
+        f = open(path, encoding="utf-8", newline="")
+    except FileNotFoundError:
+        return curves
+    except OSError as e:
+        raise CaffeishError(f"{path}: cannot read the curves ({e.strerror or e})") from None
+    with f:
+        rows = csv.reader(f)
+        header = next(rows, None)
+        if not header:
+            return curves
+        if header[:3] != ["iteration", "lr", "train_loss"]:
+            raise CaffeishError(f"{path}: not a curves.csv (its columns start {', '.join(header[:3])})")
+        for col in header[3:]:
+            if col in curves._data:
+                continue
+            curves._new_column(col)
+            test = re.match(r"test(\d*)_(.+)\Z", col)
+            if test:
+                curves._test_cols.append(col)
+                curves._test_names[col] = (int(test.group(1) or 0), test.group(2))
+            else:
+                curves._train_cols.append(col)
+        for line, cells in enumerate(rows, 2):
+            if not cells:
+                continue
+            try:
+                it = int(cells[0])
+                values = [(col, float(text)) for col, text in zip(header[1:], cells[1:]) if text != ""]
+            except ValueError:
+                raise CaffeishError(f"{path}: line {line}: not a row of numbers") from None
+            if before is not None and it >= before:
+                continue
+            row = curves._row(it)
+            for col, value in values:  # each cell's text, written again, is the same text
+                curves._set(col, row, value)
+    return curves
 
 
 def _csv_field(text):

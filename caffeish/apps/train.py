@@ -179,7 +179,7 @@ class Training:
 
             os.makedirs(self.out, exist_ok=True)
             self.curves = Curves(self.out, title=self.solver.net.name)
-            self.solver.listeners.append(_CurvesListener(self.curves))
+            self.solver.listeners.append(_CurvesListener(self.curves, resumed=snapshot is not None))
 
     def _log(self, message, where):
         if self.bar is not None and self.bar.shown:
@@ -209,10 +209,22 @@ class _CurvesListener:
     """Feeds the curves; the CSV is rewritten (and synced) at most every `interval` seconds, after
     each test pass and at each snapshot, so that a fast run does not spend its time writing it."""
 
-    def __init__(self, curves, interval=2.0):
+    def __init__(self, curves, interval=2.0, resumed=False):
         self.curves = curves
         self.interval = interval
         self.last = None
+        self.resumed = resumed
+
+    def on_start(self, it):
+        """A resumed run goes on with the curves its first part wrote there (rows before `it`)."""
+        if self.resumed:
+            from caffeish.apps.curves import read_csv
+
+            try:
+                read_csv(self.curves.csv_path, self.curves, before=it)
+            except CaffeishError as e:  # the plot must never stop a run: start its curves again
+                self.curves.clear()
+                sys.stderr.write(f"caffeish train: warning: {e}; the curves start again at iteration {it}\n")
 
     def _flush(self, force=False):
         now = time.monotonic()
