@@ -9,6 +9,7 @@ Limits: request bodies over `max_upload` bytes are refused (413) before they are
 `max_pixels` before they are decoded; POSTs from another origin are refused (403); with
 `allowed_hosts`, requests naming another Host are refused (DNS rebinding).
 """
+import contextlib
 import logging
 import os
 
@@ -19,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -27,6 +28,7 @@ from starlette.templating import Jinja2Templates
 from caffeish.errors import CaffeishError
 from caffeish.formats.io import printable
 from caffeish.runtime import backend
+from caffeish.web import jobs as jobs_mod
 from caffeish.web import pages
 from caffeish.web.tasks import Tasks
 from caffeish.web.workspace import Workspace, WorkspaceError, check_name
@@ -129,14 +131,17 @@ class SameOrigin:
 
 
 def create_app(root, stores=(), max_upload=DEFAULT_MAX_UPLOAD, max_pixels=pages.DEFAULT_MAX_PIXELS,
-               allowed_hosts=None):
-    """The ASGI app over the workspace `root` (see caffeish.web.workspace)."""
+               allowed_hosts=None, max_jobs=1):
+    """The ASGI app over the workspace `root` (see caffeish.web.workspace); max_jobs: training jobs
+    that may run at once (caffeish.web.jobs)."""
     ws = Workspace(root, stores)
+    jobs = jobs_mod.Jobs(ws, max_jobs)
     backend.tune_allocator()  # nets run in task threads: the main thread's malloc arena for them too
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(os.path.join(HERE, "templates")), autoescape=True)
     templates = Jinja2Templates(env=env)
     tasks, results = Tasks(), pages.Results()
-    state = {"ws": ws, "tasks": tasks, "results": results, "max_pixels": max_pixels, "max_upload": max_upload}
+    state = {"ws": ws, "tasks": tasks, "results": results, "max_pixels": max_pixels, "max_upload": max_upload,
+             "jobs": jobs}
 
     def render(request, template, status=200, **context):
         return templates.TemplateResponse(request, template, dict(context, workspace=ws.root), status_code=status)
@@ -157,7 +162,8 @@ def create_app(root, stores=(), max_upload=DEFAULT_MAX_UPLOAD, max_pixels=pages.
 
     # -- pages -------------------------------------------------------------------------------------
     def home(request):
-        return render(request, "index.html", models=ws.models(), datasets=ws.datasets(), stores=ws.stores())
+        return render(request, "index.html", models=ws.models(), datasets=ws.datasets(), stores=ws.stores(),
+                      jobs=[jobs.summary(jobs.get(n)) for n in jobs.names()])
 
     def models(request):
         listed = []
@@ -212,6 +218,18 @@ def create_app(root, stores=(), max_upload=DEFAULT_MAX_UPLOAD, max_pixels=pages.
     async def infer(request):
         model = model_of(request)
         form = await request.form(max_files=MAX_FILES, max_fields=50)
+        images, pre, visualize, tile = await inference_form(form, model)
+
+        def run(task):
+            result = pages.run_inference(task, model, images, pre, visualize=visualize, tile=tile)
+            task.next_url = f"/results/{results.add(result)}"
+            return result
+
+        return start(request, f"{model.name}: {len(images)} image(s)", run)
+
+    async def inference_form(form, model, dataset=None):
+        """(images, preprocess, visualize, tile) of an inference form (uploads and/or a dataset record;
+        `dataset`: that dataset's record instead of the form's)."""
         images = []
         for upload in form.getlist("images"):
             if getattr(upload, "filename", None) is None:
@@ -220,8 +238,9 @@ def create_app(root, stores=(), max_upload=DEFAULT_MAX_UPLOAD, max_pixels=pages.
             if data:
                 images.append((upload.filename, await run_in_threadpool(pages.decode_upload, data, upload.filename,
                                                                         max_pixels)))
-        if form.get("dataset"):
-            images.append(await run_in_threadpool(pages.dataset_image, ws, str(form.get("dataset")),
+        dataset = dataset or form.get("dataset")
+        if dataset:
+            images.append(await run_in_threadpool(pages.dataset_image, ws, str(dataset),
                                                   str(form.get("split", "val")), _int(form.get("record", "0"), "record")))
         if not images:
             raise CaffeishError("no image: choose one or more image files, or a dataset record")
@@ -232,13 +251,7 @@ def create_app(root, stores=(), max_upload=DEFAULT_MAX_UPLOAD, max_pixels=pages.
             from caffeish.values import parse_wxh
 
             tile = parse_wxh(str(form.get("tile")), "tile")[::-1]
-
-        def run(task):
-            result = pages.run_inference(task, model, images, pre, visualize=visualize, tile=tile)
-            task.next_url = f"/results/{results.add(result)}"
-            return result
-
-        return start(request, f"{model.name}: {len(images)} image(s)", run)
+        return images, pre, visualize, tile
 
     def result_of(request):
         return _found(results.get(request.path_params["rid"]),
@@ -366,6 +379,137 @@ def create_app(root, stores=(), max_upload=DEFAULT_MAX_UPLOAD, max_pixels=pages.
         return _png(pages.dataset_sample(root, request.path_params["split"],
                                          _int(request.path_params["index"], "record"), kind))
 
+    # -- training jobs ------------------------------------------------------------------------------------
+    def job_of(request):
+        return jobs.get(request.path_params["name"])
+
+    def jobs_page(request):
+        return render(request, "jobs.html", jobs=[jobs.summary(jobs.get(n)) for n in jobs.names()])
+
+    def new_job_page(request):
+        datasets = pages.training_datasets(ws)
+        models = [m for m in ws.models() if m.deploy]
+        network = request.query_params.get("model", "")
+        default_weights = f"model:{network}" if any(m.name == network and m.weights for m in models) else ""
+        return render(request, "new_job.html", models=models, datasets=datasets, network=network,
+                      dataset=request.query_params.get("dataset", ""), weights=jobs.weights_choices(),
+                      default_weights=default_weights, solver_types=jobs_mod.SOLVER_TYPES,
+                      policies=jobs_mod.LR_POLICIES)
+
+    async def create_job(request):
+        form = await request.form(max_files=0, max_fields=60)
+        name = check_name(str(form.get("name", "")).strip(), "job")
+        settings = jobs_mod.settings_from_form(form)
+        await run_in_threadpool(jobs.create, name, str(form.get("network", "")), str(form.get("dataset", "")),
+                                str(form.get("weights", "")), settings)
+        return RedirectResponse(f"/jobs/{name}", 303)
+
+    def job_status(job):
+        s = jobs.state(job)
+        curves = job.curves()
+        latest = jobs_mod.latest_values(curves)
+        max_iter = job.max_iter()
+        iteration = latest["iteration"] if latest["iteration"] is not None else s.get("iteration")
+        if s["state"] == jobs_mod.DONE and s.get("iteration") is not None:
+            iteration = s["iteration"]
+        stamp = job.curves_stamp()
+        return {"name": job.name, "state": s["state"], "stopping": s.get("stopping", False),
+                "message": s.get("message", ""), "iteration": iteration, "max_iter": max_iter,
+                "fraction": min(1.0, iteration / max_iter) if iteration is not None and max_iter else None,
+                "loss": latest["loss"], "lr": latest["lr"], "test": latest["test"],
+                "test_iteration": latest["test_iteration"], "points": latest["points"],
+                "curves": f"{stamp[1]}-{stamp[2]}" if stamp else "",
+                "snapshots": [{"iteration": it, "model": f"/jobs/{job.name}/snapshots/{it}/caffemodel",
+                               "state": f"/jobs/{job.name}/snapshots/{it}/solverstate" if st else None}
+                              for it, _, st in job.snapshots()],
+                "log": job.log_tail(8 << 10)}
+
+    def job_page(request):
+        job = job_of(request)
+        status = job_status(job)
+        texts = {}
+        for name in ("solver.prototxt", "train_val.prototxt"):
+            path = job.file(name)
+            if path:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    texts[name] = f.read(64 << 10)
+        return render(request, "job.html", job=job, cfg=job.config, st=status, texts=texts)
+
+    def job_json(request):
+        return JSONResponse(job_status(job_of(request)), headers={"Cache-Control": "no-cache"})
+
+    def job_curves(request):
+        job = job_of(request)
+        stamp = job.curves_stamp()
+        return _png(_curve_pictures.get(("curves", job.folder, stamp), lambda: job.curves().png_bytes()))
+
+    def job_log(request):
+        job = job_of(request)
+        path = job.file("log.txt")
+        if path is None:
+            raise WorkspaceError(f"job '{job.name}' has no log yet")
+        return FileResponse(path, media_type="text/plain; charset=utf-8", headers={"Cache-Control": "no-cache"})
+
+    def job_snapshot(request):
+        job = job_of(request)
+        it = _int(request.path_params["iteration"], "iteration")
+        kind = request.path_params["kind"]
+        for i, model, state in job.snapshots():
+            if i == it and kind in ("caffemodel", "solverstate"):
+                path = model if kind == "caffemodel" else state
+                if path:
+                    return FileResponse(path, media_type="application/octet-stream",
+                                        filename=f"{job.name}_{os.path.basename(path)}")
+        raise WorkspaceError(f"job '{job.name}' has no {printable(kind)[:20]} at iteration {it}")
+
+    async def stop_job(request):
+        job = job_of(request)
+        await run_in_threadpool(jobs.stop, job)
+        return RedirectResponse(f"/jobs/{job.name}", 303)
+
+    async def resume_job(request):
+        job = job_of(request)
+        form = await request.form(max_files=0, max_fields=10)
+        more = str(form.get("max_iter", "") or "").strip()
+        max_iter = _int(more, "iterations") if more else None
+        if max_iter is not None and not 1 <= max_iter < 2**31:
+            raise CaffeishError(f"iterations: between 1 and {2**31 - 1}")
+        await run_in_threadpool(jobs.resume, job, max_iter)
+        return RedirectResponse(f"/jobs/{job.name}", 303)
+
+    async def delete_job(request):
+        job = job_of(request)
+        await run_in_threadpool(jobs.delete, job)
+        return RedirectResponse("/jobs", 303)
+
+    async def test_job(request):
+        job = job_of(request)
+        form = await request.form(max_files=MAX_FILES, max_fields=50)
+        model = job.snapshot_model(_int(form.get("iteration", ""), "iteration"))
+        use = form.get("use_dataset") == "on"
+        images, pre, visualize, tile = await inference_form(form, model, job.config.get("dataset") if use else None)
+
+        def run(task):
+            result = pages.run_inference(task, model, images, pre, visualize=visualize, tile=tile)
+            result["back"] = {"url": f"/jobs/{job.name}", "title": model.title}
+            task.next_url = f"/results/{results.add(result)}"
+            return result
+
+        return start(request, f"{model.title}: {len(images)} image(s)", run)
+
+    async def publish_job(request):
+        job = job_of(request)
+        form = await request.form(max_files=0, max_fields=10)
+        model = job.snapshot_model(_int(form.get("iteration", ""), "iteration"))
+        new = check_name(str(form.get("name", "")).strip(), "new model")
+        ws.new_model_path(new)
+
+        def run(task):
+            pages.publish_snapshot(ws, job, model, new)
+            task.next_url = f"/models/{new}"
+
+        return start(request, f"{model.title} -> model {new}", run)
+
     # -- tasks -------------------------------------------------------------------------------------------
     def task_of(request):
         return _found(tasks.get(request.path_params["tid"]), "no such task")
@@ -389,7 +533,7 @@ def create_app(root, stores=(), max_upload=DEFAULT_MAX_UPLOAD, max_pixels=pages.
         return error(request, 404, f"error: {printable(str(exc))}")
 
     async def on_caffeish_error(request, exc):
-        return error(request, 400, f"error: {printable(str(exc))}")
+        return error(request, 409 if isinstance(exc, jobs_mod.JobError) else 400, f"error: {printable(str(exc))}")
 
     async def on_http(request, exc):
         return error(request, exc.status_code, f"error: {printable(str(exc.detail))}")
@@ -413,6 +557,19 @@ def create_app(root, stores=(), max_upload=DEFAULT_MAX_UPLOAD, max_pixels=pages.
         Route("/datasets/{name}", dataset_page),
         Route("/datasets/{name}/distribution.png", dataset_distribution),
         Route("/datasets/{name}/samples/{split}/{index}/{kind}.png", dataset_sample),
+        Route("/jobs", jobs_page),
+        Route("/jobs", create_job, methods=["POST"]),
+        Route("/jobs/new", new_job_page),
+        Route("/jobs/{name}", job_page),
+        Route("/jobs/{name}/status.json", job_json),
+        Route("/jobs/{name}/curves.png", job_curves),
+        Route("/jobs/{name}/log.txt", job_log),
+        Route("/jobs/{name}/snapshots/{iteration}/{kind}", job_snapshot),
+        Route("/jobs/{name}/stop", stop_job, methods=["POST"]),
+        Route("/jobs/{name}/resume", resume_job, methods=["POST"]),
+        Route("/jobs/{name}/delete", delete_job, methods=["POST"]),
+        Route("/jobs/{name}/test", test_job, methods=["POST"]),
+        Route("/jobs/{name}/publish", publish_job, methods=["POST"]),
         Route("/tasks/{tid}.json", task_json),
         Route("/tasks/{tid}", task_page),
         Mount("/static", StaticFiles(directory=os.path.join(HERE, "static")), name="static"),
@@ -420,10 +577,18 @@ def create_app(root, stores=(), max_upload=DEFAULT_MAX_UPLOAD, max_pixels=pages.
     middleware = [Middleware(OneLineErrors), Middleware(UploadLimit, limit=max_upload), Middleware(SameOrigin)]
     if allowed_hosts:
         middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)))
-    app = Starlette(routes=routes, middleware=middleware, exception_handlers={
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await run_in_threadpool(jobs.shutdown)  # running jobs: a snapshot, then the end (resumable)
+
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers={
         WorkspaceError: on_workspace_error, CaffeishError: on_caffeish_error, HTTPException: on_http})
     app.state.web = state
     return app
+
+
+_curve_pictures = pages.Cache(8)
 
 
 def _found(thing, missing):

@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 
 from caffeish.apps import dataset as datasets
-from caffeish.apps import download, inference, offsets, store, surgery_files
+from caffeish.apps import download, inference, offsets, store, surgery_files, train_val
 from caffeish.apps.summary import fmt_shape, summarize
 from caffeish.data import palette as palettes
 from caffeish.data.preprocess import Preprocess, load_mean, parse_values
@@ -383,6 +383,27 @@ def fix_offsets(ws, model, new_name):
     return _new_folder(target, write)
 
 
+def publish_snapshot(ws, job, model, new_name):
+    """A job's snapshot as ROOT/models/NEW: its deploy net, the snapshot's weights, the dataset's labels,
+    palette and mean, and a readme saying where it came from."""
+    target = ws.new_model_path(new_name)
+
+    def write(tmp):
+        shutil.copyfile(model.deploy, os.path.join(tmp, "deploy.prototxt"), follow_symlinks=False)
+        _link_or_copy(model.weights, os.path.join(tmp, "weights.caffemodel"))
+        for name in ("labels.txt", "palette.txt", "mean.binaryproto"):
+            src = job.file(name)
+            if src:
+                shutil.copyfile(src, os.path.join(tmp, name), follow_symlinks=False)
+        cfg = job.config
+        with open(os.path.join(tmp, "readme.md"), "w", encoding="utf-8") as f:
+            f.write(f"---\nname: {new_name}\ndescription: {model.title}, trained by caffeish serve's job "
+                    f"{job.name} (network {cfg.get('network')}, dataset {cfg.get('dataset')})\n"
+                    f"caffemodel: weights.caffemodel\n---\n")
+
+    return _new_folder(target, write)
+
+
 def _write_note(tmp, what, model, notes):
     with open(os.path.join(tmp, "readme.md"), "w", encoding="utf-8") as f:
         f.write(f"---\nname: {model.name} ({what})\ndescription: made by caffeish serve: {what} of "
@@ -429,6 +450,18 @@ def dataset_view(root):
             pixels[i] += int(c)
     return {"type": meta.get("type", "?"), "classes": names, "splits": splits, "pixels": pixels.tolist(),
             "total_pixels": int(pixels.sum())}
+
+
+def training_datasets(ws):
+    """[{name, kind, train, val}] of the workspace's datasets a training job can use (train and val splits)."""
+    out = []
+    for name in ws.datasets():
+        try:
+            d = train_val.Dataset(ws.dataset(name))
+        except CaffeishError:
+            continue
+        out.append({"name": name, "kind": d.kind, "train": d.records("train"), "val": d.records("val")})
+    return out
 
 
 def dataset_palette(root, n):

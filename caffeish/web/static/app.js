@@ -58,4 +58,62 @@ function setupResults() {
   });
 }
 
-document.addEventListener("DOMContentLoaded", () => { loadNetPicture(); watchTask(); setupResults(); });
+function watchJob() {
+  // A training job's page: its status polled once a second; the curves picture fetched again when
+  // curves.csv changed; the page reloaded when the job's state changes (its buttons are the server's).
+  const el = document.getElementById("job");
+  if (!el) return;
+  const $ = id => document.getElementById(id);
+  const num = v => (typeof v === "number") ? Number(v.toPrecision(6)).toString() : "—";
+  const img = $("job-curves");
+  const poll = () => fetch("/jobs/" + encodeURIComponent(el.dataset.name) + "/status.json", {cache: "no-store"})
+    .then(r => r.json()).then(s => {
+      if (s.error) { $("job-message").textContent = s.error; return; }
+      if (s.state !== el.dataset.state) { window.location.reload(); return; }
+      $("job-state").textContent = s.state + (s.stopping ? " (stopping)" : "");
+      $("job-message").textContent = s.message || "";
+      const bar = $("job-progress");
+      if (s.fraction !== null) bar.value = s.fraction; else bar.removeAttribute("value");
+      $("job-iteration").textContent = s.iteration === null ? 0 : s.iteration;
+      $("job-max").textContent = s.max_iter;
+      $("job-loss").textContent = num(s.loss);
+      $("job-lr").textContent = num(s.lr);
+      const tests = Object.entries(s.test).map(([k, v]) => k + " " + num(v));
+      $("job-test").textContent = tests.length ? tests.join(" ") : "—";
+      if (s.curves !== img.dataset.version) {
+        img.dataset.version = s.curves;
+        const next = new Image();  // swapped in when loaded: the picture never blinks
+        next.onload = () => { img.src = next.src; img.dataset.points = s.points; };
+        next.src = "/jobs/" + encodeURIComponent(el.dataset.name) + "/curves.png?v=" + encodeURIComponent(s.curves);
+      }
+      if (String(s.snapshots.length) !== el.dataset.snapshots) {
+        el.dataset.snapshots = s.snapshots.length;
+        const body = $("job-snapshots").querySelector("tbody");
+        body.replaceChildren(...s.snapshots.map(snap => {
+          const tr = document.createElement("tr");
+          const cells = [String(snap.iteration), [snap.model, "caffemodel"], snap.state ? [snap.state, "solverstate"] : ""];
+          for (const c of cells) {
+            const td = document.createElement("td");
+            if (Array.isArray(c)) { const a = document.createElement("a"); a.href = c[0]; a.textContent = c[1]; td.append(a); }
+            else td.textContent = c;
+            tr.append(td);
+          }
+          return tr;
+        }));
+        document.querySelectorAll("select.snapshot-choice").forEach(sel => {
+          const chosen = sel.value;
+          sel.replaceChildren(...s.snapshots.slice().reverse().map(snap => new Option(snap.iteration, snap.iteration)));
+          if (chosen) sel.value = chosen;
+        });
+      }
+      const log = $("job-log");
+      const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+      if (log.textContent !== s.log) { log.textContent = s.log; if (atEnd) log.scrollTop = log.scrollHeight; }
+      if (s.state === "running" || s.state === "starting") setTimeout(poll, 1000);
+    }).catch(() => setTimeout(poll, 2000));
+  const log = $("job-log");
+  log.scrollTop = log.scrollHeight;
+  if (el.dataset.state === "running" || el.dataset.state === "starting") setTimeout(poll, 1000);
+}
+
+document.addEventListener("DOMContentLoaded", () => { loadNetPicture(); watchTask(); setupResults(); watchJob(); });
