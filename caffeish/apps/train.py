@@ -188,10 +188,14 @@ class Training:
         else:
             self.log(message, where)
 
-    def run(self, sigint=solvers.STOP, sighup=solvers.SNAPSHOT):
+    def run(self, sigint=solvers.STOP, sighup=solvers.SNAPSHOT, stop_requested=None):
+        """Solve; stop_requested(): whether a stop came before the signal handlers were installed (a
+        caller's own handler while the nets were built): then the run stops at its first chance."""
         solver = self.solver
         self._log("Starting Optimization", "caffe.cpp:239")
         with Signals(sigint, sighup) as signals:
+            if stop_requested is not None and stop_requested():
+                signals.pending.append(solvers.STOP)
             solver.action = signals.action
             self.bar = ProgressBar(0, self.param.max_iter)
             solver.listeners.append(self.bar)

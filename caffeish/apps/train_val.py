@@ -111,7 +111,8 @@ class Dataset:
         for split, info in (record.get("splits") or {}).items():
             if isinstance(info, dict) and isinstance(info.get("records"), int):
                 self.splits[split] = {"records": info["records"], "shape": info.get("shape")}
-        self.channels = record.get("channels") if isinstance(record.get("channels"), int) else None
+        channels = record.get("channels")
+        self.channels = channels if isinstance(channels, int) and channels > 0 else None
         for split in ("train", "val"):
             if split not in self.splits and not os.path.isdir(os.path.join(root, f"{split}_db")):
                 raise CaffeishError(f"dataset {printable(root)} has no {split} split ({split}_db); a training job "
@@ -124,10 +125,10 @@ class Dataset:
         return self.splits.get(split, {}).get("records")
 
     def image_hw(self, split="train"):
-        """(H, W) of the split's images when they share one size, else None."""
+        """(H, W) of the split's images when they share one size (dataset.json's C x H x W), else None."""
         shape = self.splits.get(split, {}).get("shape")
-        if isinstance(shape, list) and len(shape) >= 2 and all(isinstance(v, int) and v > 0 for v in shape[:2]):
-            return shape[0], shape[1]
+        if isinstance(shape, list) and len(shape) in (2, 3) and all(isinstance(v, int) and v > 0 for v in shape):
+            return tuple(shape[-2:])
         return None
 
     def mean(self):

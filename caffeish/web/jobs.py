@@ -169,10 +169,8 @@ def build_solver(s, train_records, val_records):
         if own:
             raise CaffeishError(f"extra solver fields: {', '.join(own)} is set by the job (its files live in the "
                                 f"job's folder); leave it out")
-        for d, _ in extra.ListFields():
-            if d.label != d.LABEL_REPEATED:
-                p.ClearField(d.name)
-            elif d.name in ("test_iter", "stepvalue"):
+        for d, value in extra.ListFields():
+            if hasattr(value, "extend"):  # a repeated field (test_iter, stepvalue): the extra text's replace ours
                 p.ClearField(d.name)
         p.MergeFrom(extra)
     where = "the job's solver"
@@ -500,7 +498,11 @@ class Jobs:
         hw = dataset.image_hw("train")
         if hw is None:
             return
-        h, w = (settings["crop_size"],) * 2 if settings["crop_size"] else hw
+        crop = settings["crop_size"]
+        if crop and crop > min(hw):
+            raise CaffeishError(f"crop size {crop} is larger than the dataset's {hw[1]}x{hw[0]} images (WxH); "
+                                f"Caffe crops inside the image")
+        h, w = (crop, crop) if crop else hw
         channels = dataset.channels or 3
         data_blob = next(layer.top[0] for layer in net.layer if layer.type == "Data")
         for phase, n in ((TRAIN, settings["batch_size"]), (TEST, settings["val_batch_size"])):
@@ -536,8 +538,8 @@ class Jobs:
             job.write_state(state=STARTING, runs=runs, message="", requested=time.time(), finished=None,
                             resumed_from=snapshot and os.path.basename(snapshot))
             args = [sys.executable, "-m", "caffeish.web.jobs", job.folder]
-            if snapshot:
-                args += ["--snapshot", snapshot]
+            if snapshot:  # named as Caffe's log names it: relative to the job's folder, where it runs
+                args += ["--snapshot", os.path.relpath(snapshot, job.folder)]
             log = open(os.path.join(job.folder, "log.txt"), "ab")
             try:
                 env = dict(os.environ, PYTHONUNBUFFERED="1", CAFFEISH_JOB="1")
@@ -551,25 +553,31 @@ class Jobs:
             threading.Thread(target=p.wait, name=f"caffeish-job-{job.name}", daemon=True).start()
         return p
 
-    def stop(self, job):
-        """Caffe's SIGINT: the job takes a snapshot and ends (a second stop is not sent twice)."""
-        with self._lock:
-            s = self.state(job)
-            if s["state"] not in (RUNNING, STARTING):
-                raise JobError(f"job '{job.name}' is not running ({s['state']})")
-            if job.name in self._stopping:
-                return
-            pid = self._pid(job, s)
-            if pid is None:
-                raise JobError(f"job '{job.name}' is starting; stop it again in a moment")
-            os.kill(pid, signal.SIGINT)
-            self._stopping.add(job.name)
+    def stop(self, job, wait=15.0):
+        """Caffe's SIGINT: the job takes a snapshot and ends (a second stop is not sent twice).  A job
+        still starting is signalled once its process holds the lock (its handler is in place then)."""
+        end = time.time() + wait
+        while True:
+            with self._lock:
+                s = self.state(job)
+                if s["state"] not in (RUNNING, STARTING):
+                    raise JobError(f"job '{job.name}' is not running ({s['state']})")
+                if job.name in self._stopping:
+                    return
+                pid = self._pid(job, s) if s["state"] == RUNNING else None
+                if pid is not None:
+                    os.kill(pid, signal.SIGINT)
+                    self._stopping.add(job.name)
+                    return
+            if time.time() > end:
+                raise JobError(f"job '{job.name}' is still starting; stop it again in a moment")
+            time.sleep(0.05)
 
     def _pid(self, job, s):
         p = self._children.get(job.name)
         if p is not None and p.poll() is None:
             return p.pid
-        if s["state"] == RUNNING and job.locked() and isinstance(s.get("pid"), int):
+        if job.locked() and isinstance(s.get("pid"), int):
             return s["pid"]  # started by an earlier server over this workspace; it holds the lock
         return None
 
@@ -608,11 +616,11 @@ class Jobs:
     def shutdown(self, wait=30.0):
         """The server stops: its running jobs get Caffe's SIGINT (a snapshot, then the end)."""
         children = [(n, p) for n, p in self._children.items() if p.poll() is None]
-        for name, p in children:
+        for name, _ in children:
             try:
-                os.kill(p.pid, signal.SIGINT)
-            except ProcessLookupError:
-                pass
+                self.stop(self.get(name), wait=min(wait, 10.0))
+            except CaffeishError:
+                pass  # it ended meanwhile, or never got going
         end = time.time() + wait
         for _, p in children:
             try:
@@ -633,6 +641,9 @@ def run_job(folder, snapshot=None):
     from caffeish.runtime import solver as solvers
 
     job = Job(os.path.basename(folder), folder)
+    stop = []  # a SIGINT before training's own handlers are in place (while the nets are built)
+    signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     fd = os.open(os.path.join(folder, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -643,7 +654,6 @@ def run_job(folder, snapshot=None):
         os.nice(5)  # the server's pages stay quick while it trains
     except OSError:
         pass
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     cfg = job.config
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     what = f"resumed from {os.path.basename(snapshot)}" if snapshot else "started"
@@ -651,8 +661,11 @@ def run_job(folder, snapshot=None):
     job.write_state(state=RUNNING, pid=os.getpid(), started=time.time(), message="")
     state, message, solver = FAILED, "", None
     try:
-        solver = train.run("solver.prototxt", weights=None if snapshot else cfg.get("weights_path"),
-                           snapshot=snapshot, out=".", sigint=solvers.STOP, sighup=solvers.SNAPSHOT)
+        param = train.prepare("solver.prototxt", weights=None if snapshot else cfg.get("weights_path"),
+                              snapshot=snapshot)
+        training = train.Training(param, "solver.prototxt", snapshot=snapshot, out=".")
+        solver = training.solver
+        training.run(solvers.STOP, solvers.SNAPSHOT, stop_requested=lambda: bool(stop))
         done = solver.iter >= solver.param.max_iter
         state = DONE if done else STOPPED
         message = "" if done else f"stopped at iteration {solver.iter}"
