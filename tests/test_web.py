@@ -345,3 +345,17 @@ def test_serve_command_binds_localhost_and_warns_for_other_hosts(space, monkeypa
     assert "warning: serving on 0.0.0.0" in capsys.readouterr().err
     assert main(["serve", "--root", os.path.join(space[0], "nowhere")]) == 1
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_serve_jobs_option(space, monkeypatch, capsys):
+    import uvicorn
+
+    from caffeish.tools.cli import main
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: seen.update(app=app))
+    assert main(["serve", "--root", space[0], "--jobs", "3"]) == 0
+    assert seen["app"].state.web["jobs"].max_running == 3
+    with pytest.raises(SystemExit):
+        main(["serve", "--root", space[0], "--jobs", "0"])
+    assert "--jobs" in capsys.readouterr().err

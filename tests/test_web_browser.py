@@ -3,7 +3,8 @@ chromedriver, against the app served by uvicorn on 127.0.0.1.
 
 Opens a model page (its layer table and network picture, a click through to a layer), uploads an
 image to a segmentation net (legend, hover read-out, opacity slider), builds a small dataset and
-browses it, and imports a model from a store served on 127.0.0.1.  A screenshot of each page is
+browses it, imports a model from a store served on 127.0.0.1, and starts a training job from a model
+page, watches its curve grow, stops it and tests an image with its snapshot.  A screenshot of each page is
 written under a temp folder ($CAFFEISH_SCREENSHOTS when set), named in the test's output.
 
 Skips when chromium, chromedriver or selenium are missing, except under CI (the CI variable), where
@@ -38,6 +39,7 @@ if _missing():
     pytest.skip(why, allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -180,3 +182,65 @@ def test_import_a_model_from_a_store_on_localhost(browser, site, shots):
     assert "Deconvolution" in browser.find_element(By.ID, "layer-table").text
     assert os.path.isfile(os.path.join(root, "models", "fcn-from-store", "weights.caffemodel"))
     screenshot(browser, shots, "imported-model")
+
+
+def test_start_a_short_training_job_and_see_the_curve_grow(browser, site, shots, tmp_path):
+    import numpy as np
+    from selenium.webdriver.support.ui import Select
+
+    from caffeish.apps import dataset as datasets
+
+    url, root = site
+    if not os.path.isdir(os.path.join(root, "datasets", "roads")):
+        os.makedirs(os.path.join(root, "datasets"), exist_ok=True)
+        datasets.build_segmentation(os.path.join(root, "data", "images"), os.path.join(root, "data", "labels"),
+                                    os.path.join(root, "datasets", "roads"), val_fraction=0.34, workers=1)
+    browser.get(f"{url}/models/fcn")
+    browser.find_element(By.ID, "train-model").click()
+    wait(browser, lambda d: "/jobs/new" in d.current_url)
+    form = browser.find_element(By.ID, "job-form")
+    form.find_element(By.NAME, "name").send_keys("roads-fcn")
+    assert Select(form.find_element(By.NAME, "network")).first_selected_option.text.startswith("fcn")
+    Select(form.find_element(By.NAME, "dataset")).select_by_value("roads")
+    assert Select(form.find_element(By.NAME, "weights")).first_selected_option.get_attribute("value") == "model:fcn"
+    for field, value in (("base_lr", "0.01"), ("max_iter", "100000"), ("display", "10"), ("test_interval", "500")):
+        box = form.find_element(By.NAME, field)
+        box.clear()
+        box.send_keys(value)
+    screenshot(browser, shots, "new-job")
+    browser.find_element(By.ID, "job-submit").click()
+    wait(browser, lambda d: d.current_url.endswith("/jobs/roads-fcn"))
+    # the curve grows: the picture is fetched again with more points while the iteration count climbs
+    curves = browser.find_element(By.ID, "job-curves")
+
+    def points():
+        return int(browser.execute_script("return +arguments[0].dataset.points", curves))
+
+    wait(browser, lambda d: points() > 0)
+    first, first_iteration = points(), int(browser.find_element(By.ID, "job-iteration").text)
+    wait(browser, lambda d: points() > first + 5)
+    assert int(browser.find_element(By.ID, "job-iteration").text) > first_iteration
+    wait(browser, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", curves))
+    assert "Iteration" in browser.find_element(By.ID, "job-log").text
+    assert browser.find_element(By.ID, "job-state").text == "running"
+    screenshot(browser, shots, "job-running")
+    # stop: a snapshot, the page shows the stopped job with it
+    browser.find_element(By.ID, "job-stop").click()  # a POST, then the page again, reloaded when the job ends
+    WebDriverWait(browser, 120, poll_frequency=0.1, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script("return (document.getElementById('job-state') || {}).textContent") == "stopped")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#job-snapshots tbody tr")
+    assert len(rows) == 1 and browser.find_element(By.ID, "job-resume")
+    screenshot(browser, shots, "job-stopped")
+    # test one image with that snapshot
+    image = tmp_path / "road.png"
+    picture(np.random.default_rng(4), (24, 32)).save(image)
+    browser.find_element(By.ID, "job-images").send_keys(str(image))
+    browser.find_element(By.ID, "job-test-submit").click()
+    wait(browser, lambda d: "/results/" in d.current_url)
+    names = [r.find_elements(By.TAG_NAME, "td")[1].text for r in
+             browser.find_elements(By.CSS_SELECTOR, "table.legend tbody tr")]
+    with open(os.path.join(root, "datasets", "roads", "labels.txt")) as f:
+        dataset_labels = f.read().split()
+    assert names and all(n.split(" ", 1)[1] in dataset_labels for n in names)  # the dataset's class names
+    assert "roads-fcn @ iteration" in browser.page_source
+    screenshot(browser, shots, "job-test-result")

@@ -60,16 +60,18 @@ function setupResults() {
 
 function watchJob() {
   // A training job's page: its status polled once a second; the curves picture fetched again when
-  // curves.csv changed; the page reloaded when the job's state changes (its buttons are the server's).
+  // curves.csv changed; the page reloaded when the job starts or ends (its buttons are the server's).
   const el = document.getElementById("job");
   if (!el) return;
   const $ = id => document.getElementById(id);
   const num = v => (typeof v === "number") ? Number(v.toPrecision(6)).toString() : "—";
   const img = $("job-curves");
+  const active = state => state === "running" || state === "starting";
   const poll = () => fetch("/jobs/" + encodeURIComponent(el.dataset.name) + "/status.json", {cache: "no-store"})
     .then(r => r.json()).then(s => {
       if (s.error) { $("job-message").textContent = s.error; return; }
-      if (s.state !== el.dataset.state) { window.location.reload(); return; }
+      if (active(s.state) !== active(el.dataset.state)) { window.location.reload(); return; }
+      el.dataset.state = s.state;
       $("job-state").textContent = s.state + (s.stopping ? " (stopping)" : "");
       $("job-message").textContent = s.message || "";
       const bar = $("job-progress");
@@ -109,11 +111,11 @@ function watchJob() {
       const log = $("job-log");
       const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
       if (log.textContent !== s.log) { log.textContent = s.log; if (atEnd) log.scrollTop = log.scrollHeight; }
-      if (s.state === "running" || s.state === "starting") setTimeout(poll, 1000);
+      if (active(s.state)) setTimeout(poll, 1000);
     }).catch(() => setTimeout(poll, 2000));
   const log = $("job-log");
   log.scrollTop = log.scrollHeight;
-  if (el.dataset.state === "running" || el.dataset.state === "starting") setTimeout(poll, 1000);
+  if (active(el.dataset.state)) setTimeout(poll, 1000);
 }
 
 document.addEventListener("DOMContentLoaded", () => { loadNetPicture(); watchTask(); setupResults(); watchJob(); });
