@@ -468,3 +468,30 @@ def test_jobs_of_an_empty_workspace(tmp_path):
     jobs = Jobs(Workspace(str(tmp_path)))
     assert jobs.names() == [] and jobs.running() == []
     assert jobs.weights_choices() == [("", "none: the layers' fillers (from scratch)")]
+
+
+def test_two_jobs_asked_for_at_once_start_one(app, space):
+    import threading
+
+    jobs = app.state.web["jobs"]
+    settings = settings_from_form(form(max_iter="200000", snapshot="0", display="100"))
+    outcomes = []
+
+    def make(name):
+        try:
+            jobs.create(name, "fcn", "streets", "model:fcn", settings)
+            outcomes.append((name, "started"))
+        except Exception as e:  # noqa: BLE001 - the refusal is what we look at
+            outcomes.append((name, str(e)))
+
+    threads = [threading.Thread(target=make, args=(f"race{k}",)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    started = [n for n, what in outcomes if what == "started"]
+    assert len(started) == 1, outcomes
+    assert all("is running" in what for n, what in outcomes if n not in started)
+    assert sorted(os.listdir(os.path.join(space, "jobs"))) == started
+    jobs.shutdown()
+    assert json.load(open(job_dir(space, started[0]) + "/state.json"))["state"] == "stopped"

@@ -256,7 +256,7 @@ class Job:
     def state(self, child_alive=False):
         """state.json with the liveness check: a job whose process is gone is interrupted."""
         s = self._json("state.json")
-        state = s.get("state", DONE if not s else INTERRUPTED)
+        state = s.get("state", INTERRUPTED)
         if state in (RUNNING, STARTING):
             if self.locked():
                 state = RUNNING
@@ -352,7 +352,7 @@ class Jobs:
         self.max_running = max(1, int(max_running))
         self._children = {}  # name -> Popen (the jobs this server started)
         self._stopping = set()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # held from the check of the running jobs to a new job's start
 
     # -- finding --------------------------------------------------------------------------------------
     def names(self):
@@ -437,7 +437,7 @@ class Jobs:
         from caffeish.graph.graph import Graph
 
         check_name(name, "job")
-        self._refuse_when_full()
+        self._refuse_when_full()  # at once (checked again under the lock before anything is written)
         model = self.ws.model(network)
         if model.deploy is None:
             raise CaffeishError(f"model '{network}': {model.problem}")
@@ -454,8 +454,16 @@ class Jobs:
                     layer.transform_param.mean_file = self._inside(layer.transform_param.mean_file, "mean file")
         self._check_shapes(net, dataset, settings, score, Graph, TRAIN, TEST)
         solver = build_solver(settings, dataset.records("train"), dataset.records("val"))
-        target = self.ws._new_path(JOBS, name, "job")
+        with self._lock:  # two requests at once: one job starts, the other is refused before writing
+            self._refuse_when_full()
+            return self._write_and_start(name, network, dataset_name, dataset, model, weights, weights_path,
+                                         settings, net, notes, solver)
+
+    def _write_and_start(self, name, network, dataset_name, dataset, model, weights, weights_path, settings, net,
+                         notes, solver):
         from google.protobuf import text_format
+
+        target = self.ws._new_path(JOBS, name, "job")
 
         def write(tmp):
             with open(os.path.join(tmp, "train_val.prototxt"), "w", encoding="utf-8") as f:
