@@ -14,6 +14,11 @@ fillers, seed 0: the same work as real weights).  The app runs under uvicorn on 
   result page fetched, first request (the net built, as the CLI builds it) and warm (median of
   --repeat); against `caffeish segment NET none IMAGE -o OUT` run as a command (wall time: Python's
   start, imports, the net, one image, its PNGs).  Target: the web request within 1.2x of the CLI.
+* Training job (--job-iters, 0 skips it): a segmentation dataset of 8 synthetic 500x375 images (21
+  classes) built with `caffeish dataset`'s code, and a job of --job-net on it from the fillers, posted
+  to /jobs: the wait from the POST to the job's first curve point on its status, then its seconds per
+  iteration from its log, against `caffeish train` on the job's own solver and net files run as a
+  command (the same code; the job runs at nice 5 beside the server, which polls it as a page would).
 """
 import argparse
 import os
@@ -134,11 +139,73 @@ def segment_cli(folder, net, path):
     return time.perf_counter() - t0
 
 
+def job_dataset(folder, n=8, hw=(375, 500), classes=21):
+    from caffeish.apps import dataset as datasets
+
+    rng = np.random.default_rng(1)
+    for sub in ("job_images", "job_labels"):
+        os.makedirs(os.path.join(folder, sub))
+    h, w = hw
+    for k in range(n):
+        image(os.path.join(folder, "job_images", f"{k}.png"), hw)
+        label = np.zeros((h, w), np.uint8)
+        for _ in range(6):
+            y, x = rng.integers(0, h - 60), rng.integers(0, w - 60)
+            label[y:y + rng.integers(30, 200), x:x + rng.integers(30, 200)] = rng.integers(1, classes)
+        Image.fromarray(label).save(os.path.join(folder, "job_labels", f"{k}.png"))
+    os.makedirs(os.path.join(folder, "datasets"))
+    datasets.build_segmentation(os.path.join(folder, "job_images"), os.path.join(folder, "job_labels"),
+                                os.path.join(folder, "datasets", "streets"), val_fraction=0.25,
+                                class_names=None, allow_extra_classes=True)
+
+
+def seconds_per_iteration(log_text):
+    """Median seconds per iteration from Caffe's display lines (`Iteration N (X iter/s, ...)`), the first left out."""
+    import re
+
+    rates = [float(r) for r in re.findall(r"\] Iteration \d+ \(([0-9.]+) iter/s", log_text)][1:]
+    return 1 / statistics.median(rates) if rates else float("nan")
+
+
+def job_run(url, folder, net, iters):
+    import httpx
+
+    data = {"name": "bench", "network": net, "dataset": "streets", "weights": "", "type": "SGD",
+            "base_lr": "1e-4", "max_iter": str(iters), "lr_policy": "fixed", "display": "1", "snapshot": "0",
+            "test_interval": str(iters), "random_seed": "1", "extra": "test_initialization: false snapshot_after_train: false"}
+    t0 = time.perf_counter()
+    r = httpx.post(f"{url}/jobs", data=data, timeout=300)
+    assert r.status_code == 303, r.text[-500:]
+    first = None
+    while True:
+        s = httpx.get(f"{url}/jobs/bench/status.json", timeout=60).json()
+        if first is None and s["points"]:
+            first = time.perf_counter() - t0
+        if s["state"] not in ("running", "starting"):
+            break
+        time.sleep(0.25)
+    if s["state"] != "done":
+        sys.exit(f"the job ended {s['state']}: {s['message']}")
+    job = os.path.join(folder, "jobs", "bench")
+    with open(os.path.join(job, "log.txt"), encoding="utf-8") as f:
+        job_s = seconds_per_iteration(f.read())
+    cli = os.path.join(folder, "cli")
+    os.makedirs(cli)
+    for name in ("solver.prototxt", "train_val.prototxt"):
+        shutil.copyfile(os.path.join(job, name), os.path.join(cli, name))
+    done = subprocess.run([sys.executable, "-m", "caffeish.tools.cli", "train", "--solver", "solver.prototxt",
+                           "--no-curves"], cwd=cli, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+    return first, job_s, seconds_per_iteration(done.stderr)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--page-net", choices=sorted(NETS), default="fcn8s")
     p.add_argument("--segment-net", choices=sorted(NETS), default="fcn-alexnet")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--job-net", choices=sorted(NETS), default="fcn-alexnet")
+    p.add_argument("--job-iters", type=int, default=12, help="iterations of the training job (0: no job)")
     args = p.parse_args()
     from caffeish.web.app import Background, create_app
 
@@ -159,10 +226,16 @@ def main():
             cli = [segment_cli(folder, args.segment_net, path) for _ in range(args.repeat)]
             first = segment_request(served.url, args.segment_net, path)
             warm = [segment_request(served.url, args.segment_net, path) for _ in range(args.repeat)]
-        c, w = statistics.median(cli), statistics.median(warm)
-        print(f"segmentation of one 500x375 image with {args.segment_net}: CLI {c:.3f} s (median of {len(cli)}, "
-              f"a new process each); web request {first:.3f} s the first time (net built) = {first / c:.2f}x the "
-              f"CLI, {w:.3f} s warm (median of {len(warm)}) = {w / c:.2f}x (target <= 1.2x)")
+            c, w = statistics.median(cli), statistics.median(warm)
+            print(f"segmentation of one 500x375 image with {args.segment_net}: CLI {c:.3f} s (median of {len(cli)}, "
+                  f"a new process each); web request {first:.3f} s the first time (net built) = {first / c:.2f}x the "
+                  f"CLI, {w:.3f} s warm (median of {len(warm)}) = {w / c:.2f}x (target <= 1.2x)")
+            if args.job_iters:
+                job_dataset(folder)
+                started, job_s, cli_s = job_run(served.url, folder, args.job_net, args.job_iters)
+                print(f"training job of {args.job_net} (batch 1, 500x375, {args.job_iters} iterations): first curve "
+                      f"point on its status {started:.2f} s after the POST; {job_s:.3f} s/iteration in the job against "
+                      f"{cli_s:.3f} s/iteration for `caffeish train` on the same files = {job_s / cli_s:.2f}x")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
