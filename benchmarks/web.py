@@ -18,7 +18,7 @@ fillers, seed 0: the same work as real weights).  The app runs under uvicorn on 
   classes) built with `caffeish dataset`'s code, and a job of --job-net on it from the fillers, posted
   to /jobs: the wait from the POST to the job's first curve point on its status, then its seconds per
   iteration from its log, against `caffeish train` on the job's own solver and net files run as a
-  command (the same code; the job runs at nice 5 beside the server, which polls it as a page would).
+  command (the same code; the job runs at nice 5 beside the server, polled every 2 s as its page does).
 """
 import argparse
 import os
@@ -183,7 +183,7 @@ def job_run(url, folder, net, iters):
             first = time.perf_counter() - t0
         if s["state"] not in ("running", "starting"):
             break
-        time.sleep(0.25)
+        time.sleep(2.0)  # as the job's page polls
     if s["state"] != "done":
         sys.exit(f"the job ended {s['state']}: {s['message']}")
     job = os.path.join(folder, "jobs", "bench")

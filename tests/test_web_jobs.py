@@ -495,3 +495,18 @@ def test_two_jobs_asked_for_at_once_start_one(app, space):
     assert sorted(os.listdir(os.path.join(space, "jobs"))) == started
     jobs.shutdown()
     assert json.load(open(job_dir(space, started[0]) + "/state.json"))["state"] == "stopped"
+
+
+def test_the_curves_picture_is_the_jobs_own_while_it_runs_and_drawn_from_the_csv_when_stale(client, space):
+    assert client.post("/jobs", data=form(max_iter="200000", snapshot="0", display="50")).status_code == 303
+    folder = job_dir(space)
+    wait_state(client, "j1", ("running",), where=lambda s: os.path.exists(os.path.join(folder, "curves.png")))
+    drawn = client.get("/jobs/j1/curves.png").content
+    assert drawn[:4] == b"\x89PNG"
+    assert client.post("/jobs/j1/stop").status_code == 303
+    wait_state(client, "j1")
+    final = open(os.path.join(folder, "curves.png"), "rb").read()
+    assert client.get("/jobs/j1/curves.png").content == final  # the run drew its last picture at the end
+    os.remove(os.path.join(folder, "curves.png"))  # as a kill between two pictures leaves it: drawn from the CSV
+    again = client.get("/jobs/j1/curves.png").content
+    assert again[:4] == b"\x89PNG" and not os.path.exists(os.path.join(folder, "curves.png"))

@@ -412,7 +412,8 @@ def create_app(root, stores=(), max_upload=DEFAULT_MAX_UPLOAD, max_pixels=pages.
         iteration = latest["iteration"] if latest["iteration"] is not None else s.get("iteration")
         if s["state"] == jobs_mod.DONE and s.get("iteration") is not None:
             iteration = s["iteration"]
-        stamp = job.curves_stamp()
+        stamp = job.curves_stamp("curves.png") if s["state"] in (jobs_mod.RUNNING, jobs_mod.STARTING) else \
+            job.curves_stamp()
         return {"name": job.name, "state": s["state"], "stopping": s.get("stopping", False),
                 "message": s.get("message", ""), "iteration": iteration, "max_iter": max_iter,
                 "fraction": min(1.0, iteration / max_iter) if iteration is not None and max_iter else None,
@@ -440,8 +441,9 @@ def create_app(root, stores=(), max_upload=DEFAULT_MAX_UPLOAD, max_pixels=pages.
 
     def job_curves(request):
         job = job_of(request)
-        stamp = job.curves_stamp()
-        return _png(_curve_pictures.get(("curves", job.folder, stamp), lambda: job.curves().png_bytes()))
+        running = jobs.state(job)["state"] in (jobs_mod.RUNNING, jobs_mod.STARTING)
+        return _png(job.picture(running, lambda stamp: _curve_pictures.get(
+            ("curves", job.folder, stamp), lambda: job.curves().png_bytes())))
 
     def job_log(request):
         job = job_of(request)

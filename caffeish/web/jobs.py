@@ -319,12 +319,22 @@ class Job:
 
         return read_csv(os.path.join(self.folder, "curves.csv"), Curves(None, title=self.config.get("network")))
 
-    def curves_stamp(self):
-        path = self.file("curves.csv")
+    def curves_stamp(self, name="curves.csv"):
+        path = self.file(name)
         if path is None:
             return None
         st = os.stat(path)
         return (path, st.st_mtime_ns, st.st_size)
+
+    def picture(self, running, render):
+        """The curves as PNG bytes: while the job runs, the curves.png its process draws (at most every
+        5 s, so that watching costs the training nothing); else that file when it is as new as
+        curves.csv, or `render(stamp)` of the CSV (a run killed between two pictures)."""
+        png, csv = self.curves_stamp("curves.png"), self.curves_stamp("curves.csv")
+        if png is not None and (running or csv is None or png[1] >= csv[1]):
+            with open(png[0], "rb") as f:
+                return f.read()
+        return render(csv)
 
 
 def latest_values(curves):

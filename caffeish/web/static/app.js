@@ -59,8 +59,8 @@ function setupResults() {
 }
 
 function watchJob() {
-  // A training job's page: its status polled once a second; the curves picture fetched again when
-  // curves.csv changed; the page reloaded when the job starts or ends (its buttons are the server's).
+  // A training job's page: its status polled every 2 s (curves.csv is written at most that often; a
+  // poll takes the server a few ms); the curves picture fetched again when the job's process drew it anew; the page reloaded when the job starts or ends (its buttons are the server's).
   const el = document.getElementById("job");
   if (!el) return;
   const $ = id => document.getElementById(id);
@@ -111,11 +111,11 @@ function watchJob() {
       const log = $("job-log");
       const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
       if (log.textContent !== s.log) { log.textContent = s.log; if (atEnd) log.scrollTop = log.scrollHeight; }
-      if (active(s.state)) setTimeout(poll, 1000);
+      if (active(s.state)) setTimeout(poll, 2000);
     }).catch(() => setTimeout(poll, 2000));
   const log = $("job-log");
   log.scrollTop = log.scrollHeight;
-  if (active(el.dataset.state)) setTimeout(poll, 1000);
+  if (active(el.dataset.state)) setTimeout(poll, 2000);
 }
 
 document.addEventListener("DOMContentLoaded", () => { loadNetPicture(); watchTask(); setupResults(); watchJob(); });
