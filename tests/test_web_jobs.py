@@ -331,7 +331,9 @@ def test_a_classifier_trains_on_a_classification_dataset(client, space):
     ({"dataset": "nosuch"}, "'datasets/nosuch': not in the workspace"),
     ({"weights": "job:../../x:1"}, "job '../../x'"),
     ({"weights": "file:/etc/passwd"}, "weights 'file:/etc/passwd': none, model:NAME or job:NAME:ITERATION"),
-    ({"network": "cls", "weights": ""}, "the network does not fit the dataset's 32x24 images"),
+    ({"network": "cls", "weights": ""}, "model 'cls' is a classifier (its output 'fc' is 1x5, one score per image) "
+                                        "and the dataset is a segmentation dataset: make a fully convolutional net"),
+    ({"network": "pooled", "weights": "", "dataset": "streets"}, "model 'pooled' is a classifier"),
     ({"batch_size": "2", "crop_size": "40"}, "crop size 40 is larger than the dataset's 32x24 images"),
 ])
 def test_bad_settings_are_one_line_errors_and_write_nothing(client, space, changes, message):

@@ -443,8 +443,6 @@ class Jobs:
     def create(self, name, network, dataset_name, weights, settings):
         """Check everything, write ROOT/jobs/NAME whole, and start it; returns the Job."""
         from caffeish.apps import train_val
-        from caffeish.formats.schema import TEST, TRAIN
-        from caffeish.graph.graph import Graph
 
         check_name(name, "job")
         self._refuse_when_full()  # at once (checked again under the lock before anything is written)
@@ -462,7 +460,8 @@ class Jobs:
                 layer.data_param.source = self._inside(layer.data_param.source, "data source")
                 if layer.transform_param.mean_file:
                     layer.transform_param.mean_file = self._inside(layer.transform_param.mean_file, "mean file")
-        self._check_shapes(net, dataset, settings, score, Graph, TRAIN, TEST)
+        _check_kind(deploy, score, dataset, network)
+        _check_shapes(net, dataset, settings, score)
         solver = build_solver(settings, dataset.records("train"), dataset.records("val"))
         with self._lock:  # two requests at once: one job starts, the other is refused before writing
             self._refuse_when_full()
@@ -509,34 +508,6 @@ class Jobs:
         self.start(job)
         return job
 
-    @staticmethod
-    def _check_shapes(net, dataset, settings, score, Graph, TRAIN, TEST):
-        """Build both phases with the dataset's image size, when it has one: a net that does not fit
-        the dataset is refused here, before a process starts; and the score's classes against the labels."""
-        hw = dataset.image_hw("train")
-        if hw is None:
-            return
-        crop = settings["crop_size"]
-        if crop and crop > min(hw):
-            raise CaffeishError(f"crop size {crop} is larger than the dataset's {hw[1]}x{hw[0]} images (WxH); "
-                                f"Caffe crops inside the image")
-        h, w = (crop, crop) if crop else hw
-        channels = dataset.channels or 3
-        data_blob = next(layer.top[0] for layer in net.layer if layer.type == "Data")
-        for phase, n in ((TRAIN, settings["batch_size"]), (TEST, settings["val_batch_size"])):
-            sizes = {data_blob: (n, channels, h, w),
-                     "label": (n, 1, h, w) if dataset.kind == "segmentation" else (n,)}
-            try:
-                graph = Graph(net, phase, input_shapes=sizes)
-            except CaffeishError as e:
-                raise CaffeishError(f"the network does not fit the dataset's {w}x{h} images (WxH): "
-                                    f"{printable(str(e))}") from None
-            shape = graph.blob_shapes.get(score)
-            classes = dataset.meta.classes
-            if shape is not None and len(shape) >= 2 and classes and classes > shape[1]:
-                raise CaffeishError(f"the network scores {shape[1]} classes ('{printable(score)}' is "
-                                    f"{'x'.join(map(str, shape))}) but the dataset has {classes}; "
-                                    f"build the network with {classes} classes (surgery's classes)")
 
     def _refuse_when_full(self, but=None):
         running = [n for n in self.running() if n != but]
@@ -645,6 +616,53 @@ class Jobs:
                 p.wait(max(0.1, end - time.time()))
             except subprocess.TimeoutExpired:
                 pass  # it finishes its snapshot on its own, and writes its state
+
+
+def _check_kind(deploy, score, dataset, network):
+    """A classifier (its score N x K) on a segmentation dataset: refused with what to do instead."""
+    from caffeish.formats.schema import TEST
+    from caffeish.graph.graph import Graph
+
+    try:
+        shape = Graph(deploy, TEST).blob_shapes.get(score)
+    except CaffeishError:
+        return  # shapes that need the dataset's: _check_shapes says what does not fit
+    if dataset.kind == "segmentation" and shape is not None and len(shape) == 2:
+        raise CaffeishError(f"model '{network}' is a classifier (its output '{printable(score)}' is "
+                            f"{'x'.join(map(str, shape))}, one score per image) and the dataset is a segmentation "
+                            f"dataset: make a fully convolutional net of it first (Build FCN on the model's page)")
+
+
+def _check_shapes(net, dataset, settings, score):
+    """Build both phases with the dataset's image size, when it has one: a net that does not fit the
+    dataset is refused here, before a process starts; and the score's classes against the labels."""
+    from caffeish.formats.schema import TEST, TRAIN
+    from caffeish.graph.graph import Graph
+
+    hw = dataset.image_hw("train")
+    if hw is None:
+        return
+    crop = settings["crop_size"]
+    if crop and crop > min(hw):
+        raise CaffeishError(f"crop size {crop} is larger than the dataset's {hw[1]}x{hw[0]} images (WxH); "
+                            f"Caffe crops inside the image")
+    h, w = (crop, crop) if crop else hw
+    channels = dataset.channels or 3
+    data_blob = next(layer.top[0] for layer in net.layer if layer.type == "Data")
+    for phase, n in ((TRAIN, settings["batch_size"]), (TEST, settings["val_batch_size"])):
+        sizes = {data_blob: (n, channels, h, w),
+                 "label": (n, 1, h, w) if dataset.kind == "segmentation" else (n,)}
+        try:
+            graph = Graph(net, phase, input_shapes=sizes)
+        except CaffeishError as e:
+            raise CaffeishError(f"the network does not fit the dataset's {w}x{h} images (WxH): "
+                                f"{printable(str(e))}") from None
+        shape = graph.blob_shapes.get(score)
+        classes = dataset.meta.classes
+        if shape is not None and len(shape) >= 2 and classes and classes > shape[1]:
+            raise CaffeishError(f"the network scores {shape[1]} classes ('{printable(score)}' is "
+                                f"{'x'.join(map(str, shape))}) but the dataset has {classes}; "
+                                f"build the network with {classes} classes (surgery's classes)")
 
 
 # ---------------------------------------------------------------------------- the job's process
