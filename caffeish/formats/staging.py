@@ -287,6 +287,20 @@ def build_folder(path):
     return tmp
 
 
+def write_folder(path, write):
+    """Make the folder `path` whole: write(tmp) fills a build_folder beside it and swap_in moves it into
+    place; on any failure the half-built folder is removed and `path` is left as it was."""
+    tmp = build_folder(path)
+    try:
+        write(tmp)
+        swap_in(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            _remove_tree(tmp)
+        raise
+    return path
+
+
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 

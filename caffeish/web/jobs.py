@@ -497,13 +497,7 @@ class Jobs:
                 json.dump({"state": STARTING, "runs": 0}, f)
             open(os.path.join(tmp, "lock"), "w").close()
 
-        tmp = staging.build_folder(target)
-        try:
-            write(tmp)
-            staging.swap_in(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        staging.write_folder(target, write)
         job = Job(name, target)
         self.start(job)
         return job

@@ -320,14 +320,7 @@ def _split(split):
 
 def _new_folder(target, write):
     """Build a model folder beside `target` with write(tmp), then move it into place whole."""
-    tmp = staging.build_folder(target)
-    try:
-        write(tmp)
-        staging.swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return staging.write_folder(target, write)
 
 
 def _copy_extras(model, tmp, names=("labels.txt", "mean.binaryproto", "palette.txt")):
