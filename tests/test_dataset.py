@@ -479,3 +479,14 @@ def test_ignore_label_out_of_range_is_refused_by_name(tmp_path, value, capsys):
         main(["dataset", "segmentation", "--images", "i", "--labels", "l", "-o", str(tmp_path / "ds"),
               "--ignore-label", value])
     assert e.value.code == 2 and "argument --ignore-label" in capsys.readouterr().err
+
+
+def test_missing_output_folders_are_made_and_a_file_in_the_way_is_one_line(tmp_path, capsys):
+    make_pairs(tmp_path, n=4)
+    args = ["dataset", "segmentation", "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels")]
+    assert main(args + ["-o", str(tmp_path / "workspace" / "datasets" / "mine")]) == 0
+    assert (tmp_path / "workspace" / "datasets" / "mine" / "dataset.json").is_file()
+    (tmp_path / "afile").write_text("x")
+    assert main(args + ["-o", str(tmp_path / "afile" / "sub" / "ds")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot make the folder" in err and len(err.strip().splitlines()) == 1

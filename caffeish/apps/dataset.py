@@ -317,8 +317,11 @@ class OutputFolder:
         if os.path.isdir(parent):
             staging.recover_folder(self.path, looks_ours=_earlier_build)
         check_output(path, inputs, force)
-        if not os.path.isdir(parent):
-            raise DatasetError(f"{path}: the folder {parent} does not exist")
+        if not os.path.isdir(parent):  # made, as surgery and segment make their output folders
+            try:
+                os.makedirs(parent)
+            except OSError as e:
+                raise DatasetError(f"{path}: cannot make the folder {parent}: {e.strerror or e}") from None
         self.tmp = staging.build_folder(self.path)
 
     def __enter__(self):

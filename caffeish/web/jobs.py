@@ -600,6 +600,7 @@ class Jobs:
         """The server stops: its running jobs get Caffe's SIGINT (a snapshot, then the end)."""
         children = [(n, p) for n, p in self._children.items() if p.poll() is None]
         for name, _ in children:
+            sys.stderr.write(f"caffeish serve: stopping job '{name}' after a snapshot (resume it from its page)\n")
             try:
                 self.stop(self.get(name), wait=min(wait, 10.0))
             except CaffeishError:
