@@ -324,6 +324,7 @@ def test_a_classifier_trains_on_a_classification_dataset(client, space):
     ({"extra": 'net: "/etc/passwd"'}, "extra solver fields: net is set by the job"),
     ({"extra": 'snapshot_prefix: "/tmp/x"'}, "snapshot_prefix is set by the job"),
     ({"extra": "no_such_field: 1"}, "extra solver fields:"),
+    ({"device": "tpu"}, "device 'tpu': cpu, or gpu0"),
     ({"name": "../x"}, "job '../x': use letters"),
     ({"name": "a" * 101}, "job 'aaaa"),
     ({"network": "../models/fcn"}, "model '../models/fcn'"),
@@ -512,3 +513,14 @@ def test_the_curves_picture_is_the_jobs_own_while_it_runs_and_drawn_from_the_csv
     os.remove(os.path.join(folder, "curves.png"))  # as a kill between two pictures leaves it: drawn from the CSV
     again = client.get("/jobs/j1/curves.png").content
     assert again[:4] == b"\x89PNG" and not os.path.exists(os.path.join(folder, "curves.png"))
+
+
+def test_a_gpu_job_without_a_gpu_is_refused_before_it_starts(client, space, monkeypatch):
+    from caffeish.runtime import backend
+
+    if backend.gpu_unavailable_reason() is None:
+        pytest.skip("this machine has a GPU")
+    assert "no GPU:" in client.get("/jobs/new").text
+    r = client.post("/jobs", data=form(device="gpu0"))
+    assert r.status_code == 400 and "cannot train on GPU 0:" in error_line(r) and "choose the CPU" in error_line(r)
+    assert not os.path.exists(os.path.join(space, "jobs"))

@@ -391,7 +391,10 @@ def create_app(root, stores=(), max_upload=DEFAULT_MAX_UPLOAD, max_pixels=pages.
         models = [m for m in ws.models() if m.deploy]
         network = request.query_params.get("model", "")
         default_weights = f"model:{network}" if any(m.name == network and m.weights for m in models) else ""
-        return render(request, "new_job.html", models=models, datasets=datasets, network=network,
+        from caffeish.runtime import backend
+
+        gpu = backend.gpu_unavailable_reason()
+        return render(request, "new_job.html", models=models, datasets=datasets, network=network, no_gpu=gpu,
                       dataset=request.query_params.get("dataset", ""), weights=jobs.weights_choices(),
                       default_weights=default_weights, solver_types=jobs_mod.SOLVER_TYPES,
                       policies=jobs_mod.LR_POLICIES)

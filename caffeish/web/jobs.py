@@ -110,6 +110,13 @@ def settings_from_form(form):
     seed = str(form.get("random_seed", "") or "").strip()
     s["random_seed"] = _number(form, "random_seed", int, -1, -1, 2**63 - 1, "random seed") if seed else None
     s["crop_size"] = _number(form, "crop_size", int, 0, 0, 1 << 16, "crop size")
+    device = str(form.get("device", "cpu") or "cpu")
+    if device == "cpu":
+        s["gpu"] = None
+    elif device.startswith("gpu") and device[3:].isdigit():
+        s["gpu"] = int(device[3:])
+    else:
+        raise CaffeishError(f"device '{printable(device)[:20]}': cpu, or gpu0, gpu1, ...")
     s["mirror"] = form.get("mirror") in ("on", "1", "true")
     s["normalize"] = form.get("normalize", "on") in ("on", "1", "true")
     extra = str(form.get("extra", "") or "")
@@ -460,6 +467,12 @@ class Jobs:
                 layer.data_param.source = self._inside(layer.data_param.source, "data source")
                 if layer.transform_param.mean_file:
                     layer.transform_param.mean_file = self._inside(layer.transform_param.mean_file, "mean file")
+        if settings.get("gpu") is not None:
+            from caffeish.runtime import backend
+
+            reason = backend.gpu_unavailable_reason()
+            if reason:
+                raise CaffeishError(f"cannot train on GPU {settings['gpu']}: {reason}; choose the CPU")
         _check_kind(deploy, score, dataset, network)
         _check_shapes(net, dataset, settings, score)
         solver = build_solver(settings, dataset.records("train"), dataset.records("val"))
@@ -694,7 +707,8 @@ def run_job(folder, snapshot=None):
     try:
         param = train.prepare("solver.prototxt", weights=None if snapshot else cfg.get("weights_path"),
                               snapshot=snapshot)
-        training = train.Training(param, "solver.prototxt", snapshot=snapshot, out=".")
+        training = train.Training(param, "solver.prototxt", snapshot=snapshot, out=".",
+                                  gpu=cfg.get("settings", {}).get("gpu"))
         solver = training.solver
         training.run(solvers.STOP, solvers.SNAPSHOT, stop_requested=lambda: bool(stop))
         done = solver.iter >= solver.param.max_iter
