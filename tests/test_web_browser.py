@@ -244,3 +244,7 @@ def test_start_a_short_training_job_and_see_the_curve_grow(browser, site, shots,
     assert names and all(n.split(" ", 1)[1] in dataset_labels for n in names)  # the dataset's class names
     assert "roads-fcn @ iteration" in browser.page_source
     screenshot(browser, shots, "job-test-result")
+    browser.get(f"{url}/jobs")
+    row = browser.find_element(By.CSS_SELECTOR, "#jobs-table tbody tr")
+    assert row.find_element(By.TAG_NAME, "a").text == "roads-fcn" and "stopped" in row.text
+    screenshot(browser, shots, "jobs-page")

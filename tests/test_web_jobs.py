@@ -310,6 +310,24 @@ def test_a_classifier_trains_on_a_classification_dataset(client, space):
                                            "Accuracy"]  # the deploy's Softmax "prob" dropped
     assert list(net.layer[0].top) == ["data", "label"]
     assert "Test net output #0: accuracy" in open(os.path.join(job_dir(space), "log.txt")).read()
+    r = client.post("/jobs/j1/test", data={"iteration": "6", "use_dataset": "on", "split": "val", "record": "0"})
+    assert r.status_code == 303, error_line(r)
+    task = client.app.state.web["tasks"].wait(r.headers["location"].rsplit("/", 1)[1])
+    assert task.state == "done", task.message
+    assert task.result["kind"] == "classification"
+    assert {t["name"] for t in task.result["items"][0]["top"]} <= {"cat", "dog", "class 2", "class 3", "class 4"}
+    r = client.post("/jobs/j1/test", data={"iteration": "6", "use_dataset": "on", "split": "val", "record": "99"})
+    assert r.status_code == 400 and "record 99: the val split has" in error_line(r)
+
+
+def test_a_malformed_image_for_a_snapshot_is_one_line(client, space):
+    assert client.post("/jobs", data=form(max_iter="3", snapshot="0")).status_code == 303
+    wait_state(client, "j1")
+    before = snapshot(space)
+    r = client.post("/jobs/j1/test", data={"iteration": "3"}, files={"images": ("x.png", b"\x89PNG\r\n\x1a\nbroken",
+                                                                                 "image/png")})
+    assert r.status_code == 400 and "x.png: not an image file" in error_line(r), error_line(r)
+    assert snapshot(space) == before
 
 
 # -- refusals ----------------------------------------------------------------------------------------------
@@ -390,6 +408,14 @@ def test_a_linked_database_is_not_followed(client, space, tmp_path):
     os.symlink(tmp_path / "val_db", db)
     r = client.post("/jobs", data=form())
     assert r.status_code in (400, 404) and "symbolic link" in error_line(r), error_line(r)
+
+
+def test_a_database_file_linked_elsewhere_is_not_read(client, space, tmp_path):
+    mdb = os.path.join(space, "datasets", "streets", "train_db", "labels", "data.mdb")
+    os.rename(mdb, tmp_path / "data.mdb")
+    os.symlink(tmp_path / "data.mdb", mdb)
+    r = client.post("/jobs", data=form())
+    assert r.status_code == 400 and "train_db/labels/data.mdb': a symbolic link" in error_line(r), error_line(r)
 
 
 @pytest.mark.parametrize("url", ["/jobs/nosuch", "/jobs/..%2F..%2Fetc/status.json", "/jobs/j1/snapshots/5/caffemodel",

@@ -447,6 +447,13 @@ class Jobs:
         self.ws.resolve(self.ws.relative(real))
         return real
 
+    def _no_links_in(self, folder):
+        """The files of a database folder (data.mdb, lock.mdb) are its own, not links elsewhere."""
+        for entry in os.scandir(folder):
+            if entry.is_symlink():
+                raise CaffeishError(f"'{printable(self.ws.relative(entry.path))}': a symbolic link; a job reads "
+                                    f"the workspace only and follows none")
+
     def create(self, name, network, dataset_name, weights, settings):
         """Check everything, write ROOT/jobs/NAME whole, and start it; returns the Job."""
         from caffeish.apps import train_val
@@ -465,6 +472,7 @@ class Jobs:
         for layer in net.layer:
             if layer.type == "Data":
                 layer.data_param.source = self._inside(layer.data_param.source, "data source")
+                self._no_links_in(layer.data_param.source)
                 if layer.transform_param.mean_file:
                     layer.transform_param.mean_file = self._inside(layer.transform_param.mean_file, "mean file")
         if settings.get("gpu") is not None:

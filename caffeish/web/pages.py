@@ -303,10 +303,22 @@ def dataset_image(ws, dataset, split, index):
     """(name, Pillow image) of one record of a dataset's features, for the inference form."""
     root = ws.dataset(dataset)
     db = os.path.join(root, f"{_split(split)}_db", "features")
-    if not os.path.isdir(db):
+    key = (datasets.KEY_FORMAT % int(index)).encode()
+    if not os.path.isdir(db):  # a classification dataset: one database, keys "%08d_<path>" (convert_imageset's)
         db = os.path.join(root, f"{_split(split)}_db")
-    ref = inference.record_ref(db, (datasets.KEY_FORMAT % int(index)).encode())
+        key = _nth_key(db, int(index), split)
+    ref = inference.record_ref(db, key)
     return f"{dataset}/{split}/{index}", inference.read_record(ref)
+
+
+def _nth_key(db, index, split):
+    with LmdbReader(db) as reader:
+        if not 0 <= index < len(reader):
+            raise CaffeishError(f"record {index}: the {split} split has {len(reader)} records")
+        for k, key in enumerate(reader.keys()):
+            if k == index:
+                return key
+    raise CaffeishError(f"record {index}: not in the {split} split")
 
 
 def _split(split):
