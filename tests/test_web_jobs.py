@@ -550,3 +550,35 @@ def test_a_gpu_job_without_a_gpu_is_refused_before_it_starts(client, space, monk
     r = client.post("/jobs", data=form(device="gpu0"))
     assert r.status_code == 400 and "cannot train on GPU 0:" in error_line(r) and "choose the CPU" in error_line(r)
     assert not os.path.exists(os.path.join(space, "jobs"))
+
+
+def test_mutated_job_forms_never_get_a_traceback(client, app, space):
+    """Seeded mutations of the new-job form, one field at a time: every answer is a job (303) or a
+    one-line error (400, 404, 409), never a 500; a refused form writes nothing."""
+    rng = np.random.default_rng(19)
+    garbage = ["", " ", "-1", "0", "1e400", "nan", "-inf", "1" * 30, "0x10", "3.5", "\x00", "../../etc/passwd",
+               "<script>alert(1)</script>", "model:", "job:", "job:j1:", "model:../fcn", "gpu99", "é", "%s%n",
+               'net: "x"', "base_lr: -1", "{", "max_iter: 0", "type: \"Nope\""]
+    fields = list(form(max_iter="3", snapshot="0").keys()) + ["device", "crop_size", "mirror", "normalize", "extra",
+                                                              "iter_size", "val_batch_size", "stepvalue", "power"]
+    seen = set()
+    for k in range(60):
+        field = fields[rng.integers(len(fields))]
+        value = garbage[rng.integers(len(garbage))]
+        data = form(name=f"f{k}", max_iter="3", snapshot="0")
+        data[field] = value
+        before = snapshot(space)
+        r = client.post("/jobs", data=data)
+        seen.add(r.status_code)
+        assert r.status_code in (303, 400, 404, 409), (field, value, r.status_code, r.text[-300:])
+        if r.status_code == 303:
+            name = r.headers["location"].rsplit("/", 1)[1]
+            s = wait_state(client, name)
+            assert s["state"] in ("done", "failed"), s
+            assert "\n" not in s["message"]
+            assert client.post(f"/jobs/{name}/delete").status_code == 303
+        else:
+            line = error_line(r)
+            assert line.startswith("error: ") and "\n" not in line and "Traceback" not in line, line
+            assert snapshot(space) == before, (field, value)
+    assert {303, 400} <= seen
