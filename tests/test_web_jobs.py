@@ -582,3 +582,16 @@ def test_mutated_job_forms_never_get_a_traceback(client, app, space):
             assert line.startswith("error: ") and "\n" not in line and "Traceback" not in line, line
             assert snapshot(space) == before, (field, value)
     assert {303, 400} <= seen
+
+
+def test_a_damaged_curves_file_still_shows_the_job(client, space):
+    assert client.post("/jobs", data=form(max_iter="3", snapshot="0")).status_code == 303
+    wait_state(client, "j1")
+    open(os.path.join(job_dir(space), "curves.csv"), "w").write("garbage,here\n")
+    os.remove(os.path.join(job_dir(space), "curves.png"))
+    s = client.get("/jobs/j1/status.json").json()
+    assert s["state"] == "done" and "not a curves.csv" in s["message"]
+    assert client.get("/jobs/j1").status_code == 200
+    r = client.get("/jobs/j1/curves.png")
+    assert r.status_code == 404 and "no curves to draw" in error_line(r)
+    assert client.get("/jobs").status_code == 200

@@ -391,8 +391,6 @@ def create_app(root, stores=(), max_upload=DEFAULT_MAX_UPLOAD, max_pixels=pages.
         models = [m for m in ws.models() if m.deploy]
         network = request.query_params.get("model", "")
         default_weights = f"model:{network}" if any(m.name == network and m.weights for m in models) else ""
-        from caffeish.runtime import backend
-
         gpu = backend.gpu_unavailable_reason()
         return render(request, "new_job.html", models=models, datasets=datasets, network=network, no_gpu=gpu,
                       dataset=request.query_params.get("dataset", ""), weights=jobs.weights_choices(),
@@ -409,7 +407,13 @@ def create_app(root, stores=(), max_upload=DEFAULT_MAX_UPLOAD, max_pixels=pages.
 
     def job_status(job):
         s = jobs.state(job)
-        curves = job.curves()
+        try:
+            curves = job.curves()
+        except CaffeishError as e:  # a damaged curves.csv: the page still shows the job, and says so
+            from caffeish.apps.curves import Curves
+
+            curves = Curves(None)
+            s["message"] = " ".join(filter(None, [s.get("message"), printable(str(e))]))
         latest = jobs_mod.latest_values(curves)
         max_iter = job.max_iter()
         iteration = latest["iteration"] if latest["iteration"] is not None else s.get("iteration")
@@ -445,8 +449,11 @@ def create_app(root, stores=(), max_upload=DEFAULT_MAX_UPLOAD, max_pixels=pages.
     def job_curves(request):
         job = job_of(request)
         running = jobs.state(job)["state"] in (jobs_mod.RUNNING, jobs_mod.STARTING)
-        return _png(job.picture(running, lambda stamp: _curve_pictures.get(
-            ("curves", job.folder, stamp), lambda: job.curves().png_bytes())))
+        try:
+            return _png(job.picture(running, lambda stamp: _curve_pictures.get(
+                ("curves", job.folder, stamp), lambda: job.curves().png_bytes())))
+        except CaffeishError as e:
+            raise WorkspaceError(f"job '{job.name}': no curves to draw ({printable(str(e))})") from None
 
     def job_log(request):
         job = job_of(request)
