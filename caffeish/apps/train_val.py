@@ -13,7 +13,6 @@ writes it: its single Input is the data blob; its single output is the score (a 
 itself (Data, ImageData, HDF5Data/Output, WindowData, MemoryData, DummyData) or runs code (Python)
 is refused, so that the result reads the dataset and nothing else.
 """
-import json
 import os
 
 from caffeish.data import dataset_meta
@@ -97,13 +96,7 @@ class Dataset:
         dataset_meta.check_folder(root, "dataset")
         self.root = root
         self.meta = dataset_meta.read(root)
-        record = {}
-        try:
-            with open(os.path.join(root, "dataset.json"), encoding="utf-8") as f:
-                loaded = json.load(f)
-            record = loaded if isinstance(loaded, dict) else {}
-        except (OSError, ValueError):
-            pass
+        record = self.meta.record
         features = os.path.join(root, "train_db", "features")
         self.kind = record.get("type") if record.get("type") in (SEGMENTATION, CLASSIFICATION) else (
             SEGMENTATION if os.path.isdir(features) else CLASSIFICATION)

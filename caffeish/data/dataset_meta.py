@@ -27,6 +27,7 @@ class DatasetMeta:
     def __init__(self, root):
         self.root = root
         self.meta_path = None  # dataset.json when present
+        self.record = {}  # what dataset.json says (type, splits, channels, ...), {} without one
         self.classes = None  # class count
         self.classes_from = None  # the file that says so
         self.names = []
@@ -73,7 +74,7 @@ def read(root):
             with open(path, encoding="utf-8") as f:
                 loaded = json.load(f)
             if isinstance(loaded, dict):
-                record, meta.meta_path = loaded, path
+                record, meta.meta_path, meta.record = loaded, path, loaded
         except (OSError, ValueError):
             pass
     meta.ignore_label = record.get("ignore_label")

@@ -111,6 +111,12 @@ class Model:
 # ---------------------------------------------------------------------------- text
 
 
+# A net given where a solver is read, and the other way round: (read as, taken for, names, what to pass).
+_MIXED_UP = ((pb.NetParameter, pb.SolverParameter, "net", "solver", "pass the net prototxt it names"),
+             (pb.SolverParameter, pb.NetParameter, "solver", "net",
+              "pass the solver prototxt that names it (net: ...)"))
+
+
 def _token_at(text, line, column):
     lines = text.splitlines()
     if not 1 <= line <= len(lines):
@@ -137,18 +143,12 @@ def parse_text(text, message, path="<string>"):
         if fork:
             field = fork.group(1)
             owner = re.search(r'Message type "caffe\.([^"]+)"', detail)
-            if (isinstance(message, pb.NetParameter) and owner and owner.group(1) == "NetParameter"
-                    and field in pb.SolverParameter.DESCRIPTOR.fields_by_name):
-                raise ParseError(
-                    f"{where}: field '{field}' belongs to a solver definition: this looks like a "
-                    f"solver prototxt (SolverParameter), not a net; pass the net prototxt it names"
-                ) from None
-            if (isinstance(message, pb.SolverParameter) and owner and owner.group(1) == "SolverParameter"
-                    and field in pb.NetParameter.DESCRIPTOR.fields_by_name):
-                raise ParseError(
-                    f"{where}: field '{field}' belongs to a net definition: this looks like a net "
-                    f"prototxt (NetParameter), not a solver; pass the solver prototxt that names it (net: ...)"
-                ) from None
+            for wanted, other, kind, other_kind, hint in _MIXED_UP:
+                if (isinstance(message, wanted) and owner and owner.group(1) == wanted.__name__
+                        and field in other.DESCRIPTOR.fields_by_name):
+                    raise ParseError(
+                        f"{where}: field '{field}' belongs to a {other_kind} definition: this looks like a "
+                        f"{other_kind} prototxt ({other.__name__}), not a {kind}; {hint}") from None
             origin = FORK_FIELDS.get(field, "a fork of Caffe")
             raise ForkFieldError(
                 f"{where}: field '{field}' is not a field of BVLC Caffe's "

@@ -37,12 +37,11 @@ import time
 from caffeish.errors import CaffeishError
 from caffeish.formats import io, staging
 from caffeish.formats.io import printable
+from caffeish.runtime.solver import LR_POLICIES, SOLVER_TYPES
 from caffeish.web.workspace import WorkspaceError, check_name
 
 JOBS = "jobs"
 RUNNING, STARTING, DONE, STOPPED, FAILED, INTERRUPTED = "running", "starting", "done", "stopped", "failed", "interrupted"
-SOLVER_TYPES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
-LR_POLICIES = ("fixed", "step", "multistep", "exp", "inv", "poly", "sigmoid")
 # Solver fields a job sets itself: they name files, or the net (the extra text may not give them).
 OWN_FIELDS = ("net", "net_param", "train_net", "train_net_param", "test_net", "test_net_param", "snapshot_prefix",
               "weights", "snapshot_format")
@@ -92,10 +91,8 @@ def settings_from_form(form):
     s["batch_size"] = _number(form, "batch_size", int, 1, 1, 1 << 16, "batch size")
     s["val_batch_size"] = _number(form, "val_batch_size", int, s["batch_size"], 1, 1 << 16, "val batch size")
     s["iter_size"] = _number(form, "iter_size", int, 1, 1, 1 << 16, "batch accumulation")
-    for key, default in (("gamma", 0.1), ("power", 0.75), ("momentum", 0.9 if s["type"] != "AdaGrad" else 0.0),
-                         ("weight_decay", 0.0005), ("momentum2", 0.999), ("delta", 1e-8 if s["type"] == "Adam"
-                                                                              else 1e-6 if s["type"] == "AdaDelta"
-                                                                              else 1e-8),
+    for key, default in (("gamma", 0.1), ("power", 0.75), ("momentum", 0.9), ("weight_decay", 0.0005),
+                         ("momentum2", 0.999), ("delta", 1e-6 if s["type"] == "AdaDelta" else 1e-8),
                          ("rms_decay", 0.99)):
         s[key] = _number(form, key, float, default, what=key.replace("_", " "))
     s["stepsize"] = _number(form, "stepsize", int, 0, 0, 2**31 - 1, "step size")
